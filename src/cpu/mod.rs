@@ -1,0 +1,1 @@
+//! CPU reference implementations of every op, over plain slices.

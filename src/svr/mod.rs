@@ -1,0 +1,1 @@
+//! Batched linear epsilon-SVR and grid search.

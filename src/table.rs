@@ -1,0 +1,1 @@
+//! Numeric CSV tables (samples × named columns).
