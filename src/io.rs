@@ -1,0 +1,296 @@
+//! Reading and writing safetensors files: model weights under their PyTorch
+//! `state_dict` names, and named input/output tensors for the command line.
+//!
+//! Errors name the file and the tensor: a missing key, a wrong shape or
+//! dtype, a truncated or corrupt file.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::{Dtype, SafeTensors, View};
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::tensor::{Element, Tensor};
+
+/// A safetensors file read into memory, with its header validated.
+pub struct TensorFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    header_len: usize,
+    meta: Metadata,
+}
+
+impl std::fmt::Debug for TensorFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TensorFile({}, {} tensors)", self.path.display(), self.len())
+    }
+}
+
+impl TensorFile {
+    /// Reads and validates `path` (header, offsets, file length).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(path, bytes)
+    }
+
+    /// Parses an in-memory file; `path` is used in error messages.
+    pub fn from_bytes(path: impl AsRef<Path>, bytes: Vec<u8>) -> Result<Self> {
+        let path = path.as_ref();
+        let (header_len, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| {
+            Error::format(
+                path,
+                format!("not a valid safetensors file ({} bytes; truncated or corrupt?): {e}", bytes.len()),
+            )
+        })?;
+        Ok(TensorFile {
+            path: path.to_path_buf(),
+            bytes,
+            header_len,
+            meta,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.meta.tensors().len()
+    }
+
+    /// True when the file holds no tensor.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.meta.tensors().into_keys().collect();
+        v.sort();
+        v
+    }
+
+    /// True when a tensor of that name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.meta.info(name).is_some()
+    }
+
+    /// The shape of `name`, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.meta.info(name).map(|i| i.shape.as_slice())
+    }
+
+    /// The dtype of `name`, if present.
+    pub fn dtype(&self, name: &str) -> Option<Dtype> {
+        self.meta.info(name).map(|i| i.dtype)
+    }
+
+    /// The free-form string metadata of the file (`__metadata__`).
+    pub fn metadata(&self) -> Option<&HashMap<String, String>> {
+        self.meta.metadata().as_ref()
+    }
+
+    fn info(&self, name: &str) -> Result<&TensorInfo> {
+        self.meta.info(name).ok_or_else(|| {
+            let mut near: Vec<String> = self
+                .names()
+                .into_iter()
+                .filter(|n| {
+                    let stem = name.rsplit_once('.').map_or(name, |(a, _)| a);
+                    n.starts_with(stem)
+                })
+                .take(5)
+                .collect();
+            near.sort();
+            let hint = if near.is_empty() {
+                String::new()
+            } else {
+                format!(" (similar: {})", near.join(", "))
+            };
+            Error::format(&self.path, format!("missing tensor {name:?}{hint}"))
+        })
+    }
+
+    fn raw(&self, info: &TensorInfo) -> &[u8] {
+        let start = 8 + self.header_len;
+        let (a, b) = info.data_offsets;
+        &self.bytes[start + a..start + b]
+    }
+
+    /// Reads `name` as f32 values (f32, f64, f16 and bf16 are converted);
+    /// returns (shape, data).
+    pub fn f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let info = self.info(name)?;
+        let raw = self.raw(info);
+        let data: Vec<f32> = match info.dtype {
+            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F64 => raw
+                .chunks_exact(8)
+                .map(|c| {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(c);
+                    f64::from_le_bytes(b) as f32
+                })
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(Error::format(
+                    &self.path,
+                    format!("tensor {name:?} has dtype {other:?}; a floating-point tensor is needed"),
+                ))
+            }
+        };
+        Ok((info.shape.clone(), data))
+    }
+
+    /// Reads `name` as i64 values (any integer dtype is widened); returns
+    /// (shape, data).
+    pub fn i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
+        let info = self.info(name)?;
+        let raw = self.raw(info);
+        let data: Vec<i64> = match info.dtype {
+            Dtype::I64 => raw
+                .chunks_exact(8)
+                .map(|c| {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(c);
+                    i64::from_le_bytes(b)
+                })
+                .collect(),
+            Dtype::I32 => raw.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect(),
+            Dtype::U32 => raw.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect(),
+            Dtype::U8 => raw.iter().map(|&b| b as i64).collect(),
+            other => {
+                return Err(Error::format(
+                    &self.path,
+                    format!("tensor {name:?} has dtype {other:?}; an integer tensor is needed"),
+                ))
+            }
+        };
+        Ok((info.shape.clone(), data))
+    }
+
+    /// Reads `name` onto `be`'s device as f32, checking its shape when
+    /// `expected` is given.
+    pub fn tensor(&self, be: &Backend, name: &str, expected: Option<&[usize]>) -> Result<Tensor> {
+        let (shape, data) = self.f32(name)?;
+        if let Some(exp) = expected {
+            if exp != shape.as_slice() {
+                return Err(Error::format(
+                    &self.path,
+                    format!("tensor {name:?} has shape {shape:?}, expected {exp:?}"),
+                ));
+            }
+        }
+        Tensor::from_vec(be, &shape, data)
+    }
+
+    /// Reads `name` with exactly `shape` (the common case for model weights).
+    pub fn expect(&self, be: &Backend, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.tensor(be, name, Some(shape))
+    }
+}
+
+struct Entry {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl View for &Entry {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// Collects named tensors and writes them as one safetensors file.
+#[derive(Default)]
+pub struct TensorWriter {
+    entries: BTreeMap<String, Entry>,
+    metadata: HashMap<String, String>,
+}
+
+impl TensorWriter {
+    /// An empty writer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds host data of any element type under `name`.
+    pub fn add_slice<T: Element>(&mut self, name: &str, shape: &[usize], data: &[T]) -> Result<()> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(Error::invalid(format!(
+                "output {name:?}: shape {shape:?} needs {n} values, got {}",
+                data.len()
+            )));
+        }
+        self.entries.insert(
+            name.to_string(),
+            Entry {
+                dtype: T::DTYPE,
+                shape: shape.to_vec(),
+                bytes: bytemuck::cast_slice(data).to_vec(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Adds a tensor (copied to the host) under `name`.
+    pub fn add<T: Element>(&mut self, name: &str, t: &Tensor<T>) -> Result<()> {
+        let data = t.to_vec()?;
+        self.add_slice(name, t.shape(), &data)
+    }
+
+    /// Sets a string metadata entry.
+    pub fn set_metadata(&mut self, key: &str, value: &str) {
+        self.metadata.insert(key.to_string(), value.to_string());
+    }
+
+    /// Writes the file: first to a temporary file beside it, then renamed into
+    /// place, so a failure never leaves a half-written file or destroys an
+    /// existing one.
+    pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let meta = (!self.metadata.is_empty()).then(|| self.metadata.clone());
+        let bytes = safetensors::serialize(self.entries.iter().map(|(k, v)| (k.as_str(), v)), meta)
+            .map_err(|e| Error::format(path, format!("serializing tensors: {e}")))?;
+        write_atomic(path, &bytes)
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("{} is not a file path", path.display())))?;
+    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
