@@ -187,13 +187,6 @@ impl Backend {
             Inner::Emulated => unsafe { emulated::launch(kernel, cfg, &mut ptrs) },
         }
     }
-
-    pub(crate) fn cuda(&self) -> Option<&CudaBackend> {
-        match &self.inner {
-            Inner::Cuda(c) => Some(c),
-            _ => None,
-        }
-    }
 }
 
 /// True when this build carries nvcc-compiled kernels.

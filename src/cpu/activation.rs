@@ -1,0 +1,129 @@
+//! Activations (ReLU, LeakyReLU, sigmoid) and softmax, as PyTorch computes them.
+
+use super::elementwise::{map1, map2};
+use super::{check_len, chunk, numel};
+use crate::error::Result;
+use rayon::prelude::*;
+
+/// ReLU: `y = max(x, 0)`; NaN passes through, as in PyTorch.
+pub fn relu_forward(x: &[f32], y: &mut [f32]) -> Result<()> {
+    map1("relu_forward", x, y, |v| if v < 0.0 { 0.0 } else { v })
+}
+
+/// ReLU backward: `dx = dy` where `x > 0`, else 0 (PyTorch's choice at 0).
+pub fn relu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<()> {
+    map2("relu_backward", x, ("dy", dy), ("dx", dx), |x, dy| {
+        if x > 0.0 {
+            dy
+        } else {
+            0.0
+        }
+    })
+}
+
+/// LeakyReLU: `y = x` where `x > 0`, else `slope · x`.
+pub fn leaky_relu_forward(slope: f32, x: &[f32], y: &mut [f32]) -> Result<()> {
+    map1("leaky_relu_forward", x, y, |v| {
+        if v > 0.0 {
+            v
+        } else {
+            slope * v
+        }
+    })
+}
+
+/// LeakyReLU backward: `dx = dy` where `x > 0`, else `slope · dy`.
+pub fn leaky_relu_backward(slope: f32, x: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<()> {
+    map2("leaky_relu_backward", x, ("dy", dy), ("dx", dx), |x, dy| {
+        if x > 0.0 {
+            dy
+        } else {
+            slope * dy
+        }
+    })
+}
+
+/// Sigmoid: `y = 1 / (1 + e^(−x))` (saturates cleanly to 0 and 1).
+pub fn sigmoid_forward(x: &[f32], y: &mut [f32]) -> Result<()> {
+    map1("sigmoid_forward", x, y, |v| 1.0 / (1.0 + (-v).exp()))
+}
+
+/// Sigmoid backward from the forward output: `dx = dy · y · (1 − y)`.
+pub fn sigmoid_backward(y: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<()> {
+    map2("sigmoid_backward", y, ("dy", dy), ("dx", dx), |y, dy| {
+        dy * y * (1.0 - y)
+    })
+}
+
+/// Softmax over the middle axis of `x` `[outer, dim, inner]` (PyTorch's
+/// `softmax(x, dim)` with everything before `dim` folded into `outer` and
+/// everything after into `inner`). The maximum is subtracted before `exp`.
+pub fn softmax_forward(
+    outer: usize,
+    dim: usize,
+    inner: usize,
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<()> {
+    const OP: &str = "softmax_forward";
+    let len = numel(OP, &[outer, dim, inner])?;
+    check_len(OP, "x", x.len(), len)?;
+    check_len(OP, "y", y.len(), len)?;
+
+    let block = dim * inner;
+    y.par_chunks_mut(chunk(block))
+        .enumerate()
+        .for_each(|(o, y_block)| {
+            let x_block = &x[o * block..][..block];
+            for j in 0..inner {
+                let max = (0..dim)
+                    .map(|d| x_block[d * inner + j])
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0f32;
+                for d in 0..dim {
+                    let e = (x_block[d * inner + j] - max).exp();
+                    y_block[d * inner + j] = e;
+                    sum += e;
+                }
+                for d in 0..dim {
+                    y_block[d * inner + j] /= sum;
+                }
+            }
+        });
+    Ok(())
+}
+
+/// Softmax backward from the forward output `y` `[outer, dim, inner]`:
+/// `dx = y · (dy − Σ_dim dy · y)`.
+pub fn softmax_backward(
+    outer: usize,
+    dim: usize,
+    inner: usize,
+    y: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+) -> Result<()> {
+    const OP: &str = "softmax_backward";
+    let len = numel(OP, &[outer, dim, inner])?;
+    check_len(OP, "y", y.len(), len)?;
+    check_len(OP, "dy", dy.len(), len)?;
+    check_len(OP, "dx", dx.len(), len)?;
+
+    let block = dim * inner;
+    dx.par_chunks_mut(chunk(block))
+        .enumerate()
+        .for_each(|(o, dx_block)| {
+            let y_block = &y[o * block..][..block];
+            let dy_block = &dy[o * block..][..block];
+            for j in 0..inner {
+                let dot: f32 = (0..dim)
+                    .map(|d| y_block[d * inner + j] * dy_block[d * inner + j])
+                    .sum();
+                for d in 0..dim {
+                    let i = d * inner + j;
+                    dx_block[i] = y_block[i] * (dy_block[i] - dot);
+                }
+            }
+        });
+    Ok(())
+}
