@@ -135,6 +135,7 @@ fn main() {
         .flag("-xc++")
         .flag("-pthread")
         .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-unknown-pragmas")
         .warnings(true);
     build.file(&runtime);
     for f in &files {

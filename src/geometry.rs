@@ -30,18 +30,31 @@ impl Conv2dParams {
 /// `[c_out, c_in, kh, kw]`, output `[n, c_out, oh, ow]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conv2dGeom {
+    /// Batch size.
     pub n: usize,
+    /// Input channels.
     pub c_in: usize,
+    /// Input height.
     pub h: usize,
+    /// Input width.
     pub w: usize,
+    /// Output channels.
     pub c_out: usize,
+    /// Kernel height.
     pub kh: usize,
+    /// Kernel width.
     pub kw: usize,
+    /// Vertical stride.
     pub stride_h: usize,
+    /// Horizontal stride.
     pub stride_w: usize,
+    /// Vertical padding (each side).
     pub pad_h: usize,
+    /// Horizontal padding (each side).
     pub pad_w: usize,
+    /// Output height.
     pub oh: usize,
+    /// Output width.
     pub ow: usize,
 }
 
@@ -139,18 +152,31 @@ impl ConvTranspose2dParams {
 /// `oh = (h − 1)·stride − 2·pad + kh + output_padding`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvTranspose2dGeom {
+    /// Batch size.
     pub n: usize,
+    /// Input channels.
     pub c_in: usize,
+    /// Input height.
     pub h: usize,
+    /// Input width.
     pub w: usize,
+    /// Output channels.
     pub c_out: usize,
+    /// Kernel height.
     pub kh: usize,
+    /// Kernel width.
     pub kw: usize,
+    /// Vertical stride.
     pub stride_h: usize,
+    /// Horizontal stride.
     pub stride_w: usize,
+    /// Vertical padding (each side).
     pub pad_h: usize,
+    /// Horizontal padding (each side).
     pub pad_w: usize,
+    /// Output height.
     pub oh: usize,
+    /// Output width.
     pub ow: usize,
 }
 
@@ -220,6 +246,7 @@ pub struct Pool2dParams {
     pub padding: (usize, usize),
     /// Average pooling only: divide by the full window (PyTorch's default,
     /// `count_include_pad=True`) or by the in-bounds part.
+    /// Average pooling divides by the full window, padding included.
     pub count_include_pad: bool,
 }
 
@@ -238,18 +265,31 @@ impl Pool2dParams {
 /// Pooling geometry: input `[n, c, h, w]`, output `[n, c, oh, ow]` (floor mode).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Pool2dGeom {
+    /// Batch size.
     pub n: usize,
+    /// Channels.
     pub c: usize,
+    /// Input height.
     pub h: usize,
+    /// Input width.
     pub w: usize,
+    /// Kernel height.
     pub kh: usize,
+    /// Kernel width.
     pub kw: usize,
+    /// Vertical stride.
     pub stride_h: usize,
+    /// Horizontal stride.
     pub stride_w: usize,
+    /// Vertical padding (each side).
     pub pad_h: usize,
+    /// Horizontal padding (each side).
     pub pad_w: usize,
+    /// Output height.
     pub oh: usize,
+    /// Output width.
     pub ow: usize,
+    /// Average pooling divides by the full window, padding included.
     pub count_include_pad: bool,
 }
 

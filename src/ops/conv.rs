@@ -1,0 +1,364 @@
+//! Convolutions: conv2d (implicit-GEMM kernel, plus a direct kernel as a
+//! cross-check) and transposed conv2d. Kernels: `kernels/conv.cu`; CPU
+//! reference: `crate::cpu::conv`. Layouts are PyTorch's: x `[n, c_in, h, w]`,
+//! conv weight `[c_out, c_in, kh, kw]`, transposed-conv weight
+//! `[c_in, c_out, kh, kw]`, bias `[c_out]`, y `[n, c_out, oh, ow]`.
+
+use super::{expect_shape, on_device};
+use crate::backend::{Backend, KernelArg, LaunchCfg};
+use crate::cpu;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::geometry::{Conv2dGeom, Conv2dParams, ConvTranspose2dGeom, ConvTranspose2dParams};
+use crate::tensor::{check_device, Tensor};
+
+/// Threads per block of the implicit-GEMM kernels (`kConvThreads`).
+const GEMM_THREADS: u32 = 128;
+/// Output pixels per implicit-GEMM block tile (`kConvBM`).
+const GEMM_TILE_M: usize = 128;
+/// Threads per block of the direct kernel.
+const DIRECT_THREADS: u32 = 256;
+/// Grid cap of the (grid-stride) direct kernel.
+const DIRECT_MAX_BLOCKS: usize = 65535;
+/// The hardware limit on `grid.x`.
+const MAX_GRID_X: usize = i32::MAX as usize;
+/// The hardware limit on `grid.y` and `grid.z`.
+const MAX_GRID_YZ: usize = 65535;
+
+/// Which conv2d kernel to launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Conv2dKernel {
+    /// `conv2d_igemm{32,64}_f32`.
+    Gemm,
+    /// `conv2d_direct_f32`.
+    Direct,
+}
+
+/// The sizes every kernel of `kernels/conv.cu` takes after its four
+/// pointers: `n, c_in, h, w, c_out, kh, kw, sh, sw, ph, pw, oh, ow`, all
+/// `int`. Also checks the kernels' 32-bit index assumptions: one image of
+/// the input and of the output, and the whole weight, fit an `int`.
+#[allow(clippy::too_many_arguments)]
+fn size_args(
+    op: &'static str,
+    n: usize,
+    c_in: usize,
+    (h, w): (usize, usize),
+    c_out: usize,
+    (kh, kw): (usize, usize),
+    (sh, sw): (usize, usize),
+    (ph, pw): (usize, usize),
+    (oh, ow): (usize, usize),
+) -> Result<Vec<KernelArg>> {
+    let fits = |what: &str, dims: &[usize]| -> Result<()> {
+        let v = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        match v {
+            Some(v) if v <= i32::MAX as usize => Ok(()),
+            _ => Err(Error::invalid(format!(
+                "{op}: {what} {dims:?} exceeds the kernels' 32-bit index range"
+            ))),
+        }
+    };
+    fits("input image", &[c_in, h, w])?;
+    fits("output image", &[c_out, oh, ow])?;
+    fits("weight", &[c_out, c_in, kh, kw])?;
+    // Padded input coordinates (oy·sh − ph + ky) must not overflow either.
+    fits("padded input height", &[h + 2 * ph + kh])?;
+    fits("padded input width", &[w + 2 * pw + kw])?;
+    [
+        ("n", n),
+        ("c_in", c_in),
+        ("h", h),
+        ("w", w),
+        ("c_out", c_out),
+        ("kh", kh),
+        ("kw", kw),
+        ("stride_h", sh),
+        ("stride_w", sw),
+        ("pad_h", ph),
+        ("pad_w", pw),
+        ("oh", oh),
+        ("ow", ow),
+    ]
+    .into_iter()
+    .map(|(what, v)| KernelArg::int(what, v))
+    .collect()
+}
+
+/// The implicit-GEMM channel tile for `c_out` output channels: the 32-wide
+/// kernel when a 64-wide tile would be at least half padding.
+fn gemm_variant(transposed: bool, c_out: usize) -> (&'static str, usize) {
+    match (transposed, c_out <= 32) {
+        (false, true) => ("conv2d_igemm32_f32", 32),
+        (false, false) => ("conv2d_igemm64_f32", 64),
+        (true, true) => ("conv_transpose2d_igemm32_f32", 32),
+        (true, false) => ("conv_transpose2d_igemm64_f32", 64),
+    }
+}
+
+/// Launch geometry of the implicit GEMM: `m` output pixels (the largest
+/// phase for the transposed conv), `c_out` channels in tiles of `tile_n`,
+/// `phases` on `grid.z`.
+fn gemm_cfg(
+    op: &'static str,
+    m: usize,
+    c_out: usize,
+    tile_n: usize,
+    phases: usize,
+) -> Result<LaunchCfg> {
+    let gx = m.div_ceil(GEMM_TILE_M);
+    let gy = c_out.div_ceil(tile_n);
+    if gx > MAX_GRID_X || gy > MAX_GRID_YZ || phases > MAX_GRID_YZ {
+        return Err(Error::invalid(format!(
+            "{op}: {m} output pixels × {c_out} channels × {phases} phases exceed the launch grid"
+        )));
+    }
+    Ok(LaunchCfg {
+        grid: (gx.max(1) as u32, gy.max(1) as u32, phases.max(1) as u32),
+        block: (GEMM_THREADS, 1, 1),
+        shared_bytes: 0,
+    })
+}
+
+/// Checks that `b`, if given, is `[c_out]` on `be`'s device.
+pub(super) fn check_bias(
+    op: &'static str,
+    be: &Backend,
+    b: Option<&Tensor>,
+    c_out: usize,
+) -> Result<()> {
+    if let Some(b) = b {
+        check_device(op, be, b)?;
+        if b.shape() != [c_out] {
+            return Err(Error::shape(
+                op,
+                format!("bias has shape {:?}, expected [{c_out}]", b.shape()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The bias pointer, or a null pointer (the kernels then add nothing).
+fn bias_arg(b: Option<&Tensor>) -> KernelArg {
+    b.map_or(KernelArg::Ptr(0), Tensor::arg)
+}
+
+/// Launches a conv2d kernel on `g` (devices and shapes already checked).
+/// Also the linear layer's kernel, as a 1×1 conv over `[n, in, 1, 1]`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn launch_conv2d(
+    op: &'static str,
+    be: &Backend,
+    g: &Conv2dGeom,
+    kernel: Conv2dKernel,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    y: &mut Tensor,
+) -> Result<()> {
+    let total = g.n * g.c_out * g.oh * g.ow;
+    if total == 0 {
+        return Ok(());
+    }
+    let sizes = size_args(
+        op,
+        g.n,
+        g.c_in,
+        (g.h, g.w),
+        g.c_out,
+        (g.kh, g.kw),
+        (g.stride_h, g.stride_w),
+        (g.pad_h, g.pad_w),
+        (g.oh, g.ow),
+    )?;
+    let (name, cfg) = match kernel {
+        Conv2dKernel::Gemm => {
+            let (name, tile_n) = gemm_variant(false, g.c_out);
+            (name, gemm_cfg(op, g.n * g.oh * g.ow, g.c_out, tile_n, 1)?)
+        }
+        Conv2dKernel::Direct => (
+            "conv2d_direct_f32",
+            LaunchCfg::linear(
+                total.min(DIRECT_MAX_BLOCKS * DIRECT_THREADS as usize),
+                DIRECT_THREADS,
+            )?,
+        ),
+    };
+    let mut args = vec![x.arg(), w.arg(), bias_arg(b), y.arg_mut()];
+    args.extend(sizes);
+    // SAFETY: the caller checked that x [n, c_in, h, w], w [c_out, c_in, kh,
+    // kw], b [c_out] (or null) and y [n, c_out, oh, ow] live on be's device
+    // with the extents of `g`, and they outlive the launch. The conv2d
+    // kernels take (const float* x, const float* w, const float* bias,
+    // float* y, 13 × int) as built here, read only inside those extents
+    // (bounds-checked gathers) and write y's n·c_out·oh·ow elements; size_args
+    // checked that the per-image extents and the weight fit their int indices.
+    unsafe { be.launch(name, cfg, &args) }
+}
+
+/// Checks a conv2d call and returns its geometry.
+fn check_conv2d(
+    op: &'static str,
+    be: &Backend,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    p: Conv2dParams,
+    y: &Tensor,
+) -> Result<Conv2dGeom> {
+    on_device(op, be, &[x, w, y])?;
+    let g = Conv2dGeom::new(x.shape(), w.shape(), p)?;
+    check_bias(op, be, b, g.c_out)?;
+    expect_shape(op, "output", y, &g.out_shape())?;
+    Ok(g)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv2d_with(
+    op: &'static str,
+    kernel: Conv2dKernel,
+    be: &Backend,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    p: Conv2dParams,
+    y: &mut Tensor,
+) -> Result<()> {
+    let g = check_conv2d(op, be, x, w, b, p, y)?;
+    if be.device() == Device::Cpu {
+        let b = b.map(|b| b.host_for(op)).transpose()?;
+        return cpu::conv2d_forward(&g, x.host_for(op)?, w.host_for(op)?, b, y.host_mut_for(op)?);
+    }
+    launch_conv2d(op, be, &g, kernel, x, w, b, y)
+}
+
+/// A zeroed conv2d output for `x` and `w` (shapes checked again by the `_into` form).
+fn conv2d_alloc(be: &Backend, x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
+    let g = Conv2dGeom::new(x.shape(), w.shape(), p)?;
+    Tensor::zeros(be, &g.out_shape())
+}
+
+/// 2-D convolution (cross-correlation, PyTorch's `Conv2d` with dilation 1
+/// and groups 1): x `[n, c_in, h, w]`, w `[c_out, c_in, kh, kw]`, optional
+/// bias `[c_out]` → `[n, c_out, oh, ow]`. On CUDA and emulated devices this
+/// runs the implicit-GEMM kernel.
+pub fn conv2d(
+    be: &Backend,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    p: Conv2dParams,
+) -> Result<Tensor> {
+    let mut y = conv2d_alloc(be, x, w, p)?;
+    conv2d_into(be, x, w, b, p, &mut y)?;
+    Ok(y)
+}
+
+/// [`conv2d`] into a preallocated `y` `[n, c_out, oh, ow]`.
+pub fn conv2d_into(
+    be: &Backend,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    p: Conv2dParams,
+    y: &mut Tensor,
+) -> Result<()> {
+    conv2d_with("conv2d", Conv2dKernel::Gemm, be, x, w, b, p, y)
+}
+
+/// [`conv2d`] with the direct kernel (one thread per output): the
+/// cross-check of the GEMM kernel, and an option for tiny layers. Same
+/// shapes; on the CPU device it is the same reference.
+pub fn conv2d_direct(
+    be: &Backend,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    p: Conv2dParams,
+) -> Result<Tensor> {
+    let mut y = conv2d_alloc(be, x, w, p)?;
+    conv2d_direct_into(be, x, w, b, p, &mut y)?;
+    Ok(y)
+}
+
+/// [`conv2d_direct`] into a preallocated `y` `[n, c_out, oh, ow]`.
+pub fn conv2d_direct_into(
+    be: &Backend,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    p: Conv2dParams,
+    y: &mut Tensor,
+) -> Result<()> {
+    conv2d_with("conv2d_direct", Conv2dKernel::Direct, be, x, w, b, p, y)
+}
+
+/// Transposed 2-D convolution (PyTorch's `ConvTranspose2d`, groups 1):
+/// x `[n, c_in, h, w]`, w `[c_in, c_out, kh, kw]`, optional bias `[c_out]` →
+/// `[n, c_out, oh, ow]` with `oh = (h − 1)·stride − 2·pad + kh + output_padding`.
+pub fn conv_transpose2d(
+    be: &Backend,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    p: ConvTranspose2dParams,
+) -> Result<Tensor> {
+    let g = ConvTranspose2dGeom::new(x.shape(), w.shape(), p)?;
+    let mut y = Tensor::zeros(be, &g.out_shape())?;
+    conv_transpose2d_into(be, x, w, b, p, &mut y)?;
+    Ok(y)
+}
+
+/// [`conv_transpose2d`] into a preallocated `y` `[n, c_out, oh, ow]`.
+pub fn conv_transpose2d_into(
+    be: &Backend,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    p: ConvTranspose2dParams,
+    y: &mut Tensor,
+) -> Result<()> {
+    const OP: &str = "conv_transpose2d";
+    on_device(OP, be, &[x, w, y])?;
+    let g = ConvTranspose2dGeom::new(x.shape(), w.shape(), p)?;
+    check_bias(OP, be, b, g.c_out)?;
+    expect_shape(OP, "output", y, &g.out_shape())?;
+    if be.device() == Device::Cpu {
+        let b = b.map(|b| b.host_for(OP)).transpose()?;
+        return cpu::conv_transpose2d_forward(
+            &g,
+            x.host_for(OP)?,
+            w.host_for(OP)?,
+            b,
+            y.host_mut_for(OP)?,
+        );
+    }
+    if y.numel() == 0 {
+        return Ok(());
+    }
+    let sizes = size_args(
+        OP,
+        g.n,
+        g.c_in,
+        (g.h, g.w),
+        g.c_out,
+        (g.kh, g.kw),
+        (g.stride_h, g.stride_w),
+        (g.pad_h, g.pad_w),
+        (g.oh, g.ow),
+    )?;
+    // Outputs of the largest phase: every phase has ⌈oh/sh⌉ × ⌈ow/sw⌉ or fewer.
+    let phase_m = g.n * g.oh.div_ceil(g.stride_h) * g.ow.div_ceil(g.stride_w);
+    let (name, tile_n) = gemm_variant(true, g.c_out);
+    let cfg = gemm_cfg(OP, phase_m, g.c_out, tile_n, g.stride_h * g.stride_w)?;
+    let mut args = vec![x.arg(), w.arg(), bias_arg(b), y.arg_mut()];
+    args.extend(sizes);
+    // SAFETY: checked above: x [n, c_in, h, w], w [c_in, c_out, kh, kw], b
+    // [c_out] (or null) and y [n, c_out, oh, ow] live on be's device with the
+    // extents of `g` and outlive the launch. The transposed-conv kernels take
+    // (const float*, const float*, const float*, float*, 13 × int) as built
+    // here; every read is bounds-checked against those extents and each
+    // output element is written once by the block of its phase.
+    unsafe { be.launch(name, cfg, &args) }
+}
