@@ -60,7 +60,7 @@ run_checks() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$logs/gpu.txt"
   for t in "$stage"/tests/*; do
     name="$(basename "$t")"
-    if "$t" --test-threads=1 >"$logs/test-$name.log" 2>&1; then status=pass; else status=FAIL; fi
+    if "$t" --include-ignored --test-threads=1 >"$logs/test-$name.log" 2>&1; then status=pass; else status=FAIL; fi
     skipped=$(grep -c "skipped: no CUDA device" "$logs/test-$name.log")
     result=$(grep -E "^test result:" "$logs/test-$name.log" | tail -n 1)
     summary+=("test      $name: $status ($result; cuda skips: $skipped)")
@@ -70,7 +70,7 @@ run_checks() {
       for t in "$stage"/tests/*; do
         name="$(basename "$t")"
         grep -q cuda <("$t" --list 2>/dev/null) || continue
-        if compute-sanitizer --tool "$tool" --error-exitcode 99 "$t" cuda --test-threads=1 \
+        if compute-sanitizer --tool "$tool" --error-exitcode 99 "$t" cuda --include-ignored --test-threads=1 \
           >"$logs/$tool-$name.log" 2>&1; then status=pass; else status=FAIL; fi
         summary+=("$tool $name: $status ($(grep -E 'ERROR SUMMARY' "$logs/$tool-$name.log" | tail -n 1))")
       done

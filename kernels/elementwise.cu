@@ -1,0 +1,207 @@
+// Element-wise and per-row inference ops, f32.
+//
+// Layouts and shapes (all buffers dense, row-major):
+//   relu_f32, relu_inplace_f32, leaky_relu_f32, sigmoid_f32, add_f32
+//       flat arrays of n elements.
+//   batchnorm_f32, batchnorm_relu_f32
+//       x, y [planes = N·C, hw] (NCHW with H·W folded); gamma, beta, mean,
+//       var [C]. Channel of plane p is p % C. The per-channel affine map
+//       scale = gamma / sqrt(var + eps), shift = beta − mean·scale is folded
+//       in-kernel, once per plane a thread visits, so a call needs no host
+//       round trip and no scratch buffer; the rounding is the CPU reference's.
+//   softmax_rows_f32   x, y [rows, dim]: softmax over the last axis.
+//   softmax_cols_f32   x, y [outer, dim, inner], inner > 1: softmax over dim.
+//   copy_channels_f32  src [n, c_src, hw] into channels [c_off, c_off + c_src)
+//                      of dst [n, c_dst, hw] (concatenation into a
+//                      preallocated output); other channels are untouched.
+//
+// Variants: relu_inplace_f32 exists so an in-place ReLU does not alias the
+// __restrict__ pointers of relu_f32. batchnorm_relu_f32 fuses the ReLU that
+// follows every BatchNorm in DenseNet (one read, one write).
+//
+// Launch geometry (chosen in src/ops/elementwise.rs):
+//   flat kernels       1-D grid-stride: 256 threads, blocks = ⌈n/256⌉ capped
+//                      (the loop covers the rest).
+//   batchnorm*         block.x threads over the plane (a multiple of 32, at
+//                      most 256, sized to hw), grid.x = ⌈hw/block.x⌉ capped,
+//                      grid.y over planes (capped at 65535); both grid-stride.
+//   softmax_rows_f32   one warp per row, 8 warps (256 threads) per block,
+//                      grid-stride over rows; three passes over the row (max,
+//                      Σexp(x − max), write) with xor-shuffle reductions, so
+//                      any dim works (lanes stride over it).
+//   softmax_cols_f32   one thread per (outer, inner) column, grid-stride;
+//                      neighbouring threads read neighbouring inner indices,
+//                      so every pass over dim is coalesced.
+//   copy_channels_f32  grid.y over n (grid-stride), 1-D grid-stride over the
+//                      contiguous c_src·hw block of each image.
+// Flat offsets are 64-bit throughout.
+
+#include "common.cuh"
+
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float ew_warp_max(float v) {
+    for (int off = 16; off > 0; off >>= 1) {
+        v = fmaxf(v, __shfl_xor_sync(kFullMask, v, off));
+    }
+    return v;
+}
+
+__device__ __forceinline__ float ew_warp_sum(float v) {
+    for (int off = 16; off > 0; off >>= 1) {
+        v += __shfl_xor_sync(kFullMask, v, off);
+    }
+    return v;
+}
+
+// ReLU that lets NaN through (PyTorch's behaviour; fmaxf would turn it into 0).
+__device__ __forceinline__ float ew_relu(float v) {
+    return v < 0.0f ? 0.0f : v;
+}
+
+__device__ __forceinline__ long long ew_first() {
+    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
+}
+
+__device__ __forceinline__ long long ew_stride() {
+    return (long long)blockDim.x * gridDim.x;
+}
+
+template <bool kRelu>
+__device__ __forceinline__ void batchnorm_body(const float* __restrict__ x, const float* __restrict__ gamma,
+                                               const float* __restrict__ beta, const float* __restrict__ mean,
+                                               const float* __restrict__ var, float eps, float* __restrict__ y,
+                                               int c, long long hw, long long planes) {
+    for (long long p = blockIdx.y; p < planes; p += gridDim.y) {
+        const int ch = (int)(p % c);
+        const float scale = gamma[ch] / sqrtf(var[ch] + eps);
+        const float shift = beta[ch] - mean[ch] * scale;
+        const float* xp = x + p * hw;
+        float* yp = y + p * hw;
+        for (long long i = ew_first(); i < hw; i += ew_stride()) {
+            const float v = xp[i] * scale + shift;
+            yp[i] = kRelu ? ew_relu(v) : v;
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" __global__ void relu_f32(const float* __restrict__ x, float* __restrict__ y, long long n) {
+    for (long long i = ew_first(); i < n; i += ew_stride()) {
+        y[i] = ew_relu(x[i]);
+    }
+}
+CM_EXPORT(relu_f32)
+
+extern "C" __global__ void relu_inplace_f32(float* x, long long n) {
+    for (long long i = ew_first(); i < n; i += ew_stride()) {
+        x[i] = ew_relu(x[i]);
+    }
+}
+CM_EXPORT(relu_inplace_f32)
+
+extern "C" __global__ void leaky_relu_f32(const float* __restrict__ x, float* __restrict__ y, float slope,
+                                          long long n) {
+    for (long long i = ew_first(); i < n; i += ew_stride()) {
+        const float v = x[i];
+        y[i] = v > 0.0f ? v : slope * v;
+    }
+}
+CM_EXPORT(leaky_relu_f32)
+
+extern "C" __global__ void sigmoid_f32(const float* __restrict__ x, float* __restrict__ y, long long n) {
+    for (long long i = ew_first(); i < n; i += ew_stride()) {
+        y[i] = 1.0f / (1.0f + expf(-x[i]));
+    }
+}
+CM_EXPORT(sigmoid_f32)
+
+extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ y,
+                                   long long n) {
+    for (long long i = ew_first(); i < n; i += ew_stride()) {
+        y[i] = a[i] + b[i];
+    }
+}
+CM_EXPORT(add_f32)
+
+extern "C" __global__ void batchnorm_f32(const float* __restrict__ x, const float* __restrict__ gamma,
+                                         const float* __restrict__ beta, const float* __restrict__ mean,
+                                         const float* __restrict__ var, float eps, float* __restrict__ y, int c,
+                                         long long hw, long long planes) {
+    batchnorm_body<false>(x, gamma, beta, mean, var, eps, y, c, hw, planes);
+}
+CM_EXPORT(batchnorm_f32)
+
+extern "C" __global__ void batchnorm_relu_f32(const float* __restrict__ x, const float* __restrict__ gamma,
+                                              const float* __restrict__ beta, const float* __restrict__ mean,
+                                              const float* __restrict__ var, float eps, float* __restrict__ y,
+                                              int c, long long hw, long long planes) {
+    batchnorm_body<true>(x, gamma, beta, mean, var, eps, y, c, hw, planes);
+}
+CM_EXPORT(batchnorm_relu_f32)
+
+extern "C" __global__ void softmax_rows_f32(const float* __restrict__ x, float* __restrict__ y, long long rows,
+                                            long long dim) {
+    const int lane = threadIdx.x & 31;
+    const long long warps_per_block = blockDim.x >> 5;
+    // The row index is uniform across a warp, so whole warps enter and leave
+    // the loop together and the full-mask shuffles are safe.
+    for (long long row = blockIdx.x * warps_per_block + (threadIdx.x >> 5); row < rows;
+         row += gridDim.x * warps_per_block) {
+        const float* xr = x + row * dim;
+        float* yr = y + row * dim;
+        float m = -INFINITY;
+        for (long long d = lane; d < dim; d += 32) {
+            m = fmaxf(m, xr[d]);
+        }
+        m = ew_warp_max(m);
+        float s = 0.0f;
+        for (long long d = lane; d < dim; d += 32) {
+            s += expf(xr[d] - m);
+        }
+        s = ew_warp_sum(s);
+        for (long long d = lane; d < dim; d += 32) {
+            yr[d] = expf(xr[d] - m) / s;
+        }
+    }
+}
+CM_EXPORT(softmax_rows_f32)
+
+extern "C" __global__ void softmax_cols_f32(const float* __restrict__ x, float* __restrict__ y, long long outer,
+                                            long long dim, long long inner) {
+    const long long cols = outer * inner;
+    for (long long col = ew_first(); col < cols; col += ew_stride()) {
+        const long long o = col / inner;
+        const long long j = col - o * inner;
+        const float* xc = x + o * dim * inner + j;
+        float* yc = y + o * dim * inner + j;
+        float m = -INFINITY;
+        for (long long d = 0; d < dim; ++d) {
+            m = fmaxf(m, xc[d * inner]);
+        }
+        float s = 0.0f;
+        for (long long d = 0; d < dim; ++d) {
+            s += expf(xc[d * inner] - m);
+        }
+        for (long long d = 0; d < dim; ++d) {
+            yc[d * inner] = expf(xc[d * inner] - m) / s;
+        }
+    }
+}
+CM_EXPORT(softmax_cols_f32)
+
+extern "C" __global__ void copy_channels_f32(const float* __restrict__ src, float* __restrict__ dst, long long n,
+                                             long long c_src, long long hw, long long c_dst, long long c_off) {
+    const long long block = c_src * hw;
+    for (long long img = blockIdx.y; img < n; img += gridDim.y) {
+        const float* s = src + img * block;
+        float* d = dst + (img * c_dst + c_off) * hw;
+        for (long long i = ew_first(); i < block; i += ew_stride()) {
+            d[i] = s[i];
+        }
+    }
+}
+CM_EXPORT(copy_channels_f32)

@@ -1,0 +1,160 @@
+// Spatial inference ops over NCHW planes, f32: max and average pooling,
+// global average pooling, nearest-neighbour ×2 upsampling.
+//
+// Layouts and shapes (dense, row-major; planes = N·C):
+//   max_pool2d_f32, avg_pool2d_f32
+//       x [planes, h, w] → y [planes, oh, ow] with floor-mode output sizes
+//       (src/geometry.rs Pool2dGeom). The window of output (oy, ox) starts at
+//       (oy·sh − ph, ox·sw − pw) and spans kh × kw. Max pooling treats padding
+//       as −∞ and lets a NaN win (PyTorch's rule); average pooling treats it
+//       as zeros and divides by the window clipped to the padded input when
+//       count_include_pad != 0, else by its in-bounds part. The sum is taken
+//       row by row (Σ of row sums), the CPU reference's order.
+//   global_avg_pool_f32   x [planes, hw] → y [planes]: the mean of each plane.
+//   upsample_nearest2x_f32 x [planes, h, w] → y [planes, 2h, 2w],
+//       y[oy, ox] = x[oy / 2, ox / 2].
+//
+// Launch geometry (chosen in src/ops/pool.rs):
+//   pool2d, upsample   one thread per output element. block.x threads over the
+//                      output plane (a multiple of 32, at most 256, sized to
+//                      the plane), grid.x = ⌈plane/block.x⌉ capped, grid.y over
+//                      planes (capped at 65535); both grid-stride. In-plane
+//                      indices are 32-bit (the ops layer checks that a plane
+//                      fits), plane offsets 64-bit.
+//   global_avg_pool    one block per plane (grid-stride over planes), block.x
+//                      a multiple of 32 up to 512 sized to hw: each thread sums
+//                      a strided part of the plane, warps reduce with xor
+//                      shuffles, then warp 0 reduces the per-warp sums from
+//                      shared memory. Any plane size works.
+
+#include "common.cuh"
+
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float pool_warp_sum(float v) {
+    for (int off = 16; off > 0; off >>= 1) {
+        v += __shfl_xor_sync(kFullMask, v, off);
+    }
+    return v;
+}
+
+__device__ __forceinline__ long long pool_first() {
+    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
+}
+
+__device__ __forceinline__ long long pool_stride() {
+    return (long long)blockDim.x * gridDim.x;
+}
+
+}  // namespace
+
+extern "C" __global__ void max_pool2d_f32(const float* __restrict__ x, float* __restrict__ y, long long planes,
+                                          int h, int w, int oh, int ow, int kh, int kw, int sh, int sw, int ph,
+                                          int pw) {
+    const long long out_plane = (long long)oh * ow;
+    for (long long p = blockIdx.y; p < planes; p += gridDim.y) {
+        const float* xp = x + p * h * w;
+        float* yp = y + p * out_plane;
+        for (long long i = pool_first(); i < out_plane; i += pool_stride()) {
+            const int oy = (int)i / ow;
+            const int ox = (int)i - oy * ow;
+            const int y0 = oy * sh - ph;
+            const int x0 = ox * sw - pw;
+            const int y_lo = max(y0, 0), y_hi = min(y0 + kh, h);
+            const int x_lo = max(x0, 0), x_hi = min(x0 + kw, w);
+            float best = -INFINITY;
+            for (int iy = y_lo; iy < y_hi; ++iy) {
+                const float* row = xp + (long long)iy * w;
+                for (int ix = x_lo; ix < x_hi; ++ix) {
+                    const float v = row[ix];
+                    // v != v: a NaN wins and then stays (nothing compares greater).
+                    if (v > best || v != v) {
+                        best = v;
+                    }
+                }
+            }
+            yp[i] = best;
+        }
+    }
+}
+CM_EXPORT(max_pool2d_f32)
+
+extern "C" __global__ void avg_pool2d_f32(const float* __restrict__ x, float* __restrict__ y, long long planes,
+                                          int h, int w, int oh, int ow, int kh, int kw, int sh, int sw, int ph,
+                                          int pw, int count_include_pad) {
+    const long long out_plane = (long long)oh * ow;
+    for (long long p = blockIdx.y; p < planes; p += gridDim.y) {
+        const float* xp = x + p * h * w;
+        float* yp = y + p * out_plane;
+        for (long long i = pool_first(); i < out_plane; i += pool_stride()) {
+            const int oy = (int)i / ow;
+            const int ox = (int)i - oy * ow;
+            const int y0 = oy * sh - ph;
+            const int x0 = ox * sw - pw;
+            const int y_lo = max(y0, 0), y_hi = min(y0 + kh, h);
+            const int x_lo = max(x0, 0), x_hi = min(x0 + kw, w);
+            float sum = 0.0f;
+            for (int iy = y_lo; iy < y_hi; ++iy) {
+                const float* row = xp + (long long)iy * w;
+                float row_sum = 0.0f;
+                for (int ix = x_lo; ix < x_hi; ++ix) {
+                    row_sum += row[ix];
+                }
+                sum += row_sum;
+            }
+            const int count = count_include_pad
+                                  ? (min(y0 + kh, h + ph) - y0) * (min(x0 + kw, w + pw) - x0)
+                                  : (y_hi - y_lo) * (x_hi - x_lo);
+            yp[i] = sum / (float)count;
+        }
+    }
+}
+CM_EXPORT(avg_pool2d_f32)
+
+extern "C" __global__ void global_avg_pool_f32(const float* __restrict__ x, float* __restrict__ y, long long planes,
+                                               long long hw) {
+    __shared__ float warp_sums[32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
+    for (long long p = blockIdx.x; p < planes; p += gridDim.x) {
+        const float* xp = x + p * hw;
+        float s = 0.0f;
+        for (long long i = threadIdx.x; i < hw; i += blockDim.x) {
+            s += xp[i];
+        }
+        s = pool_warp_sum(s);
+        if (lane == 0) {
+            warp_sums[warp] = s;
+        }
+        __syncthreads();
+        if (warp == 0) {
+            float t = lane < warps ? warp_sums[lane] : 0.0f;
+            t = pool_warp_sum(t);
+            if (lane == 0) {
+                y[p] = t / (float)hw;
+            }
+        }
+        // warp_sums is rewritten for the next plane only after warp 0 has read it.
+        __syncthreads();
+    }
+}
+CM_EXPORT(global_avg_pool_f32)
+
+extern "C" __global__ void upsample_nearest2x_f32(const float* __restrict__ x, float* __restrict__ y,
+                                                  long long planes, int h, int w) {
+    const int ow = 2 * w;
+    const long long out_plane = 4LL * h * w;
+    for (long long p = blockIdx.y; p < planes; p += gridDim.y) {
+        const float* xp = x + p * h * w;
+        float* yp = y + p * out_plane;
+        for (long long i = pool_first(); i < out_plane; i += pool_stride()) {
+            const int oy = (int)i / ow;
+            const int ox = (int)i - oy * ow;
+            yp[i] = xp[(long long)(oy >> 1) * w + (ox >> 1)];
+        }
+    }
+}
+CM_EXPORT(upsample_nearest2x_f32)

@@ -1,0 +1,204 @@
+//! Spatial ops over NCHW images: max and average pooling, global average
+//! pooling and nearest ×2 upsampling. Kernels: `kernels/pool.cu`; CPU
+//! reference: `crate::cpu::{pool, layout}`.
+
+use super::elementwise::{i64_arg, plane_cfg};
+use super::{expect_shape, on_device};
+use crate::backend::{Backend, KernelArg, LaunchCfg};
+use crate::cpu;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::geometry::{Pool2dGeom, Pool2dParams};
+use crate::tensor::Tensor;
+
+/// Grid cap of the one-block-per-plane kernel (its loop covers the rest).
+const MAX_PLANE_BLOCKS: usize = 1 << 20;
+
+/// Max or average.
+#[derive(Clone, Copy)]
+enum PoolKind {
+    Max,
+    Avg,
+}
+
+fn pool2d_into(
+    op: &'static str,
+    kind: PoolKind,
+    be: &Backend,
+    x: &Tensor,
+    p: Pool2dParams,
+    y: &mut Tensor,
+) -> Result<()> {
+    on_device(op, be, &[x, y])?;
+    let g = Pool2dGeom::new(op, x.shape(), p)?;
+    expect_shape(op, "output", y, &g.out_shape())?;
+    if be.device() == Device::Cpu {
+        let (xs, ys) = (x.host_for(op)?, y.host_mut_for(op)?);
+        return match kind {
+            PoolKind::Max => cpu::max_pool2d_forward(&g, xs, ys),
+            PoolKind::Avg => cpu::avg_pool2d_forward(&g, xs, ys),
+        };
+    }
+    let planes = g.n * g.c;
+    let out_plane = g.oh * g.ow;
+    if planes == 0 || out_plane == 0 {
+        return Ok(());
+    }
+    // The kernels index within a plane in 32-bit arithmetic.
+    KernelArg::int("input plane size", g.h * g.w)?;
+    KernelArg::int("output plane size", out_plane)?;
+    let mut args = vec![
+        x.arg(),
+        y.arg_mut(),
+        i64_arg("planes", planes)?,
+        KernelArg::int("h", g.h)?,
+        KernelArg::int("w", g.w)?,
+        KernelArg::int("oh", g.oh)?,
+        KernelArg::int("ow", g.ow)?,
+        KernelArg::int("kernel height", g.kh)?,
+        KernelArg::int("kernel width", g.kw)?,
+        KernelArg::int("stride", g.stride_h)?,
+        KernelArg::int("stride", g.stride_w)?,
+        KernelArg::int("padding", g.pad_h)?,
+        KernelArg::int("padding", g.pad_w)?,
+    ];
+    let name = match kind {
+        PoolKind::Max => "max_pool2d_f32",
+        PoolKind::Avg => {
+            args.push(KernelArg::I32(i32::from(g.count_include_pad)));
+            "avg_pool2d_f32"
+        }
+    };
+    // SAFETY: x holds n·c·h·w and y n·c·oh·ow f32 on be's device (checked
+    // above) and both outlive the launch; the argument list matches
+    // (const float*, float*, long long planes, int h, w, oh, ow, kh, kw, sh,
+    // sw, ph, pw[, int count_include_pad]); windows are clipped to the input
+    // plane and outputs are < oh·ow per plane, planes < n·c.
+    unsafe { be.launch(name, plane_cfg(out_plane, planes), &args) }
+}
+
+/// 2-D max pooling (padding acts as −∞; a NaN in the window wins):
+/// `x` `[n, c, h, w]` → `[n, c, oh, ow]` (floor mode, see [`Pool2dGeom`]).
+pub fn max_pool2d(be: &Backend, x: &Tensor, p: Pool2dParams) -> Result<Tensor> {
+    let g = Pool2dGeom::new("max_pool2d", x.shape(), p)?;
+    let mut y = Tensor::zeros(be, &g.out_shape())?;
+    max_pool2d_into(be, x, p, &mut y)?;
+    Ok(y)
+}
+
+/// [`max_pool2d`] into a preallocated `y` `[n, c, oh, ow]`.
+pub fn max_pool2d_into(be: &Backend, x: &Tensor, p: Pool2dParams, y: &mut Tensor) -> Result<()> {
+    pool2d_into("max_pool2d", PoolKind::Max, be, x, p, y)
+}
+
+/// 2-D average pooling (padding counts as zeros; the divisor follows
+/// `p.count_include_pad`): `x` `[n, c, h, w]` → `[n, c, oh, ow]`.
+pub fn avg_pool2d(be: &Backend, x: &Tensor, p: Pool2dParams) -> Result<Tensor> {
+    let g = Pool2dGeom::new("avg_pool2d", x.shape(), p)?;
+    let mut y = Tensor::zeros(be, &g.out_shape())?;
+    avg_pool2d_into(be, x, p, &mut y)?;
+    Ok(y)
+}
+
+/// [`avg_pool2d`] into a preallocated `y` `[n, c, oh, ow]`.
+pub fn avg_pool2d_into(be: &Backend, x: &Tensor, p: Pool2dParams, y: &mut Tensor) -> Result<()> {
+    pool2d_into("avg_pool2d", PoolKind::Avg, be, x, p, y)
+}
+
+/// `[n, c, h, w]` of a 4-D input.
+fn dims4(op: &'static str, x: &Tensor) -> Result<[usize; 4]> {
+    match x.shape() {
+        &[n, c, h, w] => Ok([n, c, h, w]),
+        s => Err(Error::shape(
+            op,
+            format!("input must be [n, c, h, w], got shape {s:?}"),
+        )),
+    }
+}
+
+/// Global average pooling: `x` `[n, c, h, w]` → `[n, c]`, the mean of each plane.
+pub fn global_avg_pool(be: &Backend, x: &Tensor) -> Result<Tensor> {
+    let [n, c, _, _] = dims4("global_avg_pool", x)?;
+    let mut y = Tensor::zeros(be, &[n, c])?;
+    global_avg_pool_into(be, x, &mut y)?;
+    Ok(y)
+}
+
+/// [`global_avg_pool`] into a preallocated `y` `[n, c]`.
+pub fn global_avg_pool_into(be: &Backend, x: &Tensor, y: &mut Tensor) -> Result<()> {
+    const OP: &str = "global_avg_pool";
+    on_device(OP, be, &[x, y])?;
+    let [n, c, h, w] = dims4(OP, x)?;
+    expect_shape(OP, "output", y, &[n, c])?;
+    let hw = h * w;
+    if be.device() == Device::Cpu {
+        return cpu::global_avg_pool_forward(n, c, hw, x.host_for(OP)?, y.host_mut_for(OP)?);
+    }
+    let planes = n * c;
+    if planes == 0 {
+        return Ok(());
+    }
+    // About 8 elements per thread before the reduction, 32 to 512 threads.
+    let threads = hw.div_ceil(8).div_ceil(32).clamp(1, 16) * 32;
+    let cfg = LaunchCfg {
+        grid: (planes.clamp(1, MAX_PLANE_BLOCKS) as u32, 1, 1),
+        block: (threads as u32, 1, 1),
+        shared_bytes: 0,
+    };
+    let args = [
+        x.arg(),
+        y.arg_mut(),
+        i64_arg("planes", planes)?,
+        i64_arg("plane size", hw)?,
+    ];
+    // SAFETY: x holds n·c·hw and y n·c f32 on be's device (checked above) and
+    // both outlive the launch; global_avg_pool_f32(const float*, float*,
+    // long long planes, long long hw) reads planes < n·c of hw elements and
+    // writes y[p] for p < n·c; blockDim.x is a multiple of 32 up to 512, as
+    // its 32-entry shared reduction needs.
+    unsafe { be.launch("global_avg_pool_f32", cfg, &args) }
+}
+
+/// Nearest-neighbour ×2 upsampling: `x` `[n, c, h, w]` → `[n, c, 2h, 2w]`.
+pub fn upsample_nearest2x(be: &Backend, x: &Tensor) -> Result<Tensor> {
+    let [n, c, h, w] = dims4("upsample_nearest2x", x)?;
+    let mut y = Tensor::zeros(be, &[n, c, 2 * h, 2 * w])?;
+    upsample_nearest2x_into(be, x, &mut y)?;
+    Ok(y)
+}
+
+/// [`upsample_nearest2x`] into a preallocated `y` `[n, c, 2h, 2w]`.
+pub fn upsample_nearest2x_into(be: &Backend, x: &Tensor, y: &mut Tensor) -> Result<()> {
+    const OP: &str = "upsample_nearest2x";
+    on_device(OP, be, &[x, y])?;
+    let [n, c, h, w] = dims4(OP, x)?;
+    expect_shape(OP, "output", y, &[n, c, 2 * h, 2 * w])?;
+    if be.device() == Device::Cpu {
+        return cpu::upsample_nearest2x_forward(n, c, h, w, x.host_for(OP)?, y.host_mut_for(OP)?);
+    }
+    let planes = n * c;
+    let out_plane = 4 * h * w;
+    if planes == 0 || out_plane == 0 {
+        return Ok(());
+    }
+    // The kernel indexes within an output plane in 32-bit arithmetic.
+    KernelArg::int("output plane size", out_plane)?;
+    let args = [
+        x.arg(),
+        y.arg_mut(),
+        i64_arg("planes", planes)?,
+        KernelArg::int("h", h)?,
+        KernelArg::int("w", w)?,
+    ];
+    // SAFETY: x holds n·c·h·w and y n·c·4hw f32 on be's device (checked
+    // above) and both outlive the launch; upsample_nearest2x_f32(const
+    // float*, float*, long long planes, int h, int w) writes outputs < 4hw
+    // per plane and reads x[oy/2, ox/2] inside the input plane.
+    unsafe {
+        be.launch(
+            "upsample_nearest2x_f32",
+            plane_cfg(out_plane, planes),
+            &args,
+        )
+    }
+}
