@@ -1,0 +1,224 @@
+//! Vector quantization (VQ-VAE-2's `Quantize`) and code-frequency histograms.
+//!
+//! Layouts: features `x` `[n, d, hw]` (NCHW with H·W folded; the vector of a
+//! position is one pixel across the `d` channels), codebook `embed` `[d, K]`
+//! with column `k` the code `e_k` (vq-vae-2-pytorch's transposed layout),
+//! codes `ids` `[n, hw]`.
+//!
+//! Every dot product and squared norm is a chain of `mul_add` over
+//! `c = 0..d` starting from 0, the order the kernels in `kernels/vq.cu` use
+//! with `fmaf`, so distances, codes and errors are bitwise equal on every
+//! device.
+
+use super::{check_len, chunk, numel};
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+
+/// Positions per rayon task of the lookup.
+const POSITIONS_PER_TASK: usize = 256;
+
+/// Squared norms of the codes: `norms[k] = Σ_c embed[c, k]²`, `embed`
+/// `[d, n_embed]`, `norms` `[n_embed]`.
+pub fn vq_code_norms(d: usize, n_embed: usize, embed: &[f32], norms: &mut [f32]) -> Result<()> {
+    const OP: &str = "vq_code_norms";
+    check_len(OP, "embed", embed.len(), numel(OP, &[d, n_embed])?)?;
+    check_len(OP, "norms", norms.len(), n_embed)?;
+    for (k, out) in norms.iter_mut().enumerate() {
+        *out = (0..d).fold(0.0f32, |acc, c| {
+            let v = embed[c * n_embed + k];
+            v.mul_add(v, acc)
+        });
+    }
+    Ok(())
+}
+
+/// The nearest code of `xv` among `codes` (`[K][d]`, one code per row):
+/// argmin of `(||x||² − 2 x·e_k) + ||e_k||²`, ties to the lowest `k`; a NaN
+/// distance never wins, so a NaN vector gets code 0.
+fn nearest(xv: &[f32], codes: &[f32], norms: &[f32]) -> usize {
+    let xx = xv.iter().fold(0.0f32, |acc, &v| v.mul_add(v, acc));
+    let mut best = f32::INFINITY;
+    let mut best_k = 0;
+    for (k, (e, &ee)) in codes.chunks_exact(xv.len()).zip(norms).enumerate() {
+        let dot = xv
+            .iter()
+            .zip(e)
+            .fold(0.0f32, |acc, (&x, &e)| x.mul_add(e, acc));
+        let dist = (xx - 2.0 * dot) + ee;
+        if dist < best {
+            best = dist;
+            best_k = k;
+        }
+    }
+    best_k
+}
+
+/// Nearest-code lookup for every position of `x` `[n, d, hw]` against
+/// `embed` `[d, n_embed]` with `norms` from [`vq_code_norms`]:
+/// `ids[s, pix] = argmin_k ||x[s, :, pix] − e_k||²` (computed as
+/// `(||x||² − 2 x·e_k) + ||e_k||²`, ties to the lowest `k`),
+/// `quant[s, :, pix] = e_{ids[s, pix]}` `[n, d, hw]` and
+/// `err[s, pix] = Σ_c (x − e)²` `[n, hw]` summed directly; `quant` and `err`
+/// are written only when given.
+#[allow(clippy::too_many_arguments)]
+pub fn vq_lookup_forward(
+    n: usize,
+    d: usize,
+    hw: usize,
+    n_embed: usize,
+    x: &[f32],
+    embed: &[f32],
+    norms: &[f32],
+    ids: &mut [i32],
+    quant: Option<&mut [f32]>,
+    err: Option<&mut [f32]>,
+) -> Result<()> {
+    const OP: &str = "vq_lookup_forward";
+    let positions = numel(OP, &[n, hw])?;
+    let plane = numel(OP, &[d, hw])?;
+    check_len(OP, "x", x.len(), numel(OP, &[positions, d])?)?;
+    check_len(OP, "embed", embed.len(), numel(OP, &[d, n_embed])?)?;
+    check_len(OP, "norms", norms.len(), n_embed)?;
+    check_len(OP, "ids", ids.len(), positions)?;
+    if let Some(q) = &quant {
+        check_len(OP, "quant", q.len(), x.len())?;
+    }
+    if let Some(e) = &err {
+        check_len(OP, "err", e.len(), positions)?;
+    }
+    if positions == 0 {
+        return Ok(());
+    }
+    if d == 0 || n_embed == 0 {
+        return Err(Error::shape(
+            OP,
+            format!("the codebook [{d}, {n_embed}] is empty: no code to assign"),
+        ));
+    }
+    if i32::try_from(n_embed).is_err() {
+        return Err(Error::shape(
+            OP,
+            format!("{n_embed} codes do not fit 32-bit ids"),
+        ));
+    }
+    // Codes as rows, so each dot product reads one contiguous slice.
+    let codes: Vec<f32> = (0..n_embed)
+        .flat_map(|k| (0..d).map(move |c| embed[c * n_embed + k]))
+        .collect();
+    let vector = |p: usize, xv: &mut [f32]| {
+        let (s, pix) = (p / hw, p % hw);
+        for (c, v) in xv.iter_mut().enumerate() {
+            *v = x[s * plane + c * hw + pix];
+        }
+    };
+
+    ids.par_chunks_mut(POSITIONS_PER_TASK)
+        .enumerate()
+        .for_each(|(task, ids)| {
+            let mut xv = vec![0.0f32; d];
+            for (i, id) in ids.iter_mut().enumerate() {
+                vector(task * POSITIONS_PER_TASK + i, &mut xv);
+                // Fits: n_embed ≤ i32::MAX was checked above.
+                *id = nearest(&xv, &codes, norms) as i32;
+            }
+        });
+    let ids: &[i32] = ids;
+
+    if let Some(quant) = quant {
+        quant
+            .par_chunks_mut(chunk(hw))
+            .enumerate()
+            .for_each(|(sc, q)| {
+                let (s, c) = (sc / d, sc % d);
+                for (q, &k) in q.iter_mut().zip(&ids[s * hw..(s + 1) * hw]) {
+                    *q = embed[c * n_embed + k as usize];
+                }
+            });
+    }
+    if let Some(err) = err {
+        err.par_chunks_mut(POSITIONS_PER_TASK)
+            .enumerate()
+            .for_each(|(task, err)| {
+                let mut xv = vec![0.0f32; d];
+                for (i, e2) in err.iter_mut().enumerate() {
+                    let p = task * POSITIONS_PER_TASK + i;
+                    vector(p, &mut xv);
+                    let code = &codes[ids[p] as usize * d..][..d];
+                    *e2 = xv.iter().zip(code).fold(0.0f32, |acc, (&x, &e)| {
+                        let t = x - e;
+                        t.mul_add(t, acc)
+                    });
+                }
+            });
+    }
+    Ok(())
+}
+
+/// Checks `row_offsets` (segment `s` owns rows `row_offsets[s]..row_offsets[s + 1]`)
+/// against `rows` and returns the number of segments.
+pub(crate) fn check_row_offsets(
+    op: &'static str,
+    rows: usize,
+    row_offsets: &[usize],
+) -> Result<usize> {
+    let (first, last) = match row_offsets {
+        [first, .., last] => (*first, *last),
+        _ => {
+            return Err(Error::shape(
+                op,
+                format!("row offsets need at least 2 entries, got {row_offsets:?}"),
+            ))
+        }
+    };
+    if first != 0 || last != rows || row_offsets.windows(2).any(|w| w[0] > w[1]) {
+        return Err(Error::shape(
+            op,
+            format!(
+                "row offsets must rise from 0 to the {rows} rows without decreasing, got {:?}{}",
+                &row_offsets[..row_offsets.len().min(8)],
+                if row_offsets.len() > 8 { " …" } else { "" }
+            ),
+        ));
+    }
+    Ok(row_offsets.len() - 1)
+}
+
+/// Code-frequency histograms, ADDED into `hist` `[segments, n_embed]`: `ids`
+/// `[rows, row_len]` holds one row of codes per image or patch and segment `s`
+/// (a sample) owns rows `row_offsets[s]..row_offsets[s + 1]`, so
+/// `hist[s, k] += #{codes == k in its rows}`. Zero `hist` first for plain
+/// counts; adding lets a caller accumulate a sample over batches. A code
+/// outside `[0, n_embed)` or a count beyond `i32::MAX` is an error (and
+/// `hist` is then partly updated).
+pub fn code_histogram_accumulate(
+    rows: usize,
+    row_len: usize,
+    n_embed: usize,
+    ids: &[i32],
+    row_offsets: &[usize],
+    hist: &mut [i32],
+) -> Result<()> {
+    const OP: &str = "code_histogram_accumulate";
+    let segments = check_row_offsets(OP, rows, row_offsets)?;
+    check_len(OP, "ids", ids.len(), numel(OP, &[rows, row_len])?)?;
+    check_len(OP, "hist", hist.len(), numel(OP, &[segments, n_embed])?)?;
+    if n_embed == 0 && !ids.is_empty() {
+        return Err(Error::shape(OP, "no codes to count into (n_embed = 0)"));
+    }
+    hist.par_chunks_mut(chunk(n_embed))
+        .zip(row_offsets.par_windows(2))
+        .try_for_each(|(h, range)| {
+            for &k in &ids[range[0] * row_len..range[1] * row_len] {
+                let slot = usize::try_from(k)
+                    .ok()
+                    .and_then(|k| h.get_mut(k))
+                    .ok_or_else(|| {
+                        Error::invalid(format!("{OP}: code {k} is outside [0, {n_embed})"))
+                    })?;
+                *slot = slot
+                    .checked_add(1)
+                    .ok_or_else(|| Error::invalid(format!("{OP}: a count exceeds i32::MAX")))?;
+            }
+            Ok(())
+        })
+}

@@ -1,0 +1,6 @@
+//! The models, each reading its hyper-parameters off its weights.
+
+pub mod cp2image;
+pub mod vqvae2;
+
+pub use vqvae2::{VqVae2, VqVae2Config};
