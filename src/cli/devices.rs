@@ -4,7 +4,10 @@ use cellmorph::backend::{cuda_compiled, cuda_device_count, emulation_compiled};
 use cellmorph::{Backend, Device, Result};
 
 pub fn run() -> Result<()> {
-    println!("cpu       available ({} threads)", rayon::current_num_threads());
+    println!(
+        "cpu       available ({} threads)",
+        rayon::current_num_threads()
+    );
     if emulation_compiled() {
         println!("emulated  available (CUDA kernels run as host C++; for tests, slow)");
     } else {

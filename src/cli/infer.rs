@@ -1,17 +1,23 @@
-//! `cellmorph infer`: run a model on a tensor file, write its named outputs.
+//! `cellmorph infer`: run a model on the tensor named `input` of a
+//! safetensors file and write its named outputs.
 
 use std::path::PathBuf;
 
 use clap::Args;
 
+use cellmorph::io::{TensorFile, TensorWriter};
+use cellmorph::models;
 use cellmorph::{Device, Error, Result};
 
-/// The models `infer` knows, with their output tensors.
-pub const MODELS: &[(&str, &str)] = &[];
+/// The models `infer` knows, with their outputs.
+const MODELS: &[(&str, &str)] = &[(
+    "vqvae2",
+    "id_t, id_b, quant_t, quant_b, dec, diff, hist_t, hist_b",
+)];
 
 #[derive(Args, Debug)]
 pub struct InferArgs {
-    /// Model name (see the list in the error message when unsure).
+    /// Model: vqvae2.
     #[arg(long)]
     model: String,
     /// Weights as a safetensors file with PyTorch state_dict names.
@@ -20,21 +26,18 @@ pub struct InferArgs {
     /// Input safetensors file holding a tensor named `input`.
     #[arg(long)]
     input: PathBuf,
-    /// Output safetensors file.
+    /// Output safetensors file (written only when everything succeeded).
     #[arg(long)]
     output: PathBuf,
     /// cpu, cuda, cuda:N or emulated.
     #[arg(long, default_value = "cpu")]
     device: Device,
-    /// Images per device batch.
+    /// Items per device batch.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
 }
 
 fn supported() -> String {
-    if MODELS.is_empty() {
-        return "none yet in this build".to_string();
-    }
     MODELS
         .iter()
         .map(|(m, outs)| format!("{m} (outputs: {outs})"))
@@ -43,13 +46,42 @@ fn supported() -> String {
 }
 
 pub fn run(a: InferArgs) -> Result<()> {
+    if !MODELS.iter().any(|(m, _)| *m == a.model) {
+        return Err(Error::invalid(format!(
+            "unknown model {:?}; supported: {}",
+            a.model,
+            supported()
+        )));
+    }
     if a.batch_size == 0 {
         return Err(Error::invalid("--batch-size must be at least 1"));
     }
-    let _ = (&a.weights, &a.input, &a.output, a.device);
-    Err(Error::invalid(format!(
-        "unknown model {:?}; supported models: {}",
+    let weights = TensorFile::open(&a.weights)?;
+    let inputs = TensorFile::open(&a.input)?;
+    let (shape, data) = inputs.f32("input")?;
+    if data.iter().any(|v| !v.is_finite()) {
+        return Err(Error::format(
+            &a.input,
+            "tensor \"input\" contains NaN or infinite values",
+        ));
+    }
+    let be = super::open_device(a.device)?;
+    let mut out = TensorWriter::new();
+    out.set_metadata("model", &a.model);
+    out.set_metadata("device", &be.describe());
+    let t0 = std::time::Instant::now();
+    match a.model.as_str() {
+        "vqvae2" => models::vqvae2::infer(&be, &weights, &shape, &data, a.batch_size, &mut out)?,
+        other => return Err(Error::invalid(format!("unknown model {other:?}"))),
+    }
+    be.synchronize()?;
+    let secs = t0.elapsed().as_secs_f64();
+    out.write(&a.output)?;
+    eprintln!(
+        "{}: {} item(s) in {secs:.2} s -> {}",
         a.model,
-        supported()
-    )))
+        shape.first().copied().unwrap_or(0),
+        a.output.display()
+    );
+    Ok(())
 }

@@ -1,5 +1,6 @@
 //! The models, each reading its hyper-parameters off its weights.
 
+pub mod batch;
 pub mod cp2image;
 pub mod vqvae2;
 

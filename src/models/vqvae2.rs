@@ -708,3 +708,33 @@ pub fn scale_u16(pixels: &[u16]) -> Vec<f32> {
         .map(|&p| f32::from(p) / 65535.0 * 2.0 - 1.0)
         .collect()
 }
+
+/// `cellmorph infer --model vqvae2`: runs [`VqVae2::encode`] and
+/// [`VqVae2::decode`] over `input` `[N, in_channel, H, W]` (host data) in
+/// device batches and adds `id_t`, `id_b` (int32), `quant_t`, `quant_b`,
+/// `dec`, `diff` (`[1]`, the latent loss over the whole input), `hist_t`, `hist_b`
+/// (`[N, n_embed]` code counts per image) to `out`.
+pub fn infer(
+    be: &Backend,
+    weights: &TensorFile,
+    shape: &[usize],
+    input: &[f32],
+    batch_size: usize,
+    out: &mut crate::io::TensorWriter,
+) -> Result<()> {
+    let model = VqVae2::from_file(be, weights)?;
+    let mut g = crate::models::batch::Gathered::new();
+    crate::models::batch::for_each_batch(be, shape, input, batch_size, |x, _| {
+        let enc = model.encode(be, x)?;
+        let dec = model.decode(be, &enc.quant_t, &enc.quant_b)?;
+        g.push_i32("hist_t", &model.histogram(be, &enc.id_t)?)?;
+        g.push_i32("hist_b", &model.histogram(be, &enc.id_b)?)?;
+        g.push_i32("id_t", &enc.id_t)?;
+        g.push_i32("id_b", &enc.id_b)?;
+        g.push("quant_t", &enc.quant_t)?;
+        g.push("quant_b", &enc.quant_b)?;
+        g.push("dec", &dec)?;
+        g.push_mean("diff", enc.diff as f64, x.shape()[0] as f64)
+    })?;
+    g.write_into(out)
+}

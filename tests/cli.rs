@@ -1,0 +1,238 @@
+//! The `cellmorph` binary end to end: `infer` against the goldens, and clear
+//! errors (non-zero exit, a message naming the problem) on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cellmorph::io::{TensorFile, TensorWriter};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cellmorph"))
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cellmorph-cli-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Writes the fixture's `input` tensor alone, as a user would.
+fn input_file(cases: &Path, dir: &Path) -> PathBuf {
+    let c = TensorFile::open(cases).unwrap();
+    let (shape, data) = c.f32("input").unwrap();
+    let mut w = TensorWriter::new();
+    w.add_slice("input", &shape, &data).unwrap();
+    let p = dir.join("input.safetensors");
+    w.write(&p).unwrap();
+    p
+}
+
+fn infer_vqvae2(device: &str, tag: &str) {
+    let dir = tempdir(tag);
+    let cases = fixtures().join("vqvae2_small.cases.safetensors");
+    let input = input_file(&cases, &dir);
+    let out = dir.join("out.safetensors");
+    let st = bin()
+        .args(["infer", "--model", "vqvae2", "--weights"])
+        .arg(fixtures().join("vqvae2_small.weights.safetensors"))
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&out)
+        .args(["--device", device, "--batch-size", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let got = TensorFile::open(&out).unwrap();
+    let want = TensorFile::open(&cases).unwrap();
+    // Codes: identical except at near-ties (gap < 1e-4), as fixtures/README.md says.
+    for (ids, gap) in [
+        ("id_t", "gap_t"),
+        ("id_b", "gap_b"),
+        ("hist_t", ""),
+        ("hist_b", ""),
+    ] {
+        let (gs, g) = got.i64(ids).unwrap();
+        let (ws, w) = want.i64(ids).unwrap();
+        assert_eq!(gs, ws, "{ids} shape");
+        let gaps = if gap.is_empty() {
+            vec![1.0; w.len()]
+        } else {
+            want.f32(gap).unwrap().1
+        };
+        for i in 0..w.len() {
+            assert!(
+                g[i] == w[i] || gaps[i] < 1e-4,
+                "{ids}[{i}]: {} vs {}",
+                g[i],
+                w[i]
+            );
+        }
+    }
+    // Tensors within 1e-3 relative (max |Δ| / max |ref|) for a whole network.
+    for name in ["quant_t", "quant_b", "dec", "diff"] {
+        let (gs, g) = got.f32(name).unwrap();
+        let (ws, w) = want.f32(name).unwrap();
+        assert_eq!(gs, ws, "{name} shape");
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = g
+            .iter()
+            .zip(&w)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err <= 1e-3 * scale,
+            "{name}: max |Δ| {err} vs max |ref| {scale}"
+        );
+    }
+}
+
+#[test]
+fn infer_vqvae2_cpu_matches_golden() {
+    infer_vqvae2("cpu", "cpu");
+}
+
+#[test]
+fn infer_vqvae2_emulated_matches_golden() {
+    infer_vqvae2("emulated", "emu");
+}
+
+fn fails_with(args: &[&str], needle: &str) {
+    let st = bin().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(!st.status.success(), "{args:?} should fail");
+    assert!(err.contains(needle), "{args:?}: {err:?} lacks {needle:?}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let dir = tempdir("bad");
+    let w = fixtures().join("vqvae2_small.weights.safetensors");
+    let w = w.to_str().unwrap();
+    let missing = dir.join("missing.safetensors");
+    let missing = missing.to_str().unwrap();
+    let out = dir.join("o.safetensors");
+    let out = out.to_str().unwrap();
+    fails_with(
+        &[
+            "infer",
+            "--model",
+            "nope",
+            "--weights",
+            w,
+            "--input",
+            w,
+            "--output",
+            out,
+        ],
+        "supported: vqvae2",
+    );
+    fails_with(
+        &[
+            "infer",
+            "--model",
+            "vqvae2",
+            "--weights",
+            missing,
+            "--input",
+            w,
+            "--output",
+            out,
+        ],
+        "missing.safetensors",
+    );
+    // The weights file has no tensor named `input`.
+    fails_with(
+        &[
+            "infer",
+            "--model",
+            "vqvae2",
+            "--weights",
+            w,
+            "--input",
+            w,
+            "--output",
+            out,
+        ],
+        "missing tensor \"input\"",
+    );
+    let truncated = dir.join("trunc.safetensors");
+    let bytes = std::fs::read(fixtures().join("vqvae2_small.weights.safetensors")).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    fails_with(
+        &[
+            "infer",
+            "--model",
+            "vqvae2",
+            "--weights",
+            truncated.to_str().unwrap(),
+            "--input",
+            w,
+            "--output",
+            out,
+        ],
+        "trunc.safetensors",
+    );
+    fails_with(
+        &[
+            "infer",
+            "--model",
+            "vqvae2",
+            "--weights",
+            w,
+            "--input",
+            w,
+            "--output",
+            out,
+            "--device",
+            "tpu",
+        ],
+        "unknown device",
+    );
+    assert!(
+        !Path::new(out).exists(),
+        "no output may be written on failure"
+    );
+}
+
+#[test]
+fn cuda_request_without_gpu_is_a_clear_error() {
+    if cellmorph::backend::cuda_device_count() > 0 {
+        println!("a CUDA device is present: nothing to check here");
+        return;
+    }
+    let dir = tempdir("nocuda");
+    let cases = fixtures().join("vqvae2_small.cases.safetensors");
+    let input = input_file(&cases, &dir);
+    let st = bin()
+        .args([
+            "infer",
+            "--model",
+            "vqvae2",
+            "--device",
+            "cuda",
+            "--weights",
+        ])
+        .arg(fixtures().join("vqvae2_small.weights.safetensors"))
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(dir.join("o.safetensors"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(!st.status.success());
+    assert!(
+        err.contains("no CUDA device") || err.contains("CUDA kernels were not compiled"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
