@@ -43,7 +43,8 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(cellmorph_nvcc)");
     println!("cargo::rustc-check-cfg=cfg(cellmorph_emulation)");
 
-    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let kernel_dir = root.join("kernels");
     let files = kernel_files(&kernel_dir);
@@ -80,7 +81,10 @@ fn main() {
                 match res {
                     Ok((path, spill_lines)) => {
                         for l in &spill_lines {
-                            println!("cargo:warning=register spills in kernels/{}.cu: {l}", f.module);
+                            println!(
+                                "cargo:warning=register spills in kernels/{}.cu: {l}",
+                                f.module
+                            );
                         }
                         spills.extend(spill_lines);
                         fatbins.push((f.module.clone(), path));
@@ -95,7 +99,10 @@ fn main() {
                 }
             }
             if deny_spills && !spills.is_empty() {
-                panic!("ptxas reported register spills (CELLMORPH_DENY_SPILLS=1):\n{}", spills.join("\n"));
+                panic!(
+                    "ptxas reported register spills (CELLMORPH_DENY_SPILLS=1):\n{}",
+                    spills.join("\n")
+                );
             }
             if !fatbins.is_empty() {
                 println!("cargo:rustc-cfg=cellmorph_nvcc");
@@ -111,10 +118,15 @@ fn main() {
     generated.push_str("/// Embedded fatbins, one per kernels/*.cu file: (module, image).\n");
     generated.push_str("pub(crate) static FATBINS: &[(&str, &[u8])] = &[\n");
     for (module, path) in &fatbins {
-        let _ = writeln!(generated, "    ({module:?}, include_bytes!({:?})),", path.display().to_string());
+        let _ = writeln!(
+            generated,
+            "    ({module:?}, include_bytes!({:?})),",
+            path.display().to_string()
+        );
     }
     generated.push_str("];\n\n");
-    generated.push_str("/// Every exported kernel and the module that holds it: (kernel, module).\n");
+    generated
+        .push_str("/// Every exported kernel and the module that holds it: (kernel, module).\n");
     generated.push_str("pub(crate) static KERNEL_MODULES: &[(&str, &str)] = &[\n");
     for f in &files {
         for k in &f.kernels {
@@ -142,7 +154,9 @@ fn main() {
         build.file(&f.path);
     }
     let result = if runtime.is_file() {
-        build.try_compile("cellmorph_emulation").map_err(|e| e.to_string())
+        build
+            .try_compile("cellmorph_emulation")
+            .map_err(|e| e.to_string())
     } else {
         Err(format!("{} is missing", runtime.display()))
     };
@@ -150,7 +164,9 @@ fn main() {
         Ok(()) => files.iter().collect(),
         Err(e) if strict => panic!("the kernels do not compile as host C++ for emulation: {e}"),
         Err(e) => {
-            println!("cargo:warning=emulation build failed, the emulated device has no kernels: {e}");
+            println!(
+                "cargo:warning=emulation build failed, the emulated device has no kernels: {e}"
+            );
             Vec::new()
         }
     };
@@ -165,7 +181,8 @@ fn main() {
         }
     }
     generated.push_str("}\n\n");
-    generated.push_str("/// Host-compiled kernels for the emulated device: (kernel, entry point).\n");
+    generated
+        .push_str("/// Host-compiled kernels for the emulated device: (kernel, entry point).\n");
     generated.push_str("pub(crate) static EMU_KERNELS: &[(&str, EmuLaunchFn)] = &[\n");
     for f in &emulated {
         for k in &f.kernels {
@@ -190,7 +207,8 @@ fn kernel_files(dir: &Path) -> Vec<KernelFile> {
     paths
         .into_iter()
         .map(|path| {
-            let src = fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+            let src = fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
             let kernels = src
                 .lines()
                 .filter_map(|l| {
@@ -205,7 +223,11 @@ fn kernel_files(dir: &Path) -> Vec<KernelFile> {
                 .and_then(|s| s.to_str())
                 .unwrap_or_else(|| panic!("kernel file name {} is not UTF-8", path.display()))
                 .to_string();
-            KernelFile { module, path, kernels }
+            KernelFile {
+                module,
+                path,
+                kernels,
+            }
         })
         .collect()
 }
@@ -226,13 +248,21 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn find_nvcc(root: &Path) -> Option<PathBuf> {
-    let runs = |p: &Path| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success());
+    let runs = |p: &Path| {
+        Command::new(p)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
     if let Ok(p) = env::var("NVCC") {
         let p = PathBuf::from(p);
         if runs(&p) {
             return Some(p);
         }
-        println!("cargo:warning=NVCC={} does not run; looking elsewhere", p.display());
+        println!(
+            "cargo:warning=NVCC={} does not run; looking elsewhere",
+            p.display()
+        );
     }
     if let Some(path) = env::var_os("PATH") {
         for dir in env::split_paths(&path) {
@@ -257,7 +287,12 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
 }
 
 /// Compiles one file to a fatbin; returns its path and any ptxas spill lines.
-fn compile_fatbin(nvcc: &Path, include: &Path, f: &KernelFile, out: &Path) -> Result<(PathBuf, Vec<String>), String> {
+fn compile_fatbin(
+    nvcc: &Path,
+    include: &Path,
+    f: &KernelFile,
+    out: &Path,
+) -> Result<(PathBuf, Vec<String>), String> {
     let target = out.join(format!("{}.fatbin", f.module));
     let output = Command::new(nvcc)
         .arg("--fatbin")
@@ -272,7 +307,11 @@ fn compile_fatbin(nvcc: &Path, include: &Path, f: &KernelFile, out: &Path) -> Re
         .map_err(|e| format!("could not run {}: {e}", nvcc.display()))?;
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     if !output.status.success() {
-        return Err(format!("{}{}", String::from_utf8_lossy(&output.stdout), stderr));
+        return Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            stderr
+        ));
     }
     // ptxas -v prints "N bytes spill stores, M bytes spill loads" per function and arch.
     let mut current = String::new();

@@ -49,7 +49,9 @@ impl FromStr for Device {
             _ => {
                 if let Some(n) = t.strip_prefix("cuda:") {
                     n.parse().map(Device::Cuda).map_err(|_| {
-                        Error::invalid(format!("device {s:?}: the CUDA ordinal {n:?} is not a number"))
+                        Error::invalid(format!(
+                            "device {s:?}: the CUDA ordinal {n:?} is not a number"
+                        ))
                     })
                 } else {
                     Err(Error::invalid(format!(

@@ -121,7 +121,8 @@ impl Conv2dGeom {
     }
     /// Multiply-adds times two.
     pub fn flops(&self) -> f64 {
-        2.0 * (self.n * self.c_out * self.oh * self.ow) as f64 * (self.c_in * self.kh * self.kw) as f64
+        2.0 * (self.n * self.c_out * self.oh * self.ow) as f64
+            * (self.c_in * self.kh * self.kw) as f64
     }
 }
 
@@ -199,7 +200,10 @@ impl ConvTranspose2dGeom {
             ));
         }
         if p.output_padding.0 >= p.stride.0 || p.output_padding.1 >= p.stride.1 {
-            return Err(Error::shape(OP, "output_padding must be smaller than the stride"));
+            return Err(Error::shape(
+                OP,
+                "output_padding must be smaller than the stride",
+            ));
         }
         let full_h = (h - 1) * p.stride.0 + kh + p.output_padding.0;
         let full_w = (w - 1) * p.stride.1 + kw + p.output_padding.1;
@@ -231,7 +235,8 @@ impl ConvTranspose2dGeom {
     }
     /// Multiply-adds times two.
     pub fn flops(&self) -> f64 {
-        2.0 * (self.n * self.c_in * self.h * self.w) as f64 * (self.c_out * self.kh * self.kw) as f64
+        2.0 * (self.n * self.c_in * self.h * self.w) as f64
+            * (self.c_out * self.kh * self.kw) as f64
     }
 }
 

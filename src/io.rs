@@ -25,7 +25,12 @@ pub struct TensorFile {
 
 impl std::fmt::Debug for TensorFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TensorFile({}, {} tensors)", self.path.display(), self.len())
+        write!(
+            f,
+            "TensorFile({}, {} tensors)",
+            self.path.display(),
+            self.len()
+        )
     }
 }
 
@@ -43,7 +48,10 @@ impl TensorFile {
         let (header_len, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| {
             Error::format(
                 path,
-                format!("not a valid safetensors file ({} bytes; truncated or corrupt?): {e}", bytes.len()),
+                format!(
+                    "not a valid safetensors file ({} bytes; truncated or corrupt?): {e}",
+                    bytes.len()
+                ),
             )
         })?;
         Ok(TensorFile {
@@ -128,31 +136,35 @@ impl TensorFile {
     pub fn f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let info = self.info(name)?;
         let raw = self.raw(info);
-        let data: Vec<f32> = match info.dtype {
-            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F64 => raw
-                .chunks_exact(8)
-                .map(|c| {
-                    let mut b = [0u8; 8];
-                    b.copy_from_slice(c);
-                    f64::from_le_bytes(b) as f32
-                })
-                .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(Error::format(
+        let data: Vec<f32> =
+            match info.dtype {
+                Dtype::F32 => raw
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                Dtype::F64 => raw
+                    .chunks_exact(8)
+                    .map(|c| {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(c);
+                        f64::from_le_bytes(b) as f32
+                    })
+                    .collect(),
+                Dtype::F16 => raw
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                Dtype::BF16 => raw
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                other => return Err(Error::format(
                     &self.path,
-                    format!("tensor {name:?} has dtype {other:?}; a floating-point tensor is needed"),
-                ))
-            }
-        };
+                    format!(
+                        "tensor {name:?} has dtype {other:?}; a floating-point tensor is needed"
+                    ),
+                )),
+            };
         Ok((info.shape.clone(), data))
     }
 
@@ -170,8 +182,14 @@ impl TensorFile {
                     i64::from_le_bytes(b)
                 })
                 .collect(),
-            Dtype::I32 => raw.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect(),
-            Dtype::U32 => raw.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect(),
+            Dtype::I32 => raw
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+                .collect(),
+            Dtype::U32 => raw
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+                .collect(),
             Dtype::U8 => raw.iter().map(|&b| b as i64).collect(),
             other => {
                 return Err(Error::format(
@@ -283,11 +301,18 @@ impl TensorWriter {
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .ok_or_else(|| Error::invalid(format!("{} is not a file path", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);

@@ -49,7 +49,13 @@ pub struct Tensor<T: Element = f32> {
 
 impl<T: Element> std::fmt::Debug for Tensor<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor<{:?}>({:?} on {})", T::DTYPE, self.shape, self.device)
+        write!(
+            f,
+            "Tensor<{:?}>({:?} on {})",
+            T::DTYPE,
+            self.shape,
+            self.device
+        )
     }
 }
 
@@ -57,7 +63,11 @@ fn numel_of(shape: &[usize]) -> Result<usize> {
     shape
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| Error::invalid(format!("shape {shape:?} has more elements than fit in memory")))
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "shape {shape:?} has more elements than fit in memory"
+            ))
+        })
 }
 
 impl<T: Element> Tensor<T> {
@@ -68,7 +78,10 @@ impl<T: Element> Tensor<T> {
             Inner::Cpu | Inner::Emulated => Storage::Host(vec![T::default(); n]),
             Inner::Cuda(c) => Storage::Cuda(c.stream().alloc_zeros::<T>(n).map_err(|e| {
                 Error::cuda(
-                    format!("allocating {} bytes for a {shape:?} tensor", n * std::mem::size_of::<T>()),
+                    format!(
+                        "allocating {} bytes for a {shape:?} tensor",
+                        n * std::mem::size_of::<T>()
+                    ),
                     e,
                 )
             })?),
@@ -89,15 +102,13 @@ impl<T: Element> Tensor<T> {
                 data.len()
             )));
         }
-        let storage = match &be.inner {
-            Inner::Cpu | Inner::Emulated => Storage::Host(data),
-            Inner::Cuda(c) => Storage::Cuda(c.stream().clone_htod(&data).map_err(|e| {
-                Error::cuda(
-                    format!("copying a {shape:?} tensor to the GPU"),
-                    e,
-                )
-            })?),
-        };
+        let storage =
+            match &be.inner {
+                Inner::Cpu | Inner::Emulated => Storage::Host(data),
+                Inner::Cuda(c) => Storage::Cuda(c.stream().clone_htod(&data).map_err(|e| {
+                    Error::cuda(format!("copying a {shape:?} tensor to the GPU"), e)
+                })?),
+            };
         Ok(Tensor {
             shape: shape.to_vec(),
             device: be.device(),
@@ -143,10 +154,9 @@ impl<T: Element> Tensor<T> {
     pub fn to_vec(&self) -> Result<Vec<T>> {
         match &self.storage {
             Storage::Host(v) => Ok(v.clone()),
-            Storage::Cuda(s) => s
-                .stream()
-                .clone_dtoh(s)
-                .map_err(|e| Error::cuda(format!("copying a {:?} tensor from the GPU", self.shape), e)),
+            Storage::Cuda(s) => s.stream().clone_dtoh(s).map_err(|e| {
+                Error::cuda(format!("copying a {:?} tensor from the GPU", self.shape), e)
+            }),
         }
     }
 
@@ -233,7 +243,11 @@ impl<T: Element> Tensor<T> {
 }
 
 /// Checks that `t` lives on `be`'s device.
-pub(crate) fn check_device<T: Element>(op: &'static str, be: &Backend, t: &Tensor<T>) -> Result<()> {
+pub(crate) fn check_device<T: Element>(
+    op: &'static str,
+    be: &Backend,
+    t: &Tensor<T>,
+) -> Result<()> {
     if t.device() != be.device() {
         return Err(Error::DeviceMismatch {
             op,
@@ -256,6 +270,9 @@ mod tests {
         let t = t.reshape(&[3, 2]).unwrap();
         assert_eq!(t.to_vec().unwrap(), vec![1.0, 2., 3., 4., 5., 6.]);
         assert!(Tensor::from_vec(&be, &[2, 2], vec![1.0f32; 3]).is_err());
-        assert!(Tensor::<f32>::zeros(&be, &[3]).unwrap().reshape(&[4]).is_err());
+        assert!(Tensor::<f32>::zeros(&be, &[3])
+            .unwrap()
+            .reshape(&[4])
+            .is_err());
     }
 }

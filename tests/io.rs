@@ -4,14 +4,21 @@ use cellmorph::io::{TensorFile, TensorWriter};
 use cellmorph::{Backend, Error};
 
 fn fixture(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn sample_file(dir: &std::path::Path) -> std::path::PathBuf {
     let mut w = TensorWriter::new();
-    w.add_slice("enc.blocks.0.weight", &[2, 1, 2, 2], &[1.0f32, 2., 3., 4., 5., 6., 7., 8.])
+    w.add_slice(
+        "enc.blocks.0.weight",
+        &[2, 1, 2, 2],
+        &[1.0f32, 2., 3., 4., 5., 6., 7., 8.],
+    )
+    .unwrap();
+    w.add_slice("enc.blocks.0.bias", &[2], &[0.5f32, -0.5])
         .unwrap();
-    w.add_slice("enc.blocks.0.bias", &[2], &[0.5f32, -0.5]).unwrap();
     w.add_slice("ids", &[3], &[1i64, 2, 3]).unwrap();
     w.set_metadata("format", "pt");
     let p = dir.join("w.safetensors");
@@ -36,17 +43,27 @@ fn roundtrip_with_pytorch_names() {
     let w = f.expect(&be, "enc.blocks.0.weight", &[2, 1, 2, 2]).unwrap();
     assert_eq!(w.to_vec().unwrap(), vec![1.0, 2., 3., 4., 5., 6., 7., 8.]);
     assert_eq!(f.i64("ids").unwrap().1, vec![1, 2, 3]);
-    assert_eq!(f.metadata().and_then(|m| m.get("format")).map(String::as_str), Some("pt"));
+    assert_eq!(
+        f.metadata()
+            .and_then(|m| m.get("format"))
+            .map(String::as_str),
+        Some("pt")
+    );
 }
 
 #[test]
 fn missing_key_names_the_key() {
     let dir = tempdir("missing");
     let f = TensorFile::open(sample_file(&dir)).unwrap();
-    let err = f.expect(&Backend::cpu(), "enc.blocks.2.weight", &[2]).unwrap_err();
+    let err = f
+        .expect(&Backend::cpu(), "enc.blocks.2.weight", &[2])
+        .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Format { .. }), "{msg}");
-    assert!(msg.contains("missing tensor \"enc.blocks.2.weight\""), "{msg}");
+    assert!(
+        msg.contains("missing tensor \"enc.blocks.2.weight\""),
+        "{msg}"
+    );
     assert!(msg.contains("w.safetensors"), "{msg}");
 }
 
@@ -58,7 +75,10 @@ fn wrong_shape_names_both_shapes() {
         .expect(&Backend::cpu(), "enc.blocks.0.weight", &[2, 1, 3, 3])
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("[2, 1, 2, 2]") && msg.contains("[2, 1, 3, 3]"), "{msg}");
+    assert!(
+        msg.contains("[2, 1, 2, 2]") && msg.contains("[2, 1, 3, 3]"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -66,7 +86,10 @@ fn wrong_dtype_is_rejected() {
     let dir = tempdir("dtype");
     let f = TensorFile::open(sample_file(&dir)).unwrap();
     let msg = f.f32("ids").unwrap_err().to_string();
-    assert!(msg.contains("I64") && msg.contains("floating-point"), "{msg}");
+    assert!(
+        msg.contains("I64") && msg.contains("floating-point"),
+        "{msg}"
+    );
     let msg = f.i64("enc.blocks.0.bias").unwrap_err().to_string();
     assert!(msg.contains("F32") && msg.contains("integer"), "{msg}");
 }
@@ -78,7 +101,10 @@ fn truncated_and_corrupt_files_are_errors() {
     let bytes = std::fs::read(&p).unwrap();
     for cut in [0, 4, 8, 20, bytes.len() - 1] {
         let err = TensorFile::from_bytes("cut.safetensors", bytes[..cut].to_vec()).unwrap_err();
-        assert!(err.to_string().contains("cut.safetensors"), "cut at {cut}: {err}");
+        assert!(
+            err.to_string().contains("cut.safetensors"),
+            "cut at {cut}: {err}"
+        );
     }
     let mut garbage = bytes.clone();
     garbage[10] = b'{';
@@ -91,7 +117,11 @@ fn truncated_and_corrupt_files_are_errors() {
 #[test]
 fn reads_the_pytorch_ops_fixture() {
     let p = fixture("ops.safetensors");
-    assert!(p.is_file(), "fixture {} is missing: the golden tests cannot run", p.display());
+    assert!(
+        p.is_file(),
+        "fixture {} is missing: the golden tests cannot run",
+        p.display()
+    );
     let f = TensorFile::open(&p).unwrap();
     let (shape, _) = f.f32("conv2d_0.weight").unwrap();
     assert_eq!(shape, vec![8, 3, 3, 3]);

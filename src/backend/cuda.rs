@@ -58,7 +58,8 @@ impl CudaBackend {
                 "cuda:{ordinal} requested but {count} CUDA device(s) are present"
             )));
         }
-        let ctx = CudaContext::new(ordinal).map_err(|e| Error::cuda(format!("opening cuda:{ordinal}"), e))?;
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| Error::cuda(format!("opening cuda:{ordinal}"), e))?;
         // One stream orders everything, so cudarc's per-buffer events are not needed.
         // SAFETY: no buffers exist yet on this context.
         unsafe { ctx.disable_event_tracking() };
@@ -135,16 +136,30 @@ impl CudaBackend {
     /// # Safety
     /// As [`super::Backend::launch`]: `params` points at argument values that
     /// match the kernel's parameters, and buffers outlive the launch.
-    pub(crate) unsafe fn launch(&self, kernel: &str, cfg: LaunchCfg, params: &mut [*mut c_void]) -> Result<()> {
+    pub(crate) unsafe fn launch(
+        &self,
+        kernel: &str,
+        cfg: LaunchCfg,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
         let f = self.function(kernel)?;
         if cfg.shared_bytes > DEFAULT_SHARED_LIMIT {
-            let bytes = i32::try_from(cfg.shared_bytes)
-                .map_err(|_| Error::invalid(format!("{kernel}: {} bytes of shared memory", cfg.shared_bytes)))?;
+            let bytes = i32::try_from(cfg.shared_bytes).map_err(|_| {
+                Error::invalid(format!(
+                    "{kernel}: {} bytes of shared memory",
+                    cfg.shared_bytes
+                ))
+            })?;
             f.set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 bytes,
             )
-            .map_err(|e| Error::cuda(format!("{kernel}: requesting {bytes} bytes of shared memory"), e))?;
+            .map_err(|e| {
+                Error::cuda(
+                    format!("{kernel}: requesting {bytes} bytes of shared memory"),
+                    e,
+                )
+            })?;
         }
         self.ctx
             .bind_to_thread()

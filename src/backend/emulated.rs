@@ -9,7 +9,11 @@ use crate::error::{Error, Result};
 
 /// # Safety
 /// As [`super::Backend::launch`], with host addresses for buffers.
-pub(super) unsafe fn launch(kernel: &str, cfg: LaunchCfg, params: &mut [*mut c_void]) -> Result<()> {
+pub(super) unsafe fn launch(
+    kernel: &str,
+    cfg: LaunchCfg,
+    params: &mut [*mut c_void],
+) -> Result<()> {
     let entry = kernels::emulated(kernel).ok_or_else(|| Error::Emulation {
         kernel: kernel.to_string(),
         msg: "not present in the emulation build".into(),

@@ -71,9 +71,11 @@ impl KernelArg {
 
     /// A size or index as a kernel `int`, or an error naming what overflowed.
     pub fn int(what: &str, v: usize) -> Result<Self> {
-        i32::try_from(v)
-            .map(KernelArg::I32)
-            .map_err(|_| Error::invalid(format!("{what} = {v} does not fit a 32-bit kernel argument")))
+        i32::try_from(v).map(KernelArg::I32).map_err(|_| {
+            Error::invalid(format!(
+                "{what} = {v} does not fit a 32-bit kernel argument"
+            ))
+        })
     }
 }
 
@@ -174,7 +176,12 @@ impl Backend {
     /// stays valid until the launch completes, with the extent the kernel
     /// indexes given the other arguments; the argument list must match the
     /// kernel's parameter list in count, order and type.
-    pub(crate) unsafe fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[KernelArg]) -> Result<()> {
+    pub(crate) unsafe fn launch(
+        &self,
+        kernel: &str,
+        cfg: LaunchCfg,
+        args: &[KernelArg],
+    ) -> Result<()> {
         let mut pack = ArgPack::new(args);
         let mut ptrs = pack.pointers();
         match &self.inner {
