@@ -1,0 +1,266 @@
+//! Fitted per-gene SVR models as JSON, and prediction on a feature table.
+//!
+//! Format: `{"features": [names], "genes": {gene: {"C", "epsilon",
+//! "cv_score", "w", "b"}}}`; genes keep their order in the file.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::de::{MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::grid::GridResult;
+use crate::table::Table;
+use crate::{Error, Result};
+
+/// One gene's fitted model and how it was chosen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GeneModel {
+    /// Chosen C.
+    #[serde(rename = "C")]
+    pub c: f64,
+    /// Chosen ε.
+    pub epsilon: f64,
+    /// Mean cross-validated R² of the chosen setting.
+    pub cv_score: f64,
+    /// Weights, one per feature.
+    pub w: Vec<f64>,
+    /// Intercept.
+    pub b: f64,
+}
+
+/// Per-gene linear SVR models over one list of named features.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SvrModel {
+    /// Feature (column) names, in the order of every `w`.
+    pub features: Vec<String>,
+    /// Models by gene, in order.
+    #[serde(with = "ordered_map")]
+    pub genes: Vec<(String, GeneModel)>,
+}
+
+impl SvrModel {
+    /// Collects grid-search results into a model.
+    pub fn from_grid(features: Vec<String>, results: &[GridResult]) -> SvrModel {
+        let genes = results
+            .iter()
+            .map(|r| {
+                let model = GeneModel {
+                    c: r.c,
+                    epsilon: r.epsilon,
+                    cv_score: r.cv_score,
+                    w: r.w.clone(),
+                    b: r.b,
+                };
+                (r.gene.clone(), model)
+            })
+            .collect();
+        SvrModel { features, genes }
+    }
+
+    /// Checks unique names, `w` lengths and finite numbers.
+    pub fn validate(&self) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        if let Some(f) = self.features.iter().find(|f| !seen.insert(f.as_str())) {
+            return Err(Error::invalid(format!(
+                "SVR model: duplicate feature '{f}'"
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (gene, m) in &self.genes {
+            if !seen.insert(gene.as_str()) {
+                return Err(Error::invalid(format!(
+                    "SVR model: duplicate gene '{gene}'"
+                )));
+            }
+            if m.w.len() != self.features.len() {
+                return Err(Error::invalid(format!(
+                    "SVR model: gene '{gene}' has {} weights for {} features",
+                    m.w.len(),
+                    self.features.len()
+                )));
+            }
+            let finite = [m.c, m.epsilon, m.cv_score, m.b]
+                .iter()
+                .chain(&m.w)
+                .all(|v| v.is_finite());
+            if !finite {
+                return Err(Error::invalid(format!(
+                    "SVR model: gene '{gene}' has a non-finite value"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the model as pretty-printed JSON.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        self.validate()?;
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| Error::format(path, format!("cannot encode SVR model: {e}")))?;
+        std::fs::write(path, text).map_err(|e| Error::io(path, e))
+    }
+
+    /// Reads and validates a model written by [`SvrModel::save`].
+    pub fn load(path: impl AsRef<Path>) -> Result<SvrModel> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let model: SvrModel = serde_json::from_str(&text)
+            .map_err(|e| Error::format(path, format!("not an SVR model: {e}")))?;
+        model
+            .validate()
+            .map_err(|e| Error::format(path, e.to_string()))?;
+        Ok(model)
+    }
+
+    /// Predicted expression (samples × genes) for the rows of `features`,
+    /// whose columns must be exactly the model's features (any order).
+    pub fn predict(&self, features: &Table) -> Result<Table> {
+        if features.n_cols() != self.features.len() {
+            return Err(Error::invalid(format!(
+                "SVR model expects {} features, the table has {}",
+                self.features.len(),
+                features.n_cols()
+            )));
+        }
+        let reordered;
+        let x = if features.col_names == self.features {
+            features
+        } else {
+            if let Some(f) = self
+                .features
+                .iter()
+                .find(|f| features.col_index(f).is_none())
+            {
+                return Err(Error::invalid(format!(
+                    "SVR model feature '{f}' is not a column of the feature table"
+                )));
+            }
+            reordered = features.select_cols(&self.features)?;
+            &reordered
+        };
+        let mut data = Vec::with_capacity(x.n_rows() * self.genes.len());
+        for r in 0..x.n_rows() {
+            let row = x.row(r);
+            data.extend(
+                self.genes
+                    .iter()
+                    .map(|(_, m)| m.w.iter().zip(row).map(|(w, v)| w * v).sum::<f64>() + m.b),
+            );
+        }
+        let genes = self.genes.iter().map(|(g, _)| g.clone()).collect();
+        Table::new(x.row_names.clone(), genes, data)
+    }
+}
+
+/// A `Vec<(String, V)>` as a JSON object, keeping its order.
+mod ordered_map {
+    use super::*;
+
+    pub fn serialize<S: Serializer, V: Serialize>(
+        entries: &[(String, V)],
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(entries.len()))?;
+        for (k, v) in entries {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, V: Deserialize<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Vec<(String, V)>, D::Error> {
+        struct Ordered<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for Ordered<V> {
+            type Value = Vec<(String, V)>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of genes")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some(entry) = map.next_entry()? {
+                    out.push(entry);
+                }
+                Ok(out)
+            }
+        }
+        deserializer.deserialize_map(Ordered(std::marker::PhantomData))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> SvrModel {
+        let gene = |w: Vec<f64>, b| GeneModel {
+            c: 1.0,
+            epsilon: 0.1,
+            cv_score: 0.5,
+            w,
+            b,
+        };
+        SvrModel {
+            features: vec!["f1".into(), "f2".into()],
+            genes: vec![
+                ("Z".into(), gene(vec![1.0, 2.0], 0.5)),
+                ("A".into(), gene(vec![-1.0, 0.0], 0.0)),
+            ],
+        }
+    }
+
+    #[test]
+    fn json_round_trip_keeps_gene_order() {
+        let m = model();
+        let text = serde_json::to_string(&m).unwrap();
+        assert!(text.contains("\"C\":1.0"), "{text}");
+        assert!(text.find("\"Z\"").unwrap() < text.find("\"A\"").unwrap());
+        let back: SvrModel = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, m);
+    }
+
+    #[test]
+    fn predicts_with_feature_checks() {
+        let m = model();
+        let t = Table::new(
+            vec!["s".into()],
+            vec!["f2".into(), "f1".into()],
+            vec![3.0, 1.0],
+        )
+        .unwrap();
+        let p = m.predict(&t).unwrap();
+        assert_eq!(p.col_names, ["Z", "A"]);
+        // Z: 1·1 + 2·3 + 0.5; A: −1·1.
+        assert_eq!(p.data, [7.5, -1.0]);
+        let t = Table::new(
+            vec!["s".into()],
+            vec!["f1".into(), "x".into()],
+            vec![3.0, 1.0],
+        )
+        .unwrap();
+        let e = m.predict(&t).unwrap_err().to_string();
+        assert!(e.contains("'f2'"), "{e}");
+        let t = Table::new(vec!["s".into()], vec!["f1".into()], vec![3.0]).unwrap();
+        let e = m.predict(&t).unwrap_err().to_string();
+        assert!(e.contains("expects 2 features"), "{e}");
+    }
+
+    #[test]
+    fn validate_rejects_bad_models() {
+        let mut m = model();
+        m.genes[0].1.w.pop();
+        assert!(m.validate().is_err());
+        let mut m = model();
+        m.genes[1].0 = "Z".into();
+        assert!(m.validate().is_err());
+        let mut m = model();
+        m.genes[0].1.b = f64::NAN;
+        assert!(m.validate().is_err());
+    }
+}
