@@ -170,10 +170,10 @@ impl Table {
         out
     }
 
-    /// Writes the table as CSV (see [`Table::to_csv_string`]).
+    /// Writes the table as CSV (see [`Table::to_csv_string`]), through a
+    /// temporary file so an existing file is never left half-written.
     pub fn write_csv(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        std::fs::write(path, self.to_csv_string()).map_err(|e| Error::io(path, e))
+        crate::io::write_atomic(path.as_ref(), self.to_csv_string().as_bytes())
     }
 
     /// Number of rows.

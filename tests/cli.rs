@@ -236,3 +236,102 @@ fn cuda_request_without_gpu_is_a_clear_error() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn svr_grid_then_predict() {
+    let dir = tempdir("svr");
+    let f = fixtures().join("svr");
+    let model = dir.join("model.json");
+    let st = bin()
+        .args([
+            "svr",
+            "grid",
+            "--c",
+            "1,10",
+            "--epsilon",
+            "0:0.2:0.1",
+            "--features",
+        ])
+        .arg(f.join("grid_features.csv"))
+        .arg("--expression")
+        .arg(f.join("grid_expression.csv"))
+        .arg("--output")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&model).unwrap()).unwrap();
+    assert_eq!(json["features"].as_array().unwrap().len(), 128);
+    let genes = json["genes"].as_object().unwrap();
+    assert_eq!(genes.len(), 6);
+    for (name, g) in genes {
+        assert!([1.0, 10.0].contains(&g["C"].as_f64().unwrap()), "{name}");
+        assert!(
+            [0.0, 0.1, 0.2].contains(&g["epsilon"].as_f64().unwrap()),
+            "{name}"
+        );
+        assert_eq!(g["w"].as_array().unwrap().len(), 128, "{name}");
+        assert!(g["cv_score"].as_f64().unwrap().is_finite(), "{name}");
+    }
+    let pred = dir.join("pred.csv");
+    let st = bin()
+        .args(["svr", "predict", "--model"])
+        .arg(&model)
+        .arg("--features")
+        .arg(f.join("grid_test_features.csv"))
+        .arg("--output")
+        .arg(&pred)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let table = cellmorph::table::Table::read_csv(&pred).unwrap();
+    assert_eq!(table.n_rows(), 10);
+    assert_eq!(table.col_names.len(), 6);
+    // A feature table of the wrong width is refused with a clear message.
+    fails_with(
+        &[
+            "svr",
+            "predict",
+            "--model",
+            model.to_str().unwrap(),
+            "--features",
+            f.join("grid_expression.csv").to_str().unwrap(),
+            "--output",
+            dir.join("x.csv").to_str().unwrap(),
+        ],
+        "expects 128 features",
+    );
+    let feats = f.join("grid_features.csv");
+    let expr = f.join("grid_expression.csv");
+    let out = dir.join("bad.json");
+    for (flag, list, needle) in [
+        ("--c", "5:1:1", "stop < start"),
+        ("--epsilon", "0:1:0", "step must be > 0"),
+    ] {
+        fails_with(
+            &[
+                "svr",
+                "grid",
+                flag,
+                list,
+                "--features",
+                feats.to_str().unwrap(),
+                "--expression",
+                expr.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+            ],
+            needle,
+        );
+    }
+    assert!(!out.exists());
+}

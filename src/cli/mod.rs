@@ -2,6 +2,7 @@
 
 mod devices;
 mod infer;
+mod svr;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +22,9 @@ enum Command {
     Devices,
     /// Run a model on the tensor named `input` of a safetensors file.
     Infer(infer::InferArgs),
+    /// Per-gene linear SVR: grid search and prediction.
+    #[command(subcommand)]
+    Svr(svr::SvrCommand),
 }
 
 /// Runs the parsed command.
@@ -28,6 +32,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Devices => devices::run(),
         Command::Infer(a) => infer::run(a),
+        Command::Svr(c) => svr::run(c),
     }
 }
 

@@ -100,7 +100,7 @@ impl SvrModel {
         self.validate()?;
         let text = serde_json::to_string_pretty(self)
             .map_err(|e| Error::format(path, format!("cannot encode SVR model: {e}")))?;
-        std::fs::write(path, text).map_err(|e| Error::io(path, e))
+        crate::io::write_atomic(path, text.as_bytes())
     }
 
     /// Reads and validates a model written by [`SvrModel::save`].
