@@ -211,3 +211,147 @@ pub fn emulation_compiled() -> bool {
 pub fn cuda_device_count() -> usize {
     cuda::device_count()
 }
+
+#[cfg(test)]
+mod tests {
+    //! The launch layer itself, through kernels/selftest.cu on the emulated
+    //! device (and CUDA when a GPU is present: `--include-ignored`).
+    use super::*;
+    use crate::tensor::Tensor;
+
+    fn block_sums(be: &Backend) {
+        let n = 1000usize;
+        let x: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 3.0).collect();
+        let x = Tensor::from_vec(be, &[n], x.clone()).unwrap();
+        let mut out = Tensor::<f32>::zeros(be, &[4]).unwrap();
+        let cfg = LaunchCfg {
+            grid: (4, 1, 1),
+            block: (256, 1, 1),
+            shared_bytes: 0,
+        };
+        // SAFETY: x holds n floats and out 4 = grid.x floats, as the kernel indexes.
+        unsafe {
+            be.launch(
+                "selftest_block_sum_f32",
+                cfg,
+                &[x.arg(), out.arg_mut(), KernelArg::I32(n as i32)],
+            )
+        }
+        .unwrap();
+        let xs = x.to_vec().unwrap();
+        let want: Vec<f32> = xs.chunks(256).map(|c| c.iter().sum()).collect();
+        assert_eq!(out.to_vec().unwrap(), want);
+    }
+
+    fn dynamic_shared_reverse(be: &Backend) {
+        let n = 300usize;
+        let x = Tensor::from_vec(be, &[n], (0..n).map(|i| i as f32).collect()).unwrap();
+        let mut y = Tensor::<f32>::zeros(be, &[n]).unwrap();
+        let cfg = LaunchCfg {
+            grid: (3, 1, 1),
+            block: (128, 1, 1),
+            shared_bytes: 128 * 4,
+        };
+        // SAFETY: x and y hold n floats; the kernel guards indices against n and
+        // uses blockDim.x floats of dynamic shared memory.
+        unsafe {
+            be.launch(
+                "selftest_reverse_dyn_f32",
+                cfg,
+                &[x.arg(), y.arg_mut(), KernelArg::I32(n as i32)],
+            )
+        }
+        .unwrap();
+        let want: Vec<f32> = (0..n)
+            .map(|i| {
+                let start = i / 128 * 128;
+                let count = 128.min(n - start);
+                (start + count - 1 - (i - start)) as f32
+            })
+            .collect();
+        assert_eq!(y.to_vec().unwrap(), want);
+    }
+
+    #[test]
+    fn emulated_launches_run_kernels() {
+        let be = Backend::new(Device::Emulated).unwrap();
+        block_sums(&be);
+        dynamic_shared_reverse(&be);
+    }
+
+    #[test]
+    fn emulated_divergent_barrier_is_an_error_not_a_hang() {
+        let be = Backend::new(Device::Emulated).unwrap();
+        let mut out = Tensor::<i32>::zeros(&be, &[64]).unwrap();
+        let cfg = LaunchCfg {
+            grid: (1, 1, 1),
+            block: (64, 1, 1),
+            shared_bytes: 0,
+        };
+        // SAFETY: out holds blockDim.x ints. Mode 1 is a deliberate divergent
+        // barrier: only for emulation, which reports it.
+        let err = unsafe {
+            be.launch(
+                "selftest_divergent_barrier",
+                cfg,
+                &[KernelArg::I32(1), out.arg_mut()],
+            )
+        }
+        .unwrap_err();
+        assert!(matches!(err, Error::Emulation { .. }), "{err}");
+    }
+
+    #[test]
+    fn bad_launches_are_errors() {
+        let be = Backend::new(Device::Emulated).unwrap();
+        let cfg = LaunchCfg {
+            grid: (1, 1, 1),
+            block: (2048, 1, 1),
+            shared_bytes: 0,
+        };
+        // SAFETY: rejected before any thread runs.
+        let err = unsafe {
+            be.launch(
+                "selftest_saxpy_f32",
+                cfg,
+                &[
+                    KernelArg::I32(0),
+                    KernelArg::F32(1.0),
+                    KernelArg::Ptr(0),
+                    KernelArg::Ptr(0),
+                ],
+            )
+        };
+        assert!(err.is_err());
+        // SAFETY: an unknown kernel is rejected by name.
+        let err = unsafe { be.launch("no_such_kernel", cfg, &[]) }.unwrap_err();
+        assert!(err.to_string().contains("no_such_kernel"), "{err}");
+        // SAFETY: the CPU device refuses kernels.
+        assert!(unsafe { Backend::cpu().launch("selftest_saxpy_f32", cfg, &[]) }.is_err());
+    }
+
+    #[test]
+    fn cuda_without_a_gpu_is_a_clear_error() {
+        if cuda_device_count() > 0 {
+            println!("a CUDA device is present: see cuda_launches_run_kernels");
+            return;
+        }
+        let err = Backend::new(Device::Cuda(0)).unwrap_err().to_string();
+        assert!(
+            err.contains("no CUDA device") || err.contains("CUDA kernels were not compiled"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA device: scripts/gpu-check.sh runs it with --include-ignored"]
+    fn cuda_launches_run_kernels() {
+        assert!(
+            cuda_device_count() > 0,
+            "skipped: no CUDA device (this test needs a GPU)"
+        );
+        let be = Backend::new(Device::Cuda(0)).unwrap();
+        block_sums(&be);
+        dynamic_shared_reverse(&be);
+    }
+}

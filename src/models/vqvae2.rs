@@ -468,6 +468,30 @@ impl VqVae2 {
         &self.config
     }
 
+    /// The top quantizer's input `pre_t` `[N, D, H/8, W/8]` and the bottom
+    /// encoder's output `enc_b` `[N, channel, H/4, W/4]`: what codebooks are
+    /// fitted to (see `pipeline::init`).
+    pub fn pre_quantize_top(&self, be: &Backend, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.check_input(x)?;
+        let enc_b = self.enc_b.forward(be, x)?;
+        let pre_t = self
+            .quantize_conv_t
+            .forward(be, &self.enc_t.forward(be, &enc_b)?)?;
+        Ok((pre_t, enc_b))
+    }
+
+    /// The top lookup of `pre_t`: codes `[N, h, w]` and their vectors `quant_t`.
+    pub fn quantize_top(&self, be: &Backend, pre_t: &Tensor) -> Result<(Tensor<i32>, Tensor)> {
+        let out = vq_lookup(be, pre_t, &self.quantize_t)?;
+        Ok((out.ids, out.quant))
+    }
+
+    /// The bottom quantizer's input `pre_b` `[N, D, H/4, W/4]` from the top
+    /// vectors and the bottom encoder's output.
+    pub fn pre_quantize_bottom(&self, be: &Backend, quant_t: &Tensor, enc_b: &Tensor) -> Result<Tensor> {
+        self.bottom_input(be, quant_t, enc_b)
+    }
+
     /// Checks that `x` is `[N, in_channel, H, W]`.
     fn check_input(&self, x: &Tensor) -> Result<()> {
         match x.shape() {
