@@ -2,6 +2,7 @@
 //! label-free cell-imaging models.
 
 pub mod backend;
+pub mod cp2image;
 pub mod cpu;
 pub mod device;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod imaging;
 pub mod io;
 pub mod models;
 pub mod ops;
+pub mod pipeline;
 pub mod plot;
 pub mod stats;
 pub mod svr;

@@ -1,0 +1,254 @@
+//! Images to sample profiles: every image of a sample is cut into
+//! non-overlapping patches, the patches go through the VQ-VAE-2 encoder in
+//! device batches (never written to disk), the top and bottom codes are
+//! counted per sample, and the counts become the log2 profile of MODELS.md §1.
+//! Memory stays bounded by one image plus one batch of patches.
+
+use std::path::{Path, PathBuf};
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::imaging::{read_gray, PatchStream, SampleImage};
+use crate::models::vqvae2::{mse_8bit, profile, sum_histograms, VqVae2};
+use crate::table::Table;
+use crate::tensor::Tensor;
+
+/// Options of [`profile_samples`].
+#[derive(Clone, Copy, Debug)]
+pub struct ProfileOptions {
+    /// Patch side in pixels (160 in the paper).
+    pub patch: usize,
+    /// Patches per device batch.
+    pub batch: usize,
+    /// Also decode every patch and report the reconstruction MSE in 8-bit
+    /// units (the paper's Figure 3 check); costs the decoder's time.
+    pub mse: bool,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+}
+
+impl Default for ProfileOptions {
+    fn default() -> Self {
+        ProfileOptions {
+            patch: 160,
+            batch: 32,
+            mse: false,
+            progress: true,
+        }
+    }
+}
+
+/// Code counts and profile of one sample.
+#[derive(Clone, Debug)]
+pub struct SampleProfile {
+    /// Sample name.
+    pub sample: String,
+    /// Images that contributed.
+    pub images: usize,
+    /// Patches that contributed.
+    pub patches: usize,
+    /// Top-code counts `c_t[k]`.
+    pub counts_t: Vec<u64>,
+    /// Bottom-code counts `c_b[k]`.
+    pub counts_b: Vec<u64>,
+    /// `2·n_embed` profile values, top block first.
+    pub profile: Vec<f32>,
+}
+
+/// An image that was left out, and why.
+#[derive(Clone, Debug)]
+pub struct SkippedImage {
+    /// The sample it belonged to.
+    pub sample: String,
+    /// The image file.
+    pub path: PathBuf,
+    /// Why it was skipped.
+    pub reason: String,
+}
+
+/// What [`profile_samples`] produced.
+#[derive(Clone, Debug)]
+pub struct ProfileReport {
+    /// One profile per sample with at least one usable image, in order of
+    /// first appearance in the list.
+    pub samples: Vec<SampleProfile>,
+    /// Images that could not be used.
+    pub skipped: Vec<SkippedImage>,
+    /// Mean reconstruction MSE in 8-bit units over all patches, when asked.
+    pub mse_8bit: Option<f64>,
+    /// Codebook size.
+    pub n_embed: usize,
+}
+
+impl ProfileReport {
+    /// The profiles as a table: rows = samples, columns `top0..`, `bottom0..`.
+    pub fn to_table(&self) -> Result<Table> {
+        let k = self.n_embed;
+        let cols: Vec<String> = (0..k)
+            .map(|i| format!("top{i}"))
+            .chain((0..k).map(|i| format!("bottom{i}")))
+            .collect();
+        let rows = self.samples.iter().map(|s| s.sample.clone()).collect();
+        let data = self
+            .samples
+            .iter()
+            .flat_map(|s| s.profile.iter().map(|&v| f64::from(v)))
+            .collect();
+        Table::new(rows, cols, data)
+    }
+}
+
+/// Runs every image of `list` through `model` and returns per-sample
+/// profiles. Unreadable images and images smaller than one patch are skipped
+/// and reported; a sample left without images is reported too. Fails when no
+/// sample has a usable image.
+pub fn profile_samples(
+    be: &Backend,
+    model: &VqVae2,
+    list: &[SampleImage],
+    opts: ProfileOptions,
+) -> Result<ProfileReport> {
+    if opts.batch == 0 || opts.patch == 0 {
+        return Err(Error::invalid(
+            "patch size and batch size must be at least 1",
+        ));
+    }
+    let k = model.config().n_embed;
+    let bar = super::progress(list.len() as u64, "images");
+    if !opts.progress {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut samples: Vec<SampleProfile> = Vec::new();
+    let mut skipped = Vec::new();
+    let mut mse_sum = 0.0f64;
+    let mut mse_patches = 0usize;
+    for item in list {
+        bar.inc(1);
+        let skip = |reason: String| SkippedImage {
+            sample: item.sample.clone(),
+            path: item.path.clone(),
+            reason,
+        };
+        let img = match read_gray(&item.path) {
+            Ok(img) => img,
+            Err(e) => {
+                skipped.push(skip(e.to_string()));
+                continue;
+            }
+        };
+        let mut stream = match PatchStream::new(&img, opts.patch, opts.batch) {
+            Ok(s) => s,
+            Err(e) => {
+                skipped.push(skip(e.to_string()));
+                continue;
+            }
+        };
+        let mut hist_t = Tensor::<i32>::zeros(be, &[1, k])?;
+        let mut hist_b = Tensor::<i32>::zeros(be, &[1, k])?;
+        let mut patches = 0usize;
+        while let Some(batch) = stream.next_batch()? {
+            let n = batch.indices.len();
+            let x = Tensor::from_slice(be, &[n, 1, opts.patch, opts.patch], batch.data)?;
+            // Every patch of the batch counts into the image's one segment.
+            model.encode_histograms(be, &x, Some(&[0, n]), &mut hist_t, &mut hist_b)?;
+            if opts.mse {
+                let enc = model.encode(be, &x)?;
+                let dec = model.decode(be, &enc.quant_t, &enc.quant_b)?;
+                mse_sum += f64::from(mse_8bit(&dec, &x)?) * n as f64;
+                mse_patches += n;
+            }
+            patches += n;
+        }
+        let (ct, cb) = (sum_histograms(&hist_t)?, sum_histograms(&hist_b)?);
+        let entry = match samples.iter().position(|s| s.sample == item.sample) {
+            Some(i) => &mut samples[i],
+            None => {
+                samples.push(SampleProfile {
+                    sample: item.sample.clone(),
+                    images: 0,
+                    patches: 0,
+                    counts_t: vec![0; k],
+                    counts_b: vec![0; k],
+                    profile: Vec::new(),
+                });
+                let last = samples.len() - 1;
+                &mut samples[last]
+            }
+        };
+        entry.images += 1;
+        entry.patches += patches;
+        entry
+            .counts_t
+            .iter_mut()
+            .zip(&ct)
+            .for_each(|(a, b)| *a += b);
+        entry
+            .counts_b
+            .iter_mut()
+            .zip(&cb)
+            .for_each(|(a, b)| *a += b);
+    }
+    bar.finish_and_clear();
+    for s in &mut samples {
+        s.profile = profile(&s.counts_t, &s.counts_b)?;
+    }
+    for item in list {
+        if !samples.iter().any(|s| s.sample == item.sample)
+            && !skipped
+                .iter()
+                .any(|s| s.sample == item.sample && s.reason.starts_with("no usable image"))
+        {
+            skipped.push(SkippedImage {
+                sample: item.sample.clone(),
+                path: PathBuf::new(),
+                reason: "no usable image: the sample has no profile".into(),
+            });
+        }
+    }
+    if samples.is_empty() {
+        return Err(Error::invalid(format!(
+            "none of the {} images could be used (first problem: {})",
+            list.len(),
+            skipped.first().map_or("none", |s| s.reason.as_str())
+        )));
+    }
+    Ok(ProfileReport {
+        samples,
+        skipped,
+        mse_8bit: (mse_patches > 0).then(|| mse_sum / mse_patches as f64),
+        n_embed: k,
+    })
+}
+
+/// Per-patch profiles of one image, for patch-wise maps: returns the patch
+/// grid (rows, cols) and one `2·n_embed` profile per patch, row-major.
+pub fn patch_profiles(
+    be: &Backend,
+    model: &VqVae2,
+    image: &Path,
+    patch: usize,
+    batch: usize,
+) -> Result<((usize, usize), Vec<Vec<f32>>)> {
+    let img = read_gray(image)?;
+    let mut stream = PatchStream::new(&img, patch, batch)?;
+    let grid = (stream.grid().rows(), stream.grid().cols());
+    let k = model.config().n_embed;
+    let mut out = Vec::with_capacity(stream.grid().len());
+    while let Some(b) = stream.next_batch()? {
+        let n = b.indices.len();
+        let x = Tensor::from_slice(be, &[n, 1, patch, patch], b.data)?;
+        let mut ht = Tensor::<i32>::zeros(be, &[n, k])?;
+        let mut hb = Tensor::<i32>::zeros(be, &[n, k])?;
+        // No offsets: one histogram per patch.
+        model.encode_histograms(be, &x, None, &mut ht, &mut hb)?;
+        let (ht, hb) = (ht.to_vec()?, hb.to_vec()?);
+        for p in 0..n {
+            let to_u64 = |row: &[i32]| row.iter().map(|&c| c.max(0) as u64).collect::<Vec<_>>();
+            out.push(profile(
+                &to_u64(&ht[p * k..(p + 1) * k]),
+                &to_u64(&hb[p * k..(p + 1) * k]),
+            )?);
+        }
+    }
+    Ok((grid, out))
+}
