@@ -2,6 +2,7 @@
 //! patches → VQ-VAE-2 codes → code-frequency profiles → per-gene SVR →
 //! evaluation and patch-wise maps.
 
+pub mod demo;
 pub mod evaluate;
 pub mod init;
 pub mod map;
