@@ -1,7 +1,12 @@
 //! Command-line interface: one file per command family.
 
+mod cp2image;
+mod demo;
 mod devices;
+mod expression;
 mod infer;
+mod plots;
+mod screen;
 mod svr;
 
 use clap::{Parser, Subcommand};
@@ -18,21 +23,47 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The main job: the whole expression-from-morphology pipeline on a
+    /// generated data set with known truth, on the CPU by default.
+    Demo(demo::DemoArgs),
+    /// Write a synthetic phase-contrast data set with known truth.
+    Synth(demo::SynthArgs),
+    /// Images → VQ-VAE-2 code-frequency profiles per sample.
+    Profile(expression::ProfileArgs),
+    /// Expression tables: preparation and Table-3 evaluation.
+    #[command(subcommand)]
+    Expression(expression::ExpressionCommand),
+    /// Patch-wise expression map of one image as a heat-map PNG.
+    Map(expression::MapArgs),
     /// Show which devices this build and machine can use.
     Devices,
     /// Run a model on the tensor named `input` of a safetensors file.
     Infer(infer::InferArgs),
+    /// CP2Image: single-cell images from CellProfiler features (generate,
+    /// manipulate, interpolate).
+    #[command(subcommand, name = "cp2image")]
+    Cp2Image(cp2image::Cp2ImageCommand),
     /// Per-gene linear SVR: grid search and prediction.
     #[command(subcommand)]
     Svr(svr::SvrCommand),
+    /// Stem-cell line screening with DenseNet (Kim et al. 2022): predict, evaluate.
+    #[command(subcommand)]
+    Screen(screen::ScreenCommand),
 }
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Demo(a) => demo::demo(a),
+        Command::Synth(a) => demo::synth(a),
+        Command::Profile(a) => expression::profile(a),
+        Command::Expression(c) => expression::run(c),
+        Command::Map(a) => expression::map(a),
         Command::Devices => devices::run(),
         Command::Infer(a) => infer::run(a),
+        Command::Cp2Image(c) => cp2image::run(c),
         Command::Svr(c) => svr::run(c),
+        Command::Screen(c) => screen::run(c),
     }
 }
 

@@ -1,0 +1,153 @@
+//! `cellmorph demo` (the README's main job) and `cellmorph synth`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use cellmorph::pipeline::demo::{run_demo, DemoConfig};
+use cellmorph::svr::GridSpec;
+use cellmorph::synth::{generate, SynthConfig, SynthFormat};
+use cellmorph::{Device, Result};
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Output folder (data, weights, profiles, model, evaluation, plots).
+    #[arg(long, default_value = "cellmorph-demo")]
+    out: PathBuf,
+    /// cpu, cuda, cuda:N or emulated.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// Samples generated (split in two batches: train A, held-out B).
+    #[arg(long, default_value_t = 48)]
+    samples: usize,
+    /// Seed of the data and the untrained model.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Use a small grid (C 1,10,100 × ε 0,0.1,0.2) instead of the paper's 1,100 settings.
+    #[arg(long)]
+    quick: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    /// Output folder: images/, samples.csv, expression.csv (raw counts), truth.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// Samples.
+    #[arg(long, default_value_t = 24)]
+    samples: usize,
+    /// Images per sample.
+    #[arg(long, default_value_t = 2)]
+    images_per_sample: usize,
+    /// Image width and height in pixels.
+    #[arg(long, default_value_t = 320)]
+    size: usize,
+    /// Genes, of which --signal-genes depend on the hidden factors.
+    #[arg(long, default_value_t = 100)]
+    genes: usize,
+    /// Genes that carry signal.
+    #[arg(long, default_value_t = 12)]
+    signal_genes: usize,
+    /// Write 16-bit TIFF instead of 8-bit PNG.
+    #[arg(long)]
+    tiff16: bool,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+pub fn synth(a: SynthArgs) -> Result<()> {
+    let cfg = SynthConfig {
+        seed: a.seed,
+        samples: a.samples,
+        images_per_sample: a.images_per_sample,
+        width: a.size,
+        height: a.size,
+        genes: a.genes,
+        signal_genes: a.signal_genes,
+        format: if a.tiff16 {
+            SynthFormat::Tiff16
+        } else {
+            SynthFormat::Png8
+        },
+        ..SynthConfig::default()
+    };
+    let out = generate(&cfg, &a.out)?;
+    eprintln!(
+        "{} samples, {} images -> {}\n  {}\n  {}\n  {}",
+        cfg.samples,
+        out.images.len(),
+        a.out.display(),
+        out.samples_csv.display(),
+        out.expression_csv.display(),
+        out.truth_json.display()
+    );
+    Ok(())
+}
+
+pub fn demo(a: DemoArgs) -> Result<()> {
+    let be = super::open_device(a.device)?;
+    let mut cfg = DemoConfig::default();
+    cfg.synth.samples = a.samples;
+    cfg.synth.seed = a.seed;
+    if a.quick {
+        cfg.grid = GridSpec::parse("1,10,100", "0:0.2:0.1")?;
+    }
+    println!(
+        "cellmorph demo: expression from morphology (Wakui et al. 2023) on a synthetic data set"
+    );
+    println!(
+        "NOTE: the VQ-VAE-2 is UNTRAINED (seeded random weights, codebooks seeded by k-means++ on the data);"
+    );
+    println!("      pass your own weights to `cellmorph profile` for real work.");
+    let t0 = std::time::Instant::now();
+    let res = run_demo(&be, &cfg, &a.out)?;
+    let secs = t0.elapsed().as_secs_f64();
+    println!();
+    print!("{}", res.evaluation.table(10));
+    let signal: Vec<&str> = res
+        .truth
+        .signal_genes
+        .iter()
+        .map(|g| g.gene.as_str())
+        .collect();
+    let held: Vec<_> = res
+        .evaluation
+        .results
+        .iter()
+        .filter(|r| r.dataset.starts_with('B'))
+        .collect();
+    let hit = |want_signal: bool| {
+        let set: Vec<_> = held
+            .iter()
+            .filter(|r| signal.contains(&r.gene.as_str()) == want_signal)
+            .collect();
+        (set.iter().filter(|r| r.significant).count(), set.len())
+    };
+    let (s, st) = hit(true);
+    let (n, nt) = hit(false);
+    println!();
+    println!("truth check on the held-out batch: {s}/{st} signal genes and {n}/{nt} noise genes significant");
+    let plots = a.out.join("plots");
+    let written = super::plots::scatter_top(&res.evaluation, 3, &plots)?;
+    if let Some(m) = &res.map {
+        let img = res
+            .truth
+            .samples
+            .iter()
+            .skip(res.truth.samples.len() / 2)
+            .find_map(|s| s.images.first())
+            .map(|rel| a.out.join("data").join(rel));
+        if let Some(img) = img {
+            let path = plots.join(format!("map_{}.png", m.gene));
+            super::plots::map_png(m, &img, &path)?;
+            println!("patch-wise map of {} -> {}", m.gene, path.display());
+        }
+    }
+    println!("{} scatter plots -> {}", written.len(), plots.display());
+    for (p, what) in &res.files {
+        println!("  {:<60} {what}", p.display().to_string());
+    }
+    println!("done in {secs:.1} s on {}", be.describe());
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! PNG outputs of the expression commands.
+
+use std::path::Path;
+
+use cellmorph::imaging::{read_gray, PatchGrid};
+use cellmorph::pipeline::evaluate::Evaluation;
+use cellmorph::pipeline::map::ExpressionMap;
+use cellmorph::plot::{heatmap_overlay, scatter_plot, HeatmapOptions, PlotOptions};
+use cellmorph::{Error, Result};
+
+/// A file-name-safe version of `s`.
+fn safe(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Predicted-vs-measured scatter PNGs of the top `k` genes of every data set.
+pub fn scatter_top(eval: &Evaluation, k: usize, dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut written = Vec::new();
+    for ds in eval.datasets() {
+        for r in eval.top(&ds, k) {
+            let path = dir.join(format!("{}_{}.png", safe(&ds), safe(&r.gene)));
+            let opts = PlotOptions {
+                title: format!("{} {}  R2 {:.3}  q {:.1e}", ds, r.gene, r.r2, r.q),
+                x_label: "measured log2 CPM".into(),
+                y_label: "predicted".into(),
+                ..PlotOptions::default()
+            };
+            scatter_plot(&path, &r.measured, &r.predicted, &opts)?;
+            written.push(path);
+        }
+    }
+    Ok(written)
+}
+
+/// The map drawn over its image.
+pub fn map_png(m: &ExpressionMap, image: &Path, out: &Path) -> Result<()> {
+    let img = read_gray(image)?;
+    let grid = PatchGrid::new(img.width(), img.height(), m.patch)?;
+    let opts = HeatmapOptions {
+        title: m.gene.clone(),
+        ..HeatmapOptions::default()
+    };
+    heatmap_overlay(out, &img, &grid, &m.values, &opts)
+}
