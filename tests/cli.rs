@@ -335,3 +335,90 @@ fn svr_grid_then_predict() {
     }
     assert!(!out.exists());
 }
+
+#[test]
+fn synth_profile_prepare() {
+    let dir = tempdir("profile");
+    let data = dir.join("data");
+    let st = bin()
+        .args([
+            "synth",
+            "--samples",
+            "4",
+            "--images-per-sample",
+            "1",
+            "--size",
+            "176",
+            "--genes",
+            "10",
+            "--signal-genes",
+            "2",
+            "--out",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    // One broken image in the list: reported and skipped, the rest profiled.
+    let list = data.join("samples.csv");
+    let mut text = std::fs::read_to_string(&list).unwrap();
+    std::fs::write(data.join("broken.png"), b"not a png").unwrap();
+    text.push_str("s04,broken.png\n");
+    std::fs::write(&list, text).unwrap();
+    let profiles = dir.join("profiles.csv");
+    let st = bin()
+        .args(["profile", "--batch-size", "2", "--patch", "48", "--samples"])
+        .arg(&list)
+        .arg("--weights")
+        .arg(fixtures().join("vqvae2_small.weights.safetensors"))
+        .arg("--output")
+        .arg(&profiles)
+        .arg("--mse")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(st.status.success(), "{err}");
+    assert!(
+        err.contains("skipped") && err.contains("broken.png"),
+        "{err}"
+    );
+    let stdout = String::from_utf8_lossy(&st.stdout);
+    assert!(
+        stdout.contains("reconstruction MSE (8-bit units)"),
+        "{stdout}"
+    );
+    let t = cellmorph::table::Table::read_csv(&profiles).unwrap();
+    assert_eq!(t.n_rows(), 4);
+    assert_eq!(t.n_cols(), 2 * 24);
+    assert_eq!(t.col_names[0], "top0");
+    assert_eq!(t.col_names[24], "bottom0");
+    // A 176×176 image holds 3×3 patches of 48: 9 patches → 9·8·8 = 576 top codes.
+    // Each profile block is log2 of a distribution over 24 codes: Σ 2^v = 1.
+    for r in 0..t.n_rows() {
+        let row = t.row(r);
+        for block in [&row[..24], &row[24..]] {
+            let s: f64 = block.iter().map(|v| v.exp2()).sum();
+            assert!((s - 1.0).abs() < 1e-4, "row {r}: Σ 2^profile = {s}");
+        }
+    }
+    let prepared = dir.join("expr.csv");
+    let st = bin()
+        .args(["expression", "prepare", "--min-cv", "0.0", "--counts"])
+        .arg(data.join("expression.csv"))
+        .arg("--output")
+        .arg(&prepared)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let e = cellmorph::table::Table::read_csv(&prepared).unwrap();
+    assert_eq!(e.n_rows(), 4);
+    assert!(e.data.iter().all(|v| v.is_finite() && *v >= 0.0));
+}
