@@ -199,8 +199,8 @@ impl Evaluation {
             );
             let _ = writeln!(
                 s,
-                "  {:<16} {:>4} {:>7} {:>10} {:>10} {:>9}  {}",
-                "gene", "n", "R2", "p", "q", "r2_score", "FDR"
+                "  {:<16} {:>4} {:>7} {:>10} {:>10} {:>9}  FDR",
+                "gene", "n", "R2", "p", "q", "r2_score"
             );
             for r in self.top(&ds, k) {
                 let _ = writeln!(

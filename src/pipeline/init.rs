@@ -73,7 +73,7 @@ pub fn vqvae2_tensor_shapes(cfg: &VqVae2Config) -> Vec<(String, Vec<usize>)> {
 /// Seeded weights for `cfg` with random codebooks (to be replaced by
 /// [`seed_codebooks`]).
 pub fn random_vqvae2(cfg: &VqVae2Config, seed: u64) -> Result<TensorWriter> {
-    if cfg.channel < 2 || cfg.channel % 2 != 0 {
+    if cfg.channel < 2 || !cfg.channel.is_multiple_of(2) {
         return Err(Error::invalid(format!(
             "channel must be even, got {}",
             cfg.channel

@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::models::vqvae2::VqVae2;
-use crate::pipeline::profile::patch_profiles;
+use crate::pipeline::profile::{patch_profiles, PatchProfiles};
 use crate::svr::SvrModel;
 
 /// Predicted expression per patch of one image, row-major.
@@ -56,7 +56,11 @@ pub fn expression_map(
             "the SVR model's features are not the profile columns top0.., bottom0.. of this VQ-VAE-2",
         ));
     }
-    let ((rows, cols), profiles) = patch_profiles(be, vqvae, image, patch, batch)?;
+    let PatchProfiles {
+        rows,
+        cols,
+        profiles,
+    } = patch_profiles(be, vqvae, image, patch, batch)?;
     let values = profiles
         .iter()
         .map(|p| {

@@ -220,18 +220,29 @@ pub fn profile_samples(
     })
 }
 
-/// Per-patch profiles of one image, for patch-wise maps: returns the patch
-/// grid (rows, cols) and one `2·n_embed` profile per patch, row-major.
+/// Per-patch profiles of one image: the patch grid and one profile per patch.
+#[derive(Clone, Debug)]
+pub struct PatchProfiles {
+    /// Patch rows.
+    pub rows: usize,
+    /// Patch columns.
+    pub cols: usize,
+    /// One `2·n_embed` profile per patch, row-major.
+    pub profiles: Vec<Vec<f32>>,
+}
+
+/// Per-patch profiles of one image, for patch-wise maps (each patch's own
+/// histogram, no averaging over the sample).
 pub fn patch_profiles(
     be: &Backend,
     model: &VqVae2,
     image: &Path,
     patch: usize,
     batch: usize,
-) -> Result<((usize, usize), Vec<Vec<f32>>)> {
+) -> Result<PatchProfiles> {
     let img = read_gray(image)?;
     let mut stream = PatchStream::new(&img, patch, batch)?;
-    let grid = (stream.grid().rows(), stream.grid().cols());
+    let (rows, cols) = (stream.grid().rows(), stream.grid().cols());
     let k = model.config().n_embed;
     let mut out = Vec::with_capacity(stream.grid().len());
     while let Some(b) = stream.next_batch()? {
@@ -250,5 +261,9 @@ pub fn patch_profiles(
             )?);
         }
     }
-    Ok((grid, out))
+    Ok(PatchProfiles {
+        rows,
+        cols,
+        profiles: out,
+    })
 }
