@@ -8,6 +8,9 @@
 //!
 //! - `svr/grid_paper`: the whole grid search, in problems/s. Settings whose
 //!   solve never touches the C bound share one SMO run per (gene, fold, ε).
+//! - `svr/grid_paper_cuda`: the same search on CUDA device 0
+//!   (`svr::grid_search_on`, kernels/svr.cu), when one is present; skipped
+//!   with a message otherwise.
 //! - `svr/fit_batch_independent`: 21,582 of the same problems (C ∈ {1, 50,
 //!   100}) solved one by one, the raw per-problem SMO throughput.
 //! - `svr/smo_single`: one SMO solve on a 19-sample fold Gram matrix.
@@ -18,8 +21,12 @@ use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cellmorph::svr::{self, grid_search, kfold, smo, GridSpec, SvrParams, SvrProblem};
+use cellmorph::backend::cuda_device_count;
+use cellmorph::svr::{
+    self, grid_search, grid_search_on, kfold, smo, GridSpec, SvrParams, SvrProblem,
+};
 use cellmorph::table::Table;
+use cellmorph::{Backend, Device};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 const SEED: u64 = 20230101;
@@ -74,6 +81,15 @@ fn bench_svr(c: &mut Criterion) {
     group.bench_function("grid_paper", |b| {
         b.iter(|| grid_search(black_box(&features), &expression, &spec).unwrap())
     });
+    if cuda_device_count() > 0 {
+        let be = Backend::new(Device::Cuda(0)).expect("opening CUDA device 0");
+        println!("svr/grid_paper_cuda on {}", be.describe());
+        group.bench_function("grid_paper_cuda", |b| {
+            b.iter(|| grid_search_on(&be, black_box(&features), &expression, &spec).unwrap())
+        });
+    } else {
+        println!("svr/grid_paper_cuda skipped: no CUDA device");
+    }
 
     let folds = kfold(n, 3).unwrap();
     let mut batch = Vec::new();

@@ -400,7 +400,7 @@ pub fn grid_search(features: &Table, expression: &Table, spec: &GridSpec) -> Res
 
 /// scikit-learn's choice: the highest mean score, the first on an exact tie;
 /// NaN scores rank below every number (index 0 if all are NaN).
-fn best_index(scores: &[f64]) -> usize {
+pub(crate) fn best_index(scores: &[f64]) -> usize {
     let mut best = 0;
     for (s, &v) in scores.iter().enumerate().skip(1) {
         if v > scores[best] || (scores[best].is_nan() && !v.is_nan()) {
@@ -411,13 +411,13 @@ fn best_index(scores: &[f64]) -> usize {
 }
 
 /// One fold's rows and the kernel values every problem on it needs.
-struct Fold {
-    train: Vec<usize>,
-    test: Vec<usize>,
+pub(crate) struct Fold {
+    pub(crate) train: Vec<usize>,
+    pub(crate) test: Vec<usize>,
     /// Training Gram matrix, `train × train`.
-    gram: Vec<f64>,
+    pub(crate) gram: Vec<f64>,
     /// `test × train`: predictions are `Σ β_m K(x_m, x)` + b as in libsvm.
-    cross: Vec<f64>,
+    pub(crate) cross: Vec<f64>,
 }
 
 #[derive(Default)]
@@ -437,7 +437,7 @@ struct ChainScores {
 }
 
 impl Fold {
-    fn new(x: &[f64], d: usize, n: usize, test: std::ops::Range<usize>) -> Fold {
+    pub(crate) fn new(x: &[f64], d: usize, n: usize, test: std::ops::Range<usize>) -> Fold {
         let train: Vec<usize> = (0..n).filter(|r| !test.contains(r)).collect();
         let test: Vec<usize> = test.collect();
         Fold {

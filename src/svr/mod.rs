@@ -8,10 +8,12 @@
 //!
 //! Matrices are passed as row-major `&[f64]` with an explicit column count.
 
+pub mod device;
 pub mod grid;
 pub mod model;
 pub mod smo;
 
+pub use device::{fit_batch_on, grid_search_on, solve_batch_on, DualSolution, DEVICE_MAX_ROWS};
 pub use grid::{
     grid_search, kfold, parse_list, r2_score, GridOutcome, GridResult, GridSpec, GridStats,
     SkippedGene,
