@@ -6,7 +6,7 @@ use std::time::Instant;
 use clap::{Args, Subcommand};
 
 use cellmorph::expression::{ExpressionTable, Scale};
-use cellmorph::svr::{grid_search, GridSpec, SvrModel};
+use cellmorph::svr::{grid_search_on, GridSpec, SvrModel};
 use cellmorph::table::Table;
 use cellmorph::{Device, Error, Result};
 
@@ -42,7 +42,8 @@ pub struct GridArgs {
     /// Output model JSON.
     #[arg(long)]
     output: PathBuf,
-    /// Where the solver runs (the SVR solver runs on the CPU in this build).
+    /// Where the solver runs: cpu, cuda, cuda:N or emulated (kernel devices
+    /// take folds of at most 128 training samples).
     #[arg(long, default_value = "cpu")]
     device: Device,
 }
@@ -88,12 +89,6 @@ pub(crate) fn read_expression(path: &PathBuf, raw_counts: bool) -> Result<Table>
 }
 
 fn grid(a: GridArgs) -> Result<()> {
-    if a.device != Device::Cpu {
-        return Err(Error::invalid(format!(
-            "the SVR grid search runs on the CPU in this build (--device {} was asked for)",
-            a.device
-        )));
-    }
     let features = Table::read_csv(&a.features)?;
     let expression = read_expression(&a.expression, a.raw_counts)?;
     let mut spec = GridSpec::parse(&a.c, &a.epsilon)?;
@@ -109,7 +104,8 @@ fn grid(a: GridArgs) -> Result<()> {
         features.n_cols()
     );
     let t0 = Instant::now();
-    let outcome = grid_search(&features, &expression, &spec)?;
+    let be = super::open_device(a.device)?;
+    let outcome = grid_search_on(&be, &features, &expression, &spec)?;
     let secs = t0.elapsed().as_secs_f64();
     for s in &outcome.skipped {
         eprintln!("skipped gene {}: {}", s.gene, s.reason);

@@ -16,7 +16,7 @@ use crate::pipeline::evaluate::{evaluate, Dataset, Evaluation};
 use crate::pipeline::init::{random_vqvae2, seed_codebooks};
 use crate::pipeline::map::{expression_map, ExpressionMap};
 use crate::pipeline::profile::{profile_samples, ProfileOptions};
-use crate::svr::{grid_search, GridSpec, SvrModel};
+use crate::svr::{grid_search_on, GridSpec, SvrModel};
 use crate::synth::{generate, SynthConfig, SynthTruth};
 use crate::table::Table;
 use crate::tensor::Tensor;
@@ -193,7 +193,7 @@ pub fn run_demo(be: &Backend, cfg: &DemoConfig, dir: &Path) -> Result<DemoResult
             cfg.grid.folds
         ),
     );
-    let outcome = grid_search(&profiles[0], &expr_a, &cfg.grid)?;
+    let outcome = grid_search_on(be, &profiles[0], &expr_a, &cfg.grid)?;
     let model = SvrModel::from_grid(profiles[0].col_names.clone(), &outcome.results);
     let model_path = dir.join("model.json");
     model.save(&model_path)?;
