@@ -46,7 +46,9 @@ fn backends() -> Vec<Backend> {
 }
 
 /// (label, x shape, weight shape, stride, padding)
-const CONVS: &[(&str, [usize; 4], [usize; 4], usize, usize)] = &[
+type ConvCase = (&'static str, [usize; 4], [usize; 4], usize, usize);
+
+const CONVS: &[ConvCase] = &[
     ("vqvae_enc0_4x4s2", [8, 1, 160, 160], [64, 1, 4, 4], 2, 1),
     ("vqvae_3x3_128", [8, 128, 40, 40], [128, 128, 3, 3], 1, 1),
     ("vqvae_res1x1", [8, 32, 40, 40], [128, 32, 1, 1], 1, 0),

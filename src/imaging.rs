@@ -1,0 +1,651 @@
+//! Image input for the expression-from-morphology pipeline (MODELS.md §1):
+//! reading grayscale PNG and TIFF images, scaling pixels to [−1, 1], and
+//! cutting images into non-overlapping square patches streamed in batches.
+//!
+//! - [`read_gray`] decodes 8- and 16-bit PNG/TIFF into a [`GrayImage`]. Colour
+//!   input becomes its HSV value channel, `V = max(R, G, B)`; alpha is ignored.
+//!   Float and palette-only formats the decoder cannot expand are rejected.
+//! - [`scale_pixel`]: `p / max · 2 − 1` with `max` = 255 or 65535 by bit depth.
+//! - [`PatchGrid`]: the `rows × cols` patches of an image, row-major; the
+//!   remainder strips at the right and bottom edges are dropped.
+//! - [`PatchStream`] fills one reusable NCHW buffer `[b, 1, P, P]` with at most
+//!   `batch` patches at a time, so a 5120×5120 image (1024 patches of 160) never
+//!   needs all its patches in memory at once; [`fill_patches`] is the same
+//!   operation for a caller-owned buffer.
+//! - [`read_sample_list`] / [`write_sample_list`]: the `sample,image` CSV that
+//!   maps samples to their images.
+
+use std::fs::File;
+use std::io::{BufReader, Cursor};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use image::{DynamicImage, ImageError, ImageFormat, ImageReader, Limits};
+
+use crate::io::write_atomic;
+use crate::{Error, Result};
+
+/// Patch side used by the paper's VQ-VAE-2 pipeline.
+pub const DEFAULT_PATCH: usize = 160;
+
+/// Largest decoder allocation allowed (4 GiB): a 16-bit RGB whole-slide image
+/// of about 26000×26000 pixels. The `image` crate's default (512 MiB) would
+/// refuse images this project is meant to read.
+const MAX_DECODE_BYTES: u64 = 4 << 30;
+
+/// Bits per pixel of a grayscale image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BitDepth {
+    /// 8-bit, values 0..=255.
+    Eight,
+    /// 16-bit, values 0..=65535.
+    Sixteen,
+}
+
+impl BitDepth {
+    /// The largest pixel value: 255 or 65535.
+    pub fn max_value(self) -> u16 {
+        match self {
+            BitDepth::Eight => u8::MAX as u16,
+            BitDepth::Sixteen => u16::MAX,
+        }
+    }
+
+    /// The number of bits: 8 or 16.
+    pub fn bits(self) -> u32 {
+        match self {
+            BitDepth::Eight => 8,
+            BitDepth::Sixteen => 16,
+        }
+    }
+}
+
+/// Scales pixel `p` to [−1, 1] as MODELS.md §1 prescribes: `p / max · 2 − 1`
+/// with `max` = 255 (8-bit) or 65535 (16-bit). 0 maps to exactly −1 and `max`
+/// to exactly 1. In f32 this equals PyTorch's `ToTensor` followed by
+/// `Normalize(0.5, 0.5)`, `(p / max − 0.5) / 0.5`, bit for bit: both are the
+/// correctly rounded `2a − 1` of the same rounded `a = p / max`.
+pub fn scale_pixel(p: u16, depth: BitDepth) -> f32 {
+    f32::from(p) / f32::from(depth.max_value()) * 2.0 - 1.0
+}
+
+/// A single-channel image with integer pixels, row-major
+/// (`data[y * width + x]`), and the file it came from, if any.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrayImage {
+    width: usize,
+    height: usize,
+    depth: BitDepth,
+    data: Vec<u16>,
+    source: Option<PathBuf>,
+}
+
+impl GrayImage {
+    /// Builds an image from row-major pixels, checking that it is not empty,
+    /// that `data` holds `width × height` values and that 8-bit values are at
+    /// most 255.
+    pub fn new(width: usize, height: usize, depth: BitDepth, data: Vec<u16>) -> Result<GrayImage> {
+        if width == 0 || height == 0 {
+            return Err(Error::invalid(format!("image is empty ({width}×{height})")));
+        }
+        let expected = width.checked_mul(height).ok_or_else(|| {
+            Error::invalid(format!("image size {width}×{height} overflows usize"))
+        })?;
+        if data.len() != expected {
+            return Err(Error::shape(
+                "GrayImage::new",
+                format!("{} pixels for a {width}×{height} image", data.len()),
+            ));
+        }
+        let max = depth.max_value();
+        if let Some(i) = data.iter().position(|&p| p > max) {
+            return Err(Error::invalid(format!(
+                "pixel ({}, {}) is {} but an {}-bit image holds at most {max}",
+                i % width,
+                i / width,
+                data[i],
+                depth.bits()
+            )));
+        }
+        Ok(GrayImage {
+            width,
+            height,
+            depth,
+            data,
+            source: None,
+        })
+    }
+
+    /// The same image, recorded as coming from `path` (used in error messages).
+    pub fn with_source(mut self, path: impl AsRef<Path>) -> GrayImage {
+        self.source = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// Width in pixels.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Height in pixels.
+    pub fn height(&self) -> usize {
+        self.height
+    }
+
+    /// Bit depth of the pixel values.
+    pub fn depth(&self) -> BitDepth {
+        self.depth
+    }
+
+    /// Row-major pixel values.
+    pub fn data(&self) -> &[u16] {
+        &self.data
+    }
+
+    /// The file the image was read from, if any.
+    pub fn source(&self) -> Option<&Path> {
+        self.source.as_deref()
+    }
+
+    /// The pixel at column `x`, row `y`, or `None` outside the image.
+    pub fn pixel(&self, x: usize, y: usize) -> Option<u16> {
+        if x >= self.width || y >= self.height {
+            return None;
+        }
+        self.data.get(y * self.width + x).copied()
+    }
+
+    /// Every pixel scaled to [−1, 1] with [`scale_pixel`], row-major.
+    pub fn scaled(&self) -> Vec<f32> {
+        self.data
+            .iter()
+            .map(|&p| scale_pixel(p, self.depth))
+            .collect()
+    }
+
+    /// The patch grid of this image for square patches of side `patch`.
+    ///
+    /// # Errors
+    /// `patch` is 0, or the image is smaller than one patch; the message names
+    /// the source file when the image has one.
+    pub fn patch_grid(&self, patch: usize) -> Result<PatchGrid> {
+        PatchGrid::new(self.width, self.height, patch).map_err(|e| match &self.source {
+            Some(path) => Error::format(path, e.to_string()),
+            None => e,
+        })
+    }
+
+    /// Writes the image as PNG or TIFF, chosen by the extension of `path`
+    /// (`.png`, `.tif`, `.tiff`, case-insensitive), keeping its bit depth.
+    /// The file is written atomically (temporary file, then rename).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let format = match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            Some("png") => ImageFormat::Png,
+            Some("tif" | "tiff") => ImageFormat::Tiff,
+            _ => {
+                return Err(Error::invalid(format!(
+                    "{}: cannot tell the image format; use a .png, .tif or .tiff extension",
+                    path.display()
+                )))
+            }
+        };
+        let too_big = || {
+            Error::invalid(format!(
+                "{}: {}×{} is too large to encode",
+                path.display(),
+                self.width,
+                self.height
+            ))
+        };
+        let w = u32::try_from(self.width).map_err(|_| too_big())?;
+        let h = u32::try_from(self.height).map_err(|_| too_big())?;
+        let dynamic = match self.depth {
+            BitDepth::Eight => {
+                let bytes = self.data.iter().map(|&p| p as u8).collect();
+                image::GrayImage::from_raw(w, h, bytes).map(DynamicImage::ImageLuma8)
+            }
+            BitDepth::Sixteen => {
+                image::ImageBuffer::from_raw(w, h, self.data.clone()).map(DynamicImage::ImageLuma16)
+            }
+        }
+        .ok_or_else(too_big)?;
+        let mut bytes = Cursor::new(Vec::new());
+        dynamic
+            .write_to(&mut bytes, format)
+            .map_err(|e| Error::format(path, format!("encoding image: {e}")))?;
+        write_atomic(path, bytes.get_ref())
+    }
+}
+
+/// Opens `path` as a PNG or TIFF, recognised by its signature.
+fn open_reader(path: &Path) -> Result<ImageReader<BufReader<File>>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len == 0 {
+        return Err(Error::format(path, "file is empty"));
+    }
+    let mut reader = ImageReader::new(BufReader::new(file))
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?;
+    match reader.format() {
+        Some(ImageFormat::Png | ImageFormat::Tiff) => {}
+        Some(other) => {
+            return Err(Error::format(
+                path,
+                format!("unsupported image format {other:?}; expected PNG or TIFF"),
+            ))
+        }
+        None => {
+            return Err(Error::format(
+                path,
+                "not a PNG or TIFF file (unrecognised signature)",
+            ))
+        }
+    }
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits);
+    Ok(reader)
+}
+
+/// Turns a decoder error into an error naming the file and the problem.
+fn decode_error(path: &Path, e: ImageError) -> Error {
+    let msg = match &e {
+        ImageError::Unsupported(_) => format!("unsupported image: {e}"),
+        ImageError::Limits(_) => format!("image too large to decode: {e}"),
+        // The file opened, so a read error during decoding is a short file.
+        ImageError::Decoding(_) | ImageError::IoError(_) => {
+            format!("corrupt or truncated image: {e}")
+        }
+        _ => format!("cannot decode image: {e}"),
+    };
+    Error::format(path, msg)
+}
+
+/// Reads the width and height of a PNG or TIFF from its header, without
+/// decoding the pixels (for checking a list of images before a long run).
+pub fn read_dimensions(path: impl AsRef<Path>) -> Result<(usize, usize)> {
+    let path = path.as_ref();
+    let (w, h) = open_reader(path)?
+        .into_dimensions()
+        .map_err(|e| decode_error(path, e))?;
+    Ok((w as usize, h as usize))
+}
+
+/// Reads an 8- or 16-bit grayscale PNG or TIFF.
+///
+/// Gray+alpha keeps the gray channel. RGB and RGBA become the HSV value
+/// channel `V = max(R, G, B)` at the same bit depth (MODELS.md §2), with alpha
+/// ignored. Low-bit-depth grayscale (1, 2, 4 bits) is expanded to 8 bits by
+/// the decoder.
+///
+/// # Errors
+/// Every error names `path`: unreadable file ([`Error::Io`]); not PNG/TIFF,
+/// corrupt or truncated data, 32-bit float pixels, or an empty image
+/// ([`Error::Format`]).
+pub fn read_gray(path: impl AsRef<Path>) -> Result<GrayImage> {
+    let path = path.as_ref();
+    let decoded = open_reader(path)?
+        .decode()
+        .map_err(|e| decode_error(path, e))?;
+    let (w, h) = (decoded.width() as usize, decoded.height() as usize);
+    if w == 0 || h == 0 {
+        return Err(Error::format(path, format!("image is empty ({w}×{h})")));
+    }
+    let (depth, data): (BitDepth, Vec<u16>) = match decoded {
+        DynamicImage::ImageLuma8(b) => (BitDepth::Eight, to_u16(b.as_raw(), 1)),
+        DynamicImage::ImageLumaA8(b) => (BitDepth::Eight, to_u16(b.as_raw(), 2)),
+        DynamicImage::ImageRgb8(b) => (BitDepth::Eight, value_channel(b.as_raw(), 3)),
+        DynamicImage::ImageRgba8(b) => (BitDepth::Eight, value_channel(b.as_raw(), 4)),
+        DynamicImage::ImageLuma16(b) => (BitDepth::Sixteen, b.into_raw()),
+        DynamicImage::ImageLumaA16(b) => (BitDepth::Sixteen, to_u16(b.as_raw(), 2)),
+        DynamicImage::ImageRgb16(b) => (BitDepth::Sixteen, value_channel(b.as_raw(), 3)),
+        DynamicImage::ImageRgba16(b) => (BitDepth::Sixteen, value_channel(b.as_raw(), 4)),
+        other => {
+            return Err(Error::format(
+                path,
+                format!(
+                    "unsupported pixel type {:?}: only 8- and 16-bit integer images are read",
+                    other.color()
+                ),
+            ))
+        }
+    };
+    GrayImage::new(w, h, depth, data)
+        .map(|img| img.with_source(path))
+        .map_err(|e| Error::format(path, e.to_string()))
+}
+
+/// The first channel of each `stride`-channel pixel, widened to u16.
+fn to_u16<T: Copy + Into<u16>>(raw: &[T], stride: usize) -> Vec<u16> {
+    raw.chunks_exact(stride)
+        .filter_map(|px| px.first().map(|&v| v.into()))
+        .collect()
+}
+
+/// `max(R, G, B)` of each `stride`-channel pixel (HSV value).
+fn value_channel<T: Copy + Into<u16>>(raw: &[T], stride: usize) -> Vec<u16> {
+    raw.chunks_exact(stride)
+        .map(|px| px.iter().take(3).map(|&v| v.into()).max().unwrap_or(0))
+        .collect()
+}
+
+/// The non-overlapping square patches of an image: `rows × cols` patches of
+/// side `patch`, numbered row-major (patch `i` sits at row `i / cols`,
+/// column `i % cols`). Pixels right of `cols · patch` or below
+/// `rows · patch` belong to no patch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PatchGrid {
+    patch: usize,
+    rows: usize,
+    cols: usize,
+}
+
+impl PatchGrid {
+    /// The grid of a `width × height` image.
+    ///
+    /// # Errors
+    /// `patch` is 0, or the image is narrower or lower than one patch.
+    pub fn new(width: usize, height: usize, patch: usize) -> Result<PatchGrid> {
+        if patch == 0 {
+            return Err(Error::invalid("patch size must be at least 1"));
+        }
+        if width < patch || height < patch {
+            return Err(Error::invalid(format!(
+                "image is {width}×{height}, smaller than one {patch}×{patch} patch"
+            )));
+        }
+        Ok(PatchGrid {
+            patch,
+            rows: height / patch,
+            cols: width / patch,
+        })
+    }
+
+    /// Side of a patch in pixels.
+    pub fn patch(&self) -> usize {
+        self.patch
+    }
+
+    /// Number of patch rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of patch columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Number of patches, `rows × cols` (never 0).
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// Always false: a grid holds at least one patch.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Values per patch in an NCHW buffer: `1 · patch · patch`.
+    pub fn patch_len(&self) -> usize {
+        self.patch * self.patch
+    }
+
+    /// Top-left pixel `(x, y)` of patch `index`, or `None` past the end.
+    pub fn origin(&self, index: usize) -> Option<(usize, usize)> {
+        (index < self.len()).then(|| {
+            (
+                (index % self.cols) * self.patch,
+                (index / self.cols) * self.patch,
+            )
+        })
+    }
+
+    /// Consecutive index ranges of at most `batch` patches covering the
+    /// grid once, in row-major order.
+    ///
+    /// # Errors
+    /// `batch` is 0.
+    pub fn batches(&self, batch: usize) -> Result<impl Iterator<Item = Range<usize>>> {
+        if batch == 0 {
+            return Err(Error::invalid("patch batch size must be at least 1"));
+        }
+        let n = self.len();
+        Ok((0..n)
+            .step_by(batch)
+            .map(move |start| start..(start + batch).min(n)))
+    }
+}
+
+/// Copies patches `range` of `img`, scaled with [`scale_pixel`], into `out`
+/// as an NCHW buffer `[range.len(), 1, P, P]`.
+///
+/// # Errors
+/// The grid does not fit the image, `range` runs past the grid, or `out` does
+/// not hold exactly `range.len() · P · P` values.
+pub fn fill_patches(
+    img: &GrayImage,
+    grid: &PatchGrid,
+    range: Range<usize>,
+    out: &mut [f32],
+) -> Result<()> {
+    const OP: &str = "fill_patches";
+    let p = grid.patch;
+    if grid.cols * p > img.width || grid.rows * p > img.height {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "a {}×{} grid of {p}-pixel patches does not fit a {}×{} image",
+                grid.rows, grid.cols, img.width, img.height
+            ),
+        ));
+    }
+    if range.start > range.end || range.end > grid.len() {
+        return Err(Error::shape(
+            OP,
+            format!("patches {range:?} outside a grid of {}", grid.len()),
+        ));
+    }
+    if out.len() != range.len() * grid.patch_len() {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "output holds {} values, {} patches of {p}×{p} need {}",
+                out.len(),
+                range.len(),
+                range.len() * grid.patch_len()
+            ),
+        ));
+    }
+    for (index, dst) in range.zip(out.chunks_exact_mut(grid.patch_len())) {
+        let (x0, y0) = ((index % grid.cols) * p, (index / grid.cols) * p);
+        for (dy, dst_row) in dst.chunks_exact_mut(p).enumerate() {
+            let start = (y0 + dy) * img.width + x0;
+            let src_row = img.data.get(start..start + p).ok_or_else(|| {
+                Error::shape(
+                    OP,
+                    format!("row {} of patch {index} is out of range", y0 + dy),
+                )
+            })?;
+            for (d, &s) in dst_row.iter_mut().zip(src_row) {
+                *d = scale_pixel(s, img.depth);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One batch of patches from a [`PatchStream`].
+#[derive(Debug)]
+pub struct PatchBatch<'a> {
+    /// Row-major indices of the patches in this batch.
+    pub indices: Range<usize>,
+    /// The scaled patches, NCHW `[indices.len(), 1, P, P]`.
+    pub data: &'a [f32],
+}
+
+/// Streams the patches of one image in batches of at most `batch`, reusing
+/// a single buffer of `batch · P · P` floats:
+///
+/// ```no_run
+/// # fn main() -> cellmorph::Result<()> {
+/// use cellmorph::imaging::{read_gray, PatchStream};
+/// let img = read_gray("field.tif")?;
+/// let mut stream = PatchStream::new(&img, 160, 64)?;
+/// let (rows, cols) = (stream.grid().rows(), stream.grid().cols());
+/// while let Some(batch) = stream.next_batch()? {
+///     // batch.data is [batch.indices.len(), 1, 160, 160]
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct PatchStream<'a> {
+    img: &'a GrayImage,
+    grid: PatchGrid,
+    batch: usize,
+    next: usize,
+    buf: Vec<f32>,
+}
+
+impl<'a> PatchStream<'a> {
+    /// A stream over the `patch`-sized patches of `img`.
+    ///
+    /// # Errors
+    /// `batch` or `patch` is 0, or the image is smaller than one patch (named
+    /// by its source file when it has one).
+    pub fn new(img: &'a GrayImage, patch: usize, batch: usize) -> Result<PatchStream<'a>> {
+        if batch == 0 {
+            return Err(Error::invalid("patch batch size must be at least 1"));
+        }
+        let grid = img.patch_grid(patch)?;
+        Ok(PatchStream {
+            img,
+            grid,
+            batch,
+            next: 0,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The grid being streamed.
+    pub fn grid(&self) -> &PatchGrid {
+        &self.grid
+    }
+
+    /// The next batch, or `None` once every patch has been returned.
+    pub fn next_batch(&mut self) -> Result<Option<PatchBatch<'_>>> {
+        let n = self.grid.len();
+        if self.next >= n {
+            return Ok(None);
+        }
+        let indices = self.next..(self.next + self.batch).min(n);
+        let len = indices.len() * self.grid.patch_len();
+        self.buf.resize(len, 0.0);
+        fill_patches(self.img, &self.grid, indices.clone(), &mut self.buf)?;
+        self.next = indices.end;
+        Ok(Some(PatchBatch {
+            indices,
+            data: &self.buf,
+        }))
+    }
+}
+
+/// One row of a sample list: an image belonging to a sample.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SampleImage {
+    /// Sample name (matches a row of the expression table).
+    pub sample: String,
+    /// Image path; relative paths in the file are resolved against the
+    /// list's directory.
+    pub path: PathBuf,
+}
+
+/// Reads a sample list: a header line `sample,image`, then one line per
+/// image, `<sample>,<path>`. The sample name ends at the first comma and the
+/// path is the rest of the line (so paths may contain commas); surrounding
+/// spaces are trimmed, blank lines skipped. A sample may have many images.
+///
+/// # Errors
+/// Unreadable file, a wrong header, a line without a comma, an empty sample
+/// or path, or no images at all; the message names the file and line.
+pub fn read_sample_list(path: impl AsRef<Path>) -> Result<Vec<SampleImage>> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let base = path.parent().unwrap_or(Path::new(""));
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
+    match lines.next() {
+        Some((_, header)) if header.trim().eq_ignore_ascii_case("sample,image") => {}
+        _ => {
+            return Err(Error::format(
+                path,
+                "the first line must be the header `sample,image`",
+            ))
+        }
+    }
+    let mut out = Vec::new();
+    for (i, line) in lines {
+        let (sample, image) = line
+            .split_once(',')
+            .map(|(s, p)| (s.trim(), p.trim()))
+            .filter(|(s, p)| !s.is_empty() && !p.is_empty())
+            .ok_or_else(|| {
+                Error::format(
+                    path,
+                    format!("line {}: expected `<sample>,<image path>`", i + 1),
+                )
+            })?;
+        out.push(SampleImage {
+            sample: sample.to_string(),
+            path: base.join(image),
+        });
+    }
+    if out.is_empty() {
+        return Err(Error::format(path, "the sample list names no images"));
+    }
+    Ok(out)
+}
+
+/// Writes a sample list readable by [`read_sample_list`], atomically. Image
+/// paths are written as given (make them relative to the list's directory
+/// to keep the data set relocatable).
+///
+/// # Errors
+/// A sample name that is empty or contains a comma or line break, a path
+/// with a line break or that is not valid UTF-8, or a write failure.
+pub fn write_sample_list(path: impl AsRef<Path>, entries: &[SampleImage]) -> Result<()> {
+    let path = path.as_ref();
+    let mut text = String::from("sample,image\n");
+    for e in entries {
+        if e.sample.is_empty() || e.sample.contains([',', '\n', '\r']) {
+            return Err(Error::invalid(format!(
+                "sample name {:?} cannot be written to a sample list",
+                e.sample
+            )));
+        }
+        let image = e
+            .path
+            .to_str()
+            .filter(|p| !p.contains(['\n', '\r']))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "image path {} cannot be written to a sample list",
+                    e.path.display()
+                ))
+            })?;
+        text.push_str(&e.sample);
+        text.push(',');
+        text.push_str(image);
+        text.push('\n');
+    }
+    write_atomic(path, text.as_bytes())
+}
