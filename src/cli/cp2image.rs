@@ -9,13 +9,14 @@ use clap::{Args, Subcommand};
 
 use cellmorph::cp2image::{
     cosine_similarity, generate, linear_path, linspace, manipulation, nearest_row,
-    replacement_path, resolve_feature, save_png, CropSet, DisplayScale, FeatureColumns,
-    FeatureTable, Sheet, Standardizer, Tile,
+    replacement_path, resolve_feature, CropSet, DisplayScale, FeatureColumns, FeatureTable, Sheet,
+    Standardizer, Tile,
 };
 use cellmorph::io::TensorFile;
 use cellmorph::models::cp2image::{
     is_untrained, random_generator_weights, Generator, GeneratorConfig,
 };
+use cellmorph::plot::save_png;
 use cellmorph::{Backend, Device, Error, Result};
 
 use super::open_device;
@@ -97,14 +98,16 @@ pub struct GenerateArgs {
 pub struct ManipulateArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Feature table (CSV, one row per cell; first column the row id).
+    /// Feature table (CSV, one row per cell; first column the row id);
+    /// needed with --row.
     #[arg(long)]
-    features: PathBuf,
+    features: Option<PathBuf>,
     /// The feature to vary, by name or 0-based index.
     #[arg(long)]
     feature: String,
-    /// The cell whose other features stay fixed [default: the mean cell].
-    #[arg(long)]
+    /// The cell whose other features stay fixed [default: the mean cell,
+    /// all features 0 SD].
+    #[arg(long, requires = "features")]
     row: Option<String>,
     /// First value, in standard deviations from the feature's mean.
     #[arg(long, default_value_t = -3.0, allow_negative_numbers = true)]
@@ -344,17 +347,23 @@ impl Display {
     }
 }
 
-/// Tiles of generated images `[N, C, S, S]`, each channel stretched to its
-/// 99.5th percentile over these images.
+/// The display scale of generated images `[N, C, S, S]`: each channel to
+/// its 99.5th percentile over all of them.
+fn generated_scale(l: &Loaded, images: &[f32]) -> Result<DisplayScale> {
+    let cfg = l.generator.config();
+    let plane = cfg.image_size() * cfg.image_size();
+    DisplayScale::from_images(images, cfg.out_channels, plane, PERCENTILE)
+}
+
+/// Tiles of generated images `[N, C, S, S]`.
 fn generated_tiles(
     l: &Loaded,
+    scale: &DisplayScale,
     zoom: usize,
     images: &[f32],
     captions: impl IntoIterator<Item = String>,
 ) -> Result<Vec<Tile>> {
-    let cfg = l.generator.config();
-    let size = cfg.image_size();
-    let scale = DisplayScale::from_images(images, cfg.out_channels, size * size, PERCENTILE)?;
+    let size = l.generator.config().image_size();
     images
         .chunks_exact(l.image_len())
         .zip(captions)
@@ -430,7 +439,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         let unit = DisplayScale::unit(cfg.out_channels);
         for (img, id) in images.chunks_exact(l.image_len()).zip(&ids) {
             let path = a.output.join(format!("{}.png", file_stem(id)));
-            save_png(&unit.render(img, cfg.image_size(), 1)?, &path)?;
+            save_png(&path, &unit.render(img, cfg.image_size(), 1)?)?;
         }
         println!(
             "wrote {} images to {} (8-bit RGB: channel 0 blue, 1 green, 2 red, value × 255)",
@@ -455,6 +464,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         rows: Vec::new(),
     };
     let per_image = l.image_len();
+    let gen_scale = generated_scale(&l, &images)?;
     for (k, chunk) in ids.chunks(a.columns).enumerate() {
         let start = k * a.columns;
         if !crops.is_empty() {
@@ -470,6 +480,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         let imgs = &images[start * per_image..(start + chunk.len()) * per_image];
         let tiles = generated_tiles(
             &l,
+            &gen_scale,
             display.zoom,
             imgs,
             chunk.iter().map(|id| format!("#{id}")),
@@ -488,22 +499,18 @@ fn run_manipulate(a: ManipulateArgs) -> Result<()> {
     let feature = resolve_feature(names, &a.feature)?;
     let values = linspace(a.from, a.to, a.steps)?;
     let display = Display::open(&a.display)?;
-    let table = a.row.as_ref().map(|_| l.table(&a.features)).transpose()?;
-    let (base, base_label, real) = match (&a.row, &table) {
-        (Some(id), Some(t)) => {
-            let r = t.row_index(id)?;
+    let (base, base_label, real) = match (&a.row, &a.features) {
+        (Some(id), Some(path)) => {
+            let t = l.table(path)?;
             let crop = display.crop_indices(&[id])?;
             (
-                l.standardizer.apply(t.row(r)?)?,
+                l.standardizer.apply(t.row(t.row_index(id)?)?)?,
                 format!("CELL #{id}"),
                 crop.first().map(|&c| (c, format!("REAL #{id}"))),
             )
         }
-        _ => {
-            // Without a row the table is only checked for the features.
-            l.table(&a.features)?;
-            (vec![0.0; names.len()], "THE MEAN CELL".to_string(), None)
-        }
+        (Some(_), None) => return Err(Error::invalid("--row needs --features")),
+        (None, _) => (vec![0.0; names.len()], "THE MEAN CELL".to_string(), None),
     };
     let z = manipulation(&base, feature, &values)?;
     let images = l.generate(&z)?;
@@ -520,6 +527,7 @@ fn run_manipulate(a: ManipulateArgs) -> Result<()> {
     }
     tiles.extend(generated_tiles(
         &l,
+        &generated_scale(&l, &images)?,
         display.zoom,
         &images,
         values.iter().map(|v| format!("{v:+.1} SD")),
@@ -635,6 +643,7 @@ fn run_interpolate(a: InterpolateArgs) -> Result<()> {
     let mut tiles: Vec<Tile> = end_tile(&end_crops[0])?.into_iter().collect();
     tiles.extend(generated_tiles(
         &l,
+        &generated_scale(&l, &images)?,
         display.zoom,
         &images,
         cos.iter().map(|c| format!("COS {c:.3}")),

@@ -98,7 +98,9 @@ impl GeneratorConfig {
         let fc = required_shape(file, "fc.weight", "generator")?;
         let seed_area = GENERATOR_SEED_SIZE * GENERATOR_SEED_SIZE;
         let (c0, p) = match fc.as_slice() {
-            &[rows, p] if rows > 0 && rows % seed_area == 0 && p > 0 => (rows / seed_area, p),
+            &[rows, p] if rows > 0 && rows.is_multiple_of(seed_area) && p > 0 => {
+                (rows / seed_area, p)
+            }
             _ => {
                 return Err(Error::format(
                     file.path(),
@@ -128,16 +130,17 @@ impl GeneratorConfig {
             ));
         }
         let out = required_shape(file, "out.weight", "generator")?;
-        let out_channels =
-            match out.as_slice() {
-                &[c, _, 3, 3] if c > 0 => c,
-                _ => return Err(Error::format(
+        let out_channels = match out.as_slice() {
+            &[c, _, 3, 3] if c > 0 => c,
+            _ => {
+                return Err(Error::format(
                     file.path(),
                     format!(
                         "out.weight has shape {out:?}; a 3×3 conv [c_out, c_in, 3, 3] is needed"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         Ok(GeneratorConfig {
             n_features: p,
             channels,
@@ -180,8 +183,10 @@ impl DiscriminatorConfig {
     /// blocks and `fc.weight` `[1, c_B·2·2]`.
     pub fn from_weights(file: &TensorFile) -> Result<Self> {
         let mut channels = Vec::new();
-        while let Some(s) = file.shape(&format!("blocks.{}.conv.weight_orig", channels.len())) {
-            let i = channels.len();
+        for i in 0.. {
+            let Some(s) = file.shape(&format!("blocks.{i}.conv.weight_orig")) else {
+                break;
+            };
             match s {
                 &[c_out, c_in, 3, 3] if c_out > 0 && c_in > 0 => {
                     if i == 0 {
@@ -893,8 +898,8 @@ mod tests {
             .map(|(r, &b)| r.iter().map(|&v| f64::from(v)).sum::<f64>() + f64::from(b))
             .collect();
         let folded = conv.fold(&bn);
-        for o in 0..2 {
-            let want = (sums[o] - f64::from(bn.mean[o])) / (f64::from(bn.var[o]) + BN_EPS).sqrt()
+        for (o, &sum) in sums.iter().enumerate() {
+            let want = (sum - f64::from(bn.mean[o])) / (f64::from(bn.var[o]) + BN_EPS).sqrt()
                 * f64::from(bn.gamma[o])
                 + f64::from(bn.beta[o]);
             let got: f64 = folded.w[o * 9..(o + 1) * 9]

@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod cp2image;
+pub mod densenet;
 pub mod vqvae2;
 
 pub use vqvae2::{VqVae2, VqVae2Config};
