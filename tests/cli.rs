@@ -422,3 +422,74 @@ fn synth_profile_prepare() {
     assert_eq!(e.n_rows(), 4);
     assert!(e.data.iter().all(|v| v.is_finite() && *v >= 0.0));
 }
+
+/// Runs `infer` on the fixture tensor `input_name` and compares each output
+/// with the fixture tensor it maps to, within 1e-3 relative (whole network).
+fn infer_matches(
+    model: &str,
+    weights: &str,
+    cases: &str,
+    input_name: &str,
+    outputs: &[(&str, &str)],
+) {
+    let dir = tempdir(model);
+    let c = TensorFile::open(fixtures().join(cases)).unwrap();
+    let (shape, data) = c.f32(input_name).unwrap();
+    let mut w = TensorWriter::new();
+    w.add_slice("input", &shape, &data).unwrap();
+    let input = dir.join("input.safetensors");
+    w.write(&input).unwrap();
+    let out = dir.join("out.safetensors");
+    let st = bin()
+        .args(["infer", "--model", model, "--batch-size", "3", "--weights"])
+        .arg(fixtures().join(weights))
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let got = TensorFile::open(&out).unwrap();
+    for (ours, theirs) in outputs {
+        let (gs, g) = got.f32(ours).unwrap();
+        let (ws, w) = c.f32(theirs).unwrap();
+        assert_eq!(gs, ws, "{model} {ours} shape");
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = g
+            .iter()
+            .zip(&w)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err <= 1e-3 * scale,
+            "{model} {ours}: max |Δ| {err} vs max |ref| {scale}"
+        );
+    }
+}
+
+#[test]
+fn infer_cp2image_matches_golden() {
+    infer_matches(
+        "cp2image-generator",
+        "cp2image_small.generator.weights.safetensors",
+        "cp2image_small.cases.safetensors",
+        "z",
+        &[("image", "image")],
+    );
+    let hidden: Vec<(String, String)> = (0..5)
+        .map(|i| (format!("hidden.{i}"), format!("hidden_x.{i}")))
+        .collect();
+    let mut outs: Vec<(&str, &str)> = vec![("prob", "prob_x")];
+    outs.extend(hidden.iter().map(|(a, b)| (a.as_str(), b.as_str())));
+    infer_matches(
+        "cp2image-discriminator",
+        "cp2image_small.discriminator.weights.safetensors",
+        "cp2image_small.cases.safetensors",
+        "x",
+        &outs,
+    );
+}

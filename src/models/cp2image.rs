@@ -36,6 +36,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::geometry::{Conv2dParams, Pool2dParams};
 use crate::io::{TensorFile, TensorWriter};
+use crate::models::batch::{for_each_batch, Gathered};
 use crate::ops;
 use crate::tensor::Tensor;
 
@@ -696,34 +697,6 @@ impl Discriminator {
     }
 }
 
-/// The host values of `input` `[N, rest…]` in batches of at most `batch`
-/// rows, each moved to `be`'s device.
-fn batches<'a>(
-    be: &'a Backend,
-    input: &Tensor,
-    batch: usize,
-) -> Result<impl Iterator<Item = Result<Tensor>> + 'a> {
-    if batch == 0 {
-        return Err(Error::invalid("batch size must be at least 1"));
-    }
-    let shape = input.shape().to_vec();
-    let row: usize = shape.iter().skip(1).product();
-    let data = input.to_vec()?;
-    let n = shape.first().copied().unwrap_or(0);
-    Ok((0..n).step_by(batch).map(move |start| {
-        let rows = batch.min(n - start);
-        let mut s = shape.clone();
-        s[0] = rows;
-        Tensor::from_slice(be, &s, &data[start * row..(start + rows) * row])
-    }))
-}
-
-/// Appends `t`'s host values to `acc`.
-fn collect(acc: &mut Vec<f32>, t: &Tensor) -> Result<()> {
-    acc.extend(t.to_vec()?);
-    Ok(())
-}
-
 /// `cellmorph infer --model cp2image-generator`: loads the generator from
 /// `weights`, runs `input` `[N, p]` (standardized features) in batches of
 /// `batch_size` and adds `image` `[N, 3, S, S]` to `out`.
@@ -741,12 +714,11 @@ pub fn infer_generator(
         &[g.config.n_features],
         "standardized feature vectors",
     )?;
-    let mut images = Vec::new();
-    for z in batches(be, input, batch_size)? {
-        collect(&mut images, &g.forward(be, &z?)?)?;
-    }
-    let (c, s) = (g.config.out_channels, g.config.image_size());
-    out.add_slice("image", &[input.shape()[0], c, s, s], &images)
+    let mut gathered = Gathered::new();
+    for_each_batch(be, input.shape(), &input.to_vec()?, batch_size, |z, _| {
+        gathered.push("image", &g.forward(be, z)?)
+    })?;
+    gathered.write_into(out)
 }
 
 /// `cellmorph infer --model cp2image-discriminator`: loads the discriminator
@@ -762,22 +734,16 @@ pub fn infer_discriminator(
     let d = Discriminator::from_file(be, weights)?;
     let (c0, s) = (d.config.channels[0], d.config.image_size);
     check_input("cp2image discriminator", input, &[c0, s, s], "images")?;
-    let n = input.shape()[0];
-    let mut prob = Vec::with_capacity(n);
-    let mut hidden = vec![Vec::new(); d.blocks.len()];
-    for x in batches(be, input, batch_size)? {
-        let o = d.forward(be, &x?)?;
-        collect(&mut prob, &o.prob)?;
-        for (acc, h) in hidden.iter_mut().zip(&o.hidden) {
-            collect(acc, h)?;
+    let mut gathered = Gathered::new();
+    for_each_batch(be, input.shape(), &input.to_vec()?, batch_size, |x, _| {
+        let o = d.forward(be, x)?;
+        gathered.push("prob", &o.prob)?;
+        for (i, h) in o.hidden.iter().enumerate() {
+            gathered.push(&format!("hidden.{i}"), h)?;
         }
-    }
-    out.add_slice("prob", &[n, 1], &prob)?;
-    for (i, (data, c)) in hidden.iter().zip(&d.config.channels[1..]).enumerate() {
-        let side = s >> (i + 1);
-        out.add_slice(&format!("hidden.{i}"), &[n, *c, side, side], data)?;
-    }
-    Ok(())
+        Ok(())
+    })?;
+    gathered.write_into(out)
 }
 
 /// A generator `state_dict` with seeded random weights (untrained), for
