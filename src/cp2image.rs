@@ -115,7 +115,7 @@ impl FeatureTable {
         let (header_line, header) = lines
             .next()
             .ok_or_else(|| Error::format(origin, "empty file: no header row"))?;
-        let header = split_csv_line(header).map_err(|m| fail(header_line, m))?;
+        let header = crate::table::split_fields(header).map_err(|m| fail(header_line, m))?;
         let mut position: HashMap<&str, usize> = HashMap::new();
         for (i, name) in header.iter().enumerate().skip(1) {
             if position.insert(name.as_str(), i).is_some() {
@@ -164,7 +164,7 @@ impl FeatureTable {
         let mut text_values: Vec<Vec<String>> = vec![Vec::new(); text_cols.len()];
         let mut row = vec![0.0f64; header.len()];
         for (line_no, line) in lines {
-            let fields = split_csv_line(line).map_err(|m| fail(line_no, m))?;
+            let fields = crate::table::split_fields(line).map_err(|m| fail(line_no, m))?;
             if fields.len() != header.len() {
                 return Err(fail(
                     line_no,
@@ -297,34 +297,6 @@ impl FeatureTable {
         }
         Ok(acc.into_iter().map(|a| a / rows.len() as f64).collect())
     }
-}
-
-/// Splits one CSV line into fields (double quotes group, `""` is a quote).
-fn split_csv_line(line: &str) -> std::result::Result<Vec<String>, String> {
-    let mut fields = Vec::new();
-    let mut field = String::new();
-    let mut chars = line.chars().peekable();
-    let mut quoted = false;
-    while let Some(c) = chars.next() {
-        match (c, quoted) {
-            ('"', true) if chars.peek() == Some(&'"') => {
-                chars.next();
-                field.push('"');
-            }
-            ('"', true) => quoted = false,
-            ('"', false) if field.trim().is_empty() => {
-                field.clear();
-                quoted = true;
-            }
-            (',', false) => fields.push(std::mem::take(&mut field).trim().to_string()),
-            (c, _) => field.push(c),
-        }
-    }
-    if quoted {
-        return Err(format!("unterminated quote in field {}", fields.len() + 1));
-    }
-    fields.push(field.trim().to_string());
-    Ok(fields)
 }
 
 /// Per-feature standardization `z = (x − mean) / std`, as saved beside a
@@ -971,75 +943,15 @@ fn draw_text(img: &mut RgbImage, x: u32, y: u32, text: &str, x_end: u32) {
     }
 }
 
-/// A 5×7 bitmap font for captions: digits, capital letters (lower case is
-/// drawn as capitals) and common punctuation; anything else is `?`.
+/// The plots' 5×7 bitmap font, with the sheet's spacing.
 mod font {
+    pub(super) use crate::plot::glyph;
     /// Glyph width in pixels.
     pub const WIDTH: u32 = 5;
     /// Horizontal advance per character.
     pub const ADVANCE: u32 = 6;
     /// Vertical advance per line.
     pub const LINE_HEIGHT: u32 = 10;
-
-    /// Rows of a glyph, top to bottom, bit 4 leftmost.
-    pub fn glyph(c: char) -> [u8; 7] {
-        match c.to_ascii_uppercase() {
-            '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
-            '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
-            '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
-            '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
-            '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
-            '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
-            '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
-            '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
-            '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
-            '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
-            'A' => [0x0E, 0x11, 0x11, 0x11, 0x1F, 0x11, 0x11],
-            'B' => [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
-            'C' => [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E],
-            'D' => [0x1C, 0x12, 0x11, 0x11, 0x11, 0x12, 0x1C],
-            'E' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F],
-            'F' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
-            'G' => [0x0E, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0F],
-            'H' => [0x11, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-            'I' => [0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
-            'J' => [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C],
-            'K' => [0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11],
-            'L' => [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F],
-            'M' => [0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11],
-            'N' => [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11],
-            'O' => [0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-            'P' => [0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10],
-            'Q' => [0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D],
-            'R' => [0x1E, 0x11, 0x11, 0x1E, 0x14, 0x12, 0x11],
-            'S' => [0x0F, 0x10, 0x10, 0x0E, 0x01, 0x01, 0x1E],
-            'T' => [0x1F, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04],
-            'U' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-            'V' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x0A, 0x04],
-            'W' => [0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0A],
-            'X' => [0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11],
-            'Y' => [0x11, 0x11, 0x11, 0x0A, 0x04, 0x04, 0x04],
-            'Z' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F],
-            ' ' => [0; 7],
-            '.' => [0, 0, 0, 0, 0, 0x0C, 0x0C],
-            ',' => [0, 0, 0, 0, 0x0C, 0x04, 0x08],
-            '-' => [0, 0, 0, 0x1F, 0, 0, 0],
-            '+' => [0, 0x04, 0x04, 0x1F, 0x04, 0x04, 0],
-            '=' => [0, 0, 0x1F, 0, 0x1F, 0, 0],
-            ':' => [0, 0x0C, 0x0C, 0, 0x0C, 0x0C, 0],
-            ';' => [0, 0x0C, 0x0C, 0, 0x0C, 0x04, 0x08],
-            '_' => [0, 0, 0, 0, 0, 0, 0x1F],
-            '/' => [0, 0x01, 0x02, 0x04, 0x08, 0x10, 0],
-            '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
-            ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
-            '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
-            '<' => [0x02, 0x04, 0x08, 0x10, 0x08, 0x04, 0x02],
-            '>' => [0x08, 0x04, 0x02, 0x01, 0x02, 0x04, 0x08],
-            '#' => [0x0A, 0x0A, 0x1F, 0x0A, 0x1F, 0x0A, 0x0A],
-            '!' => [0x04, 0x04, 0x04, 0x04, 0x04, 0, 0x04],
-            _ => [0x0E, 0x11, 0x01, 0x02, 0x04, 0, 0x04],
-        }
-    }
 }
 
 #[cfg(test)]
@@ -1049,11 +961,11 @@ mod tests {
     #[test]
     fn csv_lines_split_with_quotes() {
         assert_eq!(
-            split_csv_line("a, \"b,c\" ,\"d\"\"e\"").unwrap(),
+            crate::table::split_fields("a, \"b,c\" ,\"d\"\"e\"").unwrap(),
             ["a", "b,c", "d\"e"]
         );
-        assert_eq!(split_csv_line("1,,2").unwrap(), ["1", "", "2"]);
-        assert!(split_csv_line("\"open").is_err());
+        assert_eq!(crate::table::split_fields("1,,2").unwrap(), ["1", "", "2"]);
+        assert!(crate::table::split_fields("\"open").is_err());
     }
 
     #[test]

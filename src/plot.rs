@@ -94,7 +94,7 @@ const HEAT_BAR_PANEL: u32 = 90;
 const HEAT_MIN_HEIGHT: u32 = 120;
 
 /// Glyph rows of the 5×7 font, top to bottom; bit 4 is the leftmost column.
-fn glyph(c: char) -> [u8; 7] {
+pub(crate) fn glyph(c: char) -> [u8; 7] {
     match c.to_ascii_uppercase() {
         '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
         '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],

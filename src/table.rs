@@ -273,8 +273,9 @@ fn check_unique(names: &[String], what: &str) -> std::result::Result<(), String>
     Ok(())
 }
 
-/// Splits one CSV line into unquoted fields (surrounding blanks trimmed).
-fn split_fields(line: &str) -> std::result::Result<Vec<String>, String> {
+/// Splits one CSV line into unquoted fields (surrounding blanks trimmed;
+/// double quotes group, `""` inside quotes is a quote).
+pub(crate) fn split_fields(line: &str) -> std::result::Result<Vec<String>, String> {
     let mut fields = Vec::new();
     let mut chars = line.chars().peekable();
     loop {
