@@ -33,6 +33,26 @@
 //   conv2d_direct_f32
 //       One thread per output (grid-stride, ox fastest), plain loops over
 //       (ci, ky, kx). For tiny c_out and as the tests' cross-check.
+//   conv2d_igemm{64,32}_{strided,strided_relu,bnrelu,bnrelu_relu}_f32
+//       The same GEMM for networks that keep their activations in shared
+//       buffers (DenseNet's dense blocks), plus fused pro- and epilogues:
+//       the input is the first c_in channels of a wider buffer (batch stride
+//       x_bstride floats), the output goes to channels [y_coff, y_coff +
+//       c_out) of a wider buffer (batch stride y_bstride floats, the same
+//       plane size oh·ow). `bnrelu` applies max(x·in_scale[ci] +
+//       in_shift[ci], 0) to every in-bounds input value as it is gathered
+//       (an inference BatchNorm followed by ReLU; zero padding stays zero,
+//       as when PyTorch pads the activated tensor); `relu` applies
+//       max(v, 0) to the output after the bias. The comparisons are
+//       written `v < 0 ? 0 : v` so that NaN passes through, as in relu_f32.
+//   conv2d_igemm{64,32}_bnrelu_pool2_f32
+//       A DenseNet transition: 1×1 conv over avg_pool2x2(bnrelu(x)). The
+//       gather reads the 2×2 window of each pooled position and averages the
+//       four activated values, so the GEMM runs over the pooled positions
+//       (a quarter of the multiply-adds of conv-then-pool; pooling commutes
+//       with the 1×1 conv). Launched as a 1×1 stride-2 conv over the full
+//       input (h, w) with oh = ⌊h/2⌋, ow = ⌊w/2⌋ (floor mode), so every
+//       window lies inside the input.
 //   conv_transpose2d_igemm64_f32, conv_transpose2d_igemm32_f32
 //       The same GEMM per output phase (ry, rx) = ((oy + ph) mod sh,
 //       (ox + pw) mod sw), one phase per blockIdx.z: within a phase the taps
@@ -43,7 +63,8 @@
 //       No atomics, no wasted taps.
 //
 // Launch geometry (chosen in src/ops/conv.rs and src/ops/linear.rs):
-//   igemm   block (128, 1, 1); grid (⌈M/128⌉, ⌈c_out/BN⌉, 1) for conv2d,
+//   igemm   block (128, 1, 1); grid (⌈M/128⌉, ⌈c_out/BN⌉, 1) for conv2d
+//           (all variants),
 //           (⌈M_phase,max/128⌉, ⌈c_out/BN⌉, sh·sw) for the transposed conv
 //           (blocks past their phase's M exit). Static shared memory
 //           2·8·128 floats (A) + 2·8·(BN/4 + 1) float4 (B): 12.5 KiB for BN 64.
@@ -84,15 +105,23 @@ struct ConvGemm {
     int ty, tx, ry, rx, tsh, tsw;
     long long m;  // n·qh·qw
     int k;        // c_in·ty·tx
+    // Floats from one image to the next in x and in y (c_in·h·w and
+    // c_out·oh·ow for dense tensors).
+    long long x_bstride, y_bstride;
 };
 
 // A 128 × BN tile of the GEMM. TRANSPOSED selects how A walks the input
 // (kernel taps add to the input position for conv2d and subtract for the
-// transposed conv) and how B is laid out in memory.
-template <int BN, bool TRANSPOSED>
+// transposed conv) and how B is laid out in memory. BN_RELU_IN applies
+// max(x·in_scale[ci] + in_shift[ci], 0) to in-bounds inputs as they are
+// gathered; RELU_OUT applies max(·, 0) after the bias. POOL2_IN (with
+// BN_RELU_IN, for a 1×1 stride-2 conv) averages the activated 2×2 window
+// whose top-left value the plain gather would read.
+template <int BN, bool TRANSPOSED, bool BN_RELU_IN, bool RELU_OUT, bool POOL2_IN>
 __device__ __forceinline__ void conv_gemm_tile(const ConvGemm& g, const float* __restrict__ x,
                                                const float* __restrict__ wt, const float* __restrict__ bias,
-                                               float* __restrict__ y, float (*As)[kConvBK][kConvBM],
+                                               float* __restrict__ y, const float* __restrict__ in_scale,
+                                               const float* __restrict__ in_shift, float (*As)[kConvBK][kConvBM],
                                                float4 (*Bs)[kConvBK][BN / 4 + 1]) {
     constexpr int TN = BN / 8;
     constexpr int kSign = TRANSPOSED ? -1 : 1;
@@ -121,7 +150,7 @@ __device__ __forceinline__ void conv_gemm_tile(const ConvGemm& g, const float* _
             const int b = r - a * g.qw;
             iy0 = a * g.ish + g.iy_off;
             ix0 = b * g.isw + g.ix_off;
-            a_base = img * g.c_in * hw + (long long)iy0 * g.w + ix0;
+            a_base = img * g.x_bstride + (long long)iy0 * g.w + ix0;
         }
     }
     // The k walk (block-uniform): k ↔ (ci, jy, jx), koff = ci·hw ± (jy·w + jx).
@@ -155,7 +184,26 @@ CONV_UNROLL
         for (int e = 0; e < kConvBK; ++e) {
             const bool ok = a_ci < g.c_in && (unsigned)(iy0 + kSign * a_jy) < (unsigned)g.h &&
                             (unsigned)(ix0 + kSign * a_jx) < (unsigned)g.w;
-            pa[e] = ok ? x[a_base + a_koff] : 0.0f;
+            float v = 0.0f;
+            if (ok && POOL2_IN) {
+                const float* p = x + a_base + a_koff;
+                const float s = in_scale[a_ci];
+                const float b = in_shift[a_ci];
+                float q[4] = {p[0], p[1], p[g.w], p[g.w + 1]};
+CONV_UNROLL
+                for (int u = 0; u < 4; ++u) {
+                    q[u] = fmaf(q[u], s, b);
+                    q[u] = q[u] < 0.0f ? 0.0f : q[u];
+                }
+                v = 0.25f * ((q[0] + q[1]) + (q[2] + q[3]));
+            } else if (ok) {
+                v = x[a_base + a_koff];
+                if (BN_RELU_IN) {
+                    v = fmaf(v, in_scale[a_ci], in_shift[a_ci]);
+                    v = v < 0.0f ? 0.0f : v;
+                }
+            }
+            pa[e] = v;
             ++a_jx;
             a_koff += kSign;
             if (a_jx == g.tx) {
@@ -285,12 +333,16 @@ CONV_UNROLL
             const int b = r - a * g.qw;
             p = (g.oy0 + a * g.ssh) * g.ow + g.ox0 + b * g.ssw;
         }
-        float* yp = y + img * g.c_out * out_plane + p;
+        float* yp = y + img * g.y_bstride + p;
 CONV_UNROLL
         for (int j = 0; j < TN; ++j) {
             const int co = n0 + tn * TN + j;
             if (co < g.c_out) {
-                yp[co * out_plane] = acc[i][j] + bv[j];
+                float v = acc[i][j] + bv[j];
+                if (RELU_OUT) {
+                    v = v < 0.0f ? 0.0f : v;
+                }
+                yp[co * out_plane] = v;
             }
         }
         r += 16;
@@ -330,6 +382,8 @@ __device__ __forceinline__ ConvGemm conv2d_gemm(int n, int c_in, int h, int w, i
     g.tsw = 1;
     g.m = (long long)n * oh * ow;
     g.k = c_in * kh * kw;
+    g.x_bstride = (long long)c_in * h * w;
+    g.y_bstride = (long long)c_out * oh * ow;
     return g;
 }
 
@@ -366,6 +420,8 @@ __device__ __forceinline__ ConvGemm conv_transpose2d_gemm(int n, int c_in, int h
     g.tsw = sw;
     g.m = (long long)n * g.qh * g.qw;
     g.k = c_in * g.ty * g.tx;
+    g.x_bstride = (long long)c_in * h * w;
+    g.y_bstride = (long long)c_out * oh * ow;
     return g;
 }
 
@@ -379,7 +435,7 @@ __device__ __forceinline__ ConvGemm conv_transpose2d_gemm(int n, int c_in, int h
         __shared__ float As[2][kConvBK][kConvBM];                                                               \
         __shared__ float4 Bs[2][kConvBK][BN / 4 + 1];                                                           \
         const ConvGemm g = GEOM(n, c_in, h, w, c_out, kh, kw, sh, sw, ph, pw, oh, ow);                          \
-        conv_gemm_tile<BN, TRANSPOSED>(g, x, wt, bias, y, As, Bs);                                              \
+        conv_gemm_tile<BN, TRANSPOSED, false, false, false>(g, x, wt, bias, y, nullptr, nullptr, As, Bs);       \
     }
 
 CONV_IGEMM_KERNEL(conv2d_igemm64_f32, 64, false, conv2d_gemm)
@@ -390,6 +446,45 @@ CONV_IGEMM_KERNEL(conv_transpose2d_igemm64_f32, 64, true, conv_transpose2d_gemm)
 CM_EXPORT(conv_transpose2d_igemm64_f32)
 CONV_IGEMM_KERNEL(conv_transpose2d_igemm32_f32, 32, true, conv_transpose2d_gemm)
 CM_EXPORT(conv_transpose2d_igemm32_f32)
+
+// Strided input/output with optional BN+ReLU prologue (and 2×2 pooling) and
+// ReLU epilogue. in_scale/in_shift are read only by the bnrelu variants (null
+// otherwise).
+#define CONV_FUSED_KERNEL(NAME, BN, BN_RELU_IN, RELU_OUT, POOL2_IN)                                             \
+    extern "C" __global__ void __launch_bounds__(kConvThreads)                                                  \
+        NAME(const float* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ bias,         \
+             float* __restrict__ y, const float* __restrict__ in_scale, const float* __restrict__ in_shift,     \
+             int n, int c_in, int h, int w, int c_out, int kh, int kw, int sh, int sw, int ph, int pw,          \
+             int oh, int ow, long long x_bstride, long long y_bstride, int y_coff) {                            \
+        __shared__ float As[2][kConvBK][kConvBM];                                                               \
+        __shared__ float4 Bs[2][kConvBK][BN / 4 + 1];                                                           \
+        ConvGemm g = conv2d_gemm(n, c_in, h, w, c_out, kh, kw, sh, sw, ph, pw, oh, ow);                         \
+        g.x_bstride = x_bstride;                                                                                \
+        g.y_bstride = y_bstride;                                                                                \
+        conv_gemm_tile<BN, false, BN_RELU_IN, RELU_OUT, POOL2_IN>(                                              \
+            g, x, wt, bias, y + (long long)y_coff * oh * ow, in_scale, in_shift, As, Bs);                       \
+    }
+
+CONV_FUSED_KERNEL(conv2d_igemm64_strided_f32, 64, false, false, false)
+CM_EXPORT(conv2d_igemm64_strided_f32)
+CONV_FUSED_KERNEL(conv2d_igemm32_strided_f32, 32, false, false, false)
+CM_EXPORT(conv2d_igemm32_strided_f32)
+CONV_FUSED_KERNEL(conv2d_igemm64_strided_relu_f32, 64, false, true, false)
+CM_EXPORT(conv2d_igemm64_strided_relu_f32)
+CONV_FUSED_KERNEL(conv2d_igemm32_strided_relu_f32, 32, false, true, false)
+CM_EXPORT(conv2d_igemm32_strided_relu_f32)
+CONV_FUSED_KERNEL(conv2d_igemm64_bnrelu_f32, 64, true, false, false)
+CM_EXPORT(conv2d_igemm64_bnrelu_f32)
+CONV_FUSED_KERNEL(conv2d_igemm32_bnrelu_f32, 32, true, false, false)
+CM_EXPORT(conv2d_igemm32_bnrelu_f32)
+CONV_FUSED_KERNEL(conv2d_igemm64_bnrelu_relu_f32, 64, true, true, false)
+CM_EXPORT(conv2d_igemm64_bnrelu_relu_f32)
+CONV_FUSED_KERNEL(conv2d_igemm32_bnrelu_relu_f32, 32, true, true, false)
+CM_EXPORT(conv2d_igemm32_bnrelu_relu_f32)
+CONV_FUSED_KERNEL(conv2d_igemm64_bnrelu_pool2_f32, 64, true, false, true)
+CM_EXPORT(conv2d_igemm64_bnrelu_pool2_f32)
+CONV_FUSED_KERNEL(conv2d_igemm32_bnrelu_pool2_f32, 32, true, false, true)
+CM_EXPORT(conv2d_igemm32_bnrelu_pool2_f32)
 
 extern "C" __global__ void conv2d_direct_f32(const float* __restrict__ x, const float* __restrict__ wt,
                                              const float* __restrict__ bias, float* __restrict__ y, int n,

@@ -362,3 +362,280 @@ pub fn conv_transpose2d_into(
     // output element is written once by the block of its phase.
     unsafe { be.launch(name, cfg, &args) }
 }
+
+/// An inference BatchNorm followed by ReLU, as per-channel `scale` and
+/// `shift` (`scale = γ/√(var + eps)`, `shift = β − mean·scale`):
+/// `max(x·scale + shift, 0)`, NaN passing through.
+#[derive(Clone, Copy, Debug)]
+pub struct BnRelu<'a> {
+    /// Per-channel factor `[c]`.
+    pub scale: &'a Tensor,
+    /// Per-channel offset `[c]`.
+    pub shift: &'a Tensor,
+}
+
+/// A conv2d with the fusions of a densely connected network (see
+/// [`conv2d_fused_into`]).
+#[derive(Clone, Copy, Debug)]
+pub struct FusedConv2d<'a> {
+    /// Weight `[c_out, c_in, kh, kw]`: the conv reads input channels `[0, c_in)`.
+    pub weight: &'a Tensor,
+    /// Optional bias `[c_out]` (a BatchNorm folded into the conv puts its shift here).
+    pub bias: Option<&'a Tensor>,
+    /// Stride and zero padding.
+    pub params: Conv2dParams,
+    /// BatchNorm + ReLU applied to every input value as it is read, with
+    /// `[c_in]` scale and shift; the zero padding is not transformed (it pads
+    /// the activated input, as in PyTorch).
+    pub input_bn_relu: Option<BnRelu<'a>>,
+    /// Average-pool the (activated) input over 2×2 windows, stride 2, floor
+    /// mode, before the conv: a DenseNet transition, pooling first since it
+    /// commutes with a 1×1 conv (a quarter of the multiply-adds). Needs a
+    /// 1×1 weight, stride 1, no padding, and `input_bn_relu`; the output is
+    /// `⌊h/2⌋ × ⌊w/2⌋`.
+    pub input_pool2: bool,
+    /// ReLU on the output, after the bias.
+    pub relu: bool,
+}
+
+/// Fused conv2d over channel slices of wider buffers:
+/// `y[:, off..off + c_out] = relu?(conv(pool2?(bn_relu?(x[:, ..c_in])), w) + b)` for
+/// `x` `[n, c_x, h, w]` with `c_x ≥ c_in` and `y` `[n, c_y, oh, ow]` with
+/// `c_y ≥ off + c_out`; the other channels of `y` are left alone. This is how
+/// a dense layer reads the channels written so far in its block's buffer and
+/// appends its own without a concatenation copy. On CUDA and emulated
+/// devices one implicit-GEMM kernel does it all; on the CPU it is the
+/// reference conv applied image by image to the (contiguous) slices.
+pub fn conv2d_fused_into(
+    be: &Backend,
+    x: &Tensor,
+    conv: &FusedConv2d,
+    y: &mut Tensor,
+    y_channel_offset: usize,
+) -> Result<()> {
+    const OP: &str = "conv2d_fused";
+    on_device(OP, be, &[x, conv.weight, y])?;
+    let (xs, ws) = (x.shape(), conv.weight.shape());
+    let (&[n, c_x, h, w], &[c_out, c_in, _, _]) = (xs, ws) else {
+        return Err(Error::shape(
+            OP,
+            format!("input must be [n, c, h, w] and weight [c_out, c_in, kh, kw], got input {xs:?} and weight {ws:?}"),
+        ));
+    };
+    if c_in > c_x {
+        return Err(Error::shape(
+            OP,
+            format!("weight {ws:?} reads {c_in} channels but input {xs:?} has only {c_x}"),
+        ));
+    }
+    if conv.input_pool2
+        && (ws[2..] != [1, 1]
+            || conv.params != Conv2dParams::new(1, 0)
+            || conv.input_bn_relu.is_none()
+            || h < 2
+            || w < 2)
+    {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "2×2 input pooling needs a 1×1 weight (got {ws:?}), stride 1 and no padding (got {:?}), a BatchNorm+ReLU prologue and an input of at least 2×2 (got {xs:?})",
+                conv.params
+            ),
+        ));
+    }
+    // The conv's own input: the pooled one when pooling.
+    let (ch, cw) = if conv.input_pool2 {
+        (h / 2, w / 2)
+    } else {
+        (h, w)
+    };
+    let g = Conv2dGeom::new(&[n, c_in, ch, cw], ws, conv.params)?;
+    check_bias(OP, be, conv.bias, c_out)?;
+    if let Some(bn) = conv.input_bn_relu {
+        for (what, t) in [("input scale", bn.scale), ("input shift", bn.shift)] {
+            check_device(OP, be, t)?;
+            if t.shape() != [c_in] {
+                return Err(Error::shape(
+                    OP,
+                    format!("{what} has shape {:?}, expected [{c_in}]", t.shape()),
+                ));
+            }
+        }
+    }
+    let ys = y.shape().to_vec();
+    let c_y = match ys.as_slice() {
+        &[yn, c_y, oh, ow] if yn == n && oh == g.oh && ow == g.ow => c_y,
+        _ => {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "output has shape {ys:?}, expected [{n}, c, {}, {}]",
+                    g.oh, g.ow
+                ),
+            ))
+        }
+    };
+    if y_channel_offset
+        .checked_add(c_out)
+        .is_none_or(|end| end > c_y)
+    {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "{c_out} output channels at offset {y_channel_offset} do not fit output {ys:?}"
+            ),
+        ));
+    }
+    let (x_img, y_img, out_plane) = (c_x * h * w, c_y * g.oh * g.ow, g.oh * g.ow);
+    if be.device() == Device::Cpu {
+        return conv2d_fused_cpu(
+            &g,
+            (h, w),
+            x,
+            conv,
+            y,
+            (x_img, y_img),
+            y_channel_offset * out_plane,
+        );
+    }
+    if n * c_out * out_plane == 0 {
+        return Ok(());
+    }
+    let mut args = vec![
+        x.arg(),
+        conv.weight.arg(),
+        bias_arg(conv.bias),
+        y.arg_mut(),
+        conv.input_bn_relu
+            .map_or(KernelArg::Ptr(0), |b| b.scale.arg()),
+        conv.input_bn_relu
+            .map_or(KernelArg::Ptr(0), |b| b.shift.arg()),
+    ];
+    // Pooling runs as a 1×1 stride-2 conv over the full input whose gather
+    // averages each 2×2 window (see kernels/conv.cu).
+    let (in_hw, stride) = if conv.input_pool2 {
+        ((h, w), (2, 2))
+    } else {
+        ((g.h, g.w), (g.stride_h, g.stride_w))
+    };
+    args.extend(size_args(
+        OP,
+        g.n,
+        g.c_in,
+        in_hw,
+        g.c_out,
+        (g.kh, g.kw),
+        stride,
+        (g.pad_h, g.pad_w),
+        (g.oh, g.ow),
+    )?);
+    // Whole images of both buffers keep the kernel's int index assumption.
+    KernelArg::int("input image (all channels)", x_img)?;
+    KernelArg::int("output image (all channels)", y_img)?;
+    args.extend([
+        KernelArg::I64(x_img as i64),
+        KernelArg::I64(y_img as i64),
+        KernelArg::int("output channel offset", y_channel_offset)?,
+    ]);
+    // The 32-wide channel tile when a 64-wide one would be at least half padding.
+    let tile_n = if c_out <= 32 { 32 } else { 64 };
+    let variant = match (conv.input_bn_relu.is_some(), conv.input_pool2, conv.relu) {
+        (false, _, false) => "strided",
+        (false, _, true) => "strided_relu",
+        (true, false, false) => "bnrelu",
+        (true, false, true) => "bnrelu_relu",
+        (true, true, false) => "bnrelu_pool2",
+        (true, true, true) => {
+            return Err(Error::invalid(format!(
+                "{OP}: 2×2 input pooling with an output ReLU has no kernel (DenseNet transitions have none)"
+            )))
+        }
+    };
+    let name = format!("conv2d_igemm{tile_n}_{variant}_f32");
+    let cfg = gemm_cfg(OP, g.n * out_plane, c_out, tile_n, 1)?;
+    // SAFETY: checked above: x [n, c_x, h, w], w [c_out, c_in, kh, kw], bias
+    // [c_out] or null, scale/shift [c_in] or null (only the bnrelu variants
+    // read them, and they get both) and y [n, c_y, oh, ow] live on be's device
+    // and outlive the launch. The kernel takes (const float* x, w, bias,
+    // float* y, const float* scale, shift, 13 × int, long long x_bstride,
+    // long long y_bstride, int y_coff) as built here; it reads channels < c_in
+    // ≤ c_x of each x image (stride c_x·h·w) inside the image (the pooling
+    // variant reads rows/columns < 2·⌊h/2⌋, 2·⌊w/2⌋), and writes channels
+    // [y_coff, y_coff + c_out) ⊆ [0, c_y) of each y image (stride c_y·oh·ow);
+    // per-image extents fit an int (checked).
+    unsafe { be.launch(&name, cfg, &args) }
+}
+
+/// The CPU path of [`conv2d_fused_into`]: per image, the input channels are
+/// a contiguous prefix of the image and the output channels a contiguous
+/// range, so the reference conv runs on the slices directly (after the
+/// prologue into a scratch image, when there is one).
+fn conv2d_fused_cpu(
+    g: &Conv2dGeom,
+    (h, w): (usize, usize),
+    x: &Tensor,
+    conv: &FusedConv2d,
+    y: &mut Tensor,
+    (x_img, y_img): (usize, usize),
+    y_off: usize,
+) -> Result<()> {
+    const OP: &str = "conv2d_fused";
+    let one = Conv2dGeom { n: 1, ..*g };
+    let (plane, in_len, out_len) = (h * w, g.c_in * h * w, g.c_out * g.oh * g.ow);
+    let xs = x.host_for(OP)?;
+    let wt = conv.weight.host_for(OP)?;
+    let b = conv.bias.map(|b| b.host_for(OP)).transpose()?;
+    let bn = conv
+        .input_bn_relu
+        .map(|bn| Ok::<_, Error>((bn.scale.host_for(OP)?, bn.shift.host_for(OP)?)))
+        .transpose()?;
+    let ys = y.host_mut_for(OP)?;
+    let mut activated = vec![0.0f32; if bn.is_some() { in_len } else { 0 }];
+    let mut pooled = vec![
+        0.0f32;
+        if conv.input_pool2 {
+            g.c_in * g.h * g.w
+        } else {
+            0
+        }
+    ];
+    for img in 0..g.n {
+        let xi = &xs[img * x_img..][..in_len];
+        let mut input: &[f32] = xi;
+        if let Some((scale, shift)) = bn {
+            for ((dst, src), ci) in activated
+                .chunks_exact_mut(plane.max(1))
+                .zip(xi.chunks_exact(plane.max(1)))
+                .zip(0..)
+            {
+                let (s, t) = (scale[ci], shift[ci]);
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    let a = v * s + t;
+                    *d = if a < 0.0 { 0.0 } else { a };
+                }
+            }
+            input = &activated;
+        }
+        if conv.input_pool2 {
+            for (dst, src) in pooled
+                .chunks_exact_mut((g.h * g.w).max(1))
+                .zip(input.chunks_exact(plane.max(1)))
+            {
+                for (oy, row) in dst.chunks_exact_mut(g.w.max(1)).enumerate() {
+                    let (r0, r1) = (&src[2 * oy * w..][..w], &src[(2 * oy + 1) * w..][..w]);
+                    for (ox, d) in row.iter_mut().enumerate() {
+                        let (i, j) = (2 * ox, 2 * ox + 1);
+                        *d = 0.25 * ((r0[i] + r0[j]) + (r1[i] + r1[j]));
+                    }
+                }
+            }
+            input = &pooled;
+        }
+        let yi = &mut ys[img * y_img + y_off..][..out_len];
+        cpu::conv2d_forward(&one, input, wt, b, yi)?;
+        if conv.relu {
+            yi.iter_mut().filter(|v| **v < 0.0).for_each(|v| *v = 0.0);
+        }
+    }
+    Ok(())
+}

@@ -21,12 +21,21 @@ use crate::error::{Error, Result};
 use crate::tensor::{check_device, Element, Tensor};
 
 /// Checks that every tensor lives on `be`'s device.
-pub(crate) fn on_device<T: Element>(op: &'static str, be: &Backend, ts: &[&Tensor<T>]) -> Result<()> {
+pub(crate) fn on_device<T: Element>(
+    op: &'static str,
+    be: &Backend,
+    ts: &[&Tensor<T>],
+) -> Result<()> {
     ts.iter().try_for_each(|t| check_device(op, be, t))
 }
 
 /// Checks that `t` has exactly `shape`, naming `what` otherwise.
-pub(crate) fn expect_shape<T: Element>(op: &'static str, what: &str, t: &Tensor<T>, shape: &[usize]) -> Result<()> {
+pub(crate) fn expect_shape<T: Element>(
+    op: &'static str,
+    what: &str,
+    t: &Tensor<T>,
+    shape: &[usize],
+) -> Result<()> {
     if t.shape() != shape {
         return Err(Error::shape(
             op,
