@@ -493,3 +493,19 @@ fn infer_cp2image_matches_golden() {
         &outs,
     );
 }
+
+#[test]
+fn infer_densenet_matches_golden() {
+    infer_matches(
+        "densenet",
+        "densenet_small.weights.safetensors",
+        "densenet_small.cases.safetensors",
+        "input",
+        &[
+            ("features", "features"),
+            ("pooled", "pooled"),
+            ("logits", "logits"),
+            ("probs", "probs"),
+        ],
+    );
+}

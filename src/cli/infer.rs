@@ -15,13 +15,14 @@ const MODELS: &[(&str, &str)] = &[
         "vqvae2",
         "id_t, id_b, quant_t, quant_b, dec, diff, hist_t, hist_b",
     ),
+    ("densenet", "features, pooled, logits, probs"),
     ("cp2image-generator", "image"),
     ("cp2image-discriminator", "prob, hidden.0 … hidden.4"),
 ];
 
 #[derive(Args, Debug)]
 pub struct InferArgs {
-    /// Model: vqvae2, cp2image-generator, cp2image-discriminator.
+    /// Model: vqvae2, densenet, cp2image-generator, cp2image-discriminator.
     #[arg(long)]
     model: String,
     /// Weights as a safetensors file with PyTorch state_dict names.
@@ -76,15 +77,17 @@ pub fn run(a: InferArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     match a.model.as_str() {
         "vqvae2" => models::vqvae2::infer(&be, &weights, &shape, &data, a.batch_size, &mut out)?,
-        "cp2image-generator" | "cp2image-discriminator" => {
+        other => {
+            // These take the input as a host tensor and batch it themselves.
             let host = cellmorph::Tensor::from_vec(&cellmorph::Backend::cpu(), &shape, data)?;
-            if a.model == "cp2image-generator" {
-                models::cp2image::infer_generator(&be, &weights, &host, a.batch_size, &mut out)?
-            } else {
-                models::cp2image::infer_discriminator(&be, &weights, &host, a.batch_size, &mut out)?
-            }
+            let run = match other {
+                "densenet" => models::densenet::infer,
+                "cp2image-generator" => models::cp2image::infer_generator,
+                "cp2image-discriminator" => models::cp2image::infer_discriminator,
+                _ => return Err(Error::invalid(format!("unknown model {other:?}"))),
+            };
+            run(&be, &weights, &host, a.batch_size, &mut out)?
         }
-        other => return Err(Error::invalid(format!("unknown model {other:?}"))),
     }
     be.synchronize()?;
     let secs = t0.elapsed().as_secs_f64();
