@@ -10,7 +10,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 
 use cellmorph::backend::cuda_device_count;
 use cellmorph::geometry::{Conv2dGeom, Conv2dParams, ConvTranspose2dParams, Pool2dParams};
-use cellmorph::ops;
+use cellmorph::ops::{self, Codebook, VqOut};
 use cellmorph::{Backend, Device, Tensor};
 
 /// Deterministic pseudo-random values in [-1, 1) (never zeros: zeros can hide
@@ -234,5 +234,49 @@ fn memory_bound(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, conv, memory_bound);
+/// VQ lookup and code histograms at the paper's sizes: 256 patches of 160×160
+/// give a 40×40 bottom map; D = 64 and K = 64, 512. Bytes = the input read
+/// once + the codes written once (the codebook is negligible), so GB/s here
+/// compares directly with the device's memory bandwidth.
+fn vq(c: &mut Criterion) {
+    let mut g = c.benchmark_group("vq");
+    g.sample_size(10);
+    for be in backends() {
+        let dev = be.device();
+        let (n, d, h, w) = (256usize, 64usize, 40usize, 40usize);
+        let x = tensor(&be, &[n, d, h, w], 21);
+        for k in [64usize, 512] {
+            let cb = Codebook::new(&be, tensor(&be, &[d, k], 22 + k as u64)).expect("codebook");
+            let mut ids = Tensor::<i32>::zeros(&be, &[n, h, w]).expect("ids");
+            g.throughput(Throughput::Bytes((n * h * w * (d * 4 + 4)) as u64));
+            g.bench_function(BenchmarkId::new(format!("lookup_d64_k{k}"), dev), |b| {
+                b.iter(|| {
+                    let out = VqOut {
+                        ids: &mut ids,
+                        quant: None,
+                        err: None,
+                    };
+                    ops::vq_lookup_into(&be, &x, &cb, out).expect("vq");
+                    be.synchronize().expect("sync");
+                })
+            });
+        }
+        let codes: Vec<i32> = data(n * h * w, 31)
+            .iter()
+            .map(|v| ((v + 1.0) * 31.9) as i32)
+            .collect();
+        let ids = Tensor::from_vec(&be, &[n, h, w], codes).expect("ids");
+        let mut hist = Tensor::<i32>::zeros(&be, &[n, 64]).expect("hist");
+        g.throughput(Throughput::Bytes((n * h * w * 4) as u64));
+        g.bench_function(BenchmarkId::new("histogram_k64", dev), |b| {
+            b.iter(|| {
+                ops::code_histogram_accumulate(&be, &ids, None, &mut hist).expect("hist");
+                be.synchronize().expect("sync");
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, conv, memory_bound, vq);
 criterion_main!(benches);

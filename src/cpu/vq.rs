@@ -32,25 +32,60 @@ pub fn vq_code_norms(d: usize, n_embed: usize, embed: &[f32], norms: &mut [f32])
     Ok(())
 }
 
-/// The nearest code of `xv` among `codes` (`[K][d]`, one code per row):
-/// argmin of `(||x||² − 2 x·e_k) + ||e_k||²`, ties to the lowest `k`; a NaN
-/// distance never wins, so a NaN vector gets code 0.
-fn nearest(xv: &[f32], codes: &[f32], norms: &[f32]) -> usize {
+/// Codes scored together: independent `mul_add` chains, one per code, that
+/// the compiler turns into vector FMAs across codes (each chain keeps its own
+/// order over `c`, so results are unchanged).
+const CODE_BLOCK: usize = 16;
+
+/// The nearest code of `xv` among the columns of `embed` (`[d, K]`): argmin
+/// of `(||x||² − 2 x·e_k) + ||e_k||²`, ties to the lowest `k`; a NaN distance
+/// never wins, so a NaN vector gets code 0.
+#[inline(always)]
+fn nearest_impl(xv: &[f32], embed: &[f32], norms: &[f32]) -> usize {
+    let k_total = norms.len();
     let xx = xv.iter().fold(0.0f32, |acc, &v| v.mul_add(v, acc));
     let mut best = f32::INFINITY;
     let mut best_k = 0;
-    for (k, (e, &ee)) in codes.chunks_exact(xv.len()).zip(norms).enumerate() {
-        let dot = xv
-            .iter()
-            .zip(e)
-            .fold(0.0f32, |acc, (&x, &e)| x.mul_add(e, acc));
-        let dist = (xx - 2.0 * dot) + ee;
-        if dist < best {
-            best = dist;
-            best_k = k;
+    for k0 in (0..k_total).step_by(CODE_BLOCK) {
+        let m = CODE_BLOCK.min(k_total - k0);
+        let mut dot = [0.0f32; CODE_BLOCK];
+        for (c, &x) in xv.iter().enumerate() {
+            let row = &embed[c * k_total + k0..c * k_total + k0 + m];
+            for (acc, &e) in dot.iter_mut().zip(row) {
+                *acc = x.mul_add(e, *acc);
+            }
+        }
+        for (j, (&dot, &ee)) in dot.iter().zip(&norms[k0..k0 + m]).enumerate() {
+            let dist = (xx - 2.0 * dot) + ee;
+            if dist < best {
+                best = dist;
+                best_k = k0 + j;
+            }
         }
     }
     best_k
+}
+
+/// [`nearest_impl`] compiled for CPUs with hardware FMA, where `mul_add` is
+/// one instruction instead of a libm call.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn nearest_fma(xv: &[f32], embed: &[f32], norms: &[f32]) -> usize {
+    nearest_impl(xv, embed, norms)
+}
+
+/// The nearest code, with hardware FMA where the CPU has it (same results
+/// either way: `mul_add` is a fused multiply-add by definition).
+fn nearest(xv: &[f32], embed: &[f32], norms: &[f32]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: both features were just detected on this CPU.
+        return unsafe { nearest_fma(xv, embed, norms) };
+    }
+    nearest_impl(xv, embed, norms)
 }
 
 /// Nearest-code lookup for every position of `x` `[n, d, hw]` against
@@ -101,10 +136,6 @@ pub fn vq_lookup_forward(
             format!("{n_embed} codes do not fit 32-bit ids"),
         ));
     }
-    // Codes as rows, so each dot product reads one contiguous slice.
-    let codes: Vec<f32> = (0..n_embed)
-        .flat_map(|k| (0..d).map(move |c| embed[c * n_embed + k]))
-        .collect();
     let vector = |p: usize, xv: &mut [f32]| {
         let (s, pix) = (p / hw, p % hw);
         for (c, v) in xv.iter_mut().enumerate() {
@@ -119,7 +150,7 @@ pub fn vq_lookup_forward(
             for (i, id) in ids.iter_mut().enumerate() {
                 vector(task * POSITIONS_PER_TASK + i, &mut xv);
                 // Fits: n_embed ≤ i32::MAX was checked above.
-                *id = nearest(&xv, &codes, norms) as i32;
+                *id = nearest(&xv, embed, norms) as i32;
             }
         });
     let ids: &[i32] = ids;
@@ -143,9 +174,9 @@ pub fn vq_lookup_forward(
                 for (i, e2) in err.iter_mut().enumerate() {
                     let p = task * POSITIONS_PER_TASK + i;
                     vector(p, &mut xv);
-                    let code = &codes[ids[p] as usize * d..][..d];
-                    *e2 = xv.iter().zip(code).fold(0.0f32, |acc, (&x, &e)| {
-                        let t = x - e;
+                    let k = ids[p] as usize;
+                    *e2 = xv.iter().enumerate().fold(0.0f32, |acc, (c, &x)| {
+                        let t = x - embed[c * n_embed + k];
                         t.mul_add(t, acc)
                     });
                 }
