@@ -36,6 +36,7 @@ use crate::io::{write_atomic, TensorWriter};
 use crate::models::densenet::{ClassActivationMap, DenseNet, DenseNetWorkspace};
 use crate::plot::{heatmap_overlay, roc_plot, HeatmapOptions, PlotOptions};
 use crate::stats::{binary_metrics, roc_curve};
+use crate::table::{quote_field as quote, split_fields as split_csv};
 use crate::tensor::Tensor;
 
 /// Network input height of the paper (H × W = 226 × 306, a quarter of the
@@ -777,71 +778,6 @@ pub fn cam_overlay(
 // ---------------------------------------------------------------------------
 // CSV files
 // ---------------------------------------------------------------------------
-
-/// Quotes a CSV field when it holds a comma, a quote or a line break.
-fn quote(field: &str) -> String {
-    if field.contains([',', '"', '\n', '\r']) || field.trim() != field {
-        format!("\"{}\"", field.replace('"', "\"\""))
-    } else {
-        field.to_string()
-    }
-}
-
-/// Splits one CSV line into fields (double-quoted fields may hold commas
-/// and doubled quotes; unquoted fields are trimmed).
-fn split_csv(line: &str) -> std::result::Result<Vec<String>, String> {
-    let mut fields = Vec::new();
-    let mut chars = line.chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| *c == ' ' || *c == '\t') {
-            chars.next();
-        }
-        let mut field = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            loop {
-                match chars.next() {
-                    Some('"') if chars.peek() == Some(&'"') => {
-                        chars.next();
-                        field.push('"');
-                    }
-                    Some('"') => break,
-                    Some(c) => field.push(c),
-                    None => {
-                        return Err(format!("unterminated quote in field {}", fields.len() + 1))
-                    }
-                }
-            }
-            while chars.peek().is_some_and(|c| *c == ' ' || *c == '\t') {
-                chars.next();
-            }
-            fields.push(field);
-            match chars.next() {
-                None => return Ok(fields),
-                Some(',') => {}
-                Some(c) => {
-                    return Err(format!(
-                        "unexpected {c:?} after the closing quote of field {}",
-                        fields.len()
-                    ))
-                }
-            }
-        } else {
-            let mut end = true;
-            for c in chars.by_ref() {
-                if c == ',' {
-                    end = false;
-                    break;
-                }
-                field.push(c);
-            }
-            fields.push(field.trim().to_string());
-            if end {
-                return Ok(fields);
-            }
-        }
-    }
-}
 
 /// A CSV file: `# key: value` comment lines, a header, rows with their line
 /// numbers.

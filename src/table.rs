@@ -330,7 +330,9 @@ pub(crate) fn split_fields(line: &str) -> std::result::Result<Vec<String>, Strin
     }
 }
 
-fn quote_field(s: &str) -> String {
+/// Quotes a CSV field when it holds a comma, a quote, a line break or
+/// surrounding blanks.
+pub(crate) fn quote_field(s: &str) -> String {
     if s.contains([',', '"', '\n', '\r']) || s.trim() != s {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
