@@ -488,7 +488,12 @@ impl VqVae2 {
 
     /// The bottom quantizer's input `pre_b` `[N, D, H/4, W/4]` from the top
     /// vectors and the bottom encoder's output.
-    pub fn pre_quantize_bottom(&self, be: &Backend, quant_t: &Tensor, enc_b: &Tensor) -> Result<Tensor> {
+    pub fn pre_quantize_bottom(
+        &self,
+        be: &Backend,
+        quant_t: &Tensor,
+        enc_b: &Tensor,
+    ) -> Result<Tensor> {
         self.bottom_input(be, quant_t, enc_b)
     }
 
