@@ -1,27 +1,50 @@
 //! 2-D convolution and transposed convolution (dilation 1, groups 1).
 //!
-//! Both ops, forward and backward, reduce to three loops over one pair of
-//! planes linked by a kernel window: a *small* plane (the conv output, or the
-//! transposed conv's input) and a *big* plane (the conv input, or the
-//! transposed conv's output), with `big[i·s + k − p] ↔ small[i]` along each
-//! axis:
+//! Both ops, forward and backward, link a *small* plane (the conv output, or
+//! the transposed conv's input) and a *big* plane (the conv input, or the
+//! transposed conv's output) through a kernel window, with
+//! `big[i·s + k − p] ↔ small[i]` along each axis; the weights are always
+//! `[small channels, big channels, kh, kw]`. Everything reduces to three
+//! products:
 //!
-//! - `correlate`: `small[i, j] += Σ_k K[ky, kx] · big[i·s + ky − p, j·s + kx − p]`
+//! - *correlate*: `small[cs, i, j] = Σ_{cb, ky, kx} w[cs, cb, ky, kx] · big[cb, i·s + ky − p, j·s + kx − p]`
 //!   (conv forward, transposed-conv input gradient);
-//! - `scatter`: `big[i·s + ky − p, j·s + kx − p] += K[ky, kx] · small[i, j]`
+//! - *scatter*: `big[cb, i·s + ky − p, j·s + kx − p] += Σ_cs w[cs, cb, ky, kx] · small[cs, i, j]`
 //!   (transposed-conv forward, conv input gradient);
-//! - `kernel_grad`: `dK[ky, kx] += Σ_{i,j} small[i, j] · big[i·s + ky − p, j·s + kx − p]`
-//!   (both weight gradients).
+//! - `kernel_grad`: `dK[ky, kx] += Σ_{i, j} small[i, j] · big[i·s + ky − p, j·s + kx − p]`
+//!   (both weight gradients), a loop nest over one pair of planes.
 //!
-//! Out-of-range big positions are the zero padding and are skipped. No im2col
-//! buffer is built; the innermost loops run along a row, contiguous in the
-//! small plane (and in the big plane too when the stride is 1).
+//! Correlate and scatter run as implicit GEMMs (`GemmConv`): the weights
+//! `[c_out, c_in·taps]` times patches `[c_in·taps, pixels]` that are gathered
+//! tile by tile, into small reused buffers, from a zero-padded copy of the
+//! input rows one task needs (never a whole-image im2col). Scatter is first
+//! split into `stride_h·stride_w` phases, the output pixels with the same
+//! `(oy mod s, ox mod s)`: a phase meets only the taps `ky ≡ oy + p (mod s)`,
+//! each at a fixed input offset, so it is a stride-1 correlation with part of
+//! the kernel and the same GEMM applies.
+//!
+//! Every output starts from its bias and adds its products in the order of
+//! the plain loop nest (input channel, then ky, then kx), one multiply and
+//! one add at a time (see `gemm`), so the results equal those of that loop
+//! nest, kept as `naive` for the tests; a tap in the zero padding adds an
+//! exact zero where the loop nest skipped it.
 
+use super::gemm::{gemm, pack_a, packed_len, MR, NR};
 use super::{check_len, chunk, numel};
 use crate::error::{Error, Result};
 use crate::geometry::{Conv2dGeom, ConvTranspose2dGeom};
 use rayon::prelude::*;
 use std::ops::Range;
+
+/// Target size of one gathered patch tile (GEMM B), in floats: with the
+/// weights' current block it stays within L2.
+const TILE_FLOATS: usize = 1 << 16;
+/// Most output positions per tile (bounds the output tile, GEMM C).
+const MAX_TILE: usize = 16 * NR;
+/// Most output pixels per rayon task (bounds its input window).
+const MAX_TASK_PIXELS: usize = 2048;
+/// Tasks per thread to aim for, so that uneven tasks still balance.
+const TASKS_PER_THREAD: usize = 4;
 
 /// The window linking a small plane to a big plane (see the module docs).
 #[derive(Clone, Copy, Debug)]
@@ -110,61 +133,477 @@ fn valid_range(
     lo..hi.max(lo)
 }
 
-/// `small[i, j] += Σ K[ky, kx] · big[i·s + ky − p, j·s + kx − p]`.
-fn correlate(win: &Window, big: &[f32], kernel: &[f32], small: &mut [f32]) {
-    for ky in 0..win.kh {
-        for i in win.rows(ky) {
-            let big_row = &big[(i * win.stride_h + ky - win.pad_h) * win.big_w..][..win.big_w];
-            let small_row = &mut small[i * win.small_w..][..win.small_w];
-            for kx in 0..win.kw {
-                let k = kernel[ky * win.kw + kx];
-                let cols = win.cols(kx);
-                if cols.is_empty() {
-                    continue;
+/// One axis of a GEMM phase: position `g < len` is output index
+/// `out0 + g·out_step` and reads, through its `t`-th tap, input index
+/// `g·in_step + offs[t]` (zero outside the input).
+#[derive(Debug)]
+struct Axis {
+    len: usize,
+    out0: usize,
+    out_step: usize,
+    in_step: usize,
+    /// Kernel index of each tap, ascending.
+    taps: Vec<usize>,
+    /// Input offset of each tap.
+    offs: Vec<isize>,
+}
+
+impl Axis {
+    /// Correlate: small index `i` reads every tap `kk` at big index `i·s + kk − p`.
+    fn correlate(small: usize, stride: usize, pad: usize, k: usize) -> Self {
+        Axis {
+            len: small,
+            out0: 0,
+            out_step: 1,
+            in_step: stride,
+            taps: (0..k).collect(),
+            offs: (0..k).map(|kk| kk as isize - pad as isize).collect(),
+        }
+    }
+
+    /// Scatter, phase `r`: big index `r + g·s` is reached by the taps
+    /// `kk ≡ r + p (mod s)`, from small index `g + (r + p − kk)/s`.
+    fn scatter(big: usize, stride: usize, pad: usize, k: usize, r: usize) -> Self {
+        let taps: Vec<usize> = ((r + pad) % stride..k).step_by(stride).collect();
+        let offs = taps
+            .iter()
+            .map(|&kk| ((r + pad) as isize - kk as isize) / stride as isize)
+            .collect();
+        Axis {
+            len: big.saturating_sub(r).div_ceil(stride),
+            out0: r,
+            out_step: stride,
+            in_step: 1,
+            taps,
+            offs,
+        }
+    }
+
+    /// Positions whose output index lies in `out`.
+    fn positions(&self, out: &Range<usize>) -> Range<usize> {
+        let first_at = |o: usize| {
+            o.saturating_sub(self.out0)
+                .div_ceil(self.out_step)
+                .min(self.len)
+        };
+        first_at(out.start)..first_at(out.end)
+    }
+
+    /// Smallest tap offset (0 without taps).
+    fn min_off(&self) -> isize {
+        self.offs.iter().copied().min().unwrap_or(0)
+    }
+
+    /// Input indices read by `positions`, or `None` if they read none.
+    fn reads(&self, positions: &Range<usize>) -> Option<Range<isize>> {
+        let hi = self.offs.iter().copied().max()?;
+        if positions.is_empty() {
+            return None;
+        }
+        let first = (positions.start * self.in_step) as isize + self.min_off();
+        let last = ((positions.end - 1) * self.in_step) as isize + hi;
+        Some(first..last + 1)
+    }
+}
+
+/// The smallest range holding both.
+fn union(a: Range<isize>, b: Range<isize>) -> Range<isize> {
+    a.start.min(b.start)..a.end.max(b.end)
+}
+
+/// Length of a range that may start below zero.
+fn span(r: &Range<isize>) -> usize {
+    (r.end - r.start).max(0) as usize
+}
+
+/// One GEMM of a [`GemmConv`]: the outputs on the grid `rows × cols`, each
+/// summing over (input channel, row tap, column tap).
+struct Phase {
+    rows: Axis,
+    cols: Axis,
+    /// GEMM depth: input channels × row taps × column taps.
+    k: usize,
+    /// The weights `[c_out, k]`, packed as GEMM A.
+    a: Vec<f32>,
+}
+
+impl Phase {
+    /// `w` holds the weights `[c_out, k]` row-major, columns ordered as the
+    /// GEMM depth.
+    fn new(c_out: usize, rows: Axis, cols: Axis, k: usize, w: &[f32]) -> Self {
+        let mut a = vec![0.0; packed_len(c_out, MR, k)];
+        pack_a(c_out, k, w, k, &mut a);
+        Phase { rows, cols, k, a }
+    }
+}
+
+/// `n` images of `c_in` planes `in_h × in_w` to `c_out` planes
+/// `out_h × out_w` (overwritten, starting from the bias), as one GEMM per
+/// phase.
+struct GemmConv<'b> {
+    n: usize,
+    c_in: usize,
+    in_h: usize,
+    in_w: usize,
+    c_out: usize,
+    out_h: usize,
+    out_w: usize,
+    phases: Vec<Phase>,
+    bias: Option<&'b [f32]>,
+    /// Input columns that some phase reads: the columns of every window.
+    cols: Range<isize>,
+}
+
+/// The output rows one rayon task computes: rows `rows` of images `imgs`
+/// (all rows when there are several images), as one slice per (image,
+/// channel) in that order.
+struct Task<'y> {
+    imgs: Range<usize>,
+    rows: Range<usize>,
+    pieces: Vec<&'y mut [f32]>,
+}
+
+impl<'b> GemmConv<'b> {
+    /// Correlate: big planes (`c_big` channels) in, small planes out.
+    fn correlate(
+        win: &Window,
+        n: usize,
+        c_big: usize,
+        c_small: usize,
+        w: &[f32],
+        bias: Option<&'b [f32]>,
+    ) -> Self {
+        // w [c_small, c_big, kh, kw] already is the GEMM's A [c_small, c_big·kh·kw].
+        let phase = Phase::new(
+            c_small,
+            Axis::correlate(win.small_h, win.stride_h, win.pad_h, win.kh),
+            Axis::correlate(win.small_w, win.stride_w, win.pad_w, win.kw),
+            c_big * win.kernel_len(),
+            w,
+        );
+        let input = (c_big, win.big_h, win.big_w);
+        let output = (c_small, win.small_h, win.small_w);
+        GemmConv::new(n, input, output, vec![phase], bias)
+    }
+
+    /// Scatter: small planes (`c_small` channels) in, big planes out.
+    fn scatter(
+        win: &Window,
+        n: usize,
+        c_small: usize,
+        c_big: usize,
+        w: &[f32],
+        bias: Option<&'b [f32]>,
+    ) -> Self {
+        let k_len = win.kernel_len();
+        let mut phases = Vec::with_capacity(win.stride_h * win.stride_w);
+        let mut w_phase = Vec::new();
+        for ry in 0..win.stride_h {
+            for rx in 0..win.stride_w {
+                let rows = Axis::scatter(win.big_h, win.stride_h, win.pad_h, win.kh, ry);
+                let cols = Axis::scatter(win.big_w, win.stride_w, win.pad_w, win.kw, rx);
+                // A [c_big, c_small·taps] from w [c_small, c_big, kh, kw].
+                w_phase.clear();
+                for cb in 0..c_big {
+                    for cs in 0..c_small {
+                        let w_k = &w[(cs * c_big + cb) * k_len..][..k_len];
+                        for &ky in &rows.taps {
+                            w_phase.extend(cols.taps.iter().map(|&kx| w_k[ky * win.kw + kx]));
+                        }
+                    }
                 }
-                let b0 = cols.start * win.stride_w + kx - win.pad_w;
-                let len = cols.len();
-                let out = &mut small_row[cols];
-                if win.stride_w == 1 {
-                    for (o, &v) in out.iter_mut().zip(&big_row[b0..b0 + len]) {
-                        *o += k * v;
+                let k = c_small * rows.taps.len() * cols.taps.len();
+                phases.push(Phase::new(c_big, rows, cols, k, &w_phase));
+            }
+        }
+        let input = (c_small, win.small_h, win.small_w);
+        let output = (c_big, win.big_h, win.big_w);
+        GemmConv::new(n, input, output, phases, bias)
+    }
+
+    fn new(
+        n: usize,
+        (c_in, in_h, in_w): (usize, usize, usize),
+        (c_out, out_h, out_w): (usize, usize, usize),
+        phases: Vec<Phase>,
+        bias: Option<&'b [f32]>,
+    ) -> Self {
+        let cols = phases
+            .iter()
+            .filter(|p| p.k > 0)
+            .filter_map(|p| p.cols.reads(&(0..p.cols.len)))
+            .reduce(union)
+            .unwrap_or(0..0);
+        GemmConv {
+            n,
+            c_in,
+            in_h,
+            in_w,
+            c_out,
+            out_h,
+            out_w,
+            phases,
+            bias,
+            cols,
+        }
+    }
+
+    /// Computes `y` `[n, c_out, out_h, out_w]` from `x` `[n, c_in, in_h, in_w]`.
+    fn run(&self, x: &[f32], y: &mut [f32]) {
+        if y.is_empty() {
+            return;
+        }
+        let tile = self
+            .phases
+            .iter()
+            .map(|p| tile_len(p.k))
+            .max()
+            .unwrap_or(NR);
+        let pixels = self.n * self.out_h * self.out_w;
+        let target = pixels
+            .div_ceil(TASKS_PER_THREAD * rayon::current_num_threads())
+            .clamp(tile, MAX_TASK_PIXELS.max(tile));
+        self.tasks(y, target)
+            .into_par_iter()
+            .for_each(|task| self.run_task(x, task));
+    }
+
+    /// Splits `y` into tasks of about `target` output pixels: groups of whole
+    /// images when a plane is smaller, else blocks of rows of one image.
+    fn tasks<'y>(&self, y: &'y mut [f32], target: usize) -> Vec<Task<'y>> {
+        let plane = self.out_h * self.out_w;
+        if plane < target {
+            let group = target / plane;
+            return y
+                .chunks_mut(group * self.c_out * plane)
+                .enumerate()
+                .map(|(t, y_group)| Task {
+                    imgs: t * group..(t * group + group).min(self.n),
+                    rows: 0..self.out_h,
+                    pieces: y_group.chunks_mut(plane).collect(),
+                })
+                .collect();
+        }
+        let block = target.div_ceil(self.out_w).min(self.out_h);
+        let blocks = self.out_h.div_ceil(block);
+        let mut tasks: Vec<Task<'y>> = (0..self.n * blocks)
+            .map(|t| {
+                let row0 = t % blocks * block;
+                Task {
+                    imgs: t / blocks..t / blocks + 1,
+                    rows: row0..(row0 + block).min(self.out_h),
+                    pieces: Vec::with_capacity(self.c_out),
+                }
+            })
+            .collect();
+        for (img, y_img) in y.chunks_mut(self.c_out * plane).enumerate() {
+            for y_plane in y_img.chunks_mut(plane) {
+                for (b, piece) in y_plane.chunks_mut(block * self.out_w).enumerate() {
+                    tasks[img * blocks + b].pieces.push(piece);
+                }
+            }
+        }
+        tasks
+    }
+
+    /// Computes one task's outputs, phase by phase and tile by tile.
+    fn run_task(&self, x: &[f32], task: Task<'_>) {
+        let Task {
+            imgs,
+            rows,
+            mut pieces,
+        } = task;
+        let win_rows = self
+            .phases
+            .iter()
+            .filter(|p| p.k > 0)
+            .filter_map(|p| p.rows.reads(&p.rows.positions(&rows)))
+            .reduce(union)
+            .unwrap_or(0..0);
+        let window = self.window(x, &imgs, &win_rows);
+        let (wc, plane) = (span(&self.cols), span(&win_rows) * span(&self.cols));
+        // Reused per tile: window offsets and output slots of its positions, its
+        // patches (GEMM B) and its outputs (GEMM C).
+        let (mut pix, mut outs) = (Vec::new(), Vec::new());
+        let (mut patches, mut out_tile) = (Vec::new(), Vec::new());
+        for p in &self.phases {
+            let g_rows = p.rows.positions(&rows);
+            let (na, nb) = (g_rows.len(), p.cols.len);
+            let count = imgs.len() * na * nb;
+            if count == 0 {
+                continue;
+            }
+            let tile = tile_len(p.k);
+            // Window offset of each (row tap, column tap) beyond the first.
+            let (min_r, min_c) = (p.rows.min_off(), p.cols.min_off());
+            let taps: Vec<usize> = p
+                .rows
+                .offs
+                .iter()
+                .flat_map(|&dy| {
+                    p.cols
+                        .offs
+                        .iter()
+                        .map(move |&dx| (dy - min_r) as usize * wc + (dx - min_c) as usize)
+                })
+                .collect();
+            patches.resize(packed_len(tile, NR, p.k), 0.0);
+            out_tile.resize(self.c_out * tile, 0.0);
+            for q0 in (0..count).step_by(tile) {
+                let len = tile.min(count - q0);
+                pix.clear();
+                outs.clear();
+                for q in q0..q0 + len {
+                    let (img, gy, gx) = (q / (na * nb), g_rows.start + q / nb % na, q % nb);
+                    if p.k > 0 {
+                        let row = (gy * p.rows.in_step) as isize + min_r - win_rows.start;
+                        let col = (gx * p.cols.in_step) as isize + min_c - self.cols.start;
+                        pix.push(img * self.c_in * plane + row as usize * wc + col as usize);
+                    }
+                    let oy = p.rows.out0 + gy * p.rows.out_step - rows.start;
+                    let ox = p.cols.out0 + gx * p.cols.out_step;
+                    outs.push((img * self.c_out, oy * self.out_w + ox));
+                }
+                let b_tile = &mut patches[..packed_len(len, NR, p.k)];
+                gather(
+                    &window,
+                    plane,
+                    self.c_in,
+                    &taps,
+                    &pix,
+                    p.cols.in_step,
+                    b_tile,
+                );
+                for (co, c_row) in out_tile.chunks_exact_mut(tile).enumerate() {
+                    c_row[..len].fill(self.bias.map_or(0.0, |b| b[co]));
+                }
+                gemm(self.c_out, len, p.k, &p.a, b_tile, &mut out_tile, tile);
+                write_out(&out_tile, tile, &outs, p.cols.out_step, &mut pieces);
+            }
+        }
+    }
+
+    /// Input rows `rows` and columns `self.cols` of images `imgs`, zero
+    /// outside the input: `[imgs, c_in, rows, cols]`.
+    fn window(&self, x: &[f32], imgs: &Range<usize>, rows: &Range<isize>) -> Vec<f32> {
+        let (wr, wc) = (span(rows), span(&self.cols));
+        let mut win = vec![0.0; imgs.len() * self.c_in * wr * wc];
+        // The input columns inside the window.
+        let (x0, x1) = (
+            self.cols.start.max(0),
+            self.cols.end.min(self.in_w as isize),
+        );
+        if win.is_empty() || x1 <= x0 || self.in_h == 0 {
+            return win;
+        }
+        let (src, dst, len) = (
+            x0 as usize,
+            (x0 - self.cols.start) as usize,
+            (x1 - x0) as usize,
+        );
+        let in_plane = self.in_h * self.in_w;
+        let x_imgs = &x[imgs.start * self.c_in * in_plane..][..imgs.len() * self.c_in * in_plane];
+        for (w_plane, x_plane) in win
+            .chunks_exact_mut(wr * wc)
+            .zip(x_imgs.chunks_exact(in_plane))
+        {
+            for (r, w_row) in rows.clone().zip(w_plane.chunks_exact_mut(wc)) {
+                if (0..self.in_h as isize).contains(&r) {
+                    let x_row = &x_plane[r as usize * self.in_w..][..self.in_w];
+                    w_row[dst..][..len].copy_from_slice(&x_row[src..][..len]);
+                }
+            }
+        }
+        win
+    }
+}
+
+/// Output positions per tile: whole strips, and about [`TILE_FLOATS`] of
+/// gathered patches at GEMM depth `k`.
+fn tile_len(k: usize) -> usize {
+    (TILE_FLOATS / k.max(1)).clamp(NR, MAX_TILE) / NR * NR
+}
+
+/// Fills the packed patches (GEMM B) of one tile: lane `l` of strip `s` is
+/// the position whose first tap is at `pix[s·NR + l]` in `window`; row
+/// `(ci, t)` adds `ci·plane + taps[t]`. A strip of positions `step` apart in
+/// the window (typically part of one output row) is copied as a slice; lanes
+/// past the tile are zero.
+fn gather(
+    window: &[f32],
+    plane: usize,
+    c_in: usize,
+    taps: &[usize],
+    pix: &[usize],
+    step: usize,
+    b: &mut [f32],
+) {
+    let k = c_in * taps.len();
+    if k == 0 {
+        return;
+    }
+    for (lanes, strip) in pix.chunks(NR).zip(b.chunks_exact_mut(k * NR)) {
+        let p0 = lanes[0];
+        let run = lanes.len() == NR && lanes.iter().enumerate().all(|(l, &p)| p == p0 + l * step);
+        let mut rows = strip.chunks_exact_mut(NR);
+        for ci in 0..c_in {
+            for (&t, dst) in taps.iter().zip(rows.by_ref()) {
+                let base = ci * plane + t;
+                if run && step == 1 {
+                    dst.copy_from_slice(&window[base + p0..][..NR]);
+                } else if run {
+                    let src = &window[base + p0..][..(NR - 1) * step + 1];
+                    for (l, d) in dst.iter_mut().enumerate() {
+                        *d = src[l * step];
                     }
                 } else {
-                    // Indexing a span cut to the exact extent lets the compiler drop the
-                    // bounds checks; `step_by` here ran about half as fast.
-                    let span = &big_row[b0..=b0 + (len - 1) * win.stride_w];
-                    for (t, o) in out.iter_mut().enumerate() {
-                        *o += k * span[t * win.stride_w];
+                    for (d, &p) in dst.iter_mut().zip(lanes) {
+                        *d = window[base + p];
                     }
+                    dst[lanes.len()..].fill(0.0);
                 }
             }
         }
     }
 }
 
-/// `big[i·s + ky − p, j·s + kx − p] += K[ky, kx] · small[i, j]`.
-fn scatter(win: &Window, small: &[f32], kernel: &[f32], big: &mut [f32]) {
-    for ky in 0..win.kh {
-        for i in win.rows(ky) {
-            let small_row = &small[i * win.small_w..][..win.small_w];
-            let big_row = &mut big[(i * win.stride_h + ky - win.pad_h) * win.big_w..][..win.big_w];
-            for kx in 0..win.kw {
-                let k = kernel[ky * win.kw + kx];
-                let cols = win.cols(kx);
-                if cols.is_empty() {
-                    continue;
-                }
-                let b0 = cols.start * win.stride_w + kx - win.pad_w;
-                let inp = &small_row[cols];
-                if win.stride_w == 1 {
-                    for (o, &v) in big_row[b0..b0 + inp.len()].iter_mut().zip(inp) {
-                        *o += k * v;
-                    }
+/// Copies a tile's outputs, `c` `[c_out, ld]` (the first `outs.len()`
+/// columns), to the task's pieces: output `j` goes to `pieces[outs[j].0 + co]`
+/// at offset `outs[j].1`. Outputs `step` apart in one piece are written as a
+/// run.
+fn write_out(
+    c: &[f32],
+    ld: usize,
+    outs: &[(usize, usize)],
+    step: usize,
+    pieces: &mut [&mut [f32]],
+) {
+    let runs: Vec<bool> = outs
+        .chunks(NR)
+        .map(|lanes| {
+            let (p0, o0) = lanes[0];
+            lanes
+                .iter()
+                .enumerate()
+                .all(|(l, &(p, o))| p == p0 && o == o0 + l * step)
+        })
+        .collect();
+    for (co, c_row) in c.chunks_exact(ld).enumerate() {
+        let strips = outs.chunks(NR).zip(c_row[..outs.len()].chunks(NR));
+        for ((lanes, vals), &run) in strips.zip(&runs) {
+            let (p0, o0) = lanes[0];
+            if run {
+                let dst = &mut pieces[p0 + co][o0..][..(vals.len() - 1) * step + 1];
+                if step == 1 {
+                    dst.copy_from_slice(vals);
                 } else {
-                    let span = &mut big_row[b0..=b0 + (inp.len() - 1) * win.stride_w];
-                    for (t, &v) in inp.iter().enumerate() {
-                        span[t * win.stride_w] += k * v;
+                    for (l, &v) in vals.iter().enumerate() {
+                        dst[l * step] = v;
                     }
+                }
+            } else {
+                for (&(p, o), &v) in lanes.iter().zip(vals) {
+                    pieces[p + co][o] = v;
                 }
             }
         }
@@ -225,19 +664,7 @@ pub fn conv2d_forward(
     }
     check_len(OP, "y", y.len(), numel(OP, &[g.n, g.c_out, g.oh, g.ow])?)?;
 
-    let win = Window::conv(g);
-    let (x_plane, k_len) = (win.big_len(), win.kernel_len());
-    y.par_chunks_mut(chunk(win.small_len()))
-        .enumerate()
-        .for_each(|(p, y_plane)| {
-            let (n, co) = (p / g.c_out, p % g.c_out);
-            y_plane.fill(b.map_or(0.0, |b| b[co]));
-            for ci in 0..g.c_in {
-                let x_nc = &x[(n * g.c_in + ci) * x_plane..][..x_plane];
-                let w_oc = &w[(co * g.c_in + ci) * k_len..][..k_len];
-                correlate(&win, x_nc, w_oc, y_plane);
-            }
-        });
+    GemmConv::correlate(&Window::conv(g), g.n, g.c_in, g.c_out, w, b).run(x, y);
     Ok(())
 }
 
@@ -268,18 +695,8 @@ pub fn conv2d_backward(
     let win = Window::conv(g);
     let (x_plane, y_plane, k_len) = (win.big_len(), win.small_len(), win.kernel_len());
 
-    // dx[n, ci] = Σ_co dy[n, co] scattered through w[co, ci].
-    dx.par_chunks_mut(chunk(x_plane))
-        .enumerate()
-        .for_each(|(p, dx_plane)| {
-            let (n, ci) = (p / g.c_in, p % g.c_in);
-            dx_plane.fill(0.0);
-            for co in 0..g.c_out {
-                let dy_nc = &dy[(n * g.c_out + co) * y_plane..][..y_plane];
-                let w_oc = &w[(co * g.c_in + ci) * k_len..][..k_len];
-                scatter(&win, dy_nc, w_oc, dx_plane);
-            }
-        });
+    // dx[n, ci] = Σ_co dy[n, co] scattered through w[co, ci]: a transposed conv.
+    GemmConv::scatter(&win, g.n, g.c_out, g.c_in, w, None).run(dy, dx);
 
     // dw[co, ci] = Σ_n dy[n, co] ⋆ x[n, ci], one (co, ci) kernel per task.
     dw.par_chunks_mut(chunk(k_len))
@@ -331,19 +748,7 @@ pub fn conv_transpose2d_forward(
     }
     check_len(OP, "y", y.len(), numel(OP, &[g.n, g.c_out, g.oh, g.ow])?)?;
 
-    let win = Window::transposed(g);
-    let (x_plane, k_len) = (win.small_len(), win.kernel_len());
-    y.par_chunks_mut(chunk(win.big_len()))
-        .enumerate()
-        .for_each(|(p, y_plane)| {
-            let (n, co) = (p / g.c_out, p % g.c_out);
-            y_plane.fill(b.map_or(0.0, |b| b[co]));
-            for ci in 0..g.c_in {
-                let x_nc = &x[(n * g.c_in + ci) * x_plane..][..x_plane];
-                let w_io = &w[(ci * g.c_out + co) * k_len..][..k_len];
-                scatter(&win, x_nc, w_io, y_plane);
-            }
-        });
+    GemmConv::scatter(&Window::transposed(g), g.n, g.c_in, g.c_out, w, b).run(x, y);
     Ok(())
 }
 
@@ -375,17 +780,7 @@ pub fn conv_transpose2d_backward(
     let (x_plane, y_plane, k_len) = (win.small_len(), win.big_len(), win.kernel_len());
 
     // dx[n, ci] = Σ_co dy[n, co] ⋆ w[ci, co]: an ordinary strided convolution.
-    dx.par_chunks_mut(chunk(x_plane))
-        .enumerate()
-        .for_each(|(p, dx_plane)| {
-            let (n, ci) = (p / g.c_in, p % g.c_in);
-            dx_plane.fill(0.0);
-            for co in 0..g.c_out {
-                let dy_nc = &dy[(n * g.c_out + co) * y_plane..][..y_plane];
-                let w_io = &w[(ci * g.c_out + co) * k_len..][..k_len];
-                correlate(&win, dy_nc, w_io, dx_plane);
-            }
-        });
+    GemmConv::correlate(&win, g.n, g.c_out, g.c_in, w, None).run(dy, dx);
 
     // dw[ci, co] = Σ_n x[n, ci] paired with dy[n, co] through the window.
     dw.par_chunks_mut(chunk(k_len))
@@ -404,4 +799,428 @@ pub fn conv_transpose2d_backward(
         bias_grad(g.n, g.c_out, y_plane, dy, db);
     }
     Ok(())
+}
+
+/// The straightforward loop nest the GEMM path replaced, kept as its
+/// reference: one pair of planes at a time, the innermost loop along a row,
+/// taps in the zero padding skipped.
+/// The loop nest the GEMM path replaced, kept as its reference: rayon over
+/// output planes, one pair of planes at a time, the innermost loop along a
+/// row, taps in the zero padding skipped.
+#[cfg(test)]
+mod naive {
+    use super::{chunk, Window};
+    use rayon::prelude::*;
+
+    /// `small[i, j] += Σ K[ky, kx] · big[i·s + ky − p, j·s + kx − p]`.
+    fn correlate(win: &Window, big: &[f32], kernel: &[f32], small: &mut [f32]) {
+        for ky in 0..win.kh {
+            for i in win.rows(ky) {
+                let big_row = &big[(i * win.stride_h + ky - win.pad_h) * win.big_w..][..win.big_w];
+                let small_row = &mut small[i * win.small_w..][..win.small_w];
+                for kx in 0..win.kw {
+                    let k = kernel[ky * win.kw + kx];
+                    let cols = win.cols(kx);
+                    if cols.is_empty() {
+                        continue;
+                    }
+                    let b0 = cols.start * win.stride_w + kx - win.pad_w;
+                    let len = cols.len();
+                    let out = &mut small_row[cols];
+                    if win.stride_w == 1 {
+                        for (o, &v) in out.iter_mut().zip(&big_row[b0..b0 + len]) {
+                            *o += k * v;
+                        }
+                    } else {
+                        // Indexing a span cut to the exact extent lets the compiler drop the
+                        // bounds checks; `step_by` here ran about half as fast.
+                        let span = &big_row[b0..=b0 + (len - 1) * win.stride_w];
+                        for (t, o) in out.iter_mut().enumerate() {
+                            *o += k * span[t * win.stride_w];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `big[i·s + ky − p, j·s + kx − p] += K[ky, kx] · small[i, j]`.
+    fn scatter(win: &Window, small: &[f32], kernel: &[f32], big: &mut [f32]) {
+        for ky in 0..win.kh {
+            for i in win.rows(ky) {
+                let small_row = &small[i * win.small_w..][..win.small_w];
+                let big_row =
+                    &mut big[(i * win.stride_h + ky - win.pad_h) * win.big_w..][..win.big_w];
+                for kx in 0..win.kw {
+                    let k = kernel[ky * win.kw + kx];
+                    let cols = win.cols(kx);
+                    if cols.is_empty() {
+                        continue;
+                    }
+                    let b0 = cols.start * win.stride_w + kx - win.pad_w;
+                    let inp = &small_row[cols];
+                    if win.stride_w == 1 {
+                        for (o, &v) in big_row[b0..b0 + inp.len()].iter_mut().zip(inp) {
+                            *o += k * v;
+                        }
+                    } else {
+                        let span = &mut big_row[b0..=b0 + (inp.len() - 1) * win.stride_w];
+                        for (t, &v) in inp.iter().enumerate() {
+                            span[t * win.stride_w] += k * v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `small[n, cs] = bias[cs] + Σ_cb big[n, cb] ⋆ w[cs, cb]`.
+    pub(super) fn correlate_planes(
+        win: &Window,
+        c_big: usize,
+        c_small: usize,
+        big: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        small: &mut [f32],
+    ) {
+        let (b_len, k_len) = (win.big_len(), win.kernel_len());
+        small
+            .par_chunks_mut(chunk(win.small_len()))
+            .enumerate()
+            .for_each(|(p, out)| {
+                let (img, cs) = (p / c_small, p % c_small);
+                out.fill(bias.map_or(0.0, |b| b[cs]));
+                for cb in 0..c_big {
+                    let inp = &big[(img * c_big + cb) * b_len..][..b_len];
+                    correlate(win, inp, &w[(cs * c_big + cb) * k_len..][..k_len], out);
+                }
+            });
+    }
+
+    /// `big[n, cb] = bias[cb] + Σ_cs small[n, cs]` scattered through `w[cs, cb]`.
+    pub(super) fn scatter_planes(
+        win: &Window,
+        c_small: usize,
+        c_big: usize,
+        small: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        big: &mut [f32],
+    ) {
+        let (s_len, k_len) = (win.small_len(), win.kernel_len());
+        big.par_chunks_mut(chunk(win.big_len()))
+            .enumerate()
+            .for_each(|(p, out)| {
+                let (img, cb) = (p / c_big, p % c_big);
+                out.fill(bias.map_or(0.0, |b| b[cb]));
+                for cs in 0..c_small {
+                    let inp = &small[(img * c_small + cs) * s_len..][..s_len];
+                    scatter(win, inp, &w[(cs * c_big + cb) * k_len..][..k_len], out);
+                }
+            });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geometry::{Conv2dParams, ConvTranspose2dParams};
+    use std::time::Instant;
+
+    /// SplitMix64.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        /// Uniform in `lo..=hi`.
+        fn int(&mut self, lo: usize, hi: usize) -> usize {
+            lo + (self.next() % (hi - lo + 1) as u64) as usize
+        }
+
+        /// `len` values uniform in [−1, 1).
+        fn data(&mut self, len: usize) -> Vec<f32> {
+            (0..len)
+                .map(|_| ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+                .collect()
+        }
+    }
+
+    /// The GEMM path sums the same products as the loop nest in the same
+    /// order (module docs), so the outputs must be equal, not just close.
+    fn assert_same(what: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(g == w, "{what}: output {i} is {g}, the loop nest gives {w}");
+        }
+    }
+
+    /// Conv2d forward and input gradient, both against the loop nest.
+    fn check_conv(what: &str, rng: &mut Rng, g: &Conv2dGeom) {
+        let win = Window::conv(g);
+        let x = rng.data(g.n * g.c_in * g.h * g.w);
+        let w = rng.data(g.c_out * g.c_in * g.kh * g.kw);
+        let b = rng.data(g.c_out);
+        let dy = rng.data(g.n * g.c_out * g.oh * g.ow);
+
+        let mut want = vec![0.0; dy.len()];
+        naive::correlate_planes(&win, g.c_in, g.c_out, &x, &w, Some(&b), &mut want);
+        let mut got = vec![f32::NAN; dy.len()];
+        conv2d_forward(g, &x, &w, Some(&b), &mut got).unwrap();
+        assert_same(&format!("{what}: conv2d forward"), &got, &want);
+
+        let mut want = vec![0.0; x.len()];
+        naive::scatter_planes(&win, g.c_out, g.c_in, &dy, &w, None, &mut want);
+        let (mut dx, mut dw) = (vec![f32::NAN; x.len()], vec![0.0; w.len()]);
+        conv2d_backward(g, &x, &w, &dy, &mut dx, &mut dw, None).unwrap();
+        assert_same(&format!("{what}: conv2d dx"), &dx, &want);
+    }
+
+    /// Transposed conv2d forward and input gradient, both against the loop nest.
+    fn check_transposed(what: &str, rng: &mut Rng, g: &ConvTranspose2dGeom) {
+        let win = Window::transposed(g);
+        let x = rng.data(g.n * g.c_in * g.h * g.w);
+        let w = rng.data(g.c_in * g.c_out * g.kh * g.kw);
+        let b = rng.data(g.c_out);
+        let dy = rng.data(g.n * g.c_out * g.oh * g.ow);
+
+        let mut want = vec![0.0; dy.len()];
+        naive::scatter_planes(&win, g.c_in, g.c_out, &x, &w, Some(&b), &mut want);
+        let mut got = vec![f32::NAN; dy.len()];
+        conv_transpose2d_forward(g, &x, &w, Some(&b), &mut got).unwrap();
+        assert_same(&format!("{what}: conv_transpose2d forward"), &got, &want);
+
+        let mut want = vec![0.0; x.len()];
+        naive::correlate_planes(&win, g.c_out, g.c_in, &dy, &w, None, &mut want);
+        let (mut dx, mut dw) = (vec![f32::NAN; x.len()], vec![0.0; w.len()]);
+        conv_transpose2d_backward(g, &x, &w, &dy, &mut dx, &mut dw, None).unwrap();
+        assert_same(&format!("{what}: conv_transpose2d dx"), &dx, &want);
+    }
+
+    /// Random shapes: kernels 1–7, strides 1–3 (each axis), any padding,
+    /// planes from 1×1 to 40×40, odd channel counts; seeds in the messages.
+    #[test]
+    fn gemm_path_equals_the_loop_nest_on_random_shapes() {
+        for seed in 0..300u64 {
+            let mut rng = Rng(seed);
+            let (kh, kw) = (rng.int(1, 7), rng.int(1, 7));
+            let (sh, sw) = (rng.int(1, 3), rng.int(1, 3));
+            let (ph, pw) = (rng.int(0, kh), rng.int(0, kw));
+            let big = rng.int(0, 3) == 0;
+            let (h, w) = if big {
+                (rng.int(20, 40), rng.int(20, 40))
+            } else {
+                (rng.int(1, 12), rng.int(1, 12))
+            };
+            let (n, c_in, c_out) = (rng.int(1, 3), rng.int(1, 9), rng.int(1, 13));
+
+            let p = Conv2dParams {
+                stride: (sh, sw),
+                padding: (ph, pw),
+            };
+            if let Ok(g) = Conv2dGeom::new(&[n, c_in, h, w], &[c_out, c_in, kh, kw], p) {
+                check_conv(&format!("seed {seed}, {g:?}"), &mut rng, &g);
+            }
+            let p = ConvTranspose2dParams {
+                stride: (sh, sw),
+                padding: (ph, pw),
+                output_padding: (rng.int(0, sh - 1), rng.int(0, sw - 1)),
+            };
+            if let Ok(g) = ConvTranspose2dGeom::new(&[n, c_in, h, w], &[c_in, c_out, kh, kw], p) {
+                check_transposed(&format!("seed {seed}, {g:?}"), &mut rng, &g);
+            }
+        }
+    }
+
+    /// Shapes past the blocking edges: several tiles per task, GEMM depth
+    /// beyond one cache block, images grouped into tasks (small planes) and
+    /// split into row blocks (a large plane), 1×1 convs, no input channels.
+    #[test]
+    fn gemm_path_equals_the_loop_nest_past_the_block_edges() {
+        let convs: [([usize; 4], [usize; 4], usize, usize); 7] = [
+            ([3, 40, 21, 23], [13, 40, 3, 3], 1, 1),
+            ([2, 40, 21, 23], [9, 40, 3, 3], 2, 1),
+            ([37, 30, 4, 4], [10, 30, 3, 3], 1, 1),
+            ([1, 8, 64, 64], [9, 8, 4, 4], 2, 1),
+            ([2, 33, 17, 19], [7, 33, 1, 1], 1, 0),
+            ([1, 3, 70, 70], [5, 3, 7, 7], 2, 3),
+            ([2, 0, 5, 6], [3, 0, 3, 3], 1, 1),
+        ];
+        for (seed, &(xs, ws, s, p)) in convs.iter().enumerate() {
+            let mut rng = Rng(1000 + seed as u64);
+            let g = Conv2dGeom::new(&xs, &ws, Conv2dParams::new(s, p)).unwrap();
+            check_conv(&format!("seed {}, {g:?}", 1000 + seed), &mut rng, &g);
+        }
+        let transposed: [([usize; 4], [usize; 4], usize, usize); 4] = [
+            ([2, 40, 20, 20], [40, 11, 4, 4], 2, 1),
+            ([29, 30, 4, 4], [30, 10, 3, 3], 1, 1),
+            ([1, 8, 33, 31], [8, 9, 3, 3], 3, 0),
+            ([2, 0, 5, 6], [0, 3, 3, 3], 2, 1),
+        ];
+        for (seed, &(xs, ws, s, p)) in transposed.iter().enumerate() {
+            let mut rng = Rng(2000 + seed as u64);
+            let g = ConvTranspose2dGeom::new(&xs, &ws, ConvTranspose2dParams::new(s, p)).unwrap();
+            check_transposed(&format!("seed {}, {g:?}", 2000 + seed), &mut rng, &g);
+        }
+    }
+
+    /// GFLOP/s of the loop nest and of the GEMM path on the models' shapes
+    /// (those of `benches/ops.rs` and the CP2Image generator's 256 → 128
+    /// convs). Run in release: `cargo test --release --lib cpu::conv --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing; run in release with --nocapture"]
+    fn throughput_against_the_loop_nest() {
+        /// (label, x shape, weight shape, stride, padding)
+        type ConvCase = (&'static str, [usize; 4], [usize; 4], usize, usize);
+        let convs: &[ConvCase] = &[
+            ("vqvae_enc0_4x4s2", [8, 1, 160, 160], [64, 1, 4, 4], 2, 1),
+            ("vqvae_3x3_128", [8, 128, 40, 40], [128, 128, 3, 3], 1, 1),
+            ("vqvae_res1x1", [8, 32, 40, 40], [128, 32, 1, 1], 1, 0),
+            (
+                "densenet_conv0_7x7s2",
+                [4, 3, 224, 224],
+                [64, 3, 7, 7],
+                2,
+                3,
+            ),
+            (
+                "densenet_3x3_128to32",
+                [8, 128, 56, 56],
+                [32, 128, 3, 3],
+                1,
+                1,
+            ),
+            (
+                "densenet_1x1_256to128",
+                [8, 256, 28, 28],
+                [128, 256, 1, 1],
+                1,
+                0,
+            ),
+            (
+                "cp2image_3x3_64to32",
+                [64, 64, 16, 16],
+                [32, 64, 3, 3],
+                1,
+                1,
+            ),
+            (
+                "cp2image_256to128_4x4",
+                [256, 256, 4, 4],
+                [128, 256, 3, 3],
+                1,
+                1,
+            ),
+            (
+                "cp2image_256to128_8x8",
+                [256, 256, 8, 8],
+                [128, 256, 3, 3],
+                1,
+                1,
+            ),
+            (
+                "cp2image_256to128_16x16 (n 64)",
+                [64, 256, 16, 16],
+                [128, 256, 3, 3],
+                1,
+                1,
+            ),
+            (
+                "cp2image_256to128_32x32 (n 16)",
+                [16, 256, 32, 32],
+                [128, 256, 3, 3],
+                1,
+                1,
+            ),
+            (
+                "vqvae_3x3_128 (n 1)",
+                [1, 128, 40, 40],
+                [128, 128, 3, 3],
+                1,
+                1,
+            ),
+            (
+                "cp2image_gen_128to64_8x8",
+                [256, 128, 8, 8],
+                [64, 128, 3, 3],
+                1,
+                1,
+            ),
+            (
+                "cp2image_gen_64to32_16x16",
+                [256, 64, 16, 16],
+                [32, 64, 3, 3],
+                1,
+                1,
+            ),
+            (
+                "cp2image_gen_32to16_32x32",
+                [256, 32, 32, 32],
+                [16, 32, 3, 3],
+                1,
+                1,
+            ),
+            (
+                "cp2image_gen_out_16to3_64x64",
+                [256, 16, 64, 64],
+                [3, 16, 3, 3],
+                1,
+                1,
+            ),
+        ];
+        /// Best of three runs after a warm-up, in seconds.
+        fn best(mut f: impl FnMut()) -> f64 {
+            f();
+            (0..3)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min)
+        }
+        let report = |label: &str, flops: f64, naive: f64, gemm: f64| {
+            println!(
+                "{label:32} loop nest {:6.1} GFLOP/s   gemm {:6.1} GFLOP/s   ×{:.1}",
+                flops / naive / 1e9,
+                flops / gemm / 1e9,
+                naive / gemm
+            );
+        };
+        let mut rng = Rng(7);
+        for &(label, xs, ws, s, p) in convs {
+            let g = Conv2dGeom::new(&xs, &ws, Conv2dParams::new(s, p)).unwrap();
+            let win = Window::conv(&g);
+            let (x, w, b) = (
+                rng.data(xs.iter().product()),
+                rng.data(ws.iter().product()),
+                rng.data(ws[0]),
+            );
+            let mut y = vec![0.0; g.out_shape().iter().product()];
+            let naive =
+                best(|| naive::correlate_planes(&win, g.c_in, g.c_out, &x, &w, Some(&b), &mut y));
+            let gemm = best(|| conv2d_forward(&g, &x, &w, Some(&b), &mut y).unwrap());
+            report(label, g.flops(), naive, gemm);
+        }
+        let g = ConvTranspose2dGeom::new(
+            &[8, 64, 20, 20],
+            &[64, 64, 4, 4],
+            ConvTranspose2dParams::new(2, 1),
+        )
+        .unwrap();
+        let win = Window::transposed(&g);
+        let (x, w) = (rng.data(8 * 64 * 20 * 20), rng.data(64 * 64 * 16));
+        let mut y = vec![0.0; g.out_shape().iter().product()];
+        let naive = best(|| naive::scatter_planes(&win, g.c_in, g.c_out, &x, &w, None, &mut y));
+        let gemm = best(|| conv_transpose2d_forward(&g, &x, &w, None, &mut y).unwrap());
+        report("conv_transpose_4x4s2_64", g.flops(), naive, gemm);
+    }
 }

@@ -10,11 +10,14 @@
 //! given and returns [`Error::Shape`] on a mismatch, then
 //! computes. Backward functions overwrite (never accumulate into) their
 //! gradient outputs. Work is spread with rayon over independent outputs
-//! (usually `(n, c)` planes); sums are plain f32 in loop order.
+//! ((n, c) planes for most ops; image and row-block tiles of a blocked GEMM
+//! for conv2d, conv_transpose2d and linear, see `gemm.rs`); sums are plain
+//! f32 in increasing index order.
 
 pub mod activation;
 pub mod conv;
 pub mod elementwise;
+mod gemm;
 pub mod layout;
 pub mod linear;
 pub mod norm;
