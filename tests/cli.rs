@@ -77,21 +77,27 @@ fn infer_vqvae2(device: &str, tag: &str) {
             );
         }
     }
-    // Tensors within 1e-3 relative (max |Δ| / max |ref|) for a whole network.
     for name in ["quant_t", "quant_b", "dec", "diff"] {
-        let (gs, g) = got.f32(name).unwrap();
-        let (ws, w) = want.f32(name).unwrap();
-        assert_eq!(gs, ws, "{name} shape");
-        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = g
-            .iter()
-            .zip(&w)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(
-            err <= 1e-3 * scale,
-            "{name}: max |Δ| {err} vs max |ref| {scale}"
-        );
+        assert_close(&got, name, &want, name, "vqvae2");
     }
+}
+
+/// Output `ours` of `got` equals `theirs` of `want` in shape and within 1e-3
+/// relative (max |Δ| / max |ref|), the whole-network tolerance of
+/// fixtures/README.md.
+fn assert_close(got: &TensorFile, ours: &str, want: &TensorFile, theirs: &str, what: &str) {
+    let (gs, g) = got.f32(ours).unwrap();
+    let (ws, w) = want.f32(theirs).unwrap();
+    assert_eq!(gs, ws, "{what} {ours} shape");
+    let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = g
+        .iter()
+        .zip(&w)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        err <= 1e-3 * scale,
+        "{what} {ours}: max |Δ| {err} vs max |ref| {scale}"
+    );
 }
 
 #[test]
@@ -456,18 +462,7 @@ fn infer_matches(
     );
     let got = TensorFile::open(&out).unwrap();
     for (ours, theirs) in outputs {
-        let (gs, g) = got.f32(ours).unwrap();
-        let (ws, w) = c.f32(theirs).unwrap();
-        assert_eq!(gs, ws, "{model} {ours} shape");
-        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = g
-            .iter()
-            .zip(&w)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(
-            err <= 1e-3 * scale,
-            "{model} {ours}: max |Δ| {err} vs max |ref| {scale}"
-        );
+        assert_close(&got, ours, &c, theirs, model);
     }
 }
 
