@@ -366,25 +366,22 @@ fn sample_lists_round_trip_and_resolve_relative_paths() {
     assert!(msg.contains("line 2"), "{msg}");
 }
 
-/// The shared real-image data set (MODELS.md's data README), if present.
-fn real_data() -> Option<PathBuf> {
+/// The shared real-image data set (see its README); the test fails loudly without it.
+fn real_data() -> PathBuf {
     let dir = std::env::var_os("CELLMORPH_DATA")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "skipping: no real data at {} (set CELLMORPH_DATA)",
-            dir.display()
-        );
-        None
-    }
+    assert!(
+        dir.is_dir(),
+        "the real microscopy data is missing at {} (set CELLMORPH_DATA): this test cannot run",
+        dir.display()
+    );
+    dir
 }
 
 #[test]
 fn real_microscopy_images_read_in_every_format_present() {
-    let Some(data) = real_data() else { return };
+    let data = real_data();
     // 8-bit grayscale PNG (BBBC007 and ExampleFly fields).
     let img = read_gray(data.join("bbbc007/A9/A9_p5d.png")).unwrap();
     assert_eq!(
