@@ -9,6 +9,7 @@ pub(crate) mod kernels;
 
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::precision::Precision;
 
 pub(crate) use cuda::CudaBackend;
 
@@ -109,12 +110,13 @@ pub(crate) enum Inner {
 /// the loaded kernel modules. Create one per device and share it by reference.
 pub struct Backend {
     device: Device,
+    precision: Precision,
     pub(crate) inner: Inner,
 }
 
 impl std::fmt::Debug for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Backend({})", self.device)
+        write!(f, "Backend({}, {})", self.device, self.precision)
     }
 }
 
@@ -135,15 +137,32 @@ impl Backend {
             }
             Device::Cuda(ordinal) => Inner::Cuda(CudaBackend::new(ordinal)?),
         };
-        Ok(Backend { device, inner })
+        Ok(Backend {
+            device,
+            precision: Precision::F32,
+            inner,
+        })
     }
 
     /// The CPU reference backend (cannot fail).
     pub fn cpu() -> Self {
         Backend {
             device: Device::Cpu,
+            precision: Precision::F32,
             inner: Inner::Cpu,
         }
+    }
+
+    /// This backend with convolutions at `precision` (see [`Precision`]):
+    /// bf16/f16 select the tensor-core convolution where it applies.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// The precision of this backend's convolutions.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The device this backend runs on.

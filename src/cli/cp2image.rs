@@ -17,7 +17,7 @@ use cellmorph::models::cp2image::{
     is_untrained, random_generator_weights, Generator, GeneratorConfig,
 };
 use cellmorph::plot::save_png;
-use cellmorph::{Backend, Device, Error, Result};
+use cellmorph::{Backend, Device, Error, Precision, Result};
 
 use super::open_device;
 
@@ -53,6 +53,10 @@ pub struct ModelArgs {
     /// cpu, cuda, cuda:N or emulated.
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// Convolution precision: f32 (reference), or bf16/f16 on tensor cores
+    /// (operands rounded, f32 accumulation).
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
     /// Images per device batch.
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
@@ -233,7 +237,7 @@ impl Loaded {
         }
         let file = TensorFile::open(&m.weights)?;
         let untrained = is_untrained(&file).map(str::to_string);
-        let be = open_device(m.device)?;
+        let be = open_device(m.device, m.precision)?;
         let generator = Generator::from_file(&be, &file)?;
         let std_path = m
             .standardize

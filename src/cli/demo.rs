@@ -7,7 +7,7 @@ use clap::Args;
 use cellmorph::pipeline::demo::{run_demo, DemoConfig};
 use cellmorph::svr::GridSpec;
 use cellmorph::synth::{generate, SynthConfig, SynthFormat};
-use cellmorph::{Device, Result};
+use cellmorph::{Device, Precision, Result};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -17,6 +17,10 @@ pub struct DemoArgs {
     /// cpu, cuda, cuda:N or emulated.
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// Convolution precision: f32 (reference), or bf16/f16 on tensor cores
+    /// (operands rounded, f32 accumulation).
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
     /// Samples generated (split in two batches: train A, held-out B).
     #[arg(long, default_value_t = 48)]
     samples: usize,
@@ -86,7 +90,7 @@ pub fn synth(a: SynthArgs) -> Result<()> {
 }
 
 pub fn demo(a: DemoArgs) -> Result<()> {
-    let be = super::open_device(a.device)?;
+    let be = super::open_device(a.device, a.precision)?;
     let mut cfg = DemoConfig::default();
     cfg.synth.samples = a.samples;
     cfg.synth.seed = a.seed;

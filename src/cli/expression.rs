@@ -13,7 +13,7 @@ use cellmorph::pipeline::map::expression_map;
 use cellmorph::pipeline::profile::{profile_samples, ProfileOptions};
 use cellmorph::svr::SvrModel;
 use cellmorph::table::Table;
-use cellmorph::{Device, Error, Result};
+use cellmorph::{Device, Error, Precision, Result};
 
 #[derive(Args, Debug)]
 pub struct ProfileArgs {
@@ -29,6 +29,10 @@ pub struct ProfileArgs {
     /// cpu, cuda, cuda:N or emulated.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    /// Convolution precision: f32 (reference), or bf16/f16 on tensor cores
+    /// (operands rounded, f32 accumulation).
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
     /// Patches per device batch (bounds device memory).
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
@@ -113,6 +117,10 @@ pub struct MapArgs {
     /// cpu, cuda, cuda:N or emulated.
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// Convolution precision: f32 (reference), or bf16/f16 on tensor cores
+    /// (operands rounded, f32 accumulation).
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
     /// Patches per device batch.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
@@ -123,7 +131,7 @@ pub struct MapArgs {
 
 pub fn profile(a: ProfileArgs) -> Result<()> {
     let list = read_sample_list(&a.samples)?;
-    let be = super::open_device(a.device)?;
+    let be = super::open_device(a.device, a.precision)?;
     let model = VqVae2::load(&be, &a.weights)?;
     let untrained = cellmorph::io::TensorFile::open(&a.weights)?
         .metadata()
@@ -242,7 +250,7 @@ fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
 }
 
 pub fn map(a: MapArgs) -> Result<()> {
-    let be = super::open_device(a.device)?;
+    let be = super::open_device(a.device, a.precision)?;
     let vq = VqVae2::load(&be, &a.weights)?;
     let model = SvrModel::load(&a.model)?;
     let m = expression_map(&be, &vq, &model, &a.gene, &a.image, a.patch, a.batch_size)?;

@@ -7,7 +7,7 @@ use clap::Args;
 
 use cellmorph::io::{TensorFile, TensorWriter};
 use cellmorph::models;
-use cellmorph::{Device, Error, Result};
+use cellmorph::{Device, Error, Precision, Result};
 
 /// The models `infer` knows, with their outputs.
 const MODELS: &[(&str, &str)] = &[
@@ -37,6 +37,10 @@ pub struct InferArgs {
     /// cpu, cuda, cuda:N or emulated.
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// Convolution precision: f32 (reference), or bf16/f16 on tensor cores
+    /// (operands rounded, f32 accumulation).
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
     /// Items per device batch.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
@@ -70,7 +74,7 @@ pub fn run(a: InferArgs) -> Result<()> {
             "tensor \"input\" contains NaN or infinite values",
         ));
     }
-    let be = super::open_device(a.device)?;
+    let be = super::open_device(a.device, a.precision)?;
     let mut out = TensorWriter::new();
     out.set_metadata("model", &a.model);
     out.set_metadata("device", &be.describe());

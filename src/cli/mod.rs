@@ -11,7 +11,7 @@ mod svr;
 
 use clap::{Parser, Subcommand};
 
-use cellmorph::{Backend, Device, Result};
+use cellmorph::{Backend, Device, Precision, Result};
 
 /// Label-free cell imaging with hand-written CUDA kernels and a CPU reference path.
 #[derive(Parser, Debug)]
@@ -68,8 +68,12 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 /// Opens the device named on the command line, saying which one was opened.
-pub(crate) fn open_device(device: Device) -> Result<Backend> {
-    let be = Backend::new(device)?;
-    eprintln!("device: {}", be.describe());
+pub(crate) fn open_device(device: Device, precision: Precision) -> Result<Backend> {
+    let be = Backend::new(device)?.with_precision(precision);
+    if precision.is_reduced() {
+        eprintln!("device: {} (convolutions in {precision})", be.describe());
+    } else {
+        eprintln!("device: {}", be.describe());
+    }
     Ok(be)
 }

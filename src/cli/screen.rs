@@ -11,7 +11,7 @@ use cellmorph::screen::{
     evaluate, list_images, predict, read_labels, read_predictions, write_features,
     write_predictions, write_report, write_roc_png, PredictOptions, Preprocess,
 };
-use cellmorph::{Device, Error, Result};
+use cellmorph::{Device, Error, Precision, Result};
 
 #[derive(Subcommand, Debug)]
 pub enum ScreenCommand {
@@ -41,6 +41,10 @@ pub struct PredictArgs {
     /// cpu, cuda, cuda:N or emulated.
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// Convolution precision: f32 (reference), or bf16/f16 on tensor cores
+    /// (operands rounded, f32 accumulation).
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
     /// Images per device batch (device memory grows linearly with it).
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
@@ -88,7 +92,7 @@ fn run_predict(a: PredictArgs) -> Result<()> {
     if a.batch_size == 0 {
         return Err(Error::invalid("--batch-size must be at least 1"));
     }
-    let be = super::open_device(a.device)?;
+    let be = super::open_device(a.device, a.precision)?;
     let file = TensorFile::open(&a.weights)?;
     let model = DenseNet::load(&be, &file)?;
     eprintln!("{}", model.config());

@@ -104,7 +104,7 @@ fn grid(a: GridArgs) -> Result<()> {
         features.n_cols()
     );
     let t0 = Instant::now();
-    let be = super::open_device(a.device)?;
+    let be = super::open_device(a.device, cellmorph::Precision::F32)?;
     let outcome = grid_search_on(&be, &features, &expression, &spec)?;
     let secs = t0.elapsed().as_secs_f64();
     for s in &outcome.skipped {
