@@ -10,6 +10,7 @@ use crate::cpu;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::geometry::{Conv2dGeom, Conv2dParams, ConvTranspose2dGeom, ConvTranspose2dParams};
+use crate::precision::Precision;
 use crate::tensor::{check_device, Tensor};
 
 /// Threads per block of the implicit-GEMM kernels (`kConvThreads`).
@@ -144,6 +145,39 @@ fn bias_arg(b: Option<&Tensor>) -> KernelArg {
     b.map_or(KernelArg::Ptr(0), Tensor::arg)
 }
 
+/// Output channels below which the tensor-core kernel is not used: its
+/// channel tile is at least 32 wide, so a 3-channel output layer would be
+/// mostly padding; such layers stay f32.
+const TC_MIN_C_OUT: usize = 8;
+/// Reduction length (c_in·kh·kw) below which the tensor-core kernel is not
+/// used: its K slab is 32, one MMA step is 16.
+const TC_MIN_K: usize = 16;
+
+/// Whether a conv2d of geometry `g` runs on the tensor-core kernel (operands
+/// rounded to `precision`, f32 accumulation): `precision` is bf16 or f16 and
+/// the layer has at least 8 output channels and a reduction of at least 16.
+/// Transposed convolutions, linear layers and the direct kernel always run
+/// in f32. The CPU reference rounds exactly the layers this selects, so a
+/// precision gives the same model on every device.
+pub fn conv2d_uses_tensor_cores(precision: Precision, g: &Conv2dGeom) -> bool {
+    precision.is_reduced() && g.c_out >= TC_MIN_C_OUT && g.c_in * g.kh * g.kw >= TC_MIN_K
+}
+
+/// `v` rounded to `p` (see [`Precision::round`]), as a new buffer.
+fn rounded(p: Precision, v: &[f32]) -> Vec<f32> {
+    let mut r = v.to_vec();
+    p.round_slice(&mut r);
+    r
+}
+
+/// The tensor-core kernel for `c_out` channels, precision `p` and fused
+/// `variant` (`strided`, `strided_relu`, `bnrelu`, `bnrelu_relu`,
+/// `bnrelu_pool2`), with its channel tile.
+fn tc_variant(p: Precision, c_out: usize, variant: &str) -> (String, usize) {
+    let tile_n = if c_out <= 32 { 32 } else { 64 };
+    (format!("conv2d_tc{tile_n}_{}_{variant}", p.name()), tile_n)
+}
+
 /// Launches a conv2d kernel on `g` (devices and shapes already checked).
 /// Also the linear layer's kernel, as a 1×1 conv over `[n, in, 1, 1]`.
 #[allow(clippy::too_many_arguments)]
@@ -226,9 +260,40 @@ fn conv2d_with(
     y: &mut Tensor,
 ) -> Result<()> {
     let g = check_conv2d(op, be, x, w, b, p, y)?;
+    let tc = kernel == Conv2dKernel::Gemm && conv2d_uses_tensor_cores(be.precision(), &g);
     if be.device() == Device::Cpu {
         let b = b.map(|b| b.host_for(op)).transpose()?;
+        if tc {
+            let (xr, wr) = (
+                rounded(be.precision(), x.host_for(op)?),
+                rounded(be.precision(), w.host_for(op)?),
+            );
+            return cpu::conv2d_forward(&g, &xr, &wr, b, y.host_mut_for(op)?);
+        }
         return cpu::conv2d_forward(&g, x.host_for(op)?, w.host_for(op)?, b, y.host_mut_for(op)?);
+    }
+    if tc {
+        let plain = FusedConv2d {
+            weight: w,
+            bias: b,
+            params: p,
+            input_bn_relu: None,
+            input_pool2: false,
+            relu: false,
+        };
+        let (x_img, y_img) = (g.c_in * g.h * g.w, g.c_out * g.oh * g.ow);
+        return launch_fused(
+            op,
+            be,
+            &g,
+            (g.h, g.w),
+            x,
+            &plain,
+            y,
+            (x_img, y_img),
+            0,
+            true,
+        );
     }
     launch_conv2d(op, be, &g, kernel, x, w, b, y)
 }
@@ -487,7 +552,9 @@ pub fn conv2d_fused_into(
         ));
     }
     let (x_img, y_img, out_plane) = (c_x * h * w, c_y * g.oh * g.ow, g.oh * g.ow);
+    let tc = conv2d_uses_tensor_cores(be.precision(), &g);
     if be.device() == Device::Cpu {
+        let round = if tc { be.precision() } else { Precision::F32 };
         return conv2d_fused_cpu(
             &g,
             (h, w),
@@ -496,8 +563,42 @@ pub fn conv2d_fused_into(
             y,
             (x_img, y_img),
             y_channel_offset * out_plane,
+            round,
         );
     }
+    launch_fused(
+        OP,
+        be,
+        &g,
+        (h, w),
+        x,
+        conv,
+        y,
+        (x_img, y_img),
+        y_channel_offset,
+        tc,
+    )
+}
+
+/// Launches a fused conv2d kernel (f32 implicit GEMM, or the tensor-core one
+/// when `tc`) for [`conv2d_fused_into`] (and the tensor-core plain conv2d):
+/// `g` is the conv's own geometry (over the pooled input when pooling),
+/// `(h, w)` the input buffer's plane, `x_img`/`y_img` the floats per image
+/// of the two buffers. Devices and shapes were checked by the caller.
+#[allow(clippy::too_many_arguments)]
+fn launch_fused(
+    op: &'static str,
+    be: &Backend,
+    g: &Conv2dGeom,
+    (h, w): (usize, usize),
+    x: &Tensor,
+    conv: &FusedConv2d,
+    y: &mut Tensor,
+    (x_img, y_img): (usize, usize),
+    y_channel_offset: usize,
+    tc: bool,
+) -> Result<()> {
+    let (n, c_out, out_plane) = (g.n, g.c_out, g.oh * g.ow);
     if n * c_out * out_plane == 0 {
         return Ok(());
     }
@@ -519,7 +620,7 @@ pub fn conv2d_fused_into(
         ((g.h, g.w), (g.stride_h, g.stride_w))
     };
     args.extend(size_args(
-        OP,
+        op,
         g.n,
         g.c_in,
         in_hw,
@@ -537,8 +638,6 @@ pub fn conv2d_fused_into(
         KernelArg::I64(y_img as i64),
         KernelArg::int("output channel offset", y_channel_offset)?,
     ]);
-    // The 32-wide channel tile when a 64-wide one would be at least half padding.
-    let tile_n = if c_out <= 32 { 32 } else { 64 };
     let variant = match (conv.input_bn_relu.is_some(), conv.input_pool2, conv.relu) {
         (false, _, false) => "strided",
         (false, _, true) => "strided_relu",
@@ -547,16 +646,23 @@ pub fn conv2d_fused_into(
         (true, true, false) => "bnrelu_pool2",
         (true, true, true) => {
             return Err(Error::invalid(format!(
-                "{OP}: 2×2 input pooling with an output ReLU has no kernel (DenseNet transitions have none)"
+                "{op}: 2×2 input pooling with an output ReLU has no kernel (DenseNet transitions have none)"
             )))
         }
     };
-    let name = format!("conv2d_igemm{tile_n}_{variant}_f32");
-    let cfg = gemm_cfg(OP, g.n * out_plane, c_out, tile_n, 1)?;
-    // SAFETY: checked above: x [n, c_x, h, w], w [c_out, c_in, kh, kw], bias
+    let (name, tile_n) = if tc {
+        tc_variant(be.precision(), c_out, variant)
+    } else {
+        // The 32-wide channel tile when a 64-wide one would be at least half padding.
+        let tile_n = if c_out <= 32 { 32 } else { 64 };
+        (format!("conv2d_igemm{tile_n}_{variant}_f32"), tile_n)
+    };
+    let cfg = gemm_cfg(op, g.n * out_plane, c_out, tile_n, 1)?;
+    // SAFETY: checked by the caller: x [n, c_x, h, w], w [c_out, c_in, kh, kw], bias
     // [c_out] or null, scale/shift [c_in] or null (only the bnrelu variants
     // read them, and they get both) and y [n, c_y, oh, ow] live on be's device
-    // and outlive the launch. The kernel takes (const float* x, w, bias,
+    // and outlive the launch. The kernel (f32 or tensor-core: the same
+    // arguments and access pattern) takes (const float* x, w, bias,
     // float* y, const float* scale, shift, 13 × int, long long x_bstride,
     // long long y_bstride, int y_coff) as built here; it reads channels < c_in
     // ≤ c_x of each x image (stride c_x·h·w) inside the image (the pooling
@@ -570,6 +676,7 @@ pub fn conv2d_fused_into(
 /// a contiguous prefix of the image and the output channels a contiguous
 /// range, so the reference conv runs on the slices directly (after the
 /// prologue into a scratch image, when there is one).
+#[allow(clippy::too_many_arguments)]
 fn conv2d_fused_cpu(
     g: &Conv2dGeom,
     (h, w): (usize, usize),
@@ -578,12 +685,25 @@ fn conv2d_fused_cpu(
     y: &mut Tensor,
     (x_img, y_img): (usize, usize),
     y_off: usize,
+    round: Precision,
 ) -> Result<()> {
     const OP: &str = "conv2d_fused";
     let one = Conv2dGeom { n: 1, ..*g };
     let (plane, in_len, out_len) = (h * w, g.c_in * h * w, g.c_out * g.oh * g.ow);
     let xs = x.host_for(OP)?;
     let wt = conv.weight.host_for(OP)?;
+    // The tensor-core reference: weights and the conv's (activated, pooled)
+    // input rounded to the precision.
+    let wt_rounded = rounded(round, if round.is_reduced() { wt } else { &[] });
+    let wt = if round.is_reduced() { &wt_rounded } else { wt };
+    let mut input_rounded = vec![
+        0.0f32;
+        if round.is_reduced() {
+            g.c_in * g.h * g.w
+        } else {
+            0
+        }
+    ];
     let b = conv.bias.map(|b| b.host_for(OP)).transpose()?;
     let bn = conv
         .input_bn_relu
@@ -630,6 +750,11 @@ fn conv2d_fused_cpu(
                 }
             }
             input = &pooled;
+        }
+        if round.is_reduced() {
+            input_rounded.copy_from_slice(&input[..g.c_in * g.h * g.w]);
+            round.round_slice(&mut input_rounded);
+            input = &input_rounded;
         }
         let yi = &mut ys[img * y_img + y_off..][..out_len];
         cpu::conv2d_forward(&one, input, wt, b, yi)?;
