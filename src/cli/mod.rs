@@ -1,5 +1,6 @@
 //! Command-line interface: one file per command family.
 
+mod bench;
 mod cp2image;
 mod demo;
 mod devices;
@@ -49,6 +50,8 @@ enum Command {
     /// Stem-cell line screening with DenseNet (Kim et al. 2022): predict, evaluate.
     #[command(subcommand)]
     Screen(screen::ScreenCommand),
+    /// Time one workload (model forward or single op) for kernel benchmarking; JSON on stdout.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the parsed command.
@@ -64,6 +67,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Cp2Image(c) => cp2image::run(c),
         Command::Svr(c) => svr::run(c),
         Command::Screen(c) => screen::run(c),
+        Command::Bench(a) => bench::run(a),
     }
 }
 
