@@ -11,7 +11,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use cellmorph::backend::cuda_device_count;
 use cellmorph::geometry::{Conv2dGeom, Conv2dParams, ConvTranspose2dParams, Pool2dParams};
 use cellmorph::ops::{self, Codebook, VqOut};
-use cellmorph::{Backend, Device, Tensor};
+use cellmorph::{Backend, Device, Precision, Tensor};
 
 /// Deterministic pseudo-random values in [-1, 1) (never zeros: zeros can hide
 /// wrong indexing and run unrealistically fast).
@@ -43,6 +43,28 @@ fn backends() -> Vec<Backend> {
         eprintln!("skipped: no CUDA device (CPU benches only)");
     }
     v
+}
+
+/// [`backends`] plus, on CUDA, the tensor-core precisions (bf16, f16).
+fn conv_backends() -> Vec<Backend> {
+    let mut v = backends();
+    if cuda_device_count() > 0 {
+        for p in [Precision::Bf16, Precision::F16] {
+            if let Ok(be) = Backend::new(Device::Cuda(0)) {
+                v.push(be.with_precision(p));
+            }
+        }
+    }
+    v
+}
+
+/// The benchmark id of `label` on `be`: device, and precision when reduced.
+fn conv_id(label: &str, be: &Backend) -> BenchmarkId {
+    if be.precision().is_reduced() {
+        BenchmarkId::new(label, format!("{}-{}", be.device(), be.precision()))
+    } else {
+        BenchmarkId::new(label, be.device())
+    }
 }
 
 /// (label, x shape, weight shape, stride, padding)
@@ -85,7 +107,7 @@ const CONVS: &[ConvCase] = &[
 fn conv(c: &mut Criterion) {
     let mut g = c.benchmark_group("conv2d");
     g.sample_size(10);
-    for be in backends() {
+    for be in conv_backends() {
         for &(label, xs, ws, s, p) in CONVS {
             let params = Conv2dParams::new(s, p);
             let geom = Conv2dGeom::new(&xs, &ws, params).expect("bench shape");
@@ -94,12 +116,15 @@ fn conv(c: &mut Criterion) {
             let b = tensor(&be, &[ws[0]], 3);
             let mut y = Tensor::zeros(&be, &geom.out_shape()).expect("output");
             g.throughput(Throughput::Elements(geom.flops() as u64));
-            g.bench_function(BenchmarkId::new(label, be.device()), |bench| {
+            g.bench_function(conv_id(label, &be), |bench| {
                 bench.iter(|| {
                     ops::conv2d_into(&be, &x, &w, Some(&b), params, &mut y).expect("conv2d");
                     be.synchronize().expect("sync");
                 })
             });
+        }
+        if be.precision().is_reduced() {
+            continue; // transposed convs and linear layers always run in f32
         }
         // The VQ-VAE-2 decoder's upsampling: 64 → 64 channels, 20×20 → 40×40.
         let x = tensor(&be, &[8, 64, 20, 20], 4);

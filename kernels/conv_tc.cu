@@ -31,7 +31,14 @@
 // the next slab's global loads are in flight during the current MMAs.
 //
 // Launch: block (128, 1, 1), grid (⌈M/128⌉, ⌈c_out/BN⌉, 1); static shared
-// memory 2·(128 + BN)·40 halves: 30 KiB (BN 64), 25 KiB (BN 32).
+// memory 2·(128 + BN)·40 halves: 30 KiB (BN 64), 25 KiB (BN 32). Registers
+// (ptxas, CUDA 13.0): 162 for BN 64; BN 32 asks for 4 blocks per SM
+// (__launch_bounds__(128, 4), at most 128 registers), without which ptxas
+// spilled the pooling variant at 96.
+//
+// Not done yet (needs a GPU to measure): NHWC/bf16 activations in memory,
+// ldmatrix and cp.async staging, wgmma on sm_90a, a wider N tile for
+// 128+-channel layers.
 
 #include "common.cuh"
 #include "mma.cuh"

@@ -4,13 +4,20 @@
 #   scripts/gpu-check.sh stage   # here: build release test and bench binaries
 #                                # with the kernels compiled, copy them and the
 #                                # fixtures into gpu-stage/ (git-ignored)
-#   scripts/gpu-check.sh run     # there (repo root, gpu-stage/ carried along):
-#                                # all tests, compute-sanitizer memcheck and
-#                                # racecheck over the CUDA tests, the benches,
+#   scripts/gpu-check.sh run [PARTS]
+#                                # there (repo root, gpu-stage/ carried along):
+#                                # PARTS (comma-separated, default all):
+#                                #   tests      every test binary with --include-ignored
+#                                #   sanitizer  compute-sanitizer memcheck + racecheck
+#                                #              over the tests that name cuda
+#                                #   benches    the criterion benches (short)
+#                                #   compare    benches/compare/compare.py: side by
+#                                #              side with PyTorch (and scikit-learn)
 #                                # then a summary table; logs in $OUT or gpu-stage/logs
 #
 # With the device tool: stage here, then run with carry=["gpu-stage"] and the
-# command `scripts/gpu-check.sh run`. Record the result in BENCHMARKS.md.
+# command `scripts/gpu-check.sh run` (or one part per call, since a call is
+# limited to 10 minutes). Record the result in BENCHMARKS.md.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 stage="$root/gpu-stage"
@@ -22,7 +29,9 @@ stage_binaries() {
   NVCC="$(scripts/install-cuda-toolchain.sh)"
   export NVCC CELLMORPH_REQUIRE_NVCC=1 CELLMORPH_DENY_SPILLS=1
   rm -rf "$stage"
-  mkdir -p "$stage/tests" "$stage/benches" "$stage/shared/fixtures"
+  mkdir -p "$stage/tests" "$stage/benches" "$stage/bin" "$stage/shared/fixtures"
+  cargo build --release --bin cellmorph
+  cp target/release/cellmorph "$stage/bin/cellmorph"
   list_executables() {
     python3 -c '
 import json, sys
@@ -42,7 +51,12 @@ for line in sys.stdin:
   cp "$root"/../shared/fixtures/*.safetensors "$root"/../shared/fixtures/*.json \
     "$root"/../shared/fixtures/*.csv "$stage/shared/fixtures/" 2>/dev/null || true
   du -sh "$stage"
-  ls "$stage/tests" "$stage/benches"
+  ls "$stage/tests" "$stage/benches" "$stage/bin"
+}
+
+# Whether PARTS (comma-separated, or "all") includes $1.
+wants() {
+  [ "$parts" = all ] || [[ ",$parts," == *",$1,"* ]]
 }
 
 run_checks() {
@@ -58,14 +72,16 @@ run_checks() {
   export CARGO_MANIFEST_DIR=/work/main
   summary=()
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$logs/gpu.txt"
-  for t in "$stage"/tests/*; do
+  wants tests && for t in "$stage"/tests/*; do
     name="$(basename "$t")"
     if "$t" --include-ignored --test-threads=1 >"$logs/test-$name.log" 2>&1; then status=pass; else status=FAIL; fi
     skipped=$(grep -c "skipped: no CUDA device" "$logs/test-$name.log")
     result=$(grep -E "^test result:" "$logs/test-$name.log" | tail -n 1)
     summary+=("test      $name: $status ($result; cuda skips: $skipped)")
   done
-  if command -v compute-sanitizer >/dev/null; then
+  if ! wants sanitizer; then
+    :
+  elif command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck; do
       for t in "$stage"/tests/*; do
         name="$(basename "$t")"
@@ -78,11 +94,22 @@ run_checks() {
   else
     summary+=("compute-sanitizer: not found")
   fi
-  for b in "$stage"/benches/*; do
+  wants benches && for b in "$stage"/benches/*; do
     name="$(basename "$b")"
     if "$b" --bench --warm-up-time 1 --measurement-time 3 >"$logs/bench-$name.log" 2>&1; then status=pass; else status=FAIL; fi
     summary+=("bench     $name: $status")
   done
+  if wants compare; then
+    if python3 benches/compare/compare.py --cellmorph "$stage/bin/cellmorph" --device cuda \
+      --workdir "$logs/compare-work" --json-out "$logs/compare.json" --append "$logs/compare-section.md" \
+      >"$logs/compare.log" 2>&1; then
+      status=pass
+    else
+      status="FAIL (rows failed or harness error; see compare.log)"
+    fi
+    summary+=("compare   benches/compare/compare.py: $status")
+    rm -rf "$logs/compare-work"
+  fi
   echo
   echo "== summary"
   printf '%s\n' "${summary[@]}" | tee "$logs/summary.txt"
@@ -90,6 +117,9 @@ run_checks() {
 
 case "$mode" in
   stage) stage_binaries ;;
-  run) run_checks ;;
+  run)
+    parts="${2:-all}"
+    run_checks
+    ;;
   *) echo "usage: $0 stage|run"; exit 2 ;;
 esac

@@ -86,6 +86,18 @@ fn infer_vqvae2(device: &str, tag: &str) {
 /// relative (max |Δ| / max |ref|), the whole-network tolerance of
 /// fixtures/README.md.
 fn assert_close(got: &TensorFile, ours: &str, want: &TensorFile, theirs: &str, what: &str) {
+    assert_close_tol(got, ours, want, theirs, what, 1e-3);
+}
+
+/// [`assert_close`] within `tol` relative.
+fn assert_close_tol(
+    got: &TensorFile,
+    ours: &str,
+    want: &TensorFile,
+    theirs: &str,
+    what: &str,
+    tol: f32,
+) {
     let (gs, g) = got.f32(ours).unwrap();
     let (ws, w) = want.f32(theirs).unwrap();
     assert_eq!(gs, ws, "{what} {ours} shape");
@@ -95,7 +107,7 @@ fn assert_close(got: &TensorFile, ours: &str, want: &TensorFile, theirs: &str, w
         .zip(&w)
         .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(
-        err <= 1e-3 * scale,
+        err <= tol * scale,
         "{what} {ours}: max |Δ| {err} vs max |ref| {scale}"
     );
 }
@@ -438,7 +450,20 @@ fn infer_matches(
     input_name: &str,
     outputs: &[(&str, &str)],
 ) {
-    let dir = tempdir(model);
+    infer_matches_with(model, weights, cases, input_name, outputs, &[], 1e-3);
+}
+
+/// [`infer_matches`] with extra arguments and tolerance `tol`.
+fn infer_matches_with(
+    model: &str,
+    weights: &str,
+    cases: &str,
+    input_name: &str,
+    outputs: &[(&str, &str)],
+    extra: &[&str],
+    tol: f32,
+) {
+    let dir = tempdir(&format!("{model}{}", extra.join("")));
     let c = TensorFile::open(fixtures().join(cases)).unwrap();
     let (shape, data) = c.f32(input_name).unwrap();
     let mut w = TensorWriter::new();
@@ -453,6 +478,7 @@ fn infer_matches(
         .arg(&input)
         .arg("--output")
         .arg(&out)
+        .args(extra)
         .output()
         .unwrap();
     assert!(
@@ -462,8 +488,42 @@ fn infer_matches(
     );
     let got = TensorFile::open(&out).unwrap();
     for (ours, theirs) in outputs {
-        assert_close(&got, ours, &c, theirs, model);
+        assert_close_tol(&got, ours, &c, theirs, model, tol);
     }
+}
+
+/// `--precision bf16|f16`: the tensor-core convolutions (emulated here) stay
+/// within the 1e-2 of PyTorch's f32 outputs; a bad name is a clear error.
+#[test]
+fn infer_densenet_reduced_precision() {
+    for p in ["bf16", "f16"] {
+        infer_matches_with(
+            "densenet",
+            "densenet_small.weights.safetensors",
+            "densenet_small.cases.safetensors",
+            "input",
+            &[("logits", "logits"), ("probs", "probs")],
+            &["--device", "emulated", "--precision", p],
+            1e-2,
+        );
+    }
+    let w = fixtures().join("densenet_small.weights.safetensors");
+    fails_with(
+        &[
+            "infer",
+            "--model",
+            "densenet",
+            "--weights",
+            w.to_str().unwrap(),
+            "--input",
+            "x",
+            "--output",
+            "y",
+            "--precision",
+            "f8",
+        ],
+        "unknown precision \"f8\"",
+    );
 }
 
 #[test]
