@@ -1,0 +1,243 @@
+"""PyTorch references of the three cellmorph models, built from the same
+safetensors state_dicts that cellmorph loads (../shared/MODELS.md).
+
+Imported only when torch is installed. Every builder takes a dict
+name -> numpy array (see st.py) and returns an eval-mode nn.Module on the CPU;
+the caller moves it to its device.
+"""
+import re
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _load(module, weights, prefix=""):
+    sd = {}
+    for k, v in weights.items():
+        if prefix and not k.startswith(prefix):
+            continue
+        sd[k[len(prefix):]] = torch.from_numpy(np.ascontiguousarray(v))
+    missing, unexpected = module.load_state_dict(sd, strict=False)
+    # num_batches_tracked may be absent from a file; everything else must match
+    missing = [m for m in missing if not m.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return module.eval()
+
+
+# ---------------------------------------------------------------- DenseNet (§2)
+
+class DenseNetKim(nn.Module):
+    """torchvision DenseNet features + a `classifier` Linear or Sequential head.
+    forward returns (logits, probs)."""
+
+    def __init__(self, weights):
+        super().__init__()
+        from torchvision.models import DenseNet
+
+        blocks = []
+        b = 1
+        while any(k.startswith(f"features.denseblock{b}.") for k in weights):
+            layers = {int(m.group(1)) for k in weights
+                      for m in [re.match(rf"features\.denseblock{b}\.denselayer(\d+)\.", k)] if m}
+            blocks.append(max(layers))
+            b += 1
+        init = weights["features.conv0.weight"].shape[0]
+        growth = weights["features.denseblock1.denselayer1.conv2.weight"].shape[0]
+        bn_size = weights["features.denseblock1.denselayer1.conv1.weight"].shape[0] // growth
+        net = DenseNet(growth_rate=growth, block_config=tuple(blocks), num_init_features=init,
+                       bn_size=bn_size, drop_rate=0.0, num_classes=2)
+        self.features = net.features
+        if "classifier.weight" in weights:
+            w = weights["classifier.weight"]
+            self.classifier = nn.Linear(w.shape[1], w.shape[0])
+        else:
+            idx = sorted({int(k.split(".")[1]) for k in weights if k.startswith("classifier.")})
+            mods = []
+            for j, i in enumerate(idx):
+                while len(mods) < i:
+                    # between two Linear layers: ReLU first, then Dropout (eval: identity)
+                    prev_linear = mods and isinstance(mods[-1], nn.Linear)
+                    mods.append(nn.ReLU() if prev_linear else nn.Dropout(0.0))
+                w = weights[f"classifier.{i}.weight"]
+                mods.append(nn.Linear(w.shape[1], w.shape[0]))
+            self.classifier = nn.Sequential(*mods)
+        _load(self, weights)
+
+    def forward(self, x):
+        f = self.features(x)
+        p = torch.flatten(F.adaptive_avg_pool2d(F.relu(f), 1), 1)
+        logits = self.classifier(p)
+        return logits, torch.softmax(logits.float(), dim=1)
+
+    def features_pooled(self, x):
+        f = self.features(x)
+        return f, torch.flatten(F.adaptive_avg_pool2d(F.relu(f), 1), 1)
+
+
+# ------------------------------------------------------------------ VQ-VAE-2 (§1)
+# The vq-vae-2-pytorch layout (rosinality), inference only.
+
+class ResBlock(nn.Module):
+    def __init__(self, c, r):
+        super().__init__()
+        self.conv = nn.Sequential(nn.ReLU(), nn.Conv2d(c, r, 3, padding=1), nn.ReLU(), nn.Conv2d(r, c, 1))
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cin, c, n_res, r, stride):
+        super().__init__()
+        if stride == 4:
+            blocks = [nn.Conv2d(cin, c // 2, 4, stride=2, padding=1), nn.ReLU(inplace=True),
+                      nn.Conv2d(c // 2, c, 4, stride=2, padding=1), nn.ReLU(inplace=True),
+                      nn.Conv2d(c, c, 3, padding=1)]
+        else:
+            blocks = [nn.Conv2d(cin, c // 2, 4, stride=2, padding=1), nn.ReLU(inplace=True),
+                      nn.Conv2d(c // 2, c, 3, padding=1)]
+        blocks += [ResBlock(c, r) for _ in range(n_res)]
+        blocks.append(nn.ReLU(inplace=True))
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cin, cout, c, n_res, r, stride):
+        super().__init__()
+        blocks = [nn.Conv2d(cin, c, 3, padding=1)]
+        blocks += [ResBlock(c, r) for _ in range(n_res)]
+        blocks.append(nn.ReLU(inplace=True))
+        if stride == 4:
+            blocks += [nn.ConvTranspose2d(c, c // 2, 4, stride=2, padding=1), nn.ReLU(inplace=True),
+                       nn.ConvTranspose2d(c // 2, cout, 4, stride=2, padding=1)]
+        else:
+            blocks.append(nn.ConvTranspose2d(c, cout, 4, stride=2, padding=1))
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+class Quantize(nn.Module):
+    def __init__(self, dim, n_embed):
+        super().__init__()
+        self.dim, self.n_embed = dim, n_embed
+        # True: the distances in f32 even under autocast (a variant the harness
+        # times beside plain autocast, which computes them in bf16/f16)
+        self.force_f32 = False
+        self.register_buffer("embed", torch.zeros(dim, n_embed))
+        self.register_buffer("cluster_size", torch.zeros(n_embed))
+        self.register_buffer("embed_avg", torch.zeros(dim, n_embed))
+
+    def forward(self, x):  # x: [..., dim] channels last, as in vq-vae-2-pytorch
+        if self.force_f32 and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x.float())
+        return self._forward(x)
+
+    def _forward(self, x):
+        flatten = x.reshape(-1, self.dim)
+        dist = (flatten.pow(2).sum(1, keepdim=True) - 2 * flatten @ self.embed
+                + self.embed.pow(2).sum(0, keepdim=True))
+        _, embed_ind = (-dist).max(1)
+        embed_ind = embed_ind.view(*x.shape[:-1])
+        quantize = F.embedding(embed_ind, self.embed.transpose(0, 1))
+        return quantize, embed_ind
+
+
+class VQVAE2(nn.Module):
+    def __init__(self, weights):
+        super().__init__()
+        w = weights
+        in_channel = w["enc_b.blocks.0.weight"].shape[1]
+        channel = w["enc_b.blocks.2.weight"].shape[0]
+        r = w["enc_b.blocks.5.conv.1.weight"].shape[0]
+        n_res = len({k.split(".")[2] for k in w if k.startswith("enc_b.blocks.") and ".conv." in k})
+        embed_dim, n_embed = w["quantize_t.embed"].shape
+        self.n_embed = n_embed
+        self.enc_b = Encoder(in_channel, channel, n_res, r, 4)
+        self.enc_t = Encoder(channel, channel, n_res, r, 2)
+        self.quantize_conv_t = nn.Conv2d(channel, embed_dim, 1)
+        self.quantize_t = Quantize(embed_dim, n_embed)
+        self.dec_t = Decoder(embed_dim, embed_dim, channel, n_res, r, 2)
+        self.quantize_conv_b = nn.Conv2d(embed_dim + channel, embed_dim, 1)
+        self.quantize_b = Quantize(embed_dim, n_embed)
+        self.upsample_t = nn.ConvTranspose2d(embed_dim, embed_dim, 4, stride=2, padding=1)
+        self.dec = Decoder(2 * embed_dim, in_channel, channel, n_res, r, 4)
+        _load(self, weights)
+
+    def encode(self, x):
+        enc_b = self.enc_b(x)
+        enc_t = self.enc_t(enc_b)
+        quant_t, id_t = self.quantize_t(self.quantize_conv_t(enc_t).permute(0, 2, 3, 1))
+        quant_t = quant_t.permute(0, 3, 1, 2)
+        dec_t = self.dec_t(quant_t)
+        enc_b2 = torch.cat([dec_t.to(enc_b.dtype), enc_b], 1)
+        quant_b, id_b = self.quantize_b(self.quantize_conv_b(enc_b2).permute(0, 2, 3, 1))
+        return quant_t, quant_b.permute(0, 3, 1, 2), id_t, id_b, enc_b, enc_t
+
+    def profile(self, x):
+        """The `cellmorph bench vqvae2-profile` workload: codes and per-patch
+        code histograms [b, n_embed] (bincount with per-patch offsets)."""
+        _, _, id_t, id_b, _, _ = self.encode(x)
+        return id_t, id_b, per_patch_hist(id_t, self.n_embed), per_patch_hist(id_b, self.n_embed)
+
+
+def per_patch_hist(ids, n_embed):
+    b = ids.shape[0]
+    off = torch.arange(b, device=ids.device).view(b, *([1] * (ids.dim() - 1))) * n_embed
+    return torch.bincount((ids + off).reshape(-1), minlength=b * n_embed).view(b, n_embed)
+
+
+# ---------------------------------------------------------------- CP2Image (§3)
+
+def _sn_weight(weights, prefix):
+    """Spectral-normalized weight with the stored u and v: W / (uᵀ W_mat v)."""
+    w = weights[prefix + ".weight_orig"]
+    u, v = weights[prefix + ".weight_u"], weights[prefix + ".weight_v"]
+    sigma = float(u.astype(np.float64) @ (w.reshape(w.shape[0], -1).astype(np.float64) @ v.astype(np.float64)))
+    return (w / np.float32(sigma)).astype(np.float32)
+
+
+def _plain(weights):
+    """Replaces spectral-norm triples (weight_orig, weight_u, weight_v) by a plain weight."""
+    out = {}
+    for k, v in weights.items():
+        if k.endswith(".weight_orig"):
+            out[k[: -len("_orig")]] = _sn_weight(weights, k[: -len(".weight_orig")])
+        elif k.endswith(".weight_u") or k.endswith(".weight_v"):
+            continue
+        else:
+            out[k] = v
+    return out
+
+
+class CP2ImageGenerator(nn.Module):
+    def __init__(self, weights):
+        super().__init__()
+        w = _plain(weights)
+        nb = len({k.split(".")[1] for k in w if k.startswith("blocks.")})
+        chans = [w["blocks.0.conv.weight"].shape[1]] + [w[f"blocks.{i}.conv.weight"].shape[0] for i in range(nb)]
+        self.c0 = chans[0]
+        self.fc = nn.Linear(w["fc.weight"].shape[1], w["fc.weight"].shape[0])
+        self.blocks = nn.ModuleList()
+        for i in range(nb):
+            blk = nn.Module()
+            blk.conv = nn.Conv2d(chans[i], chans[i + 1], 3, padding=1)
+            blk.bn = nn.BatchNorm2d(chans[i + 1])
+            self.blocks.append(blk)
+        self.out = nn.Conv2d(chans[-1], w["out.weight"].shape[0], 3, padding=1)
+        _load(self, w)
+
+    def forward(self, z):
+        s = int(round((self.fc.out_features // self.c0) ** 0.5))
+        x = self.fc(z).view(z.shape[0], self.c0, s, s)
+        for blk in self.blocks:
+            x = F.interpolate(F.leaky_relu(blk.bn(blk.conv(x)), 0.2), scale_factor=2, mode="nearest")
+        return torch.sigmoid(self.out(x))
