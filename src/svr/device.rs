@@ -32,11 +32,11 @@ use std::collections::HashMap;
 
 use rayon::prelude::*;
 
-use super::grid::{best_index, kfold, Fold};
+use super::grid::{best_index, kfold, Fold, GridInputs};
 use super::smo::{self, SmoOutcome};
 use super::{
     fit_batch, grid_search, linear_gram, primal_weights, GridOutcome, GridResult, GridSpec,
-    GridStats, LinearSvr, SkippedGene, SvrFit, SvrParams, SvrProblem,
+    GridStats, LinearSvr, SvrFit, SvrParams, SvrProblem,
 };
 use crate::backend::{Backend, KernelArg, LaunchCfg};
 use crate::device::Device;
@@ -143,39 +143,19 @@ pub fn grid_search_on(
     if be.device() == Device::Cpu {
         return grid_search(features, expression, spec);
     }
-    spec.validate()?;
-    let n = expression.n_rows();
-    if n < 2 * spec.folds {
-        return Err(Error::invalid(format!(
-            "grid search: {n} samples cannot be split into {} folds of at least 2 samples each",
-            spec.folds
-        )));
-    }
+    let GridInputs {
+        n,
+        x,
+        d,
+        genes,
+        skipped,
+    } = GridInputs::prepare(features, expression, spec)?;
     if n > DEVICE_MAX_ROWS {
         return Err(Error::invalid(format!(
             "grid search on {}: {n} samples, the device solver takes at most {DEVICE_MAX_ROWS} \
              (use the CPU device)",
             be.device()
         )));
-    }
-    let x = features.select_rows(&expression.row_names)?;
-    let d = x.n_cols();
-
-    let mut genes = Vec::new();
-    let mut skipped = Vec::new();
-    for (g, name) in expression.col_names.iter().enumerate() {
-        let y = expression.column(g);
-        if y.iter().all(|&v| v == y[0]) {
-            skipped.push(SkippedGene {
-                gene: name.clone(),
-                reason: format!(
-                    "expression is {} in all {n} samples: R² is undefined, gene not fitted",
-                    y[0]
-                ),
-            });
-        } else {
-            genes.push((name.clone(), y));
-        }
     }
     let folds: Vec<Fold> = kfold(n, spec.folds)?
         .into_iter()

@@ -285,6 +285,61 @@ pub struct GridOutcome {
     pub stats: GridStats,
 }
 
+/// What both grid searches (CPU and device) start from: the validated
+/// spec's samples, the feature rows in the expression table's order, and the
+/// genes split into fitted ones and constant ones (skipped: R² is undefined).
+pub(crate) struct GridInputs {
+    /// Samples.
+    pub n: usize,
+    /// Features `[n, d]` in the expression table's row order.
+    pub x: Table,
+    /// Feature columns.
+    pub d: usize,
+    /// (gene, expression over the samples) of the genes to fit.
+    pub genes: Vec<(String, Vec<f64>)>,
+    /// The constant genes, with the reason.
+    pub skipped: Vec<SkippedGene>,
+}
+
+impl GridInputs {
+    /// Validates `spec` against the samples and splits the genes.
+    pub(crate) fn prepare(features: &Table, expression: &Table, spec: &GridSpec) -> Result<Self> {
+        spec.validate()?;
+        let n = expression.n_rows();
+        if n < 2 * spec.folds {
+            return Err(Error::invalid(format!(
+                "grid search: {n} samples cannot be split into {} folds of at least 2 samples each",
+                spec.folds
+            )));
+        }
+        let x = features.select_rows(&expression.row_names)?;
+        let d = x.n_cols();
+        let mut genes = Vec::new();
+        let mut skipped = Vec::new();
+        for (g, name) in expression.col_names.iter().enumerate() {
+            let y = expression.column(g);
+            if y.iter().all(|&v| v == y[0]) {
+                skipped.push(SkippedGene {
+                    gene: name.clone(),
+                    reason: format!(
+                        "expression is {} in all {n} samples: R² is undefined, gene not fitted",
+                        y[0]
+                    ),
+                });
+            } else {
+                genes.push((name.clone(), y));
+            }
+        }
+        Ok(GridInputs {
+            n,
+            x,
+            d,
+            genes,
+            skipped,
+        })
+    }
+}
+
 /// Runs the grid search for every gene (column) of `expression`.
 ///
 /// Samples are the rows of `expression`, in its order (which defines the
@@ -293,33 +348,13 @@ pub struct GridOutcome {
 /// Every held-out fold must have at least 2 samples (R² is undefined on
 /// one), so at least `2·folds` samples are required.
 pub fn grid_search(features: &Table, expression: &Table, spec: &GridSpec) -> Result<GridOutcome> {
-    spec.validate()?;
-    let n = expression.n_rows();
-    if n < 2 * spec.folds {
-        return Err(Error::invalid(format!(
-            "grid search: {n} samples cannot be split into {} folds of at least 2 samples each",
-            spec.folds
-        )));
-    }
-    let x = features.select_rows(&expression.row_names)?;
-    let d = x.n_cols();
-
-    let mut genes = Vec::new();
-    let mut skipped = Vec::new();
-    for (g, name) in expression.col_names.iter().enumerate() {
-        let y = expression.column(g);
-        if y.iter().all(|&v| v == y[0]) {
-            skipped.push(SkippedGene {
-                gene: name.clone(),
-                reason: format!(
-                    "expression is {} in all {n} samples: R² is undefined, gene not fitted",
-                    y[0]
-                ),
-            });
-        } else {
-            genes.push((name.clone(), y));
-        }
-    }
+    let GridInputs {
+        n,
+        x,
+        d,
+        genes,
+        skipped,
+    } = GridInputs::prepare(features, expression, spec)?;
 
     let folds: Vec<Fold> = kfold(n, spec.folds)?
         .into_par_iter()
