@@ -126,7 +126,7 @@ fn case() -> impl Strategy<Value = Case> {
         (0usize..=3, 0usize..=5, any::<u64>()),
     )
         .prop_filter_map(
-            "the tensor-core kernel needs K ≥ 16",
+            "a valid conv with K ≥ 16",
             |(
                 n,
                 (c_in, c_out),
@@ -142,7 +142,7 @@ fn case() -> impl Strategy<Value = Case> {
                 } else {
                     (k, stride, pad.min(k / 2 + 1))
                 };
-                (c_in * k * k >= 16).then_some(Case {
+                let case = Case {
                     n,
                     c_x: c_in + extra_x,
                     c_in,
@@ -160,7 +160,12 @@ fn case() -> impl Strategy<Value = Case> {
                     relu,
                     bf16,
                     seed,
-                })
+                };
+                // K ≥ 16 selects the tensor-core kernel; the geometry must be valid.
+                let (h, w) = case.conv_hw();
+                let valid =
+                    Conv2dGeom::new(&[n, c_in, h, w], &[c_out, c_in, k, k], case.params()).is_ok();
+                (c_in * k * k >= 16 && valid).then_some(case)
             },
         )
 }
