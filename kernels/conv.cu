@@ -45,6 +45,14 @@
 //       as when PyTorch pads the activated tensor); `relu` applies
 //       max(v, 0) to the output after the bias. The comparisons are
 //       written `v < 0 ? 0 : v` so that NaN passes through, as in relu_f32.
+//   conv2d_igemm{64,32}_{strided_leaky,up2,up2_leaky}_f32
+//       The CP2Image generator's block: `up2` reads the input through a
+//       nearest 2× upsampling (the conv runs over a (h, w) plane, passed as
+//       h, w, whose value at (iy, ix) is the buffer's (iy/2, ix/2); the buffer
+//       is (h/2, w/2)), so the upsampled tensor is never written; `leaky`
+//       applies v < 0 ? v·out_slope : v after the bias (LeakyReLU, NaN passes).
+//       Every fused kernel takes a trailing `float out_slope` (read only by
+//       the leaky variants).
 //   conv2d_igemm{64,32}_bnrelu_pool2_f32
 //       A DenseNet transition: 1×1 conv over avg_pool2x2(bnrelu(x)). The
 //       gather reads the 2×2 window of each pooled position and averages the
@@ -117,12 +125,13 @@ struct ConvGemm {
 // gathered; RELU_OUT applies max(·, 0) after the bias. POOL2_IN (with
 // BN_RELU_IN, for a 1×1 stride-2 conv) averages the activated 2×2 window
 // whose top-left value the plain gather would read.
-template <int BN, bool TRANSPOSED, bool BN_RELU_IN, bool RELU_OUT, bool POOL2_IN>
+template <int BN, bool TRANSPOSED, bool BN_RELU_IN, bool RELU_OUT, bool POOL2_IN, bool UP2_IN = false,
+          bool LEAKY_OUT = false>
 __device__ __forceinline__ void conv_gemm_tile(const ConvGemm& g, const float* __restrict__ x,
                                                const float* __restrict__ wt, const float* __restrict__ bias,
                                                float* __restrict__ y, const float* __restrict__ in_scale,
                                                const float* __restrict__ in_shift, float (*As)[kConvBK][kConvBM],
-                                               float4 (*Bs)[kConvBK][BN / 4 + 1]) {
+                                               float4 (*Bs)[kConvBK][BN / 4 + 1], float out_slope = 0.0f) {
     constexpr int TN = BN / 8;
     constexpr int kSign = TRANSPOSED ? -1 : 1;
     // Threads that load one float4 of B (4 channels at one k) per slab.
@@ -139,6 +148,7 @@ __device__ __forceinline__ void conv_gemm_tile(const ConvGemm& g, const float* _
 
     // --- A gather state: thread t loads output pixel m0 + t, every k. ---
     long long a_base = 0;
+    long long a_img = 0;    // UP2_IN: the image's first float
     int iy0 = INT_MIN / 2;  // out of range for every tap: pixels past M read zeros
     int ix0 = 0;
     {
@@ -150,9 +160,13 @@ __device__ __forceinline__ void conv_gemm_tile(const ConvGemm& g, const float* _
             const int b = r - a * g.qw;
             iy0 = a * g.ish + g.iy_off;
             ix0 = b * g.isw + g.ix_off;
-            a_base = img * g.x_bstride + (long long)iy0 * g.w + ix0;
+            a_img = img * g.x_bstride;
+            a_base = a_img + (long long)iy0 * g.w + ix0;
         }
     }
+    // UP2_IN: (h, w) is the upsampled plane; the buffer holds (h/2, w/2).
+    const int src_w = g.w >> 1;
+    const int src_hw = (g.h >> 1) * src_w;
     // The k walk (block-uniform): k ↔ (ci, jy, jx), koff = ci·hw ± (jy·w + jx).
     int a_ci = 0, a_jy = 0, a_jx = 0, a_koff = 0;
     const int a_row_step = kSign * (g.w - g.tx);
@@ -196,6 +210,8 @@ CONV_UNROLL
                     q[u] = q[u] < 0.0f ? 0.0f : q[u];
                 }
                 v = 0.25f * ((q[0] + q[1]) + (q[2] + q[3]));
+            } else if (ok && UP2_IN) {
+                v = x[a_img + a_ci * src_hw + ((iy0 + a_jy) >> 1) * src_w + ((ix0 + a_jx) >> 1)];
             } else if (ok) {
                 v = x[a_base + a_koff];
                 if (BN_RELU_IN) {
@@ -342,6 +358,9 @@ CONV_UNROLL
                 if (RELU_OUT) {
                     v = v < 0.0f ? 0.0f : v;
                 }
+                if (LEAKY_OUT) {
+                    v = v < 0.0f ? v * out_slope : v;
+                }
                 yp[co * out_plane] = v;
             }
         }
@@ -450,41 +469,54 @@ CM_EXPORT(conv_transpose2d_igemm32_f32)
 // Strided input/output with optional BN+ReLU prologue (and 2×2 pooling) and
 // ReLU epilogue. in_scale/in_shift are read only by the bnrelu variants (null
 // otherwise).
-#define CONV_FUSED_KERNEL(NAME, BN, BN_RELU_IN, RELU_OUT, POOL2_IN)                                             \
+#define CONV_FUSED_KERNEL(NAME, BN, BN_RELU_IN, RELU_OUT, POOL2_IN, UP2_IN, LEAKY_OUT)                         \
     extern "C" __global__ void __launch_bounds__(kConvThreads)                                                  \
         NAME(const float* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ bias,         \
              float* __restrict__ y, const float* __restrict__ in_scale, const float* __restrict__ in_shift,     \
              int n, int c_in, int h, int w, int c_out, int kh, int kw, int sh, int sw, int ph, int pw,          \
-             int oh, int ow, long long x_bstride, long long y_bstride, int y_coff) {                            \
+             int oh, int ow, long long x_bstride, long long y_bstride, int y_coff, float out_slope) {           \
         __shared__ float As[2][kConvBK][kConvBM];                                                               \
         __shared__ float4 Bs[2][kConvBK][BN / 4 + 1];                                                           \
         ConvGemm g = conv2d_gemm(n, c_in, h, w, c_out, kh, kw, sh, sw, ph, pw, oh, ow);                         \
         g.x_bstride = x_bstride;                                                                                \
         g.y_bstride = y_bstride;                                                                                \
-        conv_gemm_tile<BN, false, BN_RELU_IN, RELU_OUT, POOL2_IN>(                                              \
-            g, x, wt, bias, y + (long long)y_coff * oh * ow, in_scale, in_shift, As, Bs);                       \
+        conv_gemm_tile<BN, false, BN_RELU_IN, RELU_OUT, POOL2_IN, UP2_IN, LEAKY_OUT>(                            \
+            g, x, wt, bias, y + (long long)y_coff * oh * ow, in_scale, in_shift, As, Bs, out_slope);            \
     }
 
-CONV_FUSED_KERNEL(conv2d_igemm64_strided_f32, 64, false, false, false)
+CONV_FUSED_KERNEL(conv2d_igemm64_strided_f32, 64, false, false, false, false, false)
 CM_EXPORT(conv2d_igemm64_strided_f32)
-CONV_FUSED_KERNEL(conv2d_igemm32_strided_f32, 32, false, false, false)
+CONV_FUSED_KERNEL(conv2d_igemm32_strided_f32, 32, false, false, false, false, false)
 CM_EXPORT(conv2d_igemm32_strided_f32)
-CONV_FUSED_KERNEL(conv2d_igemm64_strided_relu_f32, 64, false, true, false)
+CONV_FUSED_KERNEL(conv2d_igemm64_strided_relu_f32, 64, false, true, false, false, false)
 CM_EXPORT(conv2d_igemm64_strided_relu_f32)
-CONV_FUSED_KERNEL(conv2d_igemm32_strided_relu_f32, 32, false, true, false)
+CONV_FUSED_KERNEL(conv2d_igemm32_strided_relu_f32, 32, false, true, false, false, false)
 CM_EXPORT(conv2d_igemm32_strided_relu_f32)
-CONV_FUSED_KERNEL(conv2d_igemm64_bnrelu_f32, 64, true, false, false)
+CONV_FUSED_KERNEL(conv2d_igemm64_bnrelu_f32, 64, true, false, false, false, false)
 CM_EXPORT(conv2d_igemm64_bnrelu_f32)
-CONV_FUSED_KERNEL(conv2d_igemm32_bnrelu_f32, 32, true, false, false)
+CONV_FUSED_KERNEL(conv2d_igemm32_bnrelu_f32, 32, true, false, false, false, false)
 CM_EXPORT(conv2d_igemm32_bnrelu_f32)
-CONV_FUSED_KERNEL(conv2d_igemm64_bnrelu_relu_f32, 64, true, true, false)
+CONV_FUSED_KERNEL(conv2d_igemm64_bnrelu_relu_f32, 64, true, true, false, false, false)
 CM_EXPORT(conv2d_igemm64_bnrelu_relu_f32)
-CONV_FUSED_KERNEL(conv2d_igemm32_bnrelu_relu_f32, 32, true, true, false)
+CONV_FUSED_KERNEL(conv2d_igemm32_bnrelu_relu_f32, 32, true, true, false, false, false)
 CM_EXPORT(conv2d_igemm32_bnrelu_relu_f32)
-CONV_FUSED_KERNEL(conv2d_igemm64_bnrelu_pool2_f32, 64, true, false, true)
+CONV_FUSED_KERNEL(conv2d_igemm64_bnrelu_pool2_f32, 64, true, false, true, false, false)
 CM_EXPORT(conv2d_igemm64_bnrelu_pool2_f32)
-CONV_FUSED_KERNEL(conv2d_igemm32_bnrelu_pool2_f32, 32, true, false, true)
+CONV_FUSED_KERNEL(conv2d_igemm32_bnrelu_pool2_f32, 32, true, false, true, false, false)
 CM_EXPORT(conv2d_igemm32_bnrelu_pool2_f32)
+
+CONV_FUSED_KERNEL(conv2d_igemm64_strided_leaky_f32, 64, false, false, false, false, true)
+CM_EXPORT(conv2d_igemm64_strided_leaky_f32)
+CONV_FUSED_KERNEL(conv2d_igemm64_up2_f32, 64, false, false, false, true, false)
+CM_EXPORT(conv2d_igemm64_up2_f32)
+CONV_FUSED_KERNEL(conv2d_igemm64_up2_leaky_f32, 64, false, false, false, true, true)
+CM_EXPORT(conv2d_igemm64_up2_leaky_f32)
+CONV_FUSED_KERNEL(conv2d_igemm32_strided_leaky_f32, 32, false, false, false, false, true)
+CM_EXPORT(conv2d_igemm32_strided_leaky_f32)
+CONV_FUSED_KERNEL(conv2d_igemm32_up2_f32, 32, false, false, false, true, false)
+CM_EXPORT(conv2d_igemm32_up2_f32)
+CONV_FUSED_KERNEL(conv2d_igemm32_up2_leaky_f32, 32, false, false, false, true, true)
+CM_EXPORT(conv2d_igemm32_up2_leaky_f32)
 
 extern "C" __global__ void conv2d_direct_f32(const float* __restrict__ x, const float* __restrict__ wt,
                                              const float* __restrict__ bias, float* __restrict__ y, int n,

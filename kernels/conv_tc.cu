@@ -12,11 +12,12 @@
 // the accumulators.
 //
 // Variants: conv2d_tc{64,32}_{bf16,f16}_{strided,strided_relu,bnrelu,
-// bnrelu_relu,bnrelu_pool2}, with the arguments of conv.cu's fused kernels:
+// bnrelu_relu,bnrelu_pool2,strided_leaky,up2,up2_leaky}, with the arguments
+// and meaning of conv.cu's fused kernels:
 //   (const float* x, const float* w, const float* bias (or null), float* y,
 //    const float* in_scale, const float* in_shift (null unless bnrelu),
 //    int n, c_in, h, w, c_out, kh, kw, sh, sw, ph, pw, oh, ow,
-//    long long x_bstride, long long y_bstride, int y_coff)
+//    long long x_bstride, long long y_bstride, int y_coff, float out_slope)
 // A plain conv passes x_bstride = c_in·h·w, y_bstride = c_out·oh·ow, y_coff 0.
 //
 // Tiling: block 128 threads (4 warps) owns a 128 (pixels) × BN (channels)
@@ -32,9 +33,10 @@
 //
 // Launch: block (128, 1, 1), grid (⌈M/128⌉, ⌈c_out/BN⌉, 1); static shared
 // memory 2·(128 + BN)·40 halves: 30 KiB (BN 64), 25 KiB (BN 32). Registers
-// (ptxas, CUDA 13.0): 162 for BN 64; BN 32 asks for 4 blocks per SM
-// (__launch_bounds__(128, 4), at most 128 registers), without which ptxas
-// spilled the pooling variant at 96.
+// (ptxas, CUDA 13.0, sm_80 / sm_90): BN 64 177–179 / 182–208; BN 32 asks for
+// 3 blocks per SM (__launch_bounds__(128, 3), at most 168 registers) and uses
+// 121–124 / 121–168: with no minimum ptxas chose 96 and spilled the pooling
+// variant, with 4 blocks (128 registers) it spilled the upsampling ones.
 //
 // Not done yet (needs a GPU to measure): NHWC/bf16 activations in memory,
 // ldmatrix and cp.async staging, wgmma on sm_90a, a wider N tile for
@@ -64,13 +66,13 @@ struct TcGeom {
     long long x_bstride, y_bstride;
 };
 
-template <int BN, bool BF16, bool BN_RELU_IN, bool RELU_OUT, bool POOL2_IN>
+template <int BN, bool BF16, bool BN_RELU_IN, bool RELU_OUT, bool POOL2_IN, bool UP2_IN, bool LEAKY_OUT>
 __device__ __forceinline__ void conv_tc_tile(const TcGeom& g, const float* __restrict__ x,
                                              const float* __restrict__ wt, const float* __restrict__ bias,
                                              float* __restrict__ y, const float* __restrict__ in_scale,
                                              const float* __restrict__ in_shift,
                                              unsigned (*As)[kTcBM][kTcRowWords],
-                                             unsigned (*Bs)[BN][kTcRowWords]) {
+                                             unsigned (*Bs)[BN][kTcRowWords], float out_slope) {
     constexpr int kWarpsM = BN == 64 ? 2 : 4;
     constexpr int kWM = kTcBM / kWarpsM;  // 64 or 32 rows per warp
     constexpr int kMI = kWM / 16;         // m16 tiles per warp
@@ -93,6 +95,7 @@ __device__ __forceinline__ void conv_tc_tile(const TcGeom& g, const float* __res
 
     // --- A gather state: pixel m0 + t. ---
     long long a_base = 0;
+    long long a_img = 0;    // UP2_IN: the image's first float
     int iy0 = INT_MIN / 2;  // pixels past M read zeros
     int ix0 = 0;
     {
@@ -104,9 +107,13 @@ __device__ __forceinline__ void conv_tc_tile(const TcGeom& g, const float* __res
             const int ox = r - oy * g.ow;
             iy0 = oy * g.sh - g.ph;
             ix0 = ox * g.sw - g.pw;
-            a_base = img * g.x_bstride + (long long)iy0 * g.w + ix0;
+            a_img = img * g.x_bstride;
+            a_base = a_img + (long long)iy0 * g.w + ix0;
         }
     }
+    // UP2_IN: (h, w) is the upsampled plane; the buffer holds (h/2, w/2).
+    const int src_w = g.w >> 1;
+    const int src_hw = (g.h >> 1) * src_w;
     int a_ci = 0, a_ky = 0, a_kx = 0, a_koff = 0;
     const int a_row_step = g.w - g.kw;
     const int a_chan_step = hw - g.kh * g.w;
@@ -127,6 +134,8 @@ __device__ __forceinline__ void conv_tc_tile(const TcGeom& g, const float* __res
                 return u < 0.0f ? 0.0f : u;
             };
             v = 0.25f * ((act(p[0]) + act(p[1])) + (act(p[g.w]) + act(p[g.w + 1])));
+        } else if (ok && UP2_IN) {
+            v = x[a_img + a_ci * src_hw + ((iy0 + a_ky) >> 1) * src_w + ((ix0 + a_kx) >> 1)];
         } else if (ok) {
             v = x[a_base + a_koff];
             if (BN_RELU_IN) {
@@ -272,6 +281,9 @@ TC_UNROLL
                         if (RELU_OUT) {
                             v = v < 0.0f ? 0.0f : v;
                         }
+                        if (LEAKY_OUT) {
+                            v = v < 0.0f ? v * out_slope : v;
+                        }
                         yp[co * ohw] = v;
                     }
                 }
@@ -282,12 +294,12 @@ TC_UNROLL
 
 }  // namespace
 
-#define CONV_TC_KERNEL(NAME, BN, BF16, BN_RELU_IN, RELU_OUT, POOL2_IN)                                          \
-    extern "C" __global__ void __launch_bounds__(kTcThreads, BN == 32 ? 4 : 1)                                                  \
+#define CONV_TC_KERNEL(NAME, BN, BF16, BN_RELU_IN, RELU_OUT, POOL2_IN, UP2_IN, LEAKY_OUT)                       \
+    extern "C" __global__ void __launch_bounds__(kTcThreads, BN == 32 ? 3 : 1)                                                  \
         NAME(const float* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ bias,         \
              float* __restrict__ y, const float* __restrict__ in_scale, const float* __restrict__ in_shift,     \
              int n, int c_in, int h, int w, int c_out, int kh, int kw, int sh, int sw, int ph, int pw,          \
-             int oh, int ow, long long x_bstride, long long y_bstride, int y_coff) {                            \
+             int oh, int ow, long long x_bstride, long long y_bstride, int y_coff, float out_slope) {           \
         __shared__ unsigned As[2][kTcBM][kTcRowWords];                                                          \
         __shared__ unsigned Bs[2][BN][kTcRowWords];                                                             \
         TcGeom g;                                                                                               \
@@ -307,47 +319,71 @@ TC_UNROLL
         g.k = c_in * kh * kw;                                                                                   \
         g.x_bstride = x_bstride;                                                                                \
         g.y_bstride = y_bstride;                                                                                \
-        conv_tc_tile<BN, BF16, BN_RELU_IN, RELU_OUT, POOL2_IN>(g, x, wt, bias, y + (long long)y_coff * oh * ow, \
-                                                                in_scale, in_shift, As, Bs);                    \
+        conv_tc_tile<BN, BF16, BN_RELU_IN, RELU_OUT, POOL2_IN, UP2_IN, LEAKY_OUT>(                              \
+            g, x, wt, bias, y + (long long)y_coff * oh * ow, in_scale, in_shift, As, Bs, out_slope);            \
     }
 
-CONV_TC_KERNEL(conv2d_tc64_bf16_strided, 64, true, false, false, false)
+CONV_TC_KERNEL(conv2d_tc64_bf16_strided, 64, true, false, false, false, false, false)
 CM_EXPORT(conv2d_tc64_bf16_strided)
-CONV_TC_KERNEL(conv2d_tc64_bf16_strided_relu, 64, true, false, true, false)
+CONV_TC_KERNEL(conv2d_tc64_bf16_strided_relu, 64, true, false, true, false, false, false)
 CM_EXPORT(conv2d_tc64_bf16_strided_relu)
-CONV_TC_KERNEL(conv2d_tc64_bf16_bnrelu, 64, true, true, false, false)
+CONV_TC_KERNEL(conv2d_tc64_bf16_bnrelu, 64, true, true, false, false, false, false)
 CM_EXPORT(conv2d_tc64_bf16_bnrelu)
-CONV_TC_KERNEL(conv2d_tc64_bf16_bnrelu_relu, 64, true, true, true, false)
+CONV_TC_KERNEL(conv2d_tc64_bf16_bnrelu_relu, 64, true, true, true, false, false, false)
 CM_EXPORT(conv2d_tc64_bf16_bnrelu_relu)
-CONV_TC_KERNEL(conv2d_tc64_bf16_bnrelu_pool2, 64, true, true, false, true)
+CONV_TC_KERNEL(conv2d_tc64_bf16_bnrelu_pool2, 64, true, true, false, true, false, false)
 CM_EXPORT(conv2d_tc64_bf16_bnrelu_pool2)
-CONV_TC_KERNEL(conv2d_tc64_f16_strided, 64, false, false, false, false)
+CONV_TC_KERNEL(conv2d_tc64_f16_strided, 64, false, false, false, false, false, false)
 CM_EXPORT(conv2d_tc64_f16_strided)
-CONV_TC_KERNEL(conv2d_tc64_f16_strided_relu, 64, false, false, true, false)
+CONV_TC_KERNEL(conv2d_tc64_f16_strided_relu, 64, false, false, true, false, false, false)
 CM_EXPORT(conv2d_tc64_f16_strided_relu)
-CONV_TC_KERNEL(conv2d_tc64_f16_bnrelu, 64, false, true, false, false)
+CONV_TC_KERNEL(conv2d_tc64_f16_bnrelu, 64, false, true, false, false, false, false)
 CM_EXPORT(conv2d_tc64_f16_bnrelu)
-CONV_TC_KERNEL(conv2d_tc64_f16_bnrelu_relu, 64, false, true, true, false)
+CONV_TC_KERNEL(conv2d_tc64_f16_bnrelu_relu, 64, false, true, true, false, false, false)
 CM_EXPORT(conv2d_tc64_f16_bnrelu_relu)
-CONV_TC_KERNEL(conv2d_tc64_f16_bnrelu_pool2, 64, false, true, false, true)
+CONV_TC_KERNEL(conv2d_tc64_f16_bnrelu_pool2, 64, false, true, false, true, false, false)
 CM_EXPORT(conv2d_tc64_f16_bnrelu_pool2)
-CONV_TC_KERNEL(conv2d_tc32_bf16_strided, 32, true, false, false, false)
+CONV_TC_KERNEL(conv2d_tc32_bf16_strided, 32, true, false, false, false, false, false)
 CM_EXPORT(conv2d_tc32_bf16_strided)
-CONV_TC_KERNEL(conv2d_tc32_bf16_strided_relu, 32, true, false, true, false)
+CONV_TC_KERNEL(conv2d_tc32_bf16_strided_relu, 32, true, false, true, false, false, false)
 CM_EXPORT(conv2d_tc32_bf16_strided_relu)
-CONV_TC_KERNEL(conv2d_tc32_bf16_bnrelu, 32, true, true, false, false)
+CONV_TC_KERNEL(conv2d_tc32_bf16_bnrelu, 32, true, true, false, false, false, false)
 CM_EXPORT(conv2d_tc32_bf16_bnrelu)
-CONV_TC_KERNEL(conv2d_tc32_bf16_bnrelu_relu, 32, true, true, true, false)
+CONV_TC_KERNEL(conv2d_tc32_bf16_bnrelu_relu, 32, true, true, true, false, false, false)
 CM_EXPORT(conv2d_tc32_bf16_bnrelu_relu)
-CONV_TC_KERNEL(conv2d_tc32_bf16_bnrelu_pool2, 32, true, true, false, true)
+CONV_TC_KERNEL(conv2d_tc32_bf16_bnrelu_pool2, 32, true, true, false, true, false, false)
 CM_EXPORT(conv2d_tc32_bf16_bnrelu_pool2)
-CONV_TC_KERNEL(conv2d_tc32_f16_strided, 32, false, false, false, false)
+CONV_TC_KERNEL(conv2d_tc32_f16_strided, 32, false, false, false, false, false, false)
 CM_EXPORT(conv2d_tc32_f16_strided)
-CONV_TC_KERNEL(conv2d_tc32_f16_strided_relu, 32, false, false, true, false)
+CONV_TC_KERNEL(conv2d_tc32_f16_strided_relu, 32, false, false, true, false, false, false)
 CM_EXPORT(conv2d_tc32_f16_strided_relu)
-CONV_TC_KERNEL(conv2d_tc32_f16_bnrelu, 32, false, true, false, false)
+CONV_TC_KERNEL(conv2d_tc32_f16_bnrelu, 32, false, true, false, false, false, false)
 CM_EXPORT(conv2d_tc32_f16_bnrelu)
-CONV_TC_KERNEL(conv2d_tc32_f16_bnrelu_relu, 32, false, true, true, false)
+CONV_TC_KERNEL(conv2d_tc32_f16_bnrelu_relu, 32, false, true, true, false, false, false)
 CM_EXPORT(conv2d_tc32_f16_bnrelu_relu)
-CONV_TC_KERNEL(conv2d_tc32_f16_bnrelu_pool2, 32, false, true, false, true)
+CONV_TC_KERNEL(conv2d_tc32_f16_bnrelu_pool2, 32, false, true, false, true, false, false)
 CM_EXPORT(conv2d_tc32_f16_bnrelu_pool2)
+CONV_TC_KERNEL(conv2d_tc64_bf16_strided_leaky, 64, true, false, false, false, false, true)
+CM_EXPORT(conv2d_tc64_bf16_strided_leaky)
+CONV_TC_KERNEL(conv2d_tc64_bf16_up2, 64, true, false, false, false, true, false)
+CM_EXPORT(conv2d_tc64_bf16_up2)
+CONV_TC_KERNEL(conv2d_tc64_bf16_up2_leaky, 64, true, false, false, false, true, true)
+CM_EXPORT(conv2d_tc64_bf16_up2_leaky)
+CONV_TC_KERNEL(conv2d_tc64_f16_strided_leaky, 64, false, false, false, false, false, true)
+CM_EXPORT(conv2d_tc64_f16_strided_leaky)
+CONV_TC_KERNEL(conv2d_tc64_f16_up2, 64, false, false, false, false, true, false)
+CM_EXPORT(conv2d_tc64_f16_up2)
+CONV_TC_KERNEL(conv2d_tc64_f16_up2_leaky, 64, false, false, false, false, true, true)
+CM_EXPORT(conv2d_tc64_f16_up2_leaky)
+CONV_TC_KERNEL(conv2d_tc32_bf16_strided_leaky, 32, true, false, false, false, false, true)
+CM_EXPORT(conv2d_tc32_bf16_strided_leaky)
+CONV_TC_KERNEL(conv2d_tc32_bf16_up2, 32, true, false, false, false, true, false)
+CM_EXPORT(conv2d_tc32_bf16_up2)
+CONV_TC_KERNEL(conv2d_tc32_bf16_up2_leaky, 32, true, false, false, false, true, true)
+CM_EXPORT(conv2d_tc32_bf16_up2_leaky)
+CONV_TC_KERNEL(conv2d_tc32_f16_strided_leaky, 32, false, false, false, false, false, true)
+CM_EXPORT(conv2d_tc32_f16_strided_leaky)
+CONV_TC_KERNEL(conv2d_tc32_f16_up2, 32, false, false, false, false, true, false)
+CM_EXPORT(conv2d_tc32_f16_up2)
+CONV_TC_KERNEL(conv2d_tc32_f16_up2_leaky, 32, false, false, false, false, true, true)
+CM_EXPORT(conv2d_tc32_f16_up2_leaky)

@@ -1,7 +1,8 @@
 //! `conv2d_fused_into` (the DenseNet conv: input channels read from the
 //! front of a wider buffer, output written to a channel slice of another,
 //! optional BatchNorm+ReLU prologue, optional 2×2 average pooling of the
-//! activated input, optional ReLU epilogue) against the same computation
+//! activated input, optional ReLU epilogue; the CP2Image generator's conv:
+//! optional 2× nearest upsampling of the input, optional LeakyReLU epilogue) against the same computation
 //! composed from plain pieces on the CPU: slice and activate the input by
 //! hand, run the reference `avg_pool2d` and `conv2d`, apply ReLU, write the
 //! slice.
@@ -73,6 +74,10 @@ struct Case {
     /// 2×2 average pooling of the activated input (a DenseNet transition).
     pool2: bool,
     relu: bool,
+    /// Nearest 2× upsampling of the input (the CP2Image generator's blocks).
+    up2: bool,
+    /// LeakyReLU slope on the output.
+    leaky: Option<f32>,
     seed: u64,
 }
 
@@ -81,6 +86,8 @@ impl Case {
     fn conv_hw(&self) -> (usize, usize) {
         if self.pool2 {
             (self.h / 2, self.w / 2)
+        } else if self.up2 {
+            (2 * self.h, 2 * self.w)
         } else {
             (self.h, self.w)
         }
@@ -121,6 +128,7 @@ fn cases(c_out: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = Case> 
             any::<bool>(),
             0u8..4,
             any::<bool>(),
+            any::<bool>(),
             any::<u64>(),
         ),
     )
@@ -128,11 +136,14 @@ fn cases(c_out: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = Case> 
             |(
                 (n, c_in, x_extra, c_out, offset, y_extra),
                 (h, w, kh, kw, stride, pad),
-                (bias, bn_relu, pool, relu, seed),
+                (bias, bn_relu, pool, relu, leaky, seed),
             )| {
                 // One case in four is a transition: 1×1, stride 1, no
-                // padding, BN+ReLU prologue, no output ReLU.
+                // padding, BN+ReLU prologue, no output ReLU; one in four
+                // reads its input upsampled 2× (no prologue).
                 let pool2 = pool == 0;
+                let up2 = pool == 1;
+                let relu = relu && !pool2 && !up2;
                 Case {
                     n,
                     c_x: c_in + x_extra,
@@ -146,9 +157,13 @@ fn cases(c_out: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = Case> 
                     stride: if pool2 { 1 } else { stride },
                     pad: if pool2 { 0 } else { pad },
                     bias,
-                    bn_relu: bn_relu || pool2,
+                    bn_relu: (bn_relu || pool2) && !up2,
                     pool2,
-                    relu: relu && !pool2,
+                    relu,
+                    up2,
+                    // LeakyReLU only where a kernel has it: without a
+                    // prologue and without ReLU.
+                    leaky: (leaky && !relu && !((bn_relu || pool2) && !up2)).then_some(0.2),
                     seed,
                 }
             },
@@ -201,12 +216,18 @@ fn reference(c: &Case, inp: &Inputs, magnitude: bool) -> Vec<f32> {
     if c.pool2 {
         x = ops::avg_pool2d(&cpu, &x, Pool2dParams::new(2, 2, 0)).unwrap();
     }
+    if c.up2 {
+        x = ops::upsample_nearest2x(&cpu, &x).unwrap();
+    }
     let wv: Vec<f32> = inp.w.iter().map(|&v| f(v)).collect();
     let w = Tensor::from_vec(&cpu, &[c.c_out, c.c_in, c.k.0, c.k.1], wv).unwrap();
     let b = Tensor::from_vec(&cpu, &[c.c_out], inp.b.iter().map(|&v| f(v)).collect()).unwrap();
     let mut y = ops::conv2d(&cpu, &x, &w, c.bias.then_some(&b), c.params()).unwrap();
     if c.relu && !magnitude {
         ops::relu_inplace(&cpu, &mut y).unwrap();
+    }
+    if let (Some(slope), false) = (c.leaky, magnitude) {
+        y = ops::leaky_relu(&cpu, &y, slope).unwrap();
     }
     let conv = y.to_vec().unwrap();
     let out_plane = g.oh * g.ow;
@@ -241,6 +262,8 @@ fn check(be: &Backend, c: &Case) -> Result<(), String> {
         }),
         input_pool2: c.pool2,
         relu: c.relu,
+        input_upsample2: c.up2,
+        leaky_relu: c.leaky,
     };
     ops::conv2d_fused_into(be, &x, &conv, &mut y, c.offset)
         .map_err(|e| format!("{}: {e}", be.device()))?;
@@ -323,6 +346,8 @@ fn fused_shape_errors() {
         input_bn_relu: None,
         input_pool2: false,
         relu: false,
+        input_upsample2: false,
+        leaky_relu: None,
     };
     let expect_err = |r: cellmorph::Result<()>, needle: &str| {
         let msg = r.expect_err("must fail").to_string();

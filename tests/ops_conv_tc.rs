@@ -73,6 +73,8 @@ struct Case {
     bn_relu: bool,
     pool2: bool,
     relu: bool,
+    up2: bool,
+    leaky: Option<f32>,
     bf16: bool,
     seed: u64,
 }
@@ -88,6 +90,8 @@ impl Case {
     fn conv_hw(&self) -> (usize, usize) {
         if self.pool2 {
             (self.h / 2, self.w / 2)
+        } else if self.up2 {
+            (2 * self.h, 2 * self.w)
         } else {
             (self.h, self.w)
         }
@@ -122,6 +126,7 @@ fn case() -> impl Strategy<Value = Case> {
             any::<bool>(),
             any::<bool>(),
             any::<bool>(),
+            any::<bool>(),
         ),
         (0usize..=3, 0usize..=5, any::<u64>()),
     )
@@ -133,10 +138,17 @@ fn case() -> impl Strategy<Value = Case> {
                 k,
                 (stride, pad),
                 (h, w),
-                (bias, bn_relu, pool2, relu, bf16),
+                (bias, bn_relu, pool2, relu, bf16, up2),
                 (extra_x, extra_y, seed),
             )| {
                 let pool2 = pool2 && bn_relu && !relu;
+                // The generator's conv: upsampled input, LeakyReLU, no prologue.
+                let up2 = up2 && !pool2 && !bn_relu;
+                let (relu, leaky) = if up2 || (!bn_relu && !relu && seed % 3 == 0) {
+                    (false, (seed % 2 == 0).then_some(0.2))
+                } else {
+                    (relu, None)
+                };
                 let (k, stride, pad) = if pool2 {
                     (1, 1, 0)
                 } else {
@@ -158,6 +170,8 @@ fn case() -> impl Strategy<Value = Case> {
                     bn_relu,
                     pool2,
                     relu,
+                    up2,
+                    leaky,
                     bf16,
                     seed,
                 };
@@ -221,6 +235,8 @@ fn run(be: &Backend, c: &Case, d: &Inputs) -> Vec<f32> {
         }),
         input_pool2: c.pool2,
         relu: c.relu,
+        input_upsample2: c.up2,
+        leaky_relu: c.leaky,
     };
     ops::conv2d_fused_into(be, &x, &conv, &mut y, c.offset).expect("conv2d_fused_into");
     y.to_vec().expect("download")

@@ -485,6 +485,52 @@ struct ConvBn {
 }
 
 impl ConvBn {
+    /// `leaky?(bn(conv(up2?(x))))`: with the BatchNorm folded, one fused
+    /// conv (`up2` read in the gather, LeakyReLU in the epilogue); with a
+    /// separate BatchNorm, the ops one after the other.
+    fn forward_fused(
+        &self,
+        be: &Backend,
+        x: &Tensor,
+        up2: bool,
+        leaky: Option<f32>,
+    ) -> Result<Tensor> {
+        if self.bn.is_some() {
+            let up;
+            let x = if up2 {
+                up = ops::upsample_nearest2x(be, x)?;
+                &up
+            } else {
+                x
+            };
+            let y = self.forward(be, x)?;
+            return match leaky {
+                Some(slope) => ops::leaky_relu(be, &y, slope),
+                None => Ok(y),
+            };
+        }
+        let (&[n, _, h, w], &[c_out, ..]) = (x.shape(), self.w.shape()) else {
+            return Err(Error::shape(
+                "cp2image conv",
+                format!("input must be [N, c, h, w], got {:?}", x.shape()),
+            ));
+        };
+        let (oh, ow) = if up2 { (2 * h, 2 * w) } else { (h, w) };
+        let mut y = Tensor::zeros(be, &[n, c_out, oh, ow])?;
+        let conv = ops::FusedConv2d {
+            weight: &self.w,
+            bias: Some(&self.b),
+            params: Conv2dParams::new(1, 1),
+            input_bn_relu: None,
+            input_pool2: false,
+            relu: false,
+            input_upsample2: up2,
+            leaky_relu: leaky,
+        };
+        ops::conv2d_fused_into(be, x, &conv, &mut y, 0)?;
+        Ok(y)
+    }
+
     /// `bn(conv(x))`, shape `[N, c_out, h, w]`.
     fn forward(&self, be: &Backend, x: &Tensor) -> Result<Tensor> {
         let y = ops::conv2d(be, x, &self.w, Some(&self.b), Conv2dParams::new(1, 1))?;
@@ -592,12 +638,16 @@ impl Generator {
         let s = GENERATOR_SEED_SIZE;
         let mut h = ops::linear(be, z, &self.fc_w, Some(&self.fc_b))? // [N, c0·16]
             .reshape(&[n, self.config.channels[0], s, s])?; // [N, c0, 4, 4]
+                                                            // `h` is read through a 2× upsampling from the second block on: with
+                                                            // folded BatchNorms the upsampling happens in the next conv's gather
+                                                            // and the LeakyReLU in the conv's epilogue, so neither the upsampled
+                                                            // tensor nor the pre-activation is ever written.
+        let mut upsampled = false;
         for block in &self.blocks {
-            let y = block.forward(be, &h)?; // [N, c_{i+1}, s, s]
-            let y = ops::leaky_relu(be, &y, LEAKY_SLOPE)?;
-            h = ops::upsample_nearest2x(be, &y)?; // [N, c_{i+1}, 2s, 2s]
+            h = block.forward_fused(be, &h, upsampled, Some(LEAKY_SLOPE))?; // [N, c_{i+1}, s, s]
+            upsampled = true;
         }
-        let y = self.out.forward(be, &h)?; // [N, 3, S, S]
+        let y = self.out.forward_fused(be, &h, upsampled, None)?; // [N, 3, S, S]
         drop(h);
         ops::sigmoid(be, &y)
     }

@@ -862,6 +862,8 @@ impl DenseNet {
             input_bn_relu: None,
             input_pool2: false,
             relu: true,
+            input_upsample2: false,
+            leaky_relu: None,
         };
         conv2d_fused_into(be, x, &conv0, &mut ws.stem, 0)?; // [n, F0, H/2, W/2]
         max_pool2d_into(
@@ -888,6 +890,8 @@ impl DenseNet {
                     input_bn_relu: Some(layer.norm1.as_bn_relu()),
                     input_pool2: false,
                     relu: true,
+                    input_upsample2: false,
+                    leaky_relu: None,
                 };
                 conv2d_fused_into(be, buf, &conv1, bottleneck, 0)?;
                 let conv2 = FusedConv2d {
@@ -897,6 +901,8 @@ impl DenseNet {
                     input_bn_relu: None,
                     input_pool2: false,
                     relu: false,
+                    input_upsample2: false,
+                    leaky_relu: None,
                 };
                 conv2d_fused_into(be, bottleneck, &conv2, buf, layer.c_in)?;
             }
@@ -908,6 +914,8 @@ impl DenseNet {
                     input_bn_relu: Some(t.norm.as_bn_relu()),
                     input_pool2: true,
                     relu: false,
+                    input_upsample2: false,
+                    leaky_relu: None,
                 };
                 conv2d_fused_into(be, buf, &conv, next_buf, 0)?; // [n, C/2, h_b/2, w_b/2]
             }

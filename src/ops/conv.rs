@@ -280,6 +280,8 @@ fn conv2d_with(
             input_bn_relu: None,
             input_pool2: false,
             relu: false,
+            input_upsample2: false,
+            leaky_relu: None,
         };
         let (x_img, y_img) = (g.c_in * g.h * g.w, g.c_out * g.oh * g.ow);
         return launch_fused(
@@ -461,10 +463,20 @@ pub struct FusedConv2d<'a> {
     pub input_pool2: bool,
     /// ReLU on the output, after the bias.
     pub relu: bool,
+    /// Read the input through a nearest-neighbour 2× upsampling: the conv
+    /// runs over a `2h × 2w` plane whose value at `(iy, ix)` is the input's
+    /// `(iy/2, ix/2)`, without the upsampled tensor ever being written (the
+    /// CP2Image generator's `upsample → conv`). Not with `input_bn_relu` or
+    /// `input_pool2`.
+    pub input_upsample2: bool,
+    /// LeakyReLU on the output with this negative slope, after the bias
+    /// (`v < 0 ? v·slope : v`, NaN passing through). Not with `relu`.
+    pub leaky_relu: Option<f32>,
 }
 
 /// Fused conv2d over channel slices of wider buffers:
-/// `y[:, off..off + c_out] = relu?(conv(pool2?(bn_relu?(x[:, ..c_in])), w) + b)` for
+/// `y[:, off..off + c_out] = act(conv(up2?(pool2?(bn_relu?(x[:, ..c_in]))), w) + b)`
+/// (`act`: none, ReLU or LeakyReLU) for
 /// `x` `[n, c_x, h, w]` with `c_x ≥ c_in` and `y` `[n, c_y, oh, ow]` with
 /// `c_y ≥ off + c_out`; the other channels of `y` are left alone. This is how
 /// a dense layer reads the channels written so far in its block's buffer and
@@ -508,9 +520,17 @@ pub fn conv2d_fused_into(
             ),
         ));
     }
-    // The conv's own input: the pooled one when pooling.
+    if let Some(slope) = conv.leaky_relu.filter(|s| !s.is_finite()) {
+        return Err(Error::invalid(format!(
+            "{OP}: the LeakyReLU slope must be finite, got {slope}"
+        )));
+    }
+    fusion_variant(OP, conv)?;
+    // The conv's own input: the pooled or upsampled one.
     let (ch, cw) = if conv.input_pool2 {
         (h / 2, w / 2)
+    } else if conv.input_upsample2 {
+        (2 * h, 2 * w)
     } else {
         (h, w)
     };
@@ -580,6 +600,38 @@ pub fn conv2d_fused_into(
     )
 }
 
+/// The kernel-name part of `conv`'s fusions (`strided`, `bnrelu_pool2`, …),
+/// or an error for a combination no kernel implements (checked on every
+/// device, so the CPU reference accepts exactly what the kernels do).
+fn fusion_variant(op: &str, conv: &FusedConv2d) -> Result<&'static str> {
+    Ok(match (
+    conv.input_bn_relu.is_some(),
+    conv.input_pool2,
+    conv.input_upsample2,
+    conv.relu,
+    conv.leaky_relu.is_some(),
+) {
+    (false, false, false, false, false) => "strided",
+    (false, false, false, true, false) => "strided_relu",
+    (false, false, false, false, true) => "strided_leaky",
+    (false, false, true, false, false) => "up2",
+    (false, false, true, false, true) => "up2_leaky",
+    (true, false, false, false, false) => "bnrelu",
+    (true, false, false, true, false) => "bnrelu_relu",
+    (true, true, false, false, false) => "bnrelu_pool2",
+    _ => {
+        return Err(Error::invalid(format!(
+            "{op}: no kernel for this combination of fusions (BatchNorm+ReLU prologue {}, 2×2 pooling {}, 2× upsampling {}, ReLU {}, LeakyReLU {})",
+            conv.input_bn_relu.is_some(),
+            conv.input_pool2,
+            conv.input_upsample2,
+            conv.relu,
+            conv.leaky_relu.is_some()
+        )))
+    }
+})
+}
+
 /// Launches a fused conv2d kernel (f32 implicit GEMM, or the tensor-core one
 /// when `tc`) for [`conv2d_fused_into`] (and the tensor-core plain conv2d):
 /// `g` is the conv's own geometry (over the pooled input when pooling),
@@ -637,19 +689,9 @@ fn launch_fused(
         KernelArg::I64(x_img as i64),
         KernelArg::I64(y_img as i64),
         KernelArg::int("output channel offset", y_channel_offset)?,
+        KernelArg::F32(conv.leaky_relu.unwrap_or(0.0)),
     ]);
-    let variant = match (conv.input_bn_relu.is_some(), conv.input_pool2, conv.relu) {
-        (false, _, false) => "strided",
-        (false, _, true) => "strided_relu",
-        (true, false, false) => "bnrelu",
-        (true, false, true) => "bnrelu_relu",
-        (true, true, false) => "bnrelu_pool2",
-        (true, true, true) => {
-            return Err(Error::invalid(format!(
-                "{op}: 2×2 input pooling with an output ReLU has no kernel (DenseNet transitions have none)"
-            )))
-        }
-    };
+    let variant = fusion_variant(op, conv)?;
     let (name, tile_n) = if tc {
         tc_variant(be.precision(), c_out, variant)
     } else {
@@ -664,9 +706,11 @@ fn launch_fused(
     // and outlive the launch. The kernel (f32 or tensor-core: the same
     // arguments and access pattern) takes (const float* x, w, bias,
     // float* y, const float* scale, shift, 13 × int, long long x_bstride,
-    // long long y_bstride, int y_coff) as built here; it reads channels < c_in
-    // ≤ c_x of each x image (stride c_x·h·w) inside the image (the pooling
-    // variant reads rows/columns < 2·⌊h/2⌋, 2·⌊w/2⌋), and writes channels
+    // long long y_bstride, int y_coff, float out_slope) as built here; it
+    // reads channels < c_in ≤ c_x of each x image (stride c_x·h·w) inside the
+    // image (the pooling variant reads rows/columns < 2·⌊h/2⌋, 2·⌊w/2⌋; the
+    // upsampling variant, given the 2h × 2w plane, reads rows/columns
+    // (2h − 1)/2 < h, (2w − 1)/2 < w), and writes channels
     // [y_coff, y_coff + c_out) ⊆ [0, c_y) of each y image (stride c_y·oh·ow);
     // per-image extents fit an int (checked).
     unsafe { be.launch(&name, cfg, &args) }
@@ -719,6 +763,14 @@ fn conv2d_fused_cpu(
             0
         }
     ];
+    let mut upsampled = vec![
+        0.0f32;
+        if conv.input_upsample2 {
+            g.c_in * g.h * g.w
+        } else {
+            0
+        }
+    ];
     for img in 0..g.n {
         let xi = &xs[img * x_img..][..in_len];
         let mut input: &[f32] = xi;
@@ -751,6 +803,10 @@ fn conv2d_fused_cpu(
             }
             input = &pooled;
         }
+        if conv.input_upsample2 {
+            cpu::upsample_nearest2x_forward(1, g.c_in, h, w, input, &mut upsampled)?;
+            input = &upsampled;
+        }
         if round.is_reduced() {
             input_rounded.copy_from_slice(&input[..g.c_in * g.h * g.w]);
             round.round_slice(&mut input_rounded);
@@ -760,6 +816,11 @@ fn conv2d_fused_cpu(
         cpu::conv2d_forward(&one, input, wt, b, yi)?;
         if conv.relu {
             yi.iter_mut().filter(|v| **v < 0.0).for_each(|v| *v = 0.0);
+        }
+        if let Some(slope) = conv.leaky_relu {
+            yi.iter_mut()
+                .filter(|v| **v < 0.0)
+                .for_each(|v| *v *= slope);
         }
     }
     Ok(())
