@@ -716,10 +716,13 @@ fn launch_fused(
     unsafe { be.launch(&name, cfg, &args) }
 }
 
-/// The CPU path of [`conv2d_fused_into`]: per image, the input channels are
-/// a contiguous prefix of the image and the output channels a contiguous
-/// range, so the reference conv runs on the slices directly (after the
-/// prologue into a scratch image, when there is one).
+/// The CPU path of [`conv2d_fused_into`]: the prologue (BatchNorm+ReLU,
+/// 2×2 pooling or 2× upsampling, rounding to the precision) into scratch
+/// buffers, the reference conv, then the output activation. Dense buffers
+/// (the input is exactly `c_in` channels, the output exactly `c_out` at
+/// offset 0) go through in one batch; channel slices of wider buffers
+/// (DenseNet's blocks) image by image, each image's input channels being a
+/// contiguous prefix and its output channels a contiguous range.
 #[allow(clippy::too_many_arguments)]
 fn conv2d_fused_cpu(
     g: &Conv2dGeom,
@@ -732,64 +735,54 @@ fn conv2d_fused_cpu(
     round: Precision,
 ) -> Result<()> {
     const OP: &str = "conv2d_fused";
-    let one = Conv2dGeom { n: 1, ..*g };
     let (plane, in_len, out_len) = (h * w, g.c_in * h * w, g.c_out * g.oh * g.ow);
+    let conv_in_len = g.c_in * g.h * g.w;
+    // Images per reference conv call.
+    let chunk = if x_img == in_len && y_img == out_len && y_off == 0 {
+        g.n.max(1)
+    } else {
+        1
+    };
     let xs = x.host_for(OP)?;
     let wt = conv.weight.host_for(OP)?;
-    // The tensor-core reference: weights and the conv's (activated, pooled)
-    // input rounded to the precision.
+    // The tensor-core reference: weights and the conv's (activated, pooled,
+    // upsampled) input rounded to the precision.
     let wt_rounded = rounded(round, if round.is_reduced() { wt } else { &[] });
     let wt = if round.is_reduced() { &wt_rounded } else { wt };
-    let mut input_rounded = vec![
-        0.0f32;
-        if round.is_reduced() {
-            g.c_in * g.h * g.w
-        } else {
-            0
-        }
-    ];
     let b = conv.bias.map(|b| b.host_for(OP)).transpose()?;
     let bn = conv
         .input_bn_relu
         .map(|bn| Ok::<_, Error>((bn.scale.host_for(OP)?, bn.shift.host_for(OP)?)))
         .transpose()?;
     let ys = y.host_mut_for(OP)?;
-    let mut activated = vec![0.0f32; if bn.is_some() { in_len } else { 0 }];
-    let mut pooled = vec![
-        0.0f32;
-        if conv.input_pool2 {
-            g.c_in * g.h * g.w
-        } else {
-            0
-        }
-    ];
-    let mut upsampled = vec![
-        0.0f32;
-        if conv.input_upsample2 {
-            g.c_in * g.h * g.w
-        } else {
-            0
-        }
-    ];
-    for img in 0..g.n {
-        let xi = &xs[img * x_img..][..in_len];
+    let scratch = |used: bool, len: usize| vec![0.0f32; if used { chunk * len } else { 0 }];
+    let mut activated = scratch(bn.is_some(), in_len);
+    let mut pooled = scratch(conv.input_pool2, conv_in_len);
+    let mut upsampled = scratch(conv.input_upsample2, conv_in_len);
+    let mut input_rounded = scratch(round.is_reduced(), conv_in_len);
+    for img0 in (0..g.n).step_by(chunk) {
+        let k = chunk.min(g.n - img0);
+        let part = Conv2dGeom { n: k, ..*g };
+        let xi = &xs[img0 * x_img..][..(k - 1) * x_img + in_len];
         let mut input: &[f32] = xi;
         if let Some((scale, shift)) = bn {
-            for ((dst, src), ci) in activated
+            // Chunks of several images are dense: plane p is channel p mod c_in.
+            for (p, (dst, src)) in activated[..k * in_len]
                 .chunks_exact_mut(plane.max(1))
                 .zip(xi.chunks_exact(plane.max(1)))
-                .zip(0..)
+                .enumerate()
             {
+                let ci = p % g.c_in.max(1);
                 let (s, t) = (scale[ci], shift[ci]);
                 for (d, &v) in dst.iter_mut().zip(src) {
                     let a = v * s + t;
                     *d = if a < 0.0 { 0.0 } else { a };
                 }
             }
-            input = &activated;
+            input = &activated[..k * in_len];
         }
         if conv.input_pool2 {
-            for (dst, src) in pooled
+            for (dst, src) in pooled[..k * conv_in_len]
                 .chunks_exact_mut((g.h * g.w).max(1))
                 .zip(input.chunks_exact(plane.max(1)))
             {
@@ -801,19 +794,21 @@ fn conv2d_fused_cpu(
                     }
                 }
             }
-            input = &pooled;
+            input = &pooled[..k * conv_in_len];
         }
         if conv.input_upsample2 {
-            cpu::upsample_nearest2x_forward(1, g.c_in, h, w, input, &mut upsampled)?;
-            input = &upsampled;
+            let dst = &mut upsampled[..k * conv_in_len];
+            cpu::upsample_nearest2x_forward(k, g.c_in, h, w, &input[..k * in_len], dst)?;
+            input = &upsampled[..k * conv_in_len];
         }
         if round.is_reduced() {
-            input_rounded.copy_from_slice(&input[..g.c_in * g.h * g.w]);
-            round.round_slice(&mut input_rounded);
-            input = &input_rounded;
+            let dst = &mut input_rounded[..k * conv_in_len];
+            dst.copy_from_slice(&input[..k * conv_in_len]);
+            round.round_slice(dst);
+            input = &input_rounded[..k * conv_in_len];
         }
-        let yi = &mut ys[img * y_img + y_off..][..out_len];
-        cpu::conv2d_forward(&one, input, wt, b, yi)?;
+        let yi = &mut ys[img0 * y_img + y_off..][..(k - 1) * y_img + out_len];
+        cpu::conv2d_forward(&part, input, wt, b, yi)?;
         if conv.relu {
             yi.iter_mut().filter(|v| **v < 0.0).for_each(|v| *v = 0.0);
         }
