@@ -79,6 +79,7 @@
 //   direct  block (256, 1, 1), grid (⌈n·c_out·oh·ow / 256⌉ capped, 1, 1).
 
 #include "common.cuh"
+#include "conv_gather.cuh"
 
 // Full unrolling keeps the register tiles in registers on the GPU; the host
 // compiler of the emulation build has no such pragma (and warns on it).
@@ -198,27 +199,11 @@ CONV_UNROLL
         for (int e = 0; e < kConvBK; ++e) {
             const bool ok = a_ci < g.c_in && (unsigned)(iy0 + kSign * a_jy) < (unsigned)g.h &&
                             (unsigned)(ix0 + kSign * a_jx) < (unsigned)g.w;
-            float v = 0.0f;
-            if (ok && POOL2_IN) {
-                const float* p = x + a_base + a_koff;
-                const float s = in_scale[a_ci];
-                const float b = in_shift[a_ci];
-                float q[4] = {p[0], p[1], p[g.w], p[g.w + 1]};
-CONV_UNROLL
-                for (int u = 0; u < 4; ++u) {
-                    q[u] = fmaf(q[u], s, b);
-                    q[u] = q[u] < 0.0f ? 0.0f : q[u];
-                }
-                v = 0.25f * ((q[0] + q[1]) + (q[2] + q[3]));
-            } else if (ok && UP2_IN) {
-                v = x[a_img + a_ci * src_hw + ((iy0 + a_jy) >> 1) * src_w + ((ix0 + a_jx) >> 1)];
-            } else if (ok) {
-                v = x[a_base + a_koff];
-                if (BN_RELU_IN) {
-                    v = fmaf(v, in_scale[a_ci], in_shift[a_ci]);
-                    v = v < 0.0f ? 0.0f : v;
-                }
-            }
+            const int iy = iy0 + kSign * a_jy;
+            const int ix = ix0 + kSign * a_jx;
+            const float v = ok ? conv_input_value<BN_RELU_IN, POOL2_IN, UP2_IN>(
+                                     x, a_base + a_koff, a_img, a_ci, iy, ix, g.w, src_w, src_hw, in_scale, in_shift)
+                               : 0.0f;
             pa[e] = v;
             ++a_jx;
             a_koff += kSign;

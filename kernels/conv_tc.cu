@@ -44,6 +44,7 @@
 
 #include "common.cuh"
 #include "mma.cuh"
+#include "conv_gather.cuh"
 
 #ifdef CELLMORPH_EMULATION
 #define TC_UNROLL
@@ -124,25 +125,10 @@ __device__ __forceinline__ void conv_tc_tile(const TcGeom& g, const float* __res
     auto gather_one = [&]() -> float {
         const bool ok = a_ci < g.c_in && (unsigned)(iy0 + a_ky) < (unsigned)g.h &&
                         (unsigned)(ix0 + a_kx) < (unsigned)g.w;
-        float v = 0.0f;
-        if (ok && POOL2_IN) {
-            const float* p = x + a_base + a_koff;
-            const float s = in_scale[a_ci];
-            const float b = in_shift[a_ci];
-            auto act = [&](float u) {
-                u = fmaf(u, s, b);
-                return u < 0.0f ? 0.0f : u;
-            };
-            v = 0.25f * ((act(p[0]) + act(p[1])) + (act(p[g.w]) + act(p[g.w + 1])));
-        } else if (ok && UP2_IN) {
-            v = x[a_img + a_ci * src_hw + ((iy0 + a_ky) >> 1) * src_w + ((ix0 + a_kx) >> 1)];
-        } else if (ok) {
-            v = x[a_base + a_koff];
-            if (BN_RELU_IN) {
-                v = fmaf(v, in_scale[a_ci], in_shift[a_ci]);
-                v = v < 0.0f ? 0.0f : v;
-            }
-        }
+        const float v = ok ? conv_input_value<BN_RELU_IN, POOL2_IN, UP2_IN>(x, a_base + a_koff, a_img, a_ci,
+                                                                          iy0 + a_ky, ix0 + a_kx, g.w, src_w,
+                                                                          src_hw, in_scale, in_shift)
+                           : 0.0f;
         ++a_kx;
         ++a_koff;
         if (a_kx == g.kw) {
