@@ -33,9 +33,9 @@
 //
 // Launch: block (128, 1, 1), grid (⌈M/128⌉, ⌈c_out/BN⌉, 1); static shared
 // memory 2·(128 + BN)·40 halves: 30 KiB (BN 64), 25 KiB (BN 32). Registers
-// (ptxas, CUDA 13.0, sm_80 / sm_90): BN 64 177–179 / 182–208; BN 32 asks for
+// (ptxas, CUDA 13.0, sm_80 / sm_90): BN 64 179 / 180–185; BN 32 asks for
 // 3 blocks per SM (__launch_bounds__(128, 3), at most 168 registers) and uses
-// 121–124 / 121–168: with no minimum ptxas chose 96 and spilled the pooling
+// 121–124 / 120–125: with no minimum ptxas chose 96 and spilled the pooling
 // variant, with 4 blocks (128 registers) it spilled the upsampling ones.
 //
 // Not done yet (needs a GPU to measure): NHWC/bf16 activations in memory,
