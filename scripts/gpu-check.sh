@@ -173,7 +173,7 @@ run_checks() {
     done
   fi
   if wants compare; then
-    if python3 benches/compare/compare.py --cellmorph "$bin_dir/bin/cellmorph" --device cuda \
+    if python3 benches/compare/compare.py --cellmorph "$bin_dir/bin/cellmorph" --device cuda --fixtures /work/shared/fixtures \
       --workdir "$logs/compare-work" --json-out "$logs/compare.json" --append "$logs/compare-section.md" \
       >"$logs/compare.log" 2>&1; then
       status=pass
