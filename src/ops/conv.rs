@@ -1,5 +1,6 @@
-//! Convolutions: conv2d (implicit-GEMM kernel, plus a direct kernel as a
-//! cross-check) and transposed conv2d. Kernels: `kernels/conv.cu`; CPU
+//! Convolutions: conv2d (implicit-GEMM kernel in f32 or on tensor cores, plus
+//! a direct kernel as a cross-check) and transposed conv2d. Kernels:
+//! `kernels/conv.cu`, `kernels/conv_tc.cu`; CPU
 //! reference: `crate::cpu::conv`. Layouts are PyTorch's: x `[n, c_in, h, w]`,
 //! conv weight `[c_out, c_in, kh, kw]`, transposed-conv weight
 //! `[c_in, c_out, kh, kw]`, bias `[c_out]`, y `[n, c_out, oh, ow]`.
@@ -309,7 +310,9 @@ fn conv2d_alloc(be: &Backend, x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result
 /// 2-D convolution (cross-correlation, PyTorch's `Conv2d` with dilation 1
 /// and groups 1): x `[n, c_in, h, w]`, w `[c_out, c_in, kh, kw]`, optional
 /// bias `[c_out]` → `[n, c_out, oh, ow]`. On CUDA and emulated devices this
-/// runs the implicit-GEMM kernel.
+/// runs the implicit-GEMM kernel: in f32, or on tensor cores when the
+/// backend's precision is bf16/f16 and [`conv2d_uses_tensor_cores`] selects
+/// the layer (the CPU then computes the same rounded-operand reference).
 pub fn conv2d(
     be: &Backend,
     x: &Tensor,
