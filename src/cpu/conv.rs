@@ -17,7 +17,10 @@
 //! Correlate and scatter run as implicit GEMMs (`GemmConv`): the weights
 //! `[c_out, c_in·taps]` times patches `[c_in·taps, pixels]` that are gathered
 //! tile by tile, into small reused buffers, from a zero-padded copy of the
-//! input rows one task needs (never a whole-image im2col). Scatter is first
+//! input rows one task needs (never a whole-image im2col); runs of positions
+//! along one input row are copied as slices. With one GEMM pass (depth
+//! ≤ `KC`) a conv writes its output planes directly as the GEMM's C; deeper
+//! GEMMs use a compact C tile copied out at the end. Scatter is first
 //! split into `stride_h·stride_w` phases, the output pixels with the same
 //! `(oy mod s, ox mod s)`: a phase meets only the taps `ky ≡ oy + p (mod s)`,
 //! each at a fixed input offset, so it is a stride-1 correlation with part of
@@ -29,7 +32,7 @@
 //! nest, kept as `naive` for the tests; a tap in the zero padding adds an
 //! exact zero where the loop nest skipped it.
 
-use super::gemm::{gemm, pack_a, packed_len, MR, NR};
+use super::gemm::{gemm, gemm_rows, pack_a, packed_len, Scattered, KC, MR, NR};
 use super::{check_len, chunk, numel};
 use crate::error::{Error, Result};
 use crate::geometry::{Conv2dGeom, ConvTranspose2dGeom};
@@ -448,6 +451,56 @@ impl<'b> GemmConv<'b> {
                 })
                 .collect();
             patches.resize(packed_len(tile, NR, p.k), 0.0);
+            // Pixel offset in the window of a position's first tap.
+            let first_tap = |img: usize, gy: usize, gx: usize| {
+                let row = (gy * p.rows.in_step) as isize + min_r - win_rows.start;
+                let col = (gx * p.cols.in_step) as isize + min_c - self.cols.start;
+                img * self.c_in * plane + row as usize * wc + col as usize
+            };
+            let in_place = p.rows.out_step == 1
+                && p.cols.out_step == 1
+                && p.rows.out0 == 0
+                && p.cols.out0 == 0
+                && p.k <= KC;
+            if in_place {
+                // Position q of image i is pixel q of the image's pieces (one per
+                // output channel, starting at output row `rows.start`): the tiles
+                // are runs of pixels of one image, computed in place. Only for
+                // one pass over C (depth ≤ KC): C rows lie a plane apart, and
+                // reloading them once per depth block cost more than the
+                // compact tile and its copy-out (8% at depth 1152).
+                let per_img = na * nb;
+                for (i, img_pieces) in pieces.chunks_mut(self.c_out).enumerate() {
+                    for q0 in (0..per_img).step_by(tile) {
+                        let len = tile.min(per_img - q0);
+                        pix.clear();
+                        if p.k > 0 {
+                            pix.extend(
+                                (q0..q0 + len).map(|q| first_tap(i, g_rows.start + q / nb, q % nb)),
+                            );
+                        }
+                        let b_tile = &mut patches[..packed_len(len, NR, p.k)];
+                        gather(
+                            &window,
+                            plane,
+                            self.c_in,
+                            &taps,
+                            &pix,
+                            p.cols.in_step,
+                            b_tile,
+                        );
+                        for (co, piece) in img_pieces.iter_mut().enumerate() {
+                            piece[q0..q0 + len].fill(self.bias.map_or(0.0, |b| b[co]));
+                        }
+                        let mut c = Scattered {
+                            rows: img_pieces,
+                            col: q0,
+                        };
+                        gemm_rows(self.c_out, len, p.k, &p.a, b_tile, &mut c);
+                    }
+                }
+                continue;
+            }
             out_tile.resize(self.c_out * tile, 0.0);
             for q0 in (0..count).step_by(tile) {
                 let len = tile.min(count - q0);
@@ -456,9 +509,7 @@ impl<'b> GemmConv<'b> {
                 for q in q0..q0 + len {
                     let (img, gy, gx) = (q / (na * nb), g_rows.start + q / nb % na, q % nb);
                     if p.k > 0 {
-                        let row = (gy * p.rows.in_step) as isize + min_r - win_rows.start;
-                        let col = (gx * p.cols.in_step) as isize + min_c - self.cols.start;
-                        pix.push(img * self.c_in * plane + row as usize * wc + col as usize);
+                        pix.push(first_tap(img, gy, gx));
                     }
                     let oy = p.rows.out0 + gy * p.rows.out_step - rows.start;
                     let ox = p.cols.out0 + gx * p.cols.out_step;
@@ -510,7 +561,7 @@ impl<'b> GemmConv<'b> {
             for (r, w_row) in rows.clone().zip(w_plane.chunks_exact_mut(wc)) {
                 if (0..self.in_h as isize).contains(&r) {
                     let x_row = &x_plane[r as usize * self.in_w..][..self.in_w];
-                    w_row[dst..][..len].copy_from_slice(&x_row[src..][..len]);
+                    copy_short(&mut w_row[dst..][..len], &x_row[src..][..len]);
                 }
             }
         }
@@ -526,9 +577,9 @@ fn tile_len(k: usize) -> usize {
 
 /// Fills the packed patches (GEMM B) of one tile: lane `l` of strip `s` is
 /// the position whose first tap is at `pix[s·NR + l]` in `window`; row
-/// `(ci, t)` adds `ci·plane + taps[t]`. A strip of positions `step` apart in
-/// the window (typically part of one output row) is copied as a slice; lanes
-/// past the tile are zero.
+/// `(ci, t)` adds `ci·plane + taps[t]`. Lanes whose positions lie `step`
+/// apart in the window (part of one output row, typically) form a run,
+/// copied as a slice when `step` is 1; lanes past the tile are zero.
 fn gather(
     window: &[f32],
     plane: usize,
@@ -542,27 +593,59 @@ fn gather(
     if k == 0 {
         return;
     }
+    // (first lane, window offset, lanes) of each run of the current strip.
+    let mut runs: Vec<(usize, usize, usize)> = Vec::with_capacity(NR);
     for (lanes, strip) in pix.chunks(NR).zip(b.chunks_exact_mut(k * NR)) {
-        let p0 = lanes[0];
-        let run = lanes.len() == NR && lanes.iter().enumerate().all(|(l, &p)| p == p0 + l * step);
+        runs.clear();
+        let mut l0 = 0;
+        for l in 1..=lanes.len() {
+            if l == lanes.len() || lanes[l] != lanes[l - 1] + step {
+                runs.push((l0, lanes[l0], l - l0));
+                l0 = l;
+            }
+        }
+        let whole = lanes.len() == NR && runs.len() == 1;
         let mut rows = strip.chunks_exact_mut(NR);
         for ci in 0..c_in {
             for (&t, dst) in taps.iter().zip(rows.by_ref()) {
                 let base = ci * plane + t;
-                if run && step == 1 {
-                    dst.copy_from_slice(&window[base + p0..][..NR]);
-                } else if run {
-                    let src = &window[base + p0..][..(NR - 1) * step + 1];
-                    for (l, d) in dst.iter_mut().enumerate() {
-                        *d = src[l * step];
-                    }
-                } else {
-                    for (d, &p) in dst.iter_mut().zip(lanes) {
-                        *d = window[base + p];
-                    }
-                    dst[lanes.len()..].fill(0.0);
+                if whole && step == 1 {
+                    dst.copy_from_slice(&window[base + lanes[0]..][..NR]);
+                    continue;
                 }
+                for &(l0, p0, len) in &runs {
+                    let d = &mut dst[l0..l0 + len];
+                    if step == 1 {
+                        copy_short(d, &window[base + p0..][..len]);
+                    } else {
+                        let src = &window[base + p0..][..(len - 1) * step + 1];
+                        for (l, d) in d.iter_mut().enumerate() {
+                            *d = src[l * step];
+                        }
+                    }
+                }
+                dst[lanes.len()..].fill(0.0);
             }
+        }
+    }
+}
+
+/// `d.copy_from_slice(&s[..d.len()])`; a run of at most 16 goes in
+/// fixed-size pieces that compile to vector moves, not a `memcpy` call (the
+/// gathers copy many runs of a few floats).
+#[inline(always)]
+fn copy_short(d: &mut [f32], s: &[f32]) {
+    let n = d.len();
+    let s = &s[..n];
+    if n > 16 {
+        d.copy_from_slice(s);
+        return;
+    }
+    let mut i = 0;
+    for piece in [8, 8, 4, 2, 1] {
+        if n - i >= piece {
+            d[i..][..piece].copy_from_slice(&s[i..][..piece]);
+            i += piece;
         }
     }
 }
@@ -1040,12 +1123,16 @@ mod tests {
     }
 
     /// Shapes past the blocking edges: several tiles per task, GEMM depth
-    /// beyond one cache block, images grouped into tasks (small planes) and
-    /// split into row blocks (a large plane), 1×1 convs, no input channels.
+    /// beyond one cache block (a compact C tile) and within one (C computed
+    /// in the output), images grouped into tasks (small planes) and split
+    /// into row blocks (a large plane), 1×1 convs, no input channels.
     #[test]
     fn gemm_path_equals_the_loop_nest_past_the_block_edges() {
-        let convs: [([usize; 4], [usize; 4], usize, usize); 7] = [
+        let convs: [([usize; 4], [usize; 4], usize, usize); 8] = [
             ([3, 40, 21, 23], [13, 40, 3, 3], 1, 1),
+            // Depth ≤ KC, computed in place: images grouped into tasks, strips
+            // spanning several 5-wide rows, whole MR×NR blocks.
+            ([37, 12, 5, 5], [16, 12, 3, 3], 1, 1),
             ([2, 40, 21, 23], [9, 40, 3, 3], 2, 1),
             ([37, 30, 4, 4], [10, 30, 3, 3], 1, 1),
             ([1, 8, 64, 64], [9, 8, 4, 4], 2, 1),
