@@ -451,6 +451,17 @@ impl<'b> GemmConv<'b> {
                 })
                 .collect();
             patches.resize(packed_len(tile, NR, p.k), 0.0);
+            let gather_tile = |pix: &[usize], b_tile: &mut [f32]| {
+                gather(
+                    &window,
+                    plane,
+                    self.c_in,
+                    &taps,
+                    pix,
+                    p.cols.in_step,
+                    b_tile,
+                )
+            };
             // Pixel offset in the window of a position's first tap.
             let first_tap = |img: usize, gy: usize, gx: usize| {
                 let row = (gy * p.rows.in_step) as isize + min_r - win_rows.start;
@@ -480,15 +491,7 @@ impl<'b> GemmConv<'b> {
                             );
                         }
                         let b_tile = &mut patches[..packed_len(len, NR, p.k)];
-                        gather(
-                            &window,
-                            plane,
-                            self.c_in,
-                            &taps,
-                            &pix,
-                            p.cols.in_step,
-                            b_tile,
-                        );
+                        gather_tile(&pix, b_tile);
                         for (co, piece) in img_pieces.iter_mut().enumerate() {
                             piece[q0..q0 + len].fill(self.bias.map_or(0.0, |b| b[co]));
                         }
@@ -516,15 +519,7 @@ impl<'b> GemmConv<'b> {
                     outs.push((img * self.c_out, oy * self.out_w + ox));
                 }
                 let b_tile = &mut patches[..packed_len(len, NR, p.k)];
-                gather(
-                    &window,
-                    plane,
-                    self.c_in,
-                    &taps,
-                    &pix,
-                    p.cols.in_step,
-                    b_tile,
-                );
+                gather_tile(&pix, b_tile);
                 for (co, c_row) in out_tile.chunks_exact_mut(tile).enumerate() {
                     c_row[..len].fill(self.bias.map_or(0.0, |b| b[co]));
                 }
