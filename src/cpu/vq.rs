@@ -88,6 +88,84 @@ fn nearest(xv: &[f32], embed: &[f32], norms: &[f32]) -> usize {
     nearest_impl(xv, embed, norms)
 }
 
+/// Vectors looked up together: a block of [`GROUP`] vectors × [`CODE_BLOCK`]
+/// codes keeps 8 independent FMA chains in registers per step of `c` (one
+/// vector alone has 2 and waits on their latency), the codebook row loaded
+/// once for all of them.
+const GROUP: usize = 4;
+
+/// [`nearest_impl`] for [`GROUP`] vectors at once, `xp` `[d, GROUP]` (vector
+/// `r`'s element `c` at `xp[c·GROUP + r]`). Every (vector, code) distance is
+/// the same `mul_add` chain in the same order, and each vector scans the
+/// codes in the same order, so the codes equal [`nearest_impl`]'s.
+#[inline(always)]
+fn nearest_group_impl(xp: &[f32], embed: &[f32], norms: &[f32]) -> [usize; GROUP] {
+    let k_total = norms.len();
+    let (xp, _) = xp.as_chunks::<GROUP>();
+    let mut xx = [0.0f32; GROUP];
+    for xc in xp {
+        for (acc, &v) in xx.iter_mut().zip(xc) {
+            *acc = v.mul_add(v, *acc);
+        }
+    }
+    let mut best = [f32::INFINITY; GROUP];
+    let mut best_k = [0usize; GROUP];
+    for k0 in (0..k_total).step_by(CODE_BLOCK) {
+        let m = CODE_BLOCK.min(k_total - k0);
+        let mut dot = [[0.0f32; CODE_BLOCK]; GROUP];
+        for (c, xc) in xp.iter().enumerate() {
+            let row = &embed[c * k_total + k0..][..m];
+            // A whole block as an array, so that the loops unroll into
+            // vector FMAs (2.5× faster than the general slice).
+            match <&[f32; CODE_BLOCK]>::try_from(row) {
+                Ok(whole) => accumulate(&mut dot, xc, whole),
+                Err(_) => accumulate(&mut dot, xc, row),
+            }
+        }
+        for r in 0..GROUP {
+            for (j, (&dot, &ee)) in dot[r].iter().zip(&norms[k0..k0 + m]).enumerate() {
+                let dist = (xx[r] - 2.0 * dot) + ee;
+                if dist < best[r] {
+                    best[r] = dist;
+                    best_k[r] = k0 + j;
+                }
+            }
+        }
+    }
+    best_k
+}
+
+/// `dot[r][j] = xc[r]·row[j] + dot[r][j]`, one step of every chain.
+#[inline(always)]
+fn accumulate(dot: &mut [[f32; CODE_BLOCK]; GROUP], xc: &[f32; GROUP], row: &[f32]) {
+    for (dot_r, &x) in dot.iter_mut().zip(xc) {
+        for (acc, &e) in dot_r.iter_mut().zip(row) {
+            *acc = x.mul_add(e, *acc);
+        }
+    }
+}
+
+/// [`nearest_group_impl`] compiled for CPUs with hardware FMA.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn nearest_group_fma(xp: &[f32], embed: &[f32], norms: &[f32]) -> [usize; GROUP] {
+    nearest_group_impl(xp, embed, norms)
+}
+
+/// The nearest codes of [`GROUP`] vectors packed `[d, GROUP]`, with hardware
+/// FMA where the CPU has it.
+fn nearest_group(xp: &[f32], embed: &[f32], norms: &[f32]) -> [usize; GROUP] {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: both features were just detected on this CPU.
+        return unsafe { nearest_group_fma(xp, embed, norms) };
+    }
+    nearest_group_impl(xp, embed, norms)
+}
+
 /// Nearest-code lookup for every position of `x` `[n, d, hw]` against
 /// `embed` `[d, n_embed]` with `norms` from [`vq_code_norms`]:
 /// `ids[s, pix] = argmin_k ||x[s, :, pix] − e_k||²` (computed as
@@ -146,10 +224,25 @@ pub fn vq_lookup_forward(
     ids.par_chunks_mut(POSITIONS_PER_TASK)
         .enumerate()
         .for_each(|(task, ids)| {
-            let mut xv = vec![0.0f32; d];
-            for (i, id) in ids.iter_mut().enumerate() {
-                vector(task * POSITIONS_PER_TASK + i, &mut xv);
-                // Fits: n_embed ≤ i32::MAX was checked above.
+            let (p0, count) = (task * POSITIONS_PER_TASK, ids.len());
+            let (mut xv, mut xp) = (vec![0.0f32; d], vec![0.0f32; d * GROUP]);
+            let mut groups = ids.chunks_exact_mut(GROUP);
+            for (g, ids) in groups.by_ref().enumerate() {
+                for r in 0..GROUP {
+                    vector(p0 + g * GROUP + r, &mut xv);
+                    for (dst, &v) in xp[r..].iter_mut().step_by(GROUP).zip(&xv) {
+                        *dst = v;
+                    }
+                }
+                for (id, k) in ids.iter_mut().zip(nearest_group(&xp, embed, norms)) {
+                    // Fits: n_embed ≤ i32::MAX was checked above.
+                    *id = k as i32;
+                }
+            }
+            let rest = groups.into_remainder();
+            let first = p0 + count - rest.len();
+            for (i, id) in rest.iter_mut().enumerate() {
+                vector(first + i, &mut xv);
                 *id = nearest(&xv, embed, norms) as i32;
             }
         });
