@@ -118,23 +118,9 @@ pub fn linear_backward(
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_data as data;
     use super::*;
     use std::time::Instant;
-
-    /// `len` values uniform in [−1, 1) from a SplitMix64 stream seeded with `seed`.
-    fn data(seed: u64, len: usize) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                let mut z = s;
-                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                z ^= z >> 31;
-                ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     /// The loop the GEMM replaced, rayon over rows: `y[i, o] = b[o] + Σ_k x[i, k] · w[o, k]`,
     /// the dot product summed in increasing k.
