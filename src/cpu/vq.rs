@@ -37,67 +37,18 @@ pub fn vq_code_norms(d: usize, n_embed: usize, embed: &[f32], norms: &mut [f32])
 /// order over `c`, so results are unchanged).
 const CODE_BLOCK: usize = 16;
 
-/// The nearest code of `xv` among the columns of `embed` (`[d, K]`): argmin
-/// of `(||x||² − 2 x·e_k) + ||e_k||²`, ties to the lowest `k`; a NaN distance
-/// never wins, so a NaN vector gets code 0.
-#[inline(always)]
-fn nearest_impl(xv: &[f32], embed: &[f32], norms: &[f32]) -> usize {
-    let k_total = norms.len();
-    let xx = xv.iter().fold(0.0f32, |acc, &v| v.mul_add(v, acc));
-    let mut best = f32::INFINITY;
-    let mut best_k = 0;
-    for k0 in (0..k_total).step_by(CODE_BLOCK) {
-        let m = CODE_BLOCK.min(k_total - k0);
-        let mut dot = [0.0f32; CODE_BLOCK];
-        for (c, &x) in xv.iter().enumerate() {
-            let row = &embed[c * k_total + k0..c * k_total + k0 + m];
-            for (acc, &e) in dot.iter_mut().zip(row) {
-                *acc = x.mul_add(e, *acc);
-            }
-        }
-        for (j, (&dot, &ee)) in dot.iter().zip(&norms[k0..k0 + m]).enumerate() {
-            let dist = (xx - 2.0 * dot) + ee;
-            if dist < best {
-                best = dist;
-                best_k = k0 + j;
-            }
-        }
-    }
-    best_k
-}
-
-/// [`nearest_impl`] compiled for CPUs with hardware FMA, where `mul_add` is
-/// one instruction instead of a libm call.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn nearest_fma(xv: &[f32], embed: &[f32], norms: &[f32]) -> usize {
-    nearest_impl(xv, embed, norms)
-}
-
-/// The nearest code, with hardware FMA where the CPU has it (same results
-/// either way: `mul_add` is a fused multiply-add by definition).
-fn nearest(xv: &[f32], embed: &[f32], norms: &[f32]) -> usize {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: both features were just detected on this CPU.
-        return unsafe { nearest_fma(xv, embed, norms) };
-    }
-    nearest_impl(xv, embed, norms)
-}
-
 /// Vectors looked up together: a block of [`GROUP`] vectors × [`CODE_BLOCK`]
 /// codes keeps 8 independent FMA chains in registers per step of `c` (one
 /// vector alone has 2 and waits on their latency), the codebook row loaded
 /// once for all of them.
 const GROUP: usize = 4;
 
-/// [`nearest_impl`] for [`GROUP`] vectors at once, `xp` `[d, GROUP]` (vector
-/// `r`'s element `c` at `xp[c·GROUP + r]`). Every (vector, code) distance is
-/// the same `mul_add` chain in the same order, and each vector scans the
-/// codes in the same order, so the codes equal [`nearest_impl`]'s.
+/// The nearest codes of [`GROUP`] vectors packed in `xp` `[d, GROUP]` (vector
+/// `r`'s element `c` at `xp[c·GROUP + r]`) among the columns of `embed`
+/// (`[d, K]`): argmin of `(||x||² − 2 x·e_k) + ||e_k||²`, ties to the lowest
+/// `k`; a NaN distance never wins, so a NaN vector gets code 0. Each dot
+/// product and norm is one `mul_add` chain over `c`, as in the kernels, and
+/// grouping changes no chain: a vector's code does not depend on its group.
 #[inline(always)]
 fn nearest_group_impl(xp: &[f32], embed: &[f32], norms: &[f32]) -> [usize; GROUP] {
     let k_total = norms.len();
@@ -145,7 +96,8 @@ fn accumulate(dot: &mut [[f32; CODE_BLOCK]; GROUP], xc: &[f32; GROUP], row: &[f3
     }
 }
 
-/// [`nearest_group_impl`] compiled for CPUs with hardware FMA.
+/// [`nearest_group_impl`] compiled for CPUs with hardware FMA, where
+/// `mul_add` is one instruction instead of a libm call.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
@@ -156,7 +108,8 @@ unsafe fn nearest_group_fma(xp: &[f32], embed: &[f32], norms: &[f32]) -> [usize;
 }
 
 /// The nearest codes of [`GROUP`] vectors packed `[d, GROUP]`, with hardware
-/// FMA where the CPU has it.
+/// FMA where the CPU has it (same results either way: `mul_add` is a fused
+/// multiply-add by definition).
 fn nearest_group(xp: &[f32], embed: &[f32], norms: &[f32]) -> [usize; GROUP] {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
@@ -214,9 +167,10 @@ pub fn vq_lookup_forward(
             format!("{n_embed} codes do not fit 32-bit ids"),
         ));
     }
-    let vector = |p: usize, xv: &mut [f32]| {
+    // Position p's vector into dst[0], dst[stride], …, dst[(d − 1)·stride].
+    let vector = |p: usize, dst: &mut [f32], stride: usize| {
         let (s, pix) = (p / hw, p % hw);
-        for (c, v) in xv.iter_mut().enumerate() {
+        for (c, v) in dst.iter_mut().step_by(stride).take(d).enumerate() {
             *v = x[s * plane + c * hw + pix];
         }
     };
@@ -224,26 +178,18 @@ pub fn vq_lookup_forward(
     ids.par_chunks_mut(POSITIONS_PER_TASK)
         .enumerate()
         .for_each(|(task, ids)| {
-            let (p0, count) = (task * POSITIONS_PER_TASK, ids.len());
-            let (mut xv, mut xp) = (vec![0.0f32; d], vec![0.0f32; d * GROUP]);
-            let mut groups = ids.chunks_exact_mut(GROUP);
-            for (g, ids) in groups.by_ref().enumerate() {
+            let p0 = task * POSITIONS_PER_TASK;
+            let mut xp = vec![0.0f32; d * GROUP];
+            for (g, ids) in ids.chunks_mut(GROUP).enumerate() {
+                // A short last group repeats its last vector; the extra codes
+                // are dropped.
                 for r in 0..GROUP {
-                    vector(p0 + g * GROUP + r, &mut xv);
-                    for (dst, &v) in xp[r..].iter_mut().step_by(GROUP).zip(&xv) {
-                        *dst = v;
-                    }
+                    vector(p0 + g * GROUP + r.min(ids.len() - 1), &mut xp[r..], GROUP);
                 }
                 for (id, k) in ids.iter_mut().zip(nearest_group(&xp, embed, norms)) {
                     // Fits: n_embed ≤ i32::MAX was checked above.
                     *id = k as i32;
                 }
-            }
-            let rest = groups.into_remainder();
-            let first = p0 + count - rest.len();
-            for (i, id) in rest.iter_mut().enumerate() {
-                vector(first + i, &mut xv);
-                *id = nearest(&xv, embed, norms) as i32;
             }
         });
     let ids: &[i32] = ids;
@@ -266,7 +212,7 @@ pub fn vq_lookup_forward(
                 let mut xv = vec![0.0f32; d];
                 for (i, e2) in err.iter_mut().enumerate() {
                     let p = task * POSITIONS_PER_TASK + i;
-                    vector(p, &mut xv);
+                    vector(p, &mut xv, 1);
                     let k = ids[p] as usize;
                     *e2 = xv.iter().enumerate().fold(0.0f32, |acc, (c, &x)| {
                         let t = x - embed[c * n_embed + k];
