@@ -60,6 +60,7 @@ pub mod ops;
 pub mod pipeline;
 pub mod plot;
 pub mod precision;
+pub mod rng;
 pub mod screen;
 pub mod stats;
 pub mod svr;

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::imaging::{write_sample_list, BitDepth, GrayImage, SampleImage};
 use crate::io::write_atomic;
+use crate::rng::SplitMix64;
 use crate::table::Table;
 use crate::{Error, Result};
 
@@ -39,86 +40,6 @@ pub const TRUTH_JSON: &str = "truth.json";
 pub const IMAGE_DIR: &str = "images";
 /// Names of the hidden factors, in the order of [`SampleTruth::factors`].
 pub const FACTOR_NAMES: [&str; 3] = ["cell_size", "cell_density", "darkness"];
-
-/// SplitMix64 (Steele, Lea & Flood 2014): a small, fast, deterministic
-/// generator whose output passes BigCrush; ample for synthetic data.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SplitMix64 {
-    state: u64,
-}
-
-const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
-
-/// The SplitMix64 output function (a bijective 64-bit mixer).
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-impl SplitMix64 {
-    /// A generator seeded with `seed`.
-    pub fn new(seed: u64) -> SplitMix64 {
-        SplitMix64 { state: seed }
-    }
-
-    /// An independent generator for sub-stream `stream`, derived from the
-    /// current state without advancing it (so parallel work stays
-    /// deterministic).
-    pub fn fork(&self, stream: u64) -> SplitMix64 {
-        SplitMix64::new(mix64(self.state ^ mix64(stream.wrapping_add(GOLDEN_GAMMA))))
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(GOLDEN_GAMMA);
-        mix64(self.state)
-    }
-
-    /// Uniform in [0, 1), with 53 random bits.
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-
-    /// Uniform in [lo, hi).
-    pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * self.next_f64()
-    }
-
-    /// Uniform integer in [0, n) by multiply-shift (bias below 2⁻⁶⁴·n,
-    /// irrelevant here); 0 when `n` is 0.
-    pub fn below(&mut self, n: usize) -> usize {
-        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
-    }
-
-    /// Standard normal by the Box–Muller transform.
-    pub fn normal(&mut self) -> f64 {
-        // 1 − u lies in (0, 1], so the logarithm is finite.
-        let r = (-2.0 * (1.0 - self.next_f64()).ln()).sqrt();
-        r * (std::f64::consts::TAU * self.next_f64()).cos()
-    }
-
-    /// Poisson with mean `lambda` (0 for a non-positive or non-finite mean).
-    /// Exact (Knuth's product of uniforms) below 30; above, the normal
-    /// approximation rounded to an integer, whose error (skewness 1/√λ) is
-    /// far below the log-normal gene noise it is added to.
-    pub fn poisson(&mut self, lambda: f64) -> u64 {
-        if !(lambda > 0.0 && lambda.is_finite()) {
-            return 0;
-        }
-        if lambda < 30.0 {
-            let limit = (-lambda).exp();
-            let mut k = 0;
-            let mut p = self.next_f64();
-            while p > limit {
-                k += 1;
-                p *= self.next_f64();
-            }
-            return k;
-        }
-        (lambda + lambda.sqrt() * self.normal()).round().max(0.0) as u64
-    }
-}
 
 /// Image file format of a synthetic data set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 use cellmorph::imaging::{read_gray, read_sample_list, BitDepth};
 use cellmorph::plot::{heatmap_overlay, heatmap_size, HeatmapOptions};
 use cellmorph::synth::{
-    generate, SplitMix64, SynthConfig, SynthFormat, SynthTruth, EXPRESSION_CSV, SAMPLES_CSV,
-    TRUTH_JSON,
+    generate, SynthConfig, SynthFormat, SynthTruth, EXPRESSION_CSV, SAMPLES_CSV, TRUTH_JSON,
 };
 use cellmorph::table::Table;
 

@@ -20,6 +20,7 @@ use cellmorph::models::cp2image::Generator;
 use cellmorph::models::densenet::DenseNet;
 use cellmorph::models::vqvae2::VqVae2;
 use cellmorph::ops::{self, Codebook, VqOut};
+use cellmorph::rng::SplitMix64;
 use cellmorph::{Backend, Device, Error, Precision, Result, Tensor};
 
 /// What `bench` times.
@@ -511,7 +512,7 @@ impl Ctx<'_> {
                 let w = a.width.unwrap_or(defaults.2);
                 let len = checked_len(&[n, channels, h, w])?;
                 let mut rng = SplitMix64::new(a.seed);
-                Ok((n, h, w, rng.uniform_vec(len, lo, hi)))
+                Ok((n, h, w, uniform_vec(&mut rng, len, lo, hi)))
             }
         }
     }
@@ -610,7 +611,7 @@ fn cp2image_generator(c: &Ctx, out: Option<&mut TensorWriter>) -> Result<Measure
         None => {
             let n = c.a.batch.unwrap_or(4096);
             let mut rng = SplitMix64::new(c.a.seed);
-            (n, rng.normal_vec(checked_len(&[n, p])?))
+            (n, normal_vec(&mut rng, checked_len(&[n, p])?))
         }
     };
     let z = Tensor::from_vec(be, &[n, p], data)?;
@@ -670,10 +671,10 @@ fn conv(c: &Ctx, out: Option<&mut TensorWriter>) -> Result<Measured> {
             let xs = vec![n, c_in, h, wd];
             let ws = vec![c_out, c_in, k, k];
             let mut rng = SplitMix64::new(a.seed);
-            let x = rng.uniform_vec(checked_len(&xs)?, -1.0, 1.0);
+            let x = uniform_vec(&mut rng, checked_len(&xs)?, -1.0, 1.0);
             let scale = 1.0 / ((c_in * k * k) as f32).sqrt();
-            let w = rng.uniform_vec(checked_len(&ws)?, -scale, scale);
-            let b = rng.uniform_vec(c_out, -1.0, 1.0);
+            let w = uniform_vec(&mut rng, checked_len(&ws)?, -scale, scale);
+            let b = uniform_vec(&mut rng, c_out, -1.0, 1.0);
             (xs, x, ws, w, b)
         }
     };
@@ -735,8 +736,8 @@ fn vq_lookup(c: &Ctx, out: Option<&mut TensorWriter>) -> Result<Measured> {
             let dim = a.dim.unwrap_or(64);
             let codes = a.codes.unwrap_or(512);
             let mut rng = SplitMix64::new(a.seed);
-            let z = rng.normal_vec(checked_len(&[n, dim])?);
-            let book = rng.normal_vec(checked_len(&[codes, dim])?);
+            let z = normal_vec(&mut rng, checked_len(&[n, dim])?);
+            let book = normal_vec(&mut rng, checked_len(&[codes, dim])?);
             (n, dim, codes, z, book)
         }
     };
@@ -848,43 +849,14 @@ fn histogram(c: &Ctx, out: Option<&mut TensorWriter>) -> Result<Measured> {
     })
 }
 
-/// splitmix64: a small seeded generator for the inputs (deterministic across
-/// platforms).
-struct SplitMix64(u64);
+/// `len` values uniform in [lo, hi), drawn in f64 and rounded to f32.
+fn uniform_vec(rng: &mut SplitMix64, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..len)
+        .map(|_| rng.uniform(f64::from(lo), f64::from(hi)) as f32)
+        .collect()
+}
 
-impl SplitMix64 {
-    fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1) with 53 random bits.
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn uniform_vec(&mut self, len: usize, lo: f32, hi: f32) -> Vec<f32> {
-        let (lo, hi) = (f64::from(lo), f64::from(hi));
-        (0..len)
-            .map(|_| (lo + (hi - lo) * self.unit()) as f32)
-            .collect()
-    }
-
-    /// Standard normal values (Box–Muller).
-    fn normal_vec(&mut self, len: usize) -> Vec<f32> {
-        (0..len)
-            .map(|_| {
-                let u1 = 1.0 - self.unit(); // (0, 1]: ln is finite
-                let u2 = self.unit();
-                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-            })
-            .collect()
-    }
+/// `len` standard normal values (Box–Muller).
+fn normal_vec(rng: &mut SplitMix64, len: usize) -> Vec<f32> {
+    (0..len).map(|_| rng.normal() as f32).collect()
 }

@@ -72,20 +72,8 @@ fn chunk(len: usize) -> usize {
     len.max(1)
 }
 
-/// `len` values uniform in [−1, 1) from a SplitMix64 stream seeded with
-/// `seed` (the unit tests' data; `tests/common` has the same for the
-/// integration tests).
+/// The unit tests' data: [`crate::rng::signed_unit_vec`].
 #[cfg(test)]
 fn test_data(seed: u64, len: usize) -> Vec<f32> {
-    let mut s = seed;
-    (0..len)
-        .map(|_| {
-            s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    crate::rng::signed_unit_vec(seed, len)
 }

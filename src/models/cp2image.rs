@@ -809,7 +809,7 @@ pub fn random_generator_weights(config: &GeneratorConfig, seed: u64) -> Result<T
             "random generator weights need p ≥ 1 and at least two nonzero channel counts, got {config}"
         )));
     }
-    let mut rng = crate::synth::SplitMix64::new(seed);
+    let mut rng = crate::rng::SplitMix64::new(seed);
     let leaky_gain2 = 2.0 / (1.0 + f64::from(LEAKY_SLOPE).powi(2));
     let mut uniform = |shape: &[usize], fan_in: usize, gain2: f64| -> Vec<f32> {
         let bound = (3.0 * gain2 / fan_in as f64).sqrt();

@@ -10,7 +10,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::{TensorFile, TensorWriter};
 use crate::models::vqvae2::{VqVae2, VqVae2Config};
-use crate::synth::SplitMix64;
+use crate::rng::SplitMix64;
 use crate::tensor::Tensor;
 
 /// Every tensor of a vq-vae-2-pytorch `VQVAE` with `cfg`: (name, shape),
