@@ -5,9 +5,9 @@
 //! CUDA. GFLOP/s beside it uses [`DenseNetConfig::flops`] (the plan's
 //! multiply-adds ×2).
 //!
-//! Weights: `../shared/fixtures/densenet121_kimhead.weights.safetensors`
-//! (DenseNet-121 with the two-class head; random weights time like trained
-//! ones). Input: a fixed pseudo-random batch.
+//! Weights: the seeded `densenet121_kimhead` fixture (DenseNet-121 with the
+//! two-class head, `tests/common::fixture_path`; random weights time like
+//! trained ones). Input: a fixed pseudo-random batch.
 //!
 //! A plain timing harness, not criterion: one CPU batch of 256 images takes
 //! minutes, far beyond criterion's minimum of ten samples. Each case runs
@@ -18,7 +18,9 @@
 //!
 //! Run: `cargo bench --bench densenet`.
 
-use std::path::Path;
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::time::Instant;
 
 use cellmorph::backend::cuda_device_count;
@@ -66,11 +68,8 @@ fn backends() -> Vec<Backend> {
 }
 
 fn main() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/densenet121_kimhead.weights.safetensors");
-    let file = TensorFile::open(&path).unwrap_or_else(|e| {
-        panic!("the DenseNet-121 weights are read from shared/fixtures beside the checkout: {e}")
-    });
+    let path = common::fixture_path("densenet121_kimhead.weights.safetensors");
+    let file = TensorFile::open(&path).expect("the DenseNet-121 fixture");
     for be in backends() {
         let model = DenseNet::load(&be, &file).expect("loading DenseNet-121");
         let cpu = be.device() == Device::Cpu;

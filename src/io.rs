@@ -320,3 +320,96 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         Error::io(path, e)
     })
 }
+
+/// The metadata key of a seeded file: JSON `{"seed": S, "tensors": {name:
+/// {"shape": [...], "bound": b}}}`.
+pub const SEEDED_KEY: &str = "seeded";
+
+/// Largest number of values [`expand_seeded`] draws for one file (1 GiB of
+/// f32), whatever its metadata claims.
+pub const SEEDED_MAX_VALUES: usize = 1 << 28;
+
+/// The bytes of the complete safetensors file that the seeded file at
+/// `path` stands for: every tensor its metadata key [`SEEDED_KEY`] lists is
+/// drawn by [`crate::rng::seeded_tensor`] (f32) and added to the tensors it
+/// stores; the key itself is dropped. The repository keeps paper-size
+/// fixtures this way (`scripts/fixtures/paper.py` writes them).
+pub fn expand_seeded(path: impl AsRef<Path>) -> Result<Vec<u8>> {
+    #[derive(serde::Deserialize)]
+    struct Spec {
+        seed: u64,
+        tensors: BTreeMap<String, One>,
+    }
+    #[derive(serde::Deserialize)]
+    struct One {
+        shape: Vec<usize>,
+        bound: f32,
+    }
+    let path = path.as_ref();
+    let file = TensorFile::open(path)?;
+    let mut meta = file.metadata().cloned().unwrap_or_default();
+    let text = meta.remove(SEEDED_KEY).ok_or_else(|| {
+        Error::format(
+            path,
+            format!("no {SEEDED_KEY:?} metadata: not a seeded file"),
+        )
+    })?;
+    let spec: Spec = serde_json::from_str(&text)
+        .map_err(|e| Error::format(path, format!("metadata {SEEDED_KEY:?}: {e}")))?;
+    let mut total = 0usize;
+    let mut drawn = Vec::with_capacity(spec.tensors.len());
+    for (name, one) in &spec.tensors {
+        if file.contains(name) {
+            return Err(Error::format(
+                path,
+                format!("tensor {name:?} is both stored and seeded"),
+            ));
+        }
+        let n = one
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= SEEDED_MAX_VALUES - total)
+            .ok_or_else(|| {
+                Error::format(
+                    path,
+                    format!(
+                        "seeded tensor {name:?} of shape {:?} would exceed {SEEDED_MAX_VALUES} values in all",
+                        one.shape
+                    ),
+                )
+            })?;
+        if !one.bound.is_finite() {
+            return Err(Error::format(
+                path,
+                format!("seeded tensor {name:?}: bound {} is not finite", one.bound),
+            ));
+        }
+        total += n;
+        let values = crate::rng::seeded_tensor(spec.seed, name, n, one.bound);
+        drawn.push(Entry {
+            dtype: Dtype::F32,
+            shape: one.shape.clone(),
+            bytes: bytemuck::cast_slice(&values).to_vec(),
+        });
+    }
+    let stored = SafeTensors::deserialize(&file.bytes)
+        .map_err(|e| Error::format(path, format!("reading tensors: {e}")))?;
+    let mut views: Vec<(String, Entry)> = stored
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let entry = Entry {
+                dtype: v.dtype(),
+                shape: v.shape().to_vec(),
+                bytes: v.data().to_vec(),
+            };
+            (name, entry)
+        })
+        .collect();
+    views.extend(spec.tensors.keys().cloned().zip(drawn));
+    views.sort_by(|a, b| a.0.cmp(&b.0));
+    let meta = (!meta.is_empty()).then_some(meta);
+    safetensors::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), meta)
+        .map_err(|e| Error::format(path, format!("serializing tensors: {e}")))
+}

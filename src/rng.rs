@@ -141,6 +141,12 @@ mod tests {
             assert_eq!(x, 0.5 * (r.next_f32() * 2.0 - 1.0));
             assert!((-0.5..0.5).contains(&x));
         }
+        // The same three values from scripts/fixtures/seeded.py (numpy).
+        let bits: Vec<u32> = seeded_tensor(5, "a.weight", 3, 0.5)
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        assert_eq!(bits, [0xbef1_a83a, 0xbe6f_9814, 0x3ead_df44]);
         // FNV-1a reference values.
         assert_eq!(fnv1a64(""), 0xCBF2_9CE4_8422_2325);
         assert_eq!(fnv1a64("a"), 0xAF63_DC4C_8601_EC8C);

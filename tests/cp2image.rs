@@ -1,11 +1,11 @@
 //! CP2Image: the generator and the discriminator against PyTorch outputs
-//! (`tests/fixtures/cp2image_small.*`, copied from shared/fixtures: p = 32,
+//! (`tests/fixtures/cp2image_small.*`: p = 32,
 //! generator channels (64, 32, 16, 8, 8), discriminator channels
 //! (3, 8, 16, 16, 32, 32), 4 cases) on the CPU, emulated and CUDA devices;
 //! BatchNorm folded against BatchNorm run separately; the feature
 //! standardization, manipulation and interpolation, contact sheets, and the
 //! examples' inputs on the real single-cell set
-//! (`../shared/data/single_cells`).
+//! (64 cells in `tests/data/single_cells`).
 //!
 //! Tolerance (fixtures/README.md): whole networks in f32 within
 //! max|Δ| / max|ref| ≤ 1e-3 — another summation order than PyTorch's, and
@@ -674,17 +674,17 @@ fn display_scale_maps_channels_to_colours() {
 }
 
 // ---------------------------------------------------------------------------
-// The real single-cell set (../shared/data/single_cells).
+// 64 real single cells (tests/data/single_cells: evenly spaced rows of the
+// 1,510 ExampleFly cells, made by scripts/fixtures/test_data.py).
+
+/// Cells in the test subset.
+const N_CELLS: usize = 64;
 
 fn single_cells(name: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data/single_cells")
+        .join("tests/data/single_cells")
         .join(name);
-    assert!(
-        p.is_file(),
-        "missing {}: the real single-cell set is read from shared/data beside the checkout",
-        p.display()
-    );
+    assert!(p.is_file(), "missing test data {}", p.display());
     p
 }
 
@@ -703,7 +703,7 @@ fn real_features_match_the_tensor_file_and_standardize() {
     let table =
         FeatureTable::read_csv(single_cells("features.csv"), FeatureColumns::Named(&wanted))
             .unwrap();
-    assert_eq!((table.n_rows(), table.n_features()), (1510, 405));
+    assert_eq!((table.n_rows(), table.n_features()), (N_CELLS, 405));
     // Without the names list: every column but cell_id and the metadata.
     let all = FeatureTable::read_csv(single_cells("features.csv"), FeatureColumns::AllButMetadata)
         .unwrap();
@@ -713,7 +713,7 @@ fn real_features_match_the_tensor_file_and_standardize() {
     // The CSV holds the float32 tensor's values to 7 significant digits.
     let cells = TensorFile::open(single_cells("cells.safetensors")).unwrap();
     let (shape, x) = cells.f32("features").unwrap();
-    assert_eq!(shape, [1510, 405]);
+    assert_eq!(shape, [N_CELLS, 405]);
     for (i, (&a, &b)) in table.values.iter().zip(&x).enumerate() {
         assert!(
             (a - f64::from(b)).abs() <= 1e-6 * f64::from(b).abs().max(1e-30),
@@ -726,8 +726,8 @@ fn real_features_match_the_tensor_file_and_standardize() {
     let z = s.apply_table(&table).unwrap();
     for f in [0usize, 100, 404] {
         let col: Vec<f64> = z.chunks(405).map(|r| f64::from(r[f])).collect();
-        let m = col.iter().sum::<f64>() / 1510.0;
-        let v = col.iter().map(|c| (c - m).powi(2)).sum::<f64>() / 1510.0;
+        let m = col.iter().sum::<f64>() / N_CELLS as f64;
+        let v = col.iter().map(|c| (c - m).powi(2)).sum::<f64>() / N_CELLS as f64;
         assert!(
             m.abs() < 1e-5 && (v - 1.0).abs() < 1e-4,
             "feature {f}: mean {m}, var {v}"
@@ -738,13 +738,13 @@ fn real_features_match_the_tensor_file_and_standardize() {
 #[test]
 fn real_crops_read_and_index_by_cell_id() {
     let crops = CropSet::read(single_cells("cells.safetensors")).unwrap();
-    assert_eq!((crops.n, crops.channels, crops.size), (1510, 3, 64));
+    assert_eq!((crops.n, crops.channels, crops.size), (N_CELLS, 3, 64));
     assert_eq!(crops.index_of("17").unwrap(), 17);
     assert!(crops
-        .index_of("1510")
+        .index_of("64")
         .unwrap_err()
         .to_string()
-        .contains("1510 crops"));
+        .contains("64 crops"));
     assert!(crops
         .index_of("cell7")
         .unwrap_err()
@@ -766,7 +766,7 @@ fn real_features_drive_the_generator_on_cpu_and_emulated() {
         FeatureTable::read_csv(single_cells("features.csv"), FeatureColumns::Named(&wanted))
             .unwrap();
     let s = Standardizer::fit(&table).unwrap();
-    let rows = [0usize, 4, 15, 700, 1509];
+    let rows = [0usize, 4, 15, 40, N_CELLS - 1];
     let z: Vec<f32> = rows
         .iter()
         .flat_map(|&r| s.apply(table.row(r).unwrap()).unwrap())
@@ -865,7 +865,7 @@ fn cli_examples_on_real_single_cells() {
         "--weights",
         &g,
     ]);
-    assert!(out.contains("405 features from 1510 cells"), "{out}");
+    assert!(out.contains("405 features from 64 cells"), "{out}");
     assert!(dir.join("g405.standardize.json").is_file());
 
     let sheet = dir.join("sheet.png");
@@ -899,12 +899,12 @@ fn cli_examples_on_real_single_cells() {
         "--features",
         &feats,
         "--rows",
-        "3,700",
+        "3,40",
         "--output",
         &s(pngs.clone()),
     ]);
     assert_eq!(png_size(&pngs.join("3.png")), (64, 64));
-    assert_eq!(png_size(&pngs.join("700.png")), (64, 64));
+    assert_eq!(png_size(&pngs.join("40.png")), (64, 64));
 
     let manip = dir.join("manip.png");
     let (out, _) = ok(&[

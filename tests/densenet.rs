@@ -2,7 +2,7 @@
 //! `tests/fixtures/densenet_small.*` (growth 8, blocks (2, 3, 2), 16
 //! initial features, bn_size 2, 5 classes; copied from shared/fixtures) and
 //! `densenet121_kimhead.*` (DenseNet-121 with the two-class Sequential head
-//! of Kim et al.), read from `../shared/fixtures` beside the checkout.
+//! of Kim et al.; seeded weights and input, see `tests/common`).
 //!
 //! Tolerance (fixtures/README.md): max|Δ| / max|ref| ≤ 1e-3 for every output
 //! of a whole network in f32. Our plan folds BatchNorms into conv weights,
@@ -14,6 +14,8 @@
 //! a batch smaller than the input gives the same outputs), the class
 //! activation maps (their mean plus the head's offset is the logit), and
 //! clear errors for broken weight files and bad inputs.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -34,21 +36,13 @@ fn small_fixture() -> (PathBuf, PathBuf) {
     )
 }
 
-/// The DenseNet-121 fixture from `shared/fixtures`; fails loudly when absent.
+/// The DenseNet-121 fixture: seeded weights and input, PyTorch's outputs
+/// (`scripts/fixtures/paper.py`).
 fn kimhead_fixture() -> (PathBuf, PathBuf) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-    let paths = (
-        dir.join("densenet121_kimhead.weights.safetensors"),
-        dir.join("densenet121_kimhead.cases.safetensors"),
-    );
-    for p in [&paths.0, &paths.1] {
-        assert!(
-            p.is_file(),
-            "missing {}: the DenseNet-121 fixture is read from shared/fixtures beside the checkout (too large to copy into tests/fixtures)",
-            p.display()
-        );
-    }
-    paths
+    (
+        common::fixture_path("densenet121_kimhead.weights.safetensors"),
+        common::fixture_path("densenet121_kimhead.cases.safetensors"),
+    )
 }
 
 fn open(path: &Path) -> TensorFile {

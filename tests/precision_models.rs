@@ -11,7 +11,7 @@
 //!   bottom level is checked from the f32 top vectors, so that a top flip
 //!   does not cascade into the comparison.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use cellmorph::backend::cuda_device_count;
 use cellmorph::io::TensorFile;
@@ -22,14 +22,8 @@ use cellmorph::{Backend, Device, Precision, Tensor};
 
 const TOL: f32 = 1e-2;
 
-fn fixture(dir: &str, name: &str) -> TensorFile {
-    let path: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir).join(name);
-    assert!(
-        path.is_file(),
-        "missing fixture {} (the paper-size ones are read from shared/fixtures beside the checkout)",
-        path.display()
-    );
-    TensorFile::open(&path).expect("fixture")
+fn fixture(name: &str) -> TensorFile {
+    TensorFile::open(common::fixture_path(name)).expect("fixture")
 }
 
 fn max_rel(out: &[f32], reference: &[f32]) -> f32 {
@@ -87,15 +81,16 @@ fn densenet_outputs(be: &Backend, weights: &TensorFile, cases: &TensorFile) -> [
     ]
 }
 
-fn check_densenet(be: &Backend, dir: &str, model: &str) {
-    let weights = fixture(dir, &format!("{model}.weights.safetensors"));
-    let cases = fixture(dir, &format!("{model}.cases.safetensors"));
+fn check_densenet(be: &Backend, model: &str) {
+    let weights = fixture(&format!("{model}.weights.safetensors"));
+    let cases = fixture(&format!("{model}.cases.safetensors"));
     let reference = densenet_outputs(&Backend::cpu(), &weights, &cases);
     let out = densenet_outputs(be, &weights, &cases);
     // The model's outputs (logits, probabilities) meet 1e-2 at both
     // precisions. The last feature map, after ~120 convolutions each
-    // rounding its input to bf16's 8-bit mantissa, is within 3e-2 at bf16
-    // (measured 2.4e-2 on densenet121_kimhead; 3.2e-3 at f16).
+    // rounding its input to bf16's 8-bit mantissa, is allowed 3e-2 at bf16
+    // (measured on the CPU reference: 7.1e-3 on the seeded
+    // densenet121_kimhead, 4.7e-3 on densenet_small).
     let features_tol = if be.precision() == Precision::Bf16 {
         3e-2
     } else {
@@ -118,28 +113,19 @@ fn check_densenet(be: &Backend, dir: &str, model: &str) {
 #[test]
 fn densenet_small_bf16_and_f16_cpu() {
     for p in [Precision::Bf16, Precision::F16] {
-        check_densenet(
-            &Backend::cpu().with_precision(p),
-            "tests/fixtures",
-            "densenet_small",
-        );
+        check_densenet(&Backend::cpu().with_precision(p), "densenet_small");
     }
 }
 
 #[test]
 fn densenet_small_bf16_emulated() {
-    check_densenet(
-        &emulated(Precision::Bf16),
-        "tests/fixtures",
-        "densenet_small",
-    );
+    check_densenet(&emulated(Precision::Bf16), "densenet_small");
 }
 
 #[test]
 fn densenet121_bf16_cpu() {
     check_densenet(
         &Backend::cpu().with_precision(Precision::Bf16),
-        "../shared/fixtures",
         "densenet121_kimhead",
     );
 }
@@ -148,18 +134,15 @@ fn densenet121_bf16_cpu() {
 #[ignore = "needs a CUDA device: scripts/gpu-check.sh runs it with --include-ignored"]
 fn densenet121_bf16_and_f16_cuda() {
     for p in [Precision::Bf16, Precision::F16] {
-        check_densenet(&cuda(p), "../shared/fixtures", "densenet121_kimhead");
+        check_densenet(&cuda(p), "densenet121_kimhead");
     }
 }
 
 // --- CP2Image -------------------------------------------------------------
 
 fn check_cp2image(be: &Backend) {
-    let weights = fixture(
-        "tests/fixtures",
-        "cp2image_small.generator.weights.safetensors",
-    );
-    let cases = fixture("tests/fixtures", "cp2image_small.cases.safetensors");
+    let weights = fixture("cp2image_small.generator.weights.safetensors");
+    let cases = fixture("cp2image_small.cases.safetensors");
     let run = |be: &Backend| {
         Generator::from_file(be, &weights)
             .expect("generator")
@@ -268,9 +251,9 @@ fn check_codes(
     flips
 }
 
-fn check_vqvae2(be: &Backend, dir: &str, model: &str) {
-    let weights = fixture(dir, &format!("{model}.weights.safetensors"));
-    let cases = fixture(dir, &format!("{model}.cases.safetensors"));
+fn check_vqvae2(be: &Backend, model: &str) {
+    let weights = fixture(&format!("{model}.weights.safetensors"));
+    let cases = fixture(&format!("{model}.cases.safetensors"));
     let (cb_t, cb_b) = (
         codebook(&weights, "quantize_t"),
         codebook(&weights, "quantize_b"),
@@ -333,12 +316,8 @@ fn check_vqvae2(be: &Backend, dir: &str, model: &str) {
 #[test]
 fn vqvae2_small_bf16_and_f16() {
     for p in [Precision::Bf16, Precision::F16] {
-        check_vqvae2(
-            &Backend::cpu().with_precision(p),
-            "tests/fixtures",
-            "vqvae2_small",
-        );
-        check_vqvae2(&emulated(p), "tests/fixtures", "vqvae2_small");
+        check_vqvae2(&Backend::cpu().with_precision(p), "vqvae2_small");
+        check_vqvae2(&emulated(p), "vqvae2_small");
     }
 }
 
@@ -346,7 +325,6 @@ fn vqvae2_small_bf16_and_f16() {
 fn vqvae2_paper_bf16_cpu() {
     check_vqvae2(
         &Backend::cpu().with_precision(Precision::Bf16),
-        "../shared/fixtures",
         "vqvae2_paper",
     );
 }
@@ -355,6 +333,6 @@ fn vqvae2_paper_bf16_cpu() {
 #[ignore = "needs a CUDA device: scripts/gpu-check.sh runs it with --include-ignored"]
 fn vqvae2_paper_bf16_and_f16_cuda() {
     for p in [Precision::Bf16, Precision::F16] {
-        check_vqvae2(&cuda(p), "../shared/fixtures", "vqvae2_paper");
+        check_vqvae2(&cuda(p), "vqvae2_paper");
     }
 }

@@ -7,28 +7,12 @@ use std::path::PathBuf;
 use cellmorph::svr::{self, smo, SvrParams, SvrProblem};
 use serde_json::Value;
 
-/// Reads a fixture from the copies in `tests/fixtures/svr/`, checking them
-/// against `../shared/fixtures/` when that exists; fails loudly if missing.
+/// Reads a fixture from `tests/fixtures/svr/`; fails loudly if missing.
 fn fixture(name: &str) -> Vec<u8> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let copy = root.join("tests/fixtures/svr").join(name);
-    let shared = root.join("../shared/fixtures").join(name);
-    let bytes = std::fs::read(&copy).or_else(|_| std::fs::read(&shared));
-    let Ok(bytes) = bytes else {
-        panic!(
-            "\n\n*** FIXTURE MISSING: {name} is in neither {} nor {} ***\n\n",
-            copy.display(),
-            shared.display()
-        );
-    };
-    if let Ok(original) = std::fs::read(&shared) {
-        assert!(
-            original == bytes,
-            "tests/fixtures/svr/{name} differs from {}: refresh the copy",
-            shared.display()
-        );
-    }
-    bytes
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/svr")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
 }
 
 struct Case {

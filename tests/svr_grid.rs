@@ -7,27 +7,12 @@ use cellmorph::svr::{fit_batch, grid_search, GridSpec, SvrModel, SvrParams, SvrP
 use cellmorph::table::Table;
 use serde_json::Value;
 
-/// Path of a fixture: the copy in `tests/fixtures/svr/`, checked against
-/// `../shared/fixtures/` when that exists; fails loudly if missing.
+/// Path of a fixture in `tests/fixtures/svr/`; fails loudly if missing.
 fn fixture(name: &str) -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let copy = root.join("tests/fixtures/svr").join(name);
-    let shared = root.join("../shared/fixtures").join(name);
-    let path = if copy.exists() { copy } else { shared.clone() };
-    let Ok(bytes) = std::fs::read(&path) else {
-        panic!(
-            "\n\n*** FIXTURE MISSING: {name} is in neither tests/fixtures/svr/ nor {} ***\n\n",
-            shared.display()
-        );
-    };
-    if let Ok(original) = std::fs::read(&shared) {
-        assert!(
-            original == bytes,
-            "{} differs from {}: refresh the copy",
-            path.display(),
-            shared.display()
-        );
-    }
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/svr")
+        .join(name);
+    assert!(path.is_file(), "fixture {} is missing", path.display());
     path
 }
 

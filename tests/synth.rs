@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use cellmorph::imaging::{read_gray, read_sample_list, BitDepth};
 use cellmorph::plot::{heatmap_overlay, heatmap_size, HeatmapOptions};
+use cellmorph::rng::SplitMix64;
 use cellmorph::synth::{
     generate, SynthConfig, SynthFormat, SynthTruth, EXPRESSION_CSV, SAMPLES_CSV, TRUTH_JSON,
 };

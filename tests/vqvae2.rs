@@ -1,7 +1,7 @@
 //! Whole-model tests of the VQ-VAE-2 against PyTorch (vq-vae-2-pytorch)
 //! outputs: `tests/fixtures/vqvae2_small.*` (copied from shared/fixtures) and
-//! the paper-size `vqvae2_paper.*`, read from `../shared/fixtures` beside the
-//! checkout.
+//! the paper-size `vqvae2_paper.*` (seeded weights and input, see
+//! `tests/common`).
 //!
 //! Tolerances (fixtures/README.md): float tensors within max|Δ| / max|ref| ≤
 //! 1e-3 (a whole network in f32 with another summation order than
@@ -12,6 +12,8 @@
 //! from PyTorch's own inputs: the bottom path from the reference `quant_t`
 //! (`VqVae2::encode_bottom`) and the decoder from the reference `quant_t`,
 //! `quant_b`.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -35,21 +37,13 @@ fn small_fixture() -> (PathBuf, PathBuf) {
     )
 }
 
-/// The paper-size fixture from `shared/fixtures`; fails loudly when absent.
+/// The paper-size fixture: seeded weights and input, PyTorch's outputs
+/// (`scripts/fixtures/paper.py`).
 fn paper_fixture() -> (PathBuf, PathBuf) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-    let paths = (
-        dir.join("vqvae2_paper.weights.safetensors"),
-        dir.join("vqvae2_paper.cases.safetensors"),
-    );
-    for p in [&paths.0, &paths.1] {
-        assert!(
-            p.is_file(),
-            "missing {}: the paper-size VQ-VAE-2 fixture is read from shared/fixtures beside the checkout (too large to copy into tests/fixtures)",
-            p.display()
-        );
-    }
-    paths
+    (
+        common::fixture_path("vqvae2_paper.weights.safetensors"),
+        common::fixture_path("vqvae2_paper.cases.safetensors"),
+    )
 }
 
 fn max_rel(what: &str, out: &[f32], reference: &[f32]) -> f32 {

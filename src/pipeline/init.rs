@@ -254,13 +254,13 @@ mod tests {
 
     #[test]
     fn shapes_match_the_paper_fixture_exactly() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/fixtures/vqvae2_paper.weights.safetensors");
-        let small = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/vqvae2_small.weights.safetensors");
-        for p in [path, small] {
-            assert!(p.is_file(), "fixture {} is missing", p.display());
-            let f = TensorFile::open(&p).unwrap();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let paper = dir.join("vqvae2_paper.weights.seeded.safetensors");
+        let paper = TensorFile::from_bytes(&paper, crate::io::expand_seeded(&paper).unwrap());
+        let small = TensorFile::open(dir.join("vqvae2_small.weights.safetensors"));
+        for f in [paper, small] {
+            let f = f.unwrap();
+            let p = f.path().to_path_buf();
             let cfg = VqVae2Config::from_weights(&f).unwrap();
             let mut ours = vqvae2_tensor_shapes(&cfg);
             ours.sort();

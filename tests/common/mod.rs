@@ -2,6 +2,53 @@
 //! with `mod common;`).
 
 /// Uniform values in [−1, 1) from a SplitMix64 stream seeded with `seed`.
+#[allow(dead_code)] // not every suite that includes this module draws data
 pub fn data(seed: u64, len: usize) -> Vec<f32> {
     cellmorph::rng::signed_unit_vec(seed, len)
+}
+
+/// The path of fixture `name` (for example
+/// `densenet121_kimhead.weights.safetensors`). Paper-size fixtures are kept
+/// as seeded files (`NAME.seeded.safetensors`, see
+/// `cellmorph::io::expand_seeded` and `scripts/fixtures/paper.py`); the
+/// first call in a test process writes the complete file under cargo's
+/// per-target temporary folder and returns its path.
+#[allow(dead_code)] // not every suite that includes this module reads fixtures
+pub fn fixture_path(name: &str) -> std::path::PathBuf {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    static DONE: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let plain = dir.join(name);
+    if plain.is_file() {
+        return plain;
+    }
+    let stem = name
+        .strip_suffix(".safetensors")
+        .unwrap_or_else(|| panic!("fixture {name}: neither a file nor a seeded safetensors"));
+    let seeded = dir.join(format!("{stem}.seeded.safetensors"));
+    assert!(
+        seeded.is_file(),
+        "missing fixture: neither {} nor {}",
+        plain.display(),
+        seeded.display()
+    );
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    let done = done.get_or_insert_with(HashMap::new);
+    if let Some(p) = done.get(name) {
+        return p.clone();
+    }
+    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = out_dir.join(name);
+    let bytes = cellmorph::io::expand_seeded(&seeded).unwrap_or_else(|e| panic!("{e}"));
+    // Another test process may be writing the same file: write a file of our
+    // own and rename it into place (the contents are identical).
+    let tmp = out_dir.join(format!(".{name}.{}", std::process::id()));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, &out).unwrap();
+    done.insert(name.to_string(), out.clone());
+    out
 }
