@@ -4,5 +4,6 @@ pub mod batch;
 pub mod cp2image;
 pub mod densenet;
 pub mod vqvae2;
+pub mod weights;
 
 pub use vqvae2::{VqVae2, VqVae2Config};
