@@ -72,7 +72,7 @@ fn main() {
         panic!("the DenseNet-121 weights are read from shared/fixtures beside the checkout: {e}")
     });
     for be in backends() {
-        let model = DenseNet::load(&be, &file).expect("loading DenseNet-121");
+        let model = DenseNet::from_file(&be, &file).expect("loading DenseNet-121");
         let cpu = be.device() == Device::Cpu;
         let timed = env_usize("CELLMORPH_BENCH_BATCHES").unwrap_or(if cpu { 1 } else { 20 });
         println!("device: {}", be.describe());
