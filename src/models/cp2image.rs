@@ -448,15 +448,7 @@ impl ConvBn {
         let y = ops::conv2d(be, x, &self.w, Some(&self.b), Conv2dParams::new(1, 1))?;
         match &self.bn {
             None => Ok(y),
-            Some(bn) => ops::batchnorm(
-                be,
-                &y,
-                &bn.gamma,
-                &bn.beta,
-                &bn.mean,
-                &bn.var,
-                BN_EPS,
-            ),
+            Some(bn) => ops::batchnorm(be, &y, &bn.gamma, &bn.beta, &bn.mean, &bn.var, BN_EPS),
         }
     }
 }
@@ -827,7 +819,8 @@ mod tests {
             .collect();
         let folded = conv.fold(&bn).unwrap();
         for (o, &sum) in sums.iter().enumerate() {
-            let want = (sum - f64::from(bn.mean[o])) / (f64::from(bn.var[o]) + f64::from(BN_EPS)).sqrt()
+            let want = (sum - f64::from(bn.mean[o]))
+                / (f64::from(bn.var[o]) + f64::from(BN_EPS)).sqrt()
                 * f64::from(bn.gamma[o])
                 + f64::from(bn.beta[o]);
             let got: f64 = folded.w[o * 9..(o + 1) * 9]

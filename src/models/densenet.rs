@@ -75,8 +75,8 @@
 //! without a backward pass. In both cases the mean of the map plus `b_eff_c`
 //! is the logit `c`.
 
-use std::path::Path;
 use std::fmt;
+use std::path::Path;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -647,8 +647,7 @@ impl DenseNet {
     pub fn from_file(be: &Backend, file: &TensorFile) -> Result<Self> {
         let config = DenseNetConfig::from_weights(file)?;
         let mut ld = Loader {
-            w: Weights::new(file)
-                .shapes_from("the hyper-parameters read off the other weights"),
+            w: Weights::new(file).shapes_from("the hyper-parameters read off the other weights"),
             be,
         };
         let (f0, cin) = (config.num_init_features, config.in_channels);

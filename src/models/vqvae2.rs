@@ -425,8 +425,7 @@ impl VqVae2 {
             upsample_t: w.up("upsample_t", d, d)?,
             dec: w.decoder("dec", 2 * d, cfg.in_channel, 4)?,
         };
-        w.w
-            .reject_leftovers(&format!("are not part of a VQ-VAE-2 with {cfg}"))?;
+        w.w.reject_leftovers(&format!("are not part of a VQ-VAE-2 with {cfg}"))?;
         Ok(model)
     }
 

@@ -233,7 +233,11 @@ impl<'a> Weights<'a> {
             "{} tensors {what}: {}{}",
             left.len(),
             shown.join(", "),
-            if left.len() > shown.len() { ", …" } else { "" }
+            if left.len() > shown.len() {
+                ", …"
+            } else {
+                ""
+            }
         )))
     }
 }
@@ -303,8 +307,8 @@ impl BatchNorm {
             for w in &mut weight[o * per_out..(o + 1) * per_out] {
                 *w = (f64::from(*w) * s) as f32;
             }
-            bias[o] =
-                ((f64::from(bias[o]) - f64::from(self.mean[o])) * s + f64::from(self.beta[o])) as f32;
+            bias[o] = ((f64::from(bias[o]) - f64::from(self.mean[o])) * s + f64::from(self.beta[o]))
+                as f32;
         }
         Ok(())
     }
