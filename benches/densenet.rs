@@ -71,7 +71,7 @@ fn main() {
     let path = common::fixture_path("densenet121_kimhead.weights.safetensors");
     let file = TensorFile::open(&path).expect("the DenseNet-121 fixture");
     for be in backends() {
-        let model = DenseNet::load(&be, &file).expect("loading DenseNet-121");
+        let model = DenseNet::from_file(&be, &file).expect("loading DenseNet-121");
         let cpu = be.device() == Device::Cpu;
         let timed = env_usize("CELLMORPH_BENCH_BATCHES").unwrap_or(if cpu { 1 } else { 20 });
         println!("device: {}", be.describe());

@@ -99,6 +99,12 @@ impl TensorFile {
         self.meta.info(name).map(|i| i.dtype)
     }
 
+    /// The shape and dtype of `name`, or an error naming the file and the
+    /// missing tensor (with similar names, if any).
+    pub fn require(&self, name: &str) -> Result<(&[usize], Dtype)> {
+        self.info(name).map(|i| (i.shape.as_slice(), i.dtype))
+    }
+
     /// The free-form string metadata of the file (`__metadata__`).
     pub fn metadata(&self) -> Option<&HashMap<String, String>> {
         self.meta.metadata().as_ref()

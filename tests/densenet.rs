@@ -262,7 +262,7 @@ fn class_activation_maps_explain_the_logits() {
     let cpu = Backend::cpu();
     for (weights, cases) in [small_fixture(), kimhead_fixture()] {
         let (weights, cases) = (open(&weights), open(&cases));
-        let model = DenseNet::load(&cpu, &weights).unwrap();
+        let model = DenseNet::from_file(&cpu, &weights).unwrap();
         let (shape, input) = cases.f32("input").unwrap();
         let ws = model
             .forward(&cpu, &Tensor::from_vec(&cpu, &shape, input).unwrap())
@@ -356,7 +356,7 @@ fn edited_weights(
 }
 
 fn load_err(file: &TensorFile) -> String {
-    DenseNet::load(&Backend::cpu(), file)
+    DenseNet::from_file(&Backend::cpu(), file)
         .expect_err("must not load")
         .to_string()
 }
@@ -445,7 +445,7 @@ fn broken_weight_files_are_reported_by_name() {
 fn bad_inputs_are_clear_errors() {
     let cpu = Backend::cpu();
     let weights = open(&small_fixture().0);
-    let model = DenseNet::load(&cpu, &weights).unwrap();
+    let model = DenseNet::from_file(&cpu, &weights).unwrap();
     let run = |shape: &[usize], batch: usize| {
         let x = Tensor::zeros(&cpu, shape).unwrap();
         infer(&cpu, &weights, &x, batch, &mut TensorWriter::new())

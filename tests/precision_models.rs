@@ -70,7 +70,7 @@ fn input(be: &Backend, cases: &TensorFile, name: &str) -> Tensor {
 // --- DenseNet -------------------------------------------------------------
 
 fn densenet_outputs(be: &Backend, weights: &TensorFile, cases: &TensorFile) -> [Vec<f32>; 3] {
-    let model = DenseNet::load(be, weights).expect("densenet");
+    let model = DenseNet::from_file(be, weights).expect("densenet");
     let ws = model
         .forward(be, &input(be, cases, "input"))
         .expect("forward");

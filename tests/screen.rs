@@ -341,10 +341,10 @@ fn check_predict(be: &Backend, tol: f32) {
     let dir = tmp(&format!("predict-{}", be.device()));
     let (entries, good) = write_run(&dir);
     let file = TensorFile::open(small_weights()).unwrap();
-    let model = DenseNet::load(be, &file).unwrap();
+    let model = DenseNet::from_file(be, &file).unwrap();
     let want = direct_probs(
         &Backend::cpu(),
-        &DenseNet::load(&Backend::cpu(), &file).unwrap(),
+        &DenseNet::from_file(&Backend::cpu(), &file).unwrap(),
         &entries,
         &good,
     );
@@ -409,7 +409,7 @@ fn predict_emulated_matches_cpu() {
 #[test]
 fn predict_rejects_bad_options() {
     let be = Backend::cpu();
-    let model = DenseNet::load(&be, &TensorFile::open(small_weights()).unwrap()).unwrap();
+    let model = DenseNet::from_file(&be, &TensorFile::open(small_weights()).unwrap()).unwrap();
     let entries = [ImageEntry {
         id: "x".into(),
         path: "x.png".into(),
@@ -459,7 +459,7 @@ fn predictions_and_features_files_round_trip() {
     let be = Backend::cpu();
     let dir = tmp("files");
     let (entries, good) = write_run(&dir);
-    let model = DenseNet::load(&be, &TensorFile::open(small_weights()).unwrap()).unwrap();
+    let model = DenseNet::from_file(&be, &TensorFile::open(small_weights()).unwrap()).unwrap();
     let options = PredictOptions {
         batch_size: 2,
         preprocess: small_pre(),
@@ -685,7 +685,7 @@ fn evaluation_input_errors_are_clear() {
 #[test]
 fn cam_overlay_covers_the_input_and_normalizes_the_heat() {
     let be = Backend::cpu();
-    let model = DenseNet::load(&be, &TensorFile::open(small_weights()).unwrap()).unwrap();
+    let model = DenseNet::from_file(&be, &TensorFile::open(small_weights()).unwrap()).unwrap();
     let p = small_pre();
     let Prepared::Image { data, .. } = preprocess(&pattern(112, 80, 30, 90), &p).unwrap() else {
         panic!("not skipped");
@@ -722,7 +722,7 @@ fn predict_writes_cam_pngs_as_it_goes() {
         id: "other/g0.png".into(),
         path: dir.join("other/g0.png"),
     });
-    let model = DenseNet::load(&be, &TensorFile::open(small_weights()).unwrap()).unwrap();
+    let model = DenseNet::from_file(&be, &TensorFile::open(small_weights()).unwrap()).unwrap();
     let cams = dir.join("cams");
     let options = PredictOptions {
         batch_size: 3,

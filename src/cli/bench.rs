@@ -528,7 +528,7 @@ fn checked_len(shape: &[usize]) -> Result<usize> {
 
 fn densenet(c: &Ctx, out: Option<&mut TensorWriter>) -> Result<Measured> {
     let be = c.be;
-    let model = DenseNet::load(be, &c.a.weights()?)?;
+    let model = DenseNet::from_file(be, &c.a.weights()?)?;
     let cfg = model.config();
     let ch = cfg.in_channels;
     let (n, h, w, data) = c.images(ch, (64, 226, 306), (0.0, 1.0))?;

@@ -94,7 +94,7 @@ fn run_predict(a: PredictArgs) -> Result<()> {
     }
     let be = super::open_device(a.device, a.precision)?;
     let file = TensorFile::open(&a.weights)?;
-    let model = DenseNet::load(&be, &file)?;
+    let model = DenseNet::from_file(&be, &file)?;
     eprintln!("{}", model.config());
     let list = list_images(&a.images)?;
     if !list.ignored.is_empty() {

@@ -28,7 +28,6 @@
 //! the BatchNorm as its own op, exactly as PyTorch runs it; the tests compare
 //! the two.
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::path::Path;
 
@@ -37,11 +36,11 @@ use crate::error::{Error, Result};
 use crate::geometry::{Conv2dParams, Pool2dParams};
 use crate::io::{TensorFile, TensorWriter};
 use crate::models::batch::{for_each_batch, Gathered};
+use crate::models::weights::{BatchNorm, Weights};
 use crate::ops;
 use crate::tensor::Tensor;
 
-/// BatchNorm's ε (PyTorch's default for `BatchNorm2d`).
-pub const BN_EPS: f64 = 1e-5;
+pub use crate::models::weights::BN_EPS;
 /// Negative slope of every LeakyReLU.
 pub const LEAKY_SLOPE: f32 = 0.2;
 /// Side of the generator's first feature map (`fc` reshapes to `c0 × 4 × 4`).
@@ -254,55 +253,27 @@ fn required_shape(file: &TensorFile, name: &str, model: &str) -> Result<Vec<usiz
     })
 }
 
-/// Reads host copies of tensors with checked shapes and remembers which were
-/// read, so leftovers (another architecture) are reported.
+/// Reads host copies of tensors through the checked reader, which remembers
+/// which were read so that leftovers (another architecture) are reported.
 struct Loader<'a> {
-    file: &'a TensorFile,
-    used: BTreeSet<String>,
+    w: Weights<'a>,
 }
 
 impl<'a> Loader<'a> {
     fn new(file: &'a TensorFile) -> Self {
         Loader {
-            file,
-            used: BTreeSet::new(),
+            w: Weights::new(file).shapes_from("the channels read off the other weights"),
         }
     }
 
-    /// `name`'s values, which must have `shape`.
+    /// `name`'s values, which must have `shape` (see [`Weights::host`]).
     fn read(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        match self.file.shape(name) {
-            Some(s) if s != shape => {
-                return Err(Error::format(
-                    self.file.path(),
-                    format!(
-                        "tensor {name:?} has shape {s:?} but the channels read off the other weights give {shape:?}"
-                    ),
-                ))
-            }
-            _ => {}
-        }
-        let (_, data) = self.file.f32(name)?;
-        self.used.insert(name.to_string());
-        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-            return Err(Error::format(
-                self.file.path(),
-                format!(
-                    "tensor {name:?} holds a non-finite value ({}) at index {i}",
-                    data[i]
-                ),
-            ));
-        }
-        Ok(data)
+        self.w.host(name, shape)
     }
 
     /// [`Loader::read`] for a tensor that may be absent.
     fn read_optional(&mut self, name: &str, shape: &[usize]) -> Result<Option<Vec<f32>>> {
-        if self.file.contains(name) {
-            self.read(name, shape).map(Some)
-        } else {
-            Ok(None)
-        }
+        self.w.host_optional(name, shape)
     }
 
     /// A 3×3 conv `prefix.weight` `[c_out, c_in, 3, 3]` with its optional
@@ -329,7 +300,7 @@ impl<'a> Loader<'a> {
         let sigma = spectral_sigma(&w, &u, &v);
         if !(sigma.is_finite() && sigma != 0.0) {
             return Err(Error::format(
-                self.file.path(),
+                self.w.file().path(),
                 format!("{prefix}: spectral norm σ = uᵀ(W v) = {sigma} cannot divide the weight"),
             ));
         }
@@ -341,55 +312,15 @@ impl<'a> Loader<'a> {
         })
     }
 
-    /// `prefix.{weight, bias, running_mean, running_var}` of a
-    /// `BatchNorm2d(c)`; `num_batches_tracked` (training only) is
-    /// shape-checked when present.
-    fn batchnorm(&mut self, prefix: &str, c: usize) -> Result<HostBn> {
-        let tracked = format!("{prefix}.num_batches_tracked");
-        if let Some(s) = self.file.shape(&tracked) {
-            if !s.is_empty() && s != [1] {
-                return Err(Error::format(
-                    self.file.path(),
-                    format!("tensor {tracked:?} has shape {s:?}, expected a scalar"),
-                ));
-            }
-            self.used.insert(tracked);
-        }
-        let bn = HostBn {
-            gamma: self.read(&format!("{prefix}.weight"), &[c])?,
-            beta: self.read(&format!("{prefix}.bias"), &[c])?,
-            mean: self.read(&format!("{prefix}.running_mean"), &[c])?,
-            var: self.read(&format!("{prefix}.running_var"), &[c])?,
-        };
-        if let Some(i) = bn.var.iter().position(|&v| v < 0.0) {
-            return Err(Error::format(
-                self.file.path(),
-                format!("{prefix}.running_var[{i}] = {} is negative", bn.var[i]),
-            ));
-        }
-        Ok(bn)
+    /// A `BatchNorm2d(c)` under `prefix` (see [`Weights::batchnorm`]).
+    fn batchnorm(&mut self, prefix: &str, c: usize) -> Result<BatchNorm> {
+        self.w.batchnorm(prefix, c)
     }
 
     /// Fails when the file holds tensors the model did not read.
     fn finish(self, model: &str) -> Result<()> {
-        let unused: Vec<String> = self
-            .file
-            .names()
-            .into_iter()
-            .filter(|n| !self.used.contains(n))
-            .collect();
-        if unused.is_empty() {
-            return Ok(());
-        }
-        Err(Error::format(
-            self.file.path(),
-            format!(
-                "{} tensors are not part of this {model}: {}{}",
-                unused.len(),
-                unused[..unused.len().min(5)].join(", "),
-                if unused.len() > 5 { ", …" } else { "" }
-            ),
-        ))
+        self.w
+            .reject_leftovers(&format!("are not part of this {model}"))
     }
 }
 
@@ -416,37 +347,18 @@ struct HostConv {
     c_out: usize,
 }
 
-/// BatchNorm2d parameters and running statistics on the host.
-struct HostBn {
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
-    mean: Vec<f32>,
-    var: Vec<f32>,
-}
-
 impl HostConv {
-    /// Folds `bn` (applied right after this conv) into the weight and bias:
-    /// per output channel `s = γ/√(var + ε)`, `W' = W·s`, `b' = (b − mean)·s + β`.
-    fn fold(mut self, bn: &HostBn) -> Self {
-        let per_out = self.c_in * 9;
-        for (o, (w_row, b)) in self
-            .w
-            .chunks_exact_mut(per_out)
-            .zip(self.b.iter_mut())
-            .enumerate()
-        {
-            let s = f64::from(bn.gamma[o]) / (f64::from(bn.var[o]) + BN_EPS).sqrt();
-            for w in w_row {
-                *w = (f64::from(*w) * s) as f32;
-            }
-            *b = ((f64::from(*b) - f64::from(bn.mean[o])) * s + f64::from(bn.beta[o])) as f32;
-        }
-        self
+    /// Folds `bn` (applied right after this conv) into the weight and bias
+    /// with [`BatchNorm::fold_into_conv`]: per output channel
+    /// `s = γ/√(var + ε)`, `W' = W·s`, `b' = (b − mean)·s + β`.
+    fn fold(mut self, bn: &BatchNorm) -> Result<Self> {
+        bn.fold_into_conv(&mut self.w, &mut self.b)?;
+        Ok(self)
     }
 
-    fn upload(self, be: &Backend, bn: Option<HostBn>, mode: BatchNormMode) -> Result<ConvBn> {
+    fn upload(self, be: &Backend, bn: Option<BatchNorm>, mode: BatchNormMode) -> Result<ConvBn> {
         let (conv, bn) = match (bn, mode) {
-            (Some(bn), BatchNormMode::Folded) => (self.fold(&bn), None),
+            (Some(bn), BatchNormMode::Folded) => (self.fold(&bn)?, None),
             (bn, _) => (self, bn),
         };
         let c = conv.c_out;
@@ -536,15 +448,7 @@ impl ConvBn {
         let y = ops::conv2d(be, x, &self.w, Some(&self.b), Conv2dParams::new(1, 1))?;
         match &self.bn {
             None => Ok(y),
-            Some(bn) => ops::batchnorm(
-                be,
-                &y,
-                &bn.gamma,
-                &bn.beta,
-                &bn.mean,
-                &bn.var,
-                BN_EPS as f32,
-            ),
+            Some(bn) => ops::batchnorm(be, &y, &bn.gamma, &bn.beta, &bn.mean, &bn.var, BN_EPS),
         }
     }
 }
@@ -901,7 +805,7 @@ mod tests {
             c_in: 1,
             c_out: 2,
         };
-        let bn = HostBn {
+        let bn = BatchNorm {
             gamma: vec![1.5, -0.5],
             beta: vec![0.1, 0.2],
             mean: vec![0.4, -1.0],
@@ -913,9 +817,10 @@ mod tests {
             .zip(&conv.b)
             .map(|(r, &b)| r.iter().map(|&v| f64::from(v)).sum::<f64>() + f64::from(b))
             .collect();
-        let folded = conv.fold(&bn);
+        let folded = conv.fold(&bn).unwrap();
         for (o, &sum) in sums.iter().enumerate() {
-            let want = (sum - f64::from(bn.mean[o])) / (f64::from(bn.var[o]) + BN_EPS).sqrt()
+            let want = (sum - f64::from(bn.mean[o]))
+                / (f64::from(bn.var[o]) + f64::from(BN_EPS)).sqrt()
                 * f64::from(bn.gamma[o])
                 + f64::from(bn.beta[o]);
             let got: f64 = folded.w[o * 9..(o + 1) * 9]

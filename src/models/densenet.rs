@@ -75,21 +75,21 @@
 //! without a backward pass. In both cases the mean of the map plus `b_eff_c`
 //! is the logit `c`.
 
-use std::collections::BTreeSet;
 use std::fmt;
+use std::path::Path;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::geometry::{Conv2dGeom, Conv2dParams, Pool2dGeom, Pool2dParams};
 use crate::io::{TensorFile, TensorWriter};
+use crate::models::weights::{BatchNorm, Weights};
 use crate::ops::{
     batchnorm_into, conv2d_fused_into, copy_channels_into, global_avg_pool_into, linear_into,
     max_pool2d_into, relu_inplace, relu_into, softmax_into, BnRelu, FusedConv2d,
 };
 use crate::tensor::Tensor;
 
-/// BatchNorm epsilon (PyTorch's default, used by torchvision's DenseNet).
-pub const BN_EPS: f32 = 1e-5;
+pub use crate::models::weights::BN_EPS;
 
 /// One Linear layer of the classifier.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -445,83 +445,26 @@ fn read_head(file: &TensorFile, features: usize) -> Result<Vec<HeadLinear>> {
     Ok(head)
 }
 
-/// BatchNorm running statistics on the host.
-struct BnHost {
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
-    mean: Vec<f32>,
-    var: Vec<f32>,
-}
-
-impl BnHost {
-    /// `(scale, shift)` with `scale = γ/√(var + eps)`, `shift = β − mean·scale`,
-    /// computed in f64 and rounded once.
-    fn scale_shift(&self) -> (Vec<f32>, Vec<f32>) {
-        (0..self.gamma.len())
-            .map(|c| {
-                let s =
-                    f64::from(self.gamma[c]) / (f64::from(self.var[c]) + f64::from(BN_EPS)).sqrt();
-                (
-                    s as f32,
-                    (f64::from(self.beta[c]) - f64::from(self.mean[c]) * s) as f32,
-                )
-            })
-            .unzip()
-    }
-}
-
-/// Reads tensors with the shapes the config implies, remembering which were
-/// read so that leftovers (another architecture) are reported.
+/// Reads tensors with the shapes the config implies through the checked
+/// reader, which remembers which were read so that leftovers (another
+/// architecture) are reported.
 struct Loader<'a> {
-    file: &'a TensorFile,
+    w: Weights<'a>,
     be: &'a Backend,
-    used: BTreeSet<String>,
 }
 
 impl Loader<'_> {
     fn host(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let (s, data) = self.file.f32(name)?;
-        if s != shape {
-            return Err(Error::format(
-                self.file.path(),
-                format!("tensor {name:?} has shape {s:?}, expected {shape:?} from the hyper-parameters read off the other weights"),
-            ));
-        }
-        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-            return Err(Error::format(
-                self.file.path(),
-                format!("tensor {name:?} holds a non-finite value at index {i}"),
-            ));
-        }
-        self.used.insert(name.to_string());
-        Ok(data)
+        self.w.host(name, shape)
     }
 
     fn upload(&self, shape: &[usize], data: Vec<f32>) -> Result<Tensor> {
         Tensor::from_vec(self.be, shape, data)
     }
 
-    /// `P.weight`, `P.bias`, `P.running_mean`, `P.running_var` of a
-    /// BatchNorm2d(c); `P.num_batches_tracked` is accepted and ignored.
-    fn bn(&mut self, prefix: &str, c: usize) -> Result<BnHost> {
-        let mut get = |n: &str| self.host(&format!("{prefix}.{n}"), &[c]);
-        let bn = BnHost {
-            gamma: get("weight")?,
-            beta: get("bias")?,
-            mean: get("running_mean")?,
-            var: get("running_var")?,
-        };
-        if let Some(i) = bn.var.iter().position(|&v| v < 0.0) {
-            return Err(Error::format(
-                self.file.path(),
-                format!("{prefix}.running_var[{i}] is negative ({})", bn.var[i]),
-            ));
-        }
-        let tracked = format!("{prefix}.num_batches_tracked");
-        if self.file.contains(&tracked) {
-            self.used.insert(tracked);
-        }
-        Ok(bn)
+    /// A BatchNorm2d(c) (see [`Weights::batchnorm`]).
+    fn bn(&mut self, prefix: &str, c: usize) -> Result<BatchNorm> {
+        self.w.batchnorm(prefix, c)
     }
 
     /// A BatchNorm applied as a conv's BN+ReLU prologue.
@@ -534,8 +477,9 @@ impl Loader<'_> {
     }
 
     /// A bias-free conv `prefix.weight` `[c_out, c_in, k, k]` with the
-    /// BatchNorm `bn` that follows it folded in: weights scaled per output
-    /// channel, the BN's shift as bias.
+    /// BatchNorm `bn` that follows it folded in: weights multiplied per
+    /// output channel by the f32 scale (the same f32 numbers a BN+ReLU
+    /// prologue uses), the BN's shift as bias.
     fn conv_bn(&mut self, prefix: &str, shape: [usize; 4], bn: &str) -> Result<(Tensor, Tensor)> {
         let mut w = self.host(&format!("{prefix}.weight"), &shape)?;
         let (scale, shift) = self.bn(bn, shape[0])?.scale_shift();
@@ -548,25 +492,9 @@ impl Loader<'_> {
 
     /// Errors when the file holds tensors the architecture does not use.
     fn check_leftovers(&self) -> Result<()> {
-        let left: Vec<String> = self
-            .file
-            .names()
-            .into_iter()
-            .filter(|n| !self.used.contains(n))
-            .collect();
-        if left.is_empty() {
-            return Ok(());
-        }
-        let shown: Vec<&str> = left.iter().take(8).map(String::as_str).collect();
-        Err(Error::format(
-            self.file.path(),
-            format!(
-                "{} tensors do not belong to the DenseNet read off the other weights (e.g. conv biases or extra layers): {}{}",
-                left.len(),
-                shown.join(", "),
-                if left.len() > shown.len() { ", ..." } else { "" }
-            ),
-        ))
+        self.w.reject_leftovers(
+            "do not belong to the DenseNet read off the other weights (e.g. conv biases or extra layers)",
+        )
     }
 }
 
@@ -706,15 +634,21 @@ impl DenseNet {
     /// BatchNorms as the module docs describe.
     ///
     /// # Errors
-    /// A missing tensor, a shape that disagrees with the rest, a non-finite
-    /// weight, a negative running variance, or tensors that belong to no
-    /// DenseNet layer; every message names the file and the tensor.
-    pub fn load(be: &Backend, file: &TensorFile) -> Result<Self> {
+    /// A file that cannot be read, a missing tensor, a dtype that is not
+    /// floating point, a shape that disagrees with the rest, a non-finite
+    /// weight (with its flat index), a negative running variance, or tensors
+    /// that belong to no DenseNet layer; every message names the file and
+    /// the tensor.
+    pub fn load(be: &Backend, path: impl AsRef<Path>) -> Result<Self> {
+        Self::from_file(be, &TensorFile::open(path)?)
+    }
+
+    /// [`DenseNet::load`] from an opened file.
+    pub fn from_file(be: &Backend, file: &TensorFile) -> Result<Self> {
         let config = DenseNetConfig::from_weights(file)?;
         let mut ld = Loader {
-            file,
+            w: Weights::new(file).shapes_from("the hyper-parameters read off the other weights"),
             be,
-            used: BTreeSet::new(),
         };
         let (f0, cin) = (config.num_init_features, config.in_channels);
         let (conv0_w, conv0_b) = ld.conv_bn("features.conv0", [f0, cin, 7, 7], "features.norm0")?;
@@ -1109,7 +1043,7 @@ pub fn infer(
             "densenet: the batch size must be at least 1",
         ));
     }
-    let model = DenseNet::load(be, weights)?;
+    let model = DenseNet::from_file(be, weights)?;
     let [n, c, h, w] = dims4(input)?;
     if c != model.config.in_channels {
         return Err(Error::shape(

@@ -20,7 +20,6 @@
 //! has consumed them, so device memory stays near the few largest
 //! activations of one batch.
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::path::Path;
 
@@ -28,6 +27,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::geometry::{Conv2dParams, ConvTranspose2dParams};
 use crate::io::TensorFile;
+use crate::models::weights::Weights;
 use crate::ops::{
     self, code_histogram, concat_channels, relu, relu_inplace, vq_lookup, vq_lookup_hist_into,
     vq_lookup_into, Codebook, VqOut, VqOutput,
@@ -145,36 +145,18 @@ impl VqVae2Config {
     }
 }
 
-/// Reads tensors with the shapes the config implies and remembers which
-/// were read, so that leftovers (a different architecture) are reported.
-struct Weights<'a> {
-    file: &'a TensorFile,
+/// Reads tensors with the shapes the config implies through the checked
+/// reader, which remembers which were read so that leftovers (a different
+/// architecture) are reported.
+struct Loader<'a> {
+    w: Weights<'a>,
     be: &'a Backend,
     cfg: VqVae2Config,
-    used: BTreeSet<String>,
 }
 
-impl Weights<'_> {
-    /// Checks `name` has `shape` and marks it used.
-    fn check(&mut self, name: &str, shape: &[usize]) -> Result<()> {
-        match self.file.shape(name) {
-            Some(s) if s != shape => Err(Error::format(
-                self.file.path(),
-                format!(
-                    "tensor {name:?} has shape {s:?} but the hyper-parameters read off the other weights ({}) give {shape:?}",
-                    self.cfg
-                ),
-            )),
-            _ => {
-                self.used.insert(name.to_string());
-                Ok(())
-            }
-        }
-    }
-
+impl Loader<'_> {
     fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.check(name, shape)?;
-        self.file.expect(self.be, name, shape)
+        self.w.tensor(self.be, name, shape)
     }
 
     fn conv(
@@ -213,17 +195,13 @@ impl Weights<'_> {
             .collect()
     }
 
-    /// `Quantize(dim, n_embed)`: `P.embed` on the device; the training-only
-    /// buffers `P.cluster_size` and `P.embed_avg` are shape-checked when
-    /// present and not loaded.
+    /// `Quantize(dim, n_embed)`: `P.embed` on the device (finite, like every
+    /// weight); the training-only buffers `P.cluster_size` and `P.embed_avg`
+    /// are shape-checked when present and not loaded.
     fn quantize(&mut self, prefix: &str) -> Result<Codebook> {
         let (d, k) = (self.cfg.embed_dim, self.cfg.n_embed);
-        for (name, shape) in [("cluster_size", vec![k]), ("embed_avg", vec![d, k])] {
-            let name = format!("{prefix}.{name}");
-            if self.file.contains(&name) {
-                self.check(&name, &shape)?;
-            }
-        }
+        self.w.skip(&format!("{prefix}.cluster_size"), &[&[k]])?;
+        self.w.skip(&format!("{prefix}.embed_avg"), &[&[d, k]])?;
         let embed = self.tensor(&format!("{prefix}.embed"), &[d, k])?;
         Codebook::new(self.be, embed)
     }
@@ -421,16 +399,19 @@ impl VqVae2 {
     }
 
     /// [`VqVae2::load`] from an opened file. Errors name the file and the
-    /// tensor: a missing key, a shape that disagrees with the hyper-parameters
-    /// read off the other weights, or tensors this architecture does not have.
+    /// tensor: a missing key, a dtype that is not floating point, a shape
+    /// that disagrees with the hyper-parameters read off the other weights,
+    /// a NaN or infinity in a weight or a codebook (with its flat index), or
+    /// tensors this architecture does not have.
     pub fn from_file(be: &Backend, file: &TensorFile) -> Result<Self> {
         let cfg = VqVae2Config::from_weights(file)?;
         let (c, d) = (cfg.channel, cfg.embed_dim);
-        let mut w = Weights {
-            file,
+        let mut w = Loader {
+            w: Weights::new(file).shapes_from(format!(
+                "the hyper-parameters read off the other weights ({cfg})"
+            )),
             be,
             cfg,
-            used: BTreeSet::new(),
         };
         let model = VqVae2 {
             config: cfg,
@@ -444,22 +425,7 @@ impl VqVae2 {
             upsample_t: w.up("upsample_t", d, d)?,
             dec: w.decoder("dec", 2 * d, cfg.in_channel, 4)?,
         };
-        let unused: Vec<String> = file
-            .names()
-            .into_iter()
-            .filter(|n| !w.used.contains(n))
-            .collect();
-        if !unused.is_empty() {
-            return Err(Error::format(
-                file.path(),
-                format!(
-                    "{} tensors are not part of a VQ-VAE-2 with {cfg}: {}{}",
-                    unused.len(),
-                    unused[..unused.len().min(5)].join(", "),
-                    if unused.len() > 5 { ", …" } else { "" }
-                ),
-            ));
-        }
+        w.w.reject_leftovers(&format!("are not part of a VQ-VAE-2 with {cfg}"))?;
         Ok(model)
     }
 
