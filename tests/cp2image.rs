@@ -417,7 +417,7 @@ fn random_generator_weights_load_and_say_untrained() {
 // ---------------------------------------------------------------------------
 // Features, standardization, manipulation, interpolation, sheets.
 
-use cellmorph::cp2image::{
+use cellmorph::apps::cp2image::{
     cosine_similarity, linear_path, linspace, manipulation, nearest_row, replacement_path,
     resolve_feature, CropSet, DisplayScale, FeatureColumns, FeatureTable, Sheet, Standardizer,
     Tile,
@@ -786,7 +786,7 @@ fn real_features_drive_the_generator_on_cpu_and_emulated() {
     let file = TensorFile::open(&path).unwrap();
     let run = |be: &Backend| {
         let g = Generator::from_file(be, &file).unwrap();
-        cellmorph::cp2image::generate(be, &g, &z, 2).unwrap()
+        cellmorph::apps::cp2image::generate(be, &g, &z, 2).unwrap()
     };
     let cpu = run(&Backend::cpu());
     assert_eq!(cpu.len(), rows.len() * 3 * 64 * 64);

@@ -12,14 +12,14 @@
 
 use std::path::{Path, PathBuf};
 
-use cellmorph::imaging::{BitDepth, GrayImage};
-use cellmorph::io::TensorFile;
-use cellmorph::models::densenet::DenseNet;
-use cellmorph::screen::{
+use cellmorph::apps::screening::{
     cam_overlay, evaluate, list_images, predict, preprocess, read_labels, read_predictions, resize,
     value_channel, write_features, write_predictions, ImageEntry, PredictOptions, Prepared,
     Preprocess, SkipReason, IMAGENET_MEAN, IMAGENET_STD,
 };
+use cellmorph::imaging::{BitDepth, GrayImage};
+use cellmorph::io::TensorFile;
+use cellmorph::models::densenet::DenseNet;
 use cellmorph::{Backend, Device, Tensor};
 use serde::Deserialize;
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 
-use cellmorph::cp2image::{
+use cellmorph::apps::cp2image::{
     cosine_similarity, generate, linear_path, linspace, manipulation, nearest_row,
     replacement_path, resolve_feature, CropSet, DisplayScale, FeatureColumns, FeatureTable, Sheet,
     Standardizer, Tile,

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use cellmorph::pipeline::demo::{run_demo, DemoConfig};
+use cellmorph::apps::expression::demo::{run_demo, DemoConfig};
+use cellmorph::apps::expression::synth::{generate, SynthConfig, SynthFormat};
 use cellmorph::svr::GridSpec;
-use cellmorph::synth::{generate, SynthConfig, SynthFormat};
 use cellmorph::{Device, Precision, Result};
 
 #[derive(Args, Debug)]

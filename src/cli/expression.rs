@@ -5,12 +5,12 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use cellmorph::expression::{ExpressionTable, GeneFilter, Scale};
+use cellmorph::apps::expression::evaluate::{evaluate, Dataset};
+use cellmorph::apps::expression::map::expression_map;
+use cellmorph::apps::expression::prepare::{ExpressionTable, GeneFilter, Scale};
+use cellmorph::apps::expression::profile::{profile_samples, ProfileOptions};
 use cellmorph::imaging::read_sample_list;
 use cellmorph::models::vqvae2::VqVae2;
-use cellmorph::pipeline::evaluate::{evaluate, Dataset};
-use cellmorph::pipeline::map::expression_map;
-use cellmorph::pipeline::profile::{profile_samples, ProfileOptions};
 use cellmorph::svr::SvrModel;
 use cellmorph::table::Table;
 use cellmorph::{Device, Error, Precision, Result};

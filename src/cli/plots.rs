@@ -2,9 +2,9 @@
 
 use std::path::Path;
 
+use cellmorph::apps::expression::evaluate::Evaluation;
+use cellmorph::apps::expression::map::ExpressionMap;
 use cellmorph::imaging::{read_gray, PatchGrid};
-use cellmorph::pipeline::evaluate::Evaluation;
-use cellmorph::pipeline::map::ExpressionMap;
 use cellmorph::plot::{heatmap_overlay, scatter_plot, HeatmapOptions, PlotOptions};
 use cellmorph::{Error, Result};
 

@@ -5,12 +5,12 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use cellmorph::io::TensorFile;
-use cellmorph::models::densenet::DenseNet;
-use cellmorph::screen::{
+use cellmorph::apps::screening::{
     evaluate, list_images, predict, read_labels, read_predictions, write_features,
     write_predictions, write_report, write_roc_png, PredictOptions, Preprocess,
 };
+use cellmorph::io::TensorFile;
+use cellmorph::models::densenet::DenseNet;
 use cellmorph::{Device, Error, Precision, Result};
 
 #[derive(Subcommand, Debug)]

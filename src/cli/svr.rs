@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use clap::{Args, Subcommand};
 
-use cellmorph::expression::{ExpressionTable, Scale};
+use cellmorph::apps::expression::prepare::{ExpressionTable, Scale};
 use cellmorph::svr::{grid_search_on, GridSpec, SvrModel};
 use cellmorph::table::Table;
 use cellmorph::{Device, Error, Result};

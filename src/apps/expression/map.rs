@@ -4,10 +4,10 @@
 
 use std::path::Path;
 
+use crate::apps::expression::profile::{patch_profiles, PatchProfiles};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::models::vqvae2::VqVae2;
-use crate::pipeline::profile::{patch_profiles, PatchProfiles};
 use crate::svr::SvrModel;
 
 /// Predicted expression per patch of one image, row-major.

@@ -6,7 +6,9 @@ pub mod demo;
 pub mod evaluate;
 pub mod init;
 pub mod map;
+pub mod prepare;
 pub mod profile;
+pub mod synth;
 
 /// A progress bar on stderr (hidden when stderr is not a terminal, so logs
 /// stay clean).

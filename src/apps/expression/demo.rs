@@ -6,18 +6,18 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::apps::expression::evaluate::{evaluate, Dataset, Evaluation};
+use crate::apps::expression::init::{random_vqvae2, seed_codebooks};
+use crate::apps::expression::map::{expression_map, ExpressionMap};
+use crate::apps::expression::prepare::{ExpressionTable, GeneFilter, Scale};
+use crate::apps::expression::profile::{profile_samples, ProfileOptions};
+use crate::apps::expression::synth::{generate, SynthConfig, SynthTruth};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::expression::{ExpressionTable, GeneFilter, Scale};
 use crate::imaging::{read_gray, PatchStream, SampleImage};
 use crate::io::TensorFile;
 use crate::models::vqvae2::{VqVae2, VqVae2Config};
-use crate::pipeline::evaluate::{evaluate, Dataset, Evaluation};
-use crate::pipeline::init::{random_vqvae2, seed_codebooks};
-use crate::pipeline::map::{expression_map, ExpressionMap};
-use crate::pipeline::profile::{profile_samples, ProfileOptions};
 use crate::svr::{grid_search_on, GridSpec, SvrModel};
-use crate::synth::{generate, SynthConfig, SynthTruth};
 use crate::table::Table;
 use crate::tensor::Tensor;
 
