@@ -5,10 +5,13 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use cellmorph::apps::screening::{
-    evaluate, list_images, predict, read_labels, read_predictions, write_features,
-    write_predictions, write_report, write_roc_png, PredictOptions, Preprocess,
+use cellmorph::apps::screening::files::{
+    read_labels, read_predictions, write_features, write_predictions,
 };
+use cellmorph::apps::screening::images::list_images;
+use cellmorph::apps::screening::predict::{predict, PredictOptions};
+use cellmorph::apps::screening::preprocess::Preprocess;
+use cellmorph::apps::screening::report::{evaluate, write_report, write_roc_png};
 use cellmorph::io::TensorFile;
 use cellmorph::models::densenet::DenseNet;
 use cellmorph::{Device, Error, Precision, Result};
