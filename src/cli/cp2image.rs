@@ -7,10 +7,12 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 
-use cellmorph::apps::cp2image::{
-    cosine_similarity, generate, linear_path, linspace, manipulation, nearest_row,
-    replacement_path, resolve_feature, CropSet, DisplayScale, FeatureColumns, FeatureTable, Sheet,
-    Standardizer, Tile,
+use cellmorph::apps::cp2image::features::{FeatureColumns, FeatureTable, Standardizer};
+use cellmorph::apps::cp2image::generator::generate;
+use cellmorph::apps::cp2image::sheets::{CropSet, DisplayScale, Sheet, Tile};
+use cellmorph::apps::cp2image::vectors::{
+    cosine_similarity, linear_path, linspace, manipulation, nearest_row, replacement_path,
+    resolve_feature,
 };
 use cellmorph::io::TensorFile;
 use cellmorph::models::cp2image::{
