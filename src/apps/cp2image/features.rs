@@ -412,6 +412,65 @@ impl Standardizer {
     }
 }
 
+/// What [`standardize`] reads and writes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StandardizeOptions {
+    /// Feature table (CSV, one row per cell; first column the row id).
+    pub features: PathBuf,
+    /// Only these features (a file with one name per line); `None`: every
+    /// column but the first and [`METADATA_COLUMNS`].
+    pub feature_names: Option<PathBuf>,
+    /// Where to write the JSON (e.g. [`Standardizer::default_path`] of the
+    /// generator's weights).
+    pub output: PathBuf,
+}
+
+/// What [`standardize`] wrote.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StandardizeSummary {
+    /// The standardization written.
+    pub standardizer: Standardizer,
+    /// Cells (rows) it was fitted on.
+    pub cells: usize,
+    /// Features constant over the cells (given deviation 1).
+    pub constant: usize,
+}
+
+/// `cellmorph cp2image standardize`: fits each feature's mean and standard
+/// deviation on a feature table and writes the standardization file.
+pub fn standardize(o: &StandardizeOptions) -> Result<StandardizeSummary> {
+    let names: Option<Vec<String>> = o
+        .feature_names
+        .as_ref()
+        .map(|p| {
+            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+            Ok::<_, Error>(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            )
+        })
+        .transpose()?;
+    let columns = match &names {
+        Some(n) => FeatureColumns::Named(n),
+        None => FeatureColumns::AllButMetadata,
+    };
+    let table = FeatureTable::read_csv(&o.features, columns)?;
+    let s = Standardizer::fit(&table)?;
+    s.write(&o.output)?;
+    let n = table.n_rows();
+    let constant = (0..s.len())
+        .filter(|&i| (1..n).all(|r| table.values[r * s.len() + i] == table.values[i]))
+        .count();
+    Ok(StandardizeSummary {
+        standardizer: s,
+        cells: n,
+        constant,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -13,11 +13,20 @@
 //!   deviation (population, as scikit-learn's `StandardScaler`; a zero
 //!   deviation counts as 1), saved as JSON with the feature names, by default
 //!   beside the generator's weights. The generator takes
-//!   `z = (x − mean) / std`.
+//!   `z = (x − mean) / std`. [`standardize`](features::standardize) is
+//!   `cellmorph cp2image standardize`.
 //! - [`vectors`]: the feature vectors the figures are drawn from, in
 //!   standardized units, and the cosine similarity that labels the
 //!   interpolation steps.
-//! - [`generator`]: the generator run in device batches.
+//! - [`generator`]: the generator loaded with its standardization
+//!   ([`LoadedGenerator`](generator::LoadedGenerator)) and run in device
+//!   batches; [`init_weights`](generator::init_weights) writes seeded random
+//!   weights (`cellmorph cp2image init-weights`).
+//! - [`figures`]: the commands that draw —
+//!   [`generate_images`](figures::generate_images),
+//!   [`manipulate_feature`](figures::manipulate_feature),
+//!   [`interpolate`](figures::interpolate) (`cellmorph cp2image generate`,
+//!   `manipulate`, `interpolate`).
 //! - [`sheets`]: [`CropSet`](sheets::CropSet) reads the real crops
 //!   (`cells.safetensors`, tensor `crops` u8 `[N, C, S, S]`),
 //!   [`Sheet`](sheets::Sheet) lays out rows of captioned tiles and writes a
@@ -54,6 +63,7 @@
 //! ```
 
 pub mod features;
+pub mod figures;
 pub mod generator;
 pub mod sheets;
 pub mod vectors;
