@@ -1,7 +1,9 @@
 //! Prediction: every image of a run through a [`DenseNet`] in device
 //! batches, with images read and pre-processed on a second thread
 //! ([`prefetch`]) while the device works; unreadable or excluded images are
-//! skipped with a reason, never an error.
+//! skipped with a reason, never an error. [`screen_images`] is
+//! `cellmorph screen predict`: weights and image list in, predictions CSV
+//! out.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -11,11 +13,13 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::cam::{cam_overlay, write_cam_png};
-use super::images::{prefetch, ImageEntry};
+use super::files::{write_features, write_predictions};
+use super::images::{list_images, prefetch, ImageEntry};
 use super::preprocess::{Prepared, Preprocess, SkipReason};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::models::densenet::{DenseNet, DenseNetWorkspace};
+use crate::io::TensorFile;
+use crate::models::densenet::{DenseNet, DenseNetConfig, DenseNetWorkspace};
 use crate::tensor::Tensor;
 
 /// Settings of a prediction run.
@@ -342,4 +346,84 @@ impl BatchRunner<'_> {
         }
         dir.join(name)
     }
+}
+
+/// What [`screen_images`] reads and writes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScreenImagesOptions {
+    /// DenseNet weights (torchvision state_dict names, safetensors).
+    pub weights: PathBuf,
+    /// A directory of PNG/TIFF images, or a CSV whose header has an `image`
+    /// column ([`list_images`]).
+    pub images: PathBuf,
+    /// Predictions CSV to write ([`write_predictions`]).
+    pub output: PathBuf,
+    /// Also write each predicted image's pooled features here (`.csv` or
+    /// `.safetensors`, [`write_features`]).
+    pub features_out: Option<PathBuf>,
+    /// Also write a class activation map overlay PNG per predicted image here.
+    pub cam_dir: Option<PathBuf>,
+    /// Images per device batch (device memory grows linearly with it).
+    pub batch_size: usize,
+    /// Positive when the positive-class probability is at least this.
+    pub threshold: f64,
+    /// Index of the positive class in the head's output.
+    pub positive_class: usize,
+    /// Normalize inputs with the ImageNet mean and std.
+    pub imagenet_normalize: bool,
+}
+
+/// What [`screen_images`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScreenImagesSummary {
+    /// The network that ran.
+    pub model: DenseNetConfig,
+    /// Files of an image directory passed over (no PNG/TIFF extension).
+    pub ignored: Vec<PathBuf>,
+    /// The predictions, their timing and the options used.
+    pub run: PredictRun,
+}
+
+/// `cellmorph screen predict`: loads the DenseNet onto `be`, lists the
+/// images, predicts every one ([`predict`], with the pre-processing of the
+/// paper and the network's input channels) and writes the predictions CSV
+/// and, when asked, the pooled features. `progress` is called with the
+/// images finished so far and the total.
+pub fn screen_images(
+    be: &Backend,
+    o: &ScreenImagesOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<ScreenImagesSummary> {
+    if o.batch_size == 0 {
+        return Err(Error::invalid("--batch-size must be at least 1"));
+    }
+    let file = TensorFile::open(&o.weights)?;
+    let model = DenseNet::load(be, &file)?;
+    let list = list_images(&o.images)?;
+    let options = PredictOptions {
+        batch_size: o.batch_size,
+        preprocess: Preprocess {
+            channels: model.config().in_channels,
+            imagenet_normalize: o.imagenet_normalize,
+            ..Preprocess::default()
+        },
+        threshold: o.threshold,
+        positive_class: o.positive_class,
+        keep_features: o.features_out.is_some(),
+        cam_dir: o.cam_dir.clone(),
+    };
+    let total = list.entries.len();
+    progress(0, total);
+    let run = predict(be, &model, &list.entries, &options, |done| {
+        progress(done, total)
+    })?;
+    write_predictions(&o.output, &run, &o.weights.display().to_string())?;
+    if let Some(path) = &o.features_out {
+        write_features(path, &run)?;
+    }
+    Ok(ScreenImagesSummary {
+        model: model.config().clone(),
+        ignored: list.ignored,
+        run,
+    })
 }

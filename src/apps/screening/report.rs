@@ -2,13 +2,14 @@
 //! accuracy, sensitivity, specificity, PPV, NPV, confusion matrix and
 //! throughput ([`crate::stats`], scikit-learn's conventions; positive when
 //! `probability ≥ threshold`), as JSON and a ROC curve PNG.
+//! [`evaluate_predictions`] is `cellmorph screen evaluate`.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::files::PredictionsFile;
+use super::files::{read_labels, read_predictions, PredictionsFile};
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::plot::{roc_plot, PlotOptions};
@@ -219,4 +220,45 @@ pub fn write_roc_png(path: &Path, curve: &RocPoints, auc: Option<f64>) -> Result
         ..PlotOptions::default()
     };
     roc_plot(path, &curve.fpr, &curve.tpr, &opts)
+}
+
+/// What [`evaluate_predictions`] reads and writes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvaluatePredictionsOptions {
+    /// Predictions CSV ([`read_predictions`]).
+    pub predictions: PathBuf,
+    /// Labels CSV with `image` and `label` columns ([`read_labels`]).
+    pub labels: PathBuf,
+    /// Report JSON to write; the ROC curve goes to `<stem>.roc.png` beside it.
+    pub output: PathBuf,
+    /// Positive when the probability is at least this.
+    pub threshold: f64,
+}
+
+/// What [`evaluate_predictions`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvaluatePredictionsSummary {
+    /// The report written.
+    pub report: EvaluationReport,
+    /// The ROC curve PNG, unless the labels hold a single class.
+    pub roc_png: Option<PathBuf>,
+}
+
+/// `cellmorph screen evaluate`: matches a predictions file to labels
+/// ([`evaluate`]), writes the report JSON ([`write_report`]) and the ROC
+/// curve PNG beside it ([`write_roc_png`]).
+pub fn evaluate_predictions(o: &EvaluatePredictionsOptions) -> Result<EvaluatePredictionsSummary> {
+    let preds = read_predictions(&o.predictions)?;
+    let labels = read_labels(&o.labels)?;
+    let report = evaluate(&preds, &labels, o.threshold)?;
+    write_report(&o.output, &report)?;
+    let roc_png = match &report.roc_curve {
+        Some(curve) => {
+            let roc = o.output.with_extension("roc.png");
+            write_roc_png(&roc, curve, report.roc_auc)?;
+            Some(roc)
+        }
+        None => None,
+    };
+    Ok(EvaluatePredictionsSummary { report, roc_png })
 }
