@@ -1,11 +1,29 @@
-//! The expression-from-morphology pipeline (Wakui et al. 2023): images →
-//! patches → VQ-VAE-2 codes → code-frequency profiles → per-gene SVR →
-//! evaluation and patch-wise maps.
+//! Expression from morphology (Wakui et al. 2023, MODELS.md §1):
+//! phase-contrast images → 160×160 patches → VQ-VAE-2 codes → per-sample
+//! code-frequency profiles → per-gene linear SVR with a cross-validated grid
+//! search → predicted expression, Table-3-style evaluation, patch-wise
+//! expression maps; and the demo that runs all of it on synthetic data with
+//! known truth.
+//!
+//! Files:
+//! - [`synth`]: the synthetic data set with known truth (`cellmorph synth`).
+//! - [`prepare`]: expression tables — `log2(CPM + 1)` and the mean/CV gene
+//!   filter (`cellmorph expression prepare`).
+//! - [`profile`]: images → per-sample profiles (`cellmorph profile`).
+//! - [`init`]: an untrained VQ-VAE-2 (seeded weights, k-means++ codebooks).
+//! - [`gene_models`]: the per-gene SVR grid search and prediction from files
+//!   (`cellmorph svr grid`, `cellmorph svr predict`).
+//! - [`evaluate`]: the Table-3 evaluation (`cellmorph expression evaluate`).
+//! - [`map`]: patch-wise expression maps (`cellmorph map`).
+//! - [`plots`]: scatter plots of the best genes, maps over their images.
+//! - [`demo`]: the whole pipeline on synthetic data (`cellmorph demo`).
 
 pub mod demo;
 pub mod evaluate;
+pub mod gene_models;
 pub mod init;
 pub mod map;
+pub mod plots;
 pub mod prepare;
 pub mod profile;
 pub mod synth;
