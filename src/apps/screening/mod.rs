@@ -8,7 +8,7 @@
 //!   optional ImageNet normalization).
 //! - [`images`]: the images of a run, from a CSV list or a directory, and
 //!   their reading and pre-processing on a second thread.
-//! - [`predict`]: every image through a [`DenseNet`](crate::models::densenet::DenseNet)
+//! - [`predict`]: every image through a [`DenseNet`](crate::models::DenseNet)
 //!   in batches while the next batch is read; unreadable or excluded images
 //!   are skipped with a reason, never an error.
 //! - [`cam`]: class activation maps over the network input, as PNG.
