@@ -12,8 +12,10 @@
 //!   plain reference implementations, forward and backward.
 //! - [`models`]: models read off PyTorch `state_dict`s saved as safetensors
 //!   ([`io::TensorFile`]), every hyper-parameter taken from the weights.
-//! - [`svr`], [`stats`], [`pipeline`]: the batched SVR grid search, the
-//!   statistics, and the images → profiles → expression pipeline.
+//! - [`svr`], [`stats`]: the batched SVR grid search and the statistics.
+//! - [`apps`]: the three applications, one folder each — expression from
+//!   morphology, stem-cell line screening, CP2Image — with one library
+//!   function per `cellmorph` command.
 //!
 //! # Example
 //!
@@ -46,25 +48,21 @@
 //! # }
 //! ```
 
+pub mod apps;
 pub mod backend;
-pub mod cp2image;
 pub mod cpu;
 pub mod device;
 pub mod error;
-pub mod expression;
 pub mod geometry;
 pub mod imaging;
 pub mod io;
 pub mod models;
 pub mod ops;
-pub mod pipeline;
 pub mod plot;
 pub mod precision;
 pub mod rng;
-pub mod screen;
 pub mod stats;
 pub mod svr;
-pub mod synth;
 pub mod table;
 pub mod tensor;
 

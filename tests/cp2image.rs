@@ -417,10 +417,11 @@ fn random_generator_weights_load_and_say_untrained() {
 // ---------------------------------------------------------------------------
 // Features, standardization, manipulation, interpolation, sheets.
 
-use cellmorph::cp2image::{
+use cellmorph::apps::cp2image::features::{FeatureColumns, FeatureTable, Standardizer};
+use cellmorph::apps::cp2image::sheets::{CropSet, DisplayScale, Sheet, Tile};
+use cellmorph::apps::cp2image::vectors::{
     cosine_similarity, linear_path, linspace, manipulation, nearest_row, replacement_path,
-    resolve_feature, CropSet, DisplayScale, FeatureColumns, FeatureTable, Sheet, Standardizer,
-    Tile,
+    resolve_feature,
 };
 use proptest::prelude::*;
 
@@ -786,7 +787,7 @@ fn real_features_drive_the_generator_on_cpu_and_emulated() {
     let file = TensorFile::open(&path).unwrap();
     let run = |be: &Backend| {
         let g = Generator::from_file(be, &file).unwrap();
-        cellmorph::cp2image::generate(be, &g, &z, 2).unwrap()
+        cellmorph::apps::cp2image::generator::generate(be, &g, &z, 2).unwrap()
     };
     let cpu = run(&Backend::cpu());
     assert_eq!(cpu.len(), rows.len() * 3 * 64 * 64);

@@ -3,10 +3,10 @@
 //! evaluation on the held-out batch B. Signal genes must come out significant
 //! and most noise genes must not.
 
+use cellmorph::apps::expression::demo::{run_demo, DemoConfig};
+use cellmorph::apps::expression::synth::SynthConfig;
 use cellmorph::models::vqvae2::VqVae2Config;
-use cellmorph::pipeline::demo::{run_demo, DemoConfig};
 use cellmorph::svr::GridSpec;
-use cellmorph::synth::SynthConfig;
 use cellmorph::Backend;
 
 fn small_config() -> DemoConfig {

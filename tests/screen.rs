@@ -12,14 +12,20 @@
 
 use std::path::{Path, PathBuf};
 
+use cellmorph::apps::screening::cam::cam_overlay;
+use cellmorph::apps::screening::files::{
+    read_labels, read_predictions, write_features, write_predictions,
+};
+use cellmorph::apps::screening::images::{list_images, ImageEntry};
+use cellmorph::apps::screening::predict::{predict, PredictOptions};
+use cellmorph::apps::screening::preprocess::{
+    preprocess, resize, value_channel, Prepared, Preprocess, SkipReason, IMAGENET_MEAN,
+    IMAGENET_STD,
+};
+use cellmorph::apps::screening::report::evaluate;
 use cellmorph::imaging::{BitDepth, GrayImage};
 use cellmorph::io::TensorFile;
 use cellmorph::models::densenet::DenseNet;
-use cellmorph::screen::{
-    cam_overlay, evaluate, list_images, predict, preprocess, read_labels, read_predictions, resize,
-    value_channel, write_features, write_predictions, ImageEntry, PredictOptions, Prepared,
-    Preprocess, SkipReason, IMAGENET_MEAN, IMAGENET_STD,
-};
 use cellmorph::{Backend, Device, Tensor};
 use serde::Deserialize;
 

@@ -1,14 +1,14 @@
-//! The synthetic data set (src/synth.rs): determinism, file layout, and that
-//! the signal genes really carry the hidden factors.
+//! The synthetic data set (src/apps/expression/synth.rs): determinism, file
+//! layout, and that the signal genes really carry the hidden factors.
 
 use std::path::{Path, PathBuf};
 
+use cellmorph::apps::expression::synth::{
+    generate, SynthConfig, SynthFormat, SynthTruth, EXPRESSION_CSV, SAMPLES_CSV, TRUTH_JSON,
+};
 use cellmorph::imaging::{read_gray, read_sample_list, BitDepth};
 use cellmorph::plot::{heatmap_overlay, heatmap_size, HeatmapOptions};
 use cellmorph::rng::SplitMix64;
-use cellmorph::synth::{
-    generate, SynthConfig, SynthFormat, SynthTruth, EXPRESSION_CSV, SAMPLES_CSV, TRUTH_JSON,
-};
 use cellmorph::table::Table;
 
 /// A fresh, empty directory for one test, removed when dropped.

@@ -4,9 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use cellmorph::pipeline::demo::{run_demo, DemoConfig};
-use cellmorph::svr::GridSpec;
-use cellmorph::synth::{generate, SynthConfig, SynthFormat};
+use cellmorph::apps::expression::demo::{run_demo, DemoConfig};
+use cellmorph::apps::expression::synth::{generate, SynthConfig, SynthFormat};
 use cellmorph::{Device, Precision, Result};
 
 #[derive(Args, Debug)]
@@ -95,7 +94,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     cfg.synth.samples = a.samples;
     cfg.synth.seed = a.seed;
     if a.quick {
-        cfg.grid = GridSpec::parse("1,10,100", "0:0.2:0.1")?;
+        cfg.grid = DemoConfig::quick_grid()?;
     }
     println!(
         "cellmorph demo: expression from morphology (Wakui et al. 2023) on a synthetic data set"
@@ -109,46 +108,20 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     let secs = t0.elapsed().as_secs_f64();
     println!();
     print!("{}", res.evaluation.table(10));
-    let signal: Vec<&str> = res
-        .truth
-        .signal_genes
-        .iter()
-        .map(|g| g.gene.as_str())
-        .collect();
-    let held: Vec<_> = res
-        .evaluation
-        .results
-        .iter()
-        .filter(|r| r.dataset.starts_with('B'))
-        .collect();
-    let hit = |want_signal: bool| {
-        let set: Vec<_> = held
-            .iter()
-            .filter(|r| signal.contains(&r.gene.as_str()) == want_signal)
-            .collect();
-        (set.iter().filter(|r| r.significant).count(), set.len())
-    };
-    let (s, st) = hit(true);
-    let (n, nt) = hit(false);
+    let t = res.truth_check();
     println!();
-    println!("truth check on the held-out batch: {s}/{st} signal genes and {n}/{nt} noise genes significant");
-    let plots = a.out.join("plots");
-    let written = super::plots::scatter_top(&res.evaluation, 3, &plots)?;
-    if let Some(m) = &res.map {
-        let img = res
-            .truth
-            .samples
-            .iter()
-            .skip(res.truth.samples.len() / 2)
-            .find_map(|s| s.images.first())
-            .map(|rel| a.out.join("data").join(rel));
-        if let Some(img) = img {
-            let path = plots.join(format!("map_{}.png", m.gene));
-            super::plots::map_png(m, &img, &path)?;
-            println!("patch-wise map of {} -> {}", m.gene, path.display());
-        }
+    println!(
+        "truth check on the held-out batch: {}/{} signal genes and {}/{} noise genes significant",
+        t.signal_significant, t.signal, t.noise_significant, t.noise
+    );
+    if let (Some(m), Some(path)) = (&res.map, &res.map_png) {
+        println!("patch-wise map of {} -> {}", m.gene, path.display());
     }
-    println!("{} scatter plots -> {}", written.len(), plots.display());
+    println!(
+        "{} scatter plots -> {}",
+        res.plots.len(),
+        res.plot_dir.display()
+    );
     for (p, what) in &res.files {
         println!("  {:<60} {what}", p.display().to_string());
     }

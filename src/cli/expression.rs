@@ -5,14 +5,12 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use cellmorph::expression::{ExpressionTable, GeneFilter, Scale};
-use cellmorph::imaging::read_sample_list;
-use cellmorph::models::vqvae2::VqVae2;
-use cellmorph::pipeline::evaluate::{evaluate, Dataset};
-use cellmorph::pipeline::map::expression_map;
-use cellmorph::pipeline::profile::{profile_samples, ProfileOptions};
-use cellmorph::svr::SvrModel;
-use cellmorph::table::Table;
+use cellmorph::apps::expression::evaluate::{
+    evaluate_gene_models, DatasetFiles, EvaluateGeneModelsOptions,
+};
+use cellmorph::apps::expression::map::{map_image, MapImageOptions};
+use cellmorph::apps::expression::prepare::{prepare_counts, GeneFilter, PrepareCountsOptions};
+use cellmorph::apps::expression::profile::{profile_files, ProfileFilesOptions, ProfileOptions};
 use cellmorph::{Device, Error, Precision, Result};
 
 #[derive(Args, Debug)]
@@ -130,41 +128,43 @@ pub struct MapArgs {
 }
 
 pub fn profile(a: ProfileArgs) -> Result<()> {
-    let list = read_sample_list(&a.samples)?;
     let be = super::open_device(a.device, a.precision)?;
-    let model = VqVae2::load(&be, &a.weights)?;
-    let untrained = cellmorph::io::TensorFile::open(&a.weights)?
-        .metadata()
-        .and_then(|m| m.get("cellmorph").cloned());
-    if let Some(note) = untrained {
-        eprintln!("note: {note} — the encoder is UNTRAINED; its codes describe texture, not learned morphology");
-    }
-    eprintln!("VQ-VAE-2: {}", model.config());
-    let t0 = std::time::Instant::now();
-    let report = profile_samples(
+    let s = profile_files(
         &be,
-        &model,
-        &list,
-        ProfileOptions {
-            patch: a.patch,
-            batch: a.batch_size,
-            mse: a.mse,
-            progress: true,
+        &ProfileFilesOptions {
+            samples: a.samples,
+            weights: a.weights,
+            output: a.output.clone(),
+            profile: ProfileOptions {
+                patch: a.patch,
+                batch: a.batch_size,
+                mse: a.mse,
+                progress: true,
+            },
         },
     )?;
-    for s in &report.skipped {
-        eprintln!("skipped {} ({}): {}", s.path.display(), s.sample, s.reason);
+    if let Some(note) = &s.untrained {
+        eprintln!("note: {note} — the encoder is UNTRAINED; its codes describe texture, not learned morphology");
+    }
+    eprintln!("VQ-VAE-2: {}", s.model);
+    let report = &s.report;
+    for sk in &report.skipped {
+        eprintln!(
+            "skipped {} ({}): {}",
+            sk.path.display(),
+            sk.sample,
+            sk.reason
+        );
     }
     let patches: usize = report.samples.iter().map(|s| s.patches).sum();
     eprintln!(
         "{} samples, {patches} patches in {:.1} s",
         report.samples.len(),
-        t0.elapsed().as_secs_f64()
+        s.seconds
     );
     if let Some(mse) = report.mse_8bit {
         println!("reconstruction MSE (8-bit units): {mse:.2}");
     }
-    report.to_table()?.write_csv(&a.output)?;
     eprintln!("profiles -> {}", a.output.display());
     Ok(())
 }
@@ -177,98 +177,90 @@ pub fn run(cmd: ExpressionCommand) -> Result<()> {
 }
 
 fn prepare(a: PrepareArgs) -> Result<()> {
-    let t = Table::read_csv(&a.counts)?;
-    let scale = if a.normalized {
-        Scale::Log2Cpm
-    } else {
-        Scale::RawCounts
-    };
-    let e = ExpressionTable::new(t.row_names, t.col_names, t.data, scale)?.normalize()?;
-    let report = e.filter_genes(&GeneFilter {
+    let filter = GeneFilter {
         min_mean: a.min_mean,
         min_cv: a.min_cv,
+    };
+    let s = prepare_counts(&PrepareCountsOptions {
+        counts: a.counts,
+        normalized: a.normalized,
+        filter,
+        output: a.output,
     })?;
-    for d in &report.dropped {
+    for d in &s.report.dropped {
         eprintln!("dropped {}: {:?}", d.gene, d.reason);
     }
     eprintln!(
         "kept {} of {} genes (mean ≥ {}, CV ≥ {})",
-        report.kept.len(),
-        e.n_genes(),
+        s.report.kept.len(),
+        s.genes,
         a.min_mean,
         a.min_cv
     );
-    if report.kept.is_empty() {
-        return Err(Error::invalid("no gene passes the filter"));
-    }
-    let kept = e.select_genes(&report.kept)?;
-    Table::new(
-        kept.samples().to_vec(),
-        kept.genes().to_vec(),
-        kept.values().to_vec(),
-    )?
-    .write_csv(&a.output)
+    Ok(())
 }
 
 /// Parses NAME=FEATURES,EXPRESSION.
-fn parse_dataset(spec: &str, raw_counts: bool) -> Result<Dataset> {
-    let (name, files) = spec.split_once('=').ok_or_else(|| {
+fn parse_dataset(spec: &str) -> Result<DatasetFiles> {
+    let bad = || {
         Error::invalid(format!(
             "--dataset {spec:?}: expected NAME=FEATURES.csv,EXPRESSION.csv"
         ))
-    })?;
-    let (f, e) = files.split_once(',').ok_or_else(|| {
-        Error::invalid(format!(
-            "--dataset {spec:?}: expected NAME=FEATURES.csv,EXPRESSION.csv"
-        ))
-    })?;
-    Ok(Dataset {
+    };
+    let (name, files) = spec.split_once('=').ok_or_else(bad)?;
+    let (f, e) = files.split_once(',').ok_or_else(bad)?;
+    Ok(DatasetFiles {
         name: name.to_string(),
-        features: Table::read_csv(f)?,
-        expression: super::svr::read_expression(&PathBuf::from(e), raw_counts)?,
+        features: PathBuf::from(f),
+        expression: PathBuf::from(e),
     })
 }
 
 fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
-    let model = SvrModel::load(&a.model)?;
     let datasets = a
         .datasets
         .iter()
-        .map(|d| parse_dataset(d, a.raw_counts))
+        .map(|d| parse_dataset(d))
         .collect::<Result<Vec<_>>>()?;
-    let eval = evaluate(&model, &datasets, a.fdr)?;
-    for s in &eval.skipped {
-        eprintln!("skipped {} on {}: {}", s.gene, s.dataset, s.reason);
+    let s = evaluate_gene_models(&EvaluateGeneModelsOptions {
+        model: a.model,
+        datasets,
+        raw_counts: a.raw_counts,
+        fdr: a.fdr,
+        output: a.output.clone(),
+        plots: a.plots,
+        top: a.top,
+    })?;
+    let eval = &s.evaluation;
+    for sk in &eval.skipped {
+        eprintln!("skipped {} on {}: {}", sk.gene, sk.dataset, sk.reason);
     }
     print!("{}", eval.table(a.top));
-    eval.write_csv(&a.output)?;
     eprintln!("results -> {}", a.output.display());
-    if let Some(dir) = &a.plots {
-        super::plots::scatter_top(&eval, a.top, dir)?;
-    }
     Ok(())
 }
 
 pub fn map(a: MapArgs) -> Result<()> {
     let be = super::open_device(a.device, a.precision)?;
-    let vq = VqVae2::load(&be, &a.weights)?;
-    let model = SvrModel::load(&a.model)?;
-    let m = expression_map(&be, &vq, &model, &a.gene, &a.image, a.patch, a.batch_size)?;
-    let csv = a.output.with_extension("csv");
-    let mut text = String::from("row,col,x,y,predicted\n");
-    for (i, v) in m.values.iter().enumerate() {
-        let (r, c) = (i / m.cols, i % m.cols);
-        text.push_str(&format!("{r},{c},{},{},{v}\n", c * m.patch, r * m.patch));
-    }
-    cellmorph::io::write_atomic(&csv, text.as_bytes())?;
-    super::plots::map_png(&m, &a.image, &a.output)?;
+    let s = map_image(
+        &be,
+        &MapImageOptions {
+            weights: a.weights,
+            model: a.model,
+            gene: a.gene.clone(),
+            image: a.image,
+            output: a.output.clone(),
+            patch: a.patch,
+            batch_size: a.batch_size,
+        },
+    )?;
     eprintln!(
         "{}: {}×{} patches -> {} and {}",
         a.gene,
-        m.rows,
-        m.cols,
+        s.map.rows,
+        s.map.cols,
         a.output.display(),
-        csv.display()
+        s.csv.display()
     );
     Ok(())
 }

@@ -6,7 +6,6 @@ mod demo;
 mod devices;
 mod expression;
 mod infer;
-mod plots;
 mod screen;
 mod svr;
 

@@ -5,13 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use cellmorph::io::TensorFile;
-use cellmorph::models::densenet::DenseNet;
-use cellmorph::screen::{
-    evaluate, list_images, predict, read_labels, read_predictions, write_features,
-    write_predictions, write_report, write_roc_png, PredictOptions, Preprocess,
-};
-use cellmorph::{Device, Error, Precision, Result};
+use cellmorph::apps::screening::predict::{screen_images, ScreenImagesOptions};
+use cellmorph::apps::screening::report::{evaluate_predictions, EvaluatePredictionsOptions};
+use cellmorph::{Device, Precision, Result};
 
 #[derive(Subcommand, Debug)]
 pub enum ScreenCommand {
@@ -89,49 +85,43 @@ pub fn run(cmd: ScreenCommand) -> Result<()> {
 }
 
 fn run_predict(a: PredictArgs) -> Result<()> {
-    if a.batch_size == 0 {
-        return Err(Error::invalid("--batch-size must be at least 1"));
-    }
     let be = super::open_device(a.device, a.precision)?;
-    let file = TensorFile::open(&a.weights)?;
-    let model = DenseNet::from_file(&be, &file)?;
-    eprintln!("{}", model.config());
-    let list = list_images(&a.images)?;
-    if !list.ignored.is_empty() {
-        eprintln!(
-            "ignoring {} files without a .png/.tif/.tiff extension in {}",
-            list.ignored.len(),
-            a.images.display()
-        );
-    }
-    let options = PredictOptions {
-        batch_size: a.batch_size,
-        preprocess: Preprocess {
-            channels: model.config().in_channels,
-            imagenet_normalize: a.imagenet_norm,
-            ..Preprocess::default()
-        },
-        threshold: a.threshold,
-        positive_class: a.positive_class,
-        keep_features: a.features_out.is_some(),
-        cam_dir: a.cam_dir.clone(),
-    };
-    let bar = indicatif::ProgressBar::new(list.entries.len() as u64);
+    let bar = indicatif::ProgressBar::new(0);
     if let Ok(style) = indicatif::ProgressStyle::with_template(
         "{msg:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
     ) {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_message("screening");
-    let result = predict(&be, &model, &list.entries, &options, |done| {
-        bar.set_position(done as u64)
-    });
+    let result = screen_images(
+        &be,
+        &ScreenImagesOptions {
+            weights: a.weights,
+            images: a.images.clone(),
+            output: a.output.clone(),
+            features_out: a.features_out,
+            cam_dir: a.cam_dir,
+            batch_size: a.batch_size,
+            threshold: a.threshold,
+            positive_class: a.positive_class,
+            imagenet_normalize: a.imagenet_norm,
+        },
+        |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    );
     bar.finish_and_clear();
-    let run = result?;
-    write_predictions(&a.output, &run, &a.weights.display().to_string())?;
-    if let Some(path) = &a.features_out {
-        write_features(path, &run)?;
+    let s = result?;
+    eprintln!("{}", s.model);
+    if !s.ignored.is_empty() {
+        eprintln!(
+            "ignoring {} files without a .png/.tif/.tiff extension in {}",
+            s.ignored.len(),
+            a.images.display()
+        );
     }
+    let run = &s.run;
     let skipped: Vec<_> = run.skipped().collect();
     if !skipped.is_empty() {
         eprintln!(
@@ -161,14 +151,13 @@ fn run_predict(a: PredictArgs) -> Result<()> {
 }
 
 fn run_evaluate(a: EvaluateArgs) -> Result<()> {
-    let preds = read_predictions(&a.predictions)?;
-    let labels = read_labels(&a.labels)?;
-    let report = evaluate(&preds, &labels, a.threshold)?;
-    write_report(&a.output, &report)?;
-    let roc = a.output.with_extension("roc.png");
-    if let Some(curve) = &report.roc_curve {
-        write_roc_png(&roc, curve, report.roc_auc)?;
-    }
+    let s = evaluate_predictions(&EvaluatePredictionsOptions {
+        predictions: a.predictions,
+        labels: a.labels,
+        output: a.output.clone(),
+        threshold: a.threshold,
+    })?;
+    let report = &s.report;
     let show = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.4}"));
     eprintln!(
         "n {} ({} positive): AUC {}, F1 {}, accuracy {}, sensitivity {}, specificity {}, PPV {}, NPV {}",
@@ -192,10 +181,9 @@ fn run_evaluate(a: EvaluateArgs) -> Result<()> {
     eprintln!(
         "wrote {}{}",
         a.output.display(),
-        if report.roc_curve.is_some() {
-            format!(" and {}", roc.display())
-        } else {
-            " (no ROC curve: the labels hold a single class)".to_string()
+        match &s.roc_png {
+            Some(roc) => format!(" and {}", roc.display()),
+            None => " (no ROC curve: the labels hold a single class)".to_string(),
         }
     );
     Ok(())

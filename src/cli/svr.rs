@@ -1,14 +1,14 @@
 //! `cellmorph svr grid` and `cellmorph svr predict`.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use clap::{Args, Subcommand};
 
-use cellmorph::expression::{ExpressionTable, Scale};
-use cellmorph::svr::{grid_search_on, GridSpec, SvrModel};
-use cellmorph::table::Table;
-use cellmorph::{Device, Error, Result};
+use cellmorph::apps::expression::gene_models::{
+    fit_gene_models, predict_expression, FitGeneModelsOptions, PredictExpressionOptions,
+};
+use cellmorph::svr::GridSpec;
+use cellmorph::{Device, Result};
 
 #[derive(Subcommand, Debug)]
 pub enum SvrCommand {
@@ -68,47 +68,33 @@ pub fn run(cmd: SvrCommand) -> Result<()> {
     }
 }
 
-/// Reads an expression CSV, normalizing raw counts when asked.
-pub(crate) fn read_expression(path: &PathBuf, raw_counts: bool) -> Result<Table> {
-    let t = Table::read_csv(path)?;
-    if !raw_counts {
-        return Ok(t);
-    }
-    let e = ExpressionTable::new(
-        t.row_names.clone(),
-        t.col_names.clone(),
-        t.data.clone(),
-        Scale::RawCounts,
-    )?
-    .normalize()?;
-    Table::new(
-        e.samples().to_vec(),
-        e.genes().to_vec(),
-        e.values().to_vec(),
-    )
-}
-
 fn grid(a: GridArgs) -> Result<()> {
-    let features = Table::read_csv(&a.features)?;
-    let expression = read_expression(&a.expression, a.raw_counts)?;
     let mut spec = GridSpec::parse(&a.c, &a.epsilon)?;
     spec.folds = a.folds;
+    let be = super::open_device(a.device, cellmorph::Precision::F32)?;
+    let s = fit_gene_models(
+        &be,
+        &FitGeneModelsOptions {
+            features: a.features,
+            expression: a.expression,
+            raw_counts: a.raw_counts,
+            grid: spec.clone(),
+            output: a.output.clone(),
+        },
+    )?;
     eprintln!(
         "grid: {} genes × {} settings ({} C × {} ε) × {} folds on {} samples × {} features",
-        expression.n_cols(),
+        s.genes,
         spec.n_settings(),
         spec.c.len(),
         spec.epsilon.len(),
         spec.folds,
-        expression.n_rows(),
-        features.n_cols()
+        s.samples,
+        s.features
     );
-    let t0 = Instant::now();
-    let be = super::open_device(a.device, cellmorph::Precision::F32)?;
-    let outcome = grid_search_on(&be, &features, &expression, &spec)?;
-    let secs = t0.elapsed().as_secs_f64();
-    for s in &outcome.skipped {
-        eprintln!("skipped gene {}: {}", s.gene, s.reason);
+    let outcome = &s.outcome;
+    for sk in &outcome.skipped {
+        eprintln!("skipped gene {}: {}", sk.gene, sk.reason);
     }
     if outcome.stats.unconverged > 0 {
         eprintln!(
@@ -117,14 +103,9 @@ fn grid(a: GridArgs) -> Result<()> {
         );
     }
     eprintln!(
-        "{} problems ({} SMO solves) in {secs:.2} s",
-        outcome.stats.problems, outcome.stats.smo_solves
+        "{} problems ({} SMO solves) in {:.2} s",
+        outcome.stats.problems, outcome.stats.smo_solves, s.seconds
     );
-    if outcome.results.is_empty() {
-        return Err(Error::invalid(
-            "no gene could be fitted (see the skipped genes above)",
-        ));
-    }
     println!("{:<20} {:>8} {:>8} {:>10}", "gene", "C", "epsilon", "cv_R2");
     for r in &outcome.results {
         println!(
@@ -132,17 +113,16 @@ fn grid(a: GridArgs) -> Result<()> {
             r.gene, r.c, r.epsilon, r.cv_score
         );
     }
-    let model = SvrModel::from_grid(features.col_names.clone(), &outcome.results);
-    model.save(&a.output)?;
     eprintln!("model -> {}", a.output.display());
     Ok(())
 }
 
 fn predict(a: PredictArgs) -> Result<()> {
-    let model = SvrModel::load(&a.model)?;
-    let features = Table::read_csv(&a.features)?;
-    let predicted = model.predict(&features)?;
-    predicted.write_csv(&a.output)?;
+    let predicted = predict_expression(&PredictExpressionOptions {
+        model: a.model,
+        features: a.features,
+        output: a.output.clone(),
+    })?;
     eprintln!(
         "{} samples × {} genes -> {}",
         predicted.n_rows(),

@@ -1,4 +1,6 @@
-//! The models, each reading its hyper-parameters off its weights.
+//! The models, each reading its hyper-parameters off its weights:
+//! [`VqVae2`] (expression from morphology), [`DenseNet`] (screening) and
+//! CP2Image's [`Generator`] and [`Discriminator`], with their configurations.
 
 pub mod batch;
 pub mod cp2image;

@@ -3,10 +3,13 @@
 //! correlation, its two-sided p-value (t-distribution, n − 2 degrees of
 //! freedom), Benjamini–Hochberg q-values across the genes of the data set,
 //! significance at FDR < alpha, and scikit-learn's `r2_score` beside it.
+//! [`evaluate_gene_models`] is `cellmorph expression evaluate`.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use super::plots::scatter_top;
+use super::prepare::read_expression;
 use crate::error::{Error, Result};
 use crate::stats::{benjamini_hochberg, pearson, r2_score};
 use crate::svr::SvrModel;
@@ -225,4 +228,68 @@ impl Evaluation {
         }
         s
     }
+}
+
+/// A data set as files: [`Dataset`] before reading.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DatasetFiles {
+    /// Name shown in the tables (e.g. the batch).
+    pub name: String,
+    /// Feature table CSV (samples × the model's features).
+    pub features: PathBuf,
+    /// Expression table CSV (samples × genes).
+    pub expression: PathBuf,
+}
+
+/// What [`evaluate_gene_models`] reads and writes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvaluateGeneModelsOptions {
+    /// Gene model JSON (from [`super::gene_models::fit_gene_models`]).
+    pub model: PathBuf,
+    /// The data sets (a model trained on one batch is evaluated on the others).
+    pub datasets: Vec<DatasetFiles>,
+    /// The expression tables hold raw counts: normalize to log2(CPM + 1) first.
+    pub raw_counts: bool,
+    /// FDR level.
+    pub fdr: f64,
+    /// Output CSV with every gene and data set ([`Evaluation::write_csv`]).
+    pub output: PathBuf,
+    /// Folder for predicted-vs-measured scatter PNGs of the top genes.
+    pub plots: Option<PathBuf>,
+    /// Genes plotted per data set.
+    pub top: usize,
+}
+
+/// What [`evaluate_gene_models`] did.
+#[derive(Debug, Clone)]
+pub struct EvaluateGeneModelsSummary {
+    /// The evaluation written.
+    pub evaluation: Evaluation,
+    /// The scatter PNGs written.
+    pub plots: Vec<PathBuf>,
+}
+
+/// `cellmorph expression evaluate`: Table-3-style evaluation of a gene model
+/// on one or more data sets ([`evaluate`]); writes the results CSV and, when
+/// asked, scatter plots of the top genes.
+pub fn evaluate_gene_models(o: &EvaluateGeneModelsOptions) -> Result<EvaluateGeneModelsSummary> {
+    let model = SvrModel::load(&o.model)?;
+    let datasets = o
+        .datasets
+        .iter()
+        .map(|d| {
+            Ok(Dataset {
+                name: d.name.clone(),
+                features: Table::read_csv(&d.features)?,
+                expression: read_expression(&d.expression, o.raw_counts)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let evaluation = evaluate(&model, &datasets, o.fdr)?;
+    evaluation.write_csv(&o.output)?;
+    let plots = match &o.plots {
+        Some(dir) => scatter_top(&evaluation, o.top, dir)?,
+        None => Vec::new(),
+    };
+    Ok(EvaluateGeneModelsSummary { evaluation, plots })
 }

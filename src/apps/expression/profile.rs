@@ -3,13 +3,16 @@
 //! device batches (never written to disk), the top and bottom codes are
 //! counted per sample, and the counts become the log2 profile of MODELS.md §1.
 //! Memory stays bounded by one image plus one batch of patches.
+//! [`profile_files`] is `cellmorph profile`.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::imaging::{read_gray, PatchStream, SampleImage};
-use crate::models::vqvae2::{mse_8bit, profile, sum_histograms, VqVae2};
+use crate::imaging::{read_gray, read_sample_list, PatchStream, SampleImage};
+use crate::io::TensorFile;
+use crate::models::vqvae2::{mse_8bit, profile, sum_histograms, VqVae2, VqVae2Config};
 use crate::table::Table;
 use crate::tensor::Tensor;
 
@@ -265,5 +268,52 @@ pub fn patch_profiles(
         rows,
         cols,
         profiles: out,
+    })
+}
+
+/// What [`profile_files`] reads and writes.
+#[derive(Clone, Debug)]
+pub struct ProfileFilesOptions {
+    /// Sample list CSV with the header `sample,image` (one line per image).
+    pub samples: PathBuf,
+    /// VQ-VAE-2 weights (safetensors, vq-vae-2-pytorch names).
+    pub weights: PathBuf,
+    /// Output profile CSV: sample, top0..top{K-1}, bottom0..bottom{K-1}.
+    pub output: PathBuf,
+    /// Patch and batch size, reconstruction MSE, progress bar.
+    pub profile: ProfileOptions,
+}
+
+/// What [`profile_files`] did.
+#[derive(Clone, Debug)]
+pub struct ProfileFilesSummary {
+    /// The VQ-VAE-2 that ran.
+    pub model: VqVae2Config,
+    /// The weights' `cellmorph` metadata note, present on untrained
+    /// (seeded random) weights.
+    pub untrained: Option<String>,
+    /// The profiles, skipped images and MSE.
+    pub report: ProfileReport,
+    /// Seconds the profiling took.
+    pub seconds: f64,
+}
+
+/// `cellmorph profile`: every image of a sample list through the VQ-VAE-2
+/// on `be` ([`profile_samples`]); writes the profile CSV.
+pub fn profile_files(be: &Backend, o: &ProfileFilesOptions) -> Result<ProfileFilesSummary> {
+    let list = read_sample_list(&o.samples)?;
+    let model = VqVae2::load(be, &o.weights)?;
+    let untrained = TensorFile::open(&o.weights)?
+        .metadata()
+        .and_then(|m| m.get("cellmorph").cloned());
+    let t0 = Instant::now();
+    let report = profile_samples(be, &model, &list, o.profile)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    report.to_table()?.write_csv(&o.output)?;
+    Ok(ProfileFilesSummary {
+        model: *model.config(),
+        untrained,
+        report,
+        seconds,
     })
 }

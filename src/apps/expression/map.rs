@@ -1,13 +1,16 @@
 //! Patch-wise expression maps (the paper's Figure 6B): every patch of an
 //! image is profiled on its own (no averaging over the sample) and a gene
 //! model predicts the gene's expression from that patch's profile alone.
+//! [`map_image`] is `cellmorph map`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use super::plots::map_png;
+use super::profile::{patch_profiles, PatchProfiles};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::io::write_atomic;
 use crate::models::vqvae2::VqVae2;
-use crate::pipeline::profile::{patch_profiles, PatchProfiles};
 use crate::svr::SvrModel;
 
 /// Predicted expression per patch of one image, row-major.
@@ -78,4 +81,51 @@ pub fn expression_map(
         patch,
         values,
     })
+}
+
+/// What [`map_image`] reads and writes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MapImageOptions {
+    /// VQ-VAE-2 weights.
+    pub weights: PathBuf,
+    /// Gene model JSON (trained on profiles of these weights).
+    pub model: PathBuf,
+    /// Gene to map.
+    pub gene: String,
+    /// Image to map.
+    pub image: PathBuf,
+    /// Output heat-map PNG over the image; a CSV of the patch values is
+    /// written beside it (same name, `.csv`).
+    pub output: PathBuf,
+    /// Patch side in pixels.
+    pub patch: usize,
+    /// Patches per device batch.
+    pub batch_size: usize,
+}
+
+/// What [`map_image`] did.
+#[derive(Debug, Clone)]
+pub struct MapImageSummary {
+    /// The map.
+    pub map: ExpressionMap,
+    /// The CSV of the patch values (`row,col,x,y,predicted`).
+    pub csv: PathBuf,
+}
+
+/// `cellmorph map`: the patch-wise expression map of one gene on one image
+/// ([`expression_map`]) on `be`, written as a CSV of the patch values and
+/// a heat-map PNG over the image.
+pub fn map_image(be: &Backend, o: &MapImageOptions) -> Result<MapImageSummary> {
+    let vq = VqVae2::load(be, &o.weights)?;
+    let model = SvrModel::load(&o.model)?;
+    let m = expression_map(be, &vq, &model, &o.gene, &o.image, o.patch, o.batch_size)?;
+    let csv = o.output.with_extension("csv");
+    let mut text = String::from("row,col,x,y,predicted\n");
+    for (i, v) in m.values.iter().enumerate() {
+        let (r, c) = (i / m.cols, i % m.cols);
+        text.push_str(&format!("{r},{c},{},{},{v}\n", c * m.patch, r * m.patch));
+    }
+    write_atomic(&csv, text.as_bytes())?;
+    map_png(&m, &o.image, &o.output)?;
+    Ok(MapImageSummary { map: m, csv })
 }

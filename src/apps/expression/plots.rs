@@ -1,12 +1,13 @@
-//! PNG outputs of the expression commands.
+//! PNG outputs of the expression commands: predicted-vs-measured scatter
+//! plots of the best genes, and a patch-wise map drawn over its image.
 
 use std::path::Path;
 
-use cellmorph::imaging::{read_gray, PatchGrid};
-use cellmorph::pipeline::evaluate::Evaluation;
-use cellmorph::pipeline::map::ExpressionMap;
-use cellmorph::plot::{heatmap_overlay, scatter_plot, HeatmapOptions, PlotOptions};
-use cellmorph::{Error, Result};
+use super::evaluate::Evaluation;
+use super::map::ExpressionMap;
+use crate::imaging::{read_gray, PatchGrid};
+use crate::plot::{heatmap_overlay, scatter_plot, HeatmapOptions, PlotOptions};
+use crate::{Error, Result};
 
 /// A file-name-safe version of `s`.
 fn safe(s: &str) -> String {
@@ -21,7 +22,8 @@ fn safe(s: &str) -> String {
         .collect()
 }
 
-/// Predicted-vs-measured scatter PNGs of the top `k` genes of every data set.
+/// Predicted-vs-measured scatter PNGs of the top `k` genes of every data
+/// set, named `<data set>_<gene>.png` in `dir`; returns their paths.
 pub fn scatter_top(eval: &Evaluation, k: usize, dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut written = Vec::new();
@@ -41,7 +43,7 @@ pub fn scatter_top(eval: &Evaluation, k: usize, dir: &Path) -> Result<Vec<std::p
     Ok(written)
 }
 
-/// The map drawn over its image.
+/// The map drawn over its image as a heat-map PNG.
 pub fn map_png(m: &ExpressionMap, image: &Path, out: &Path) -> Result<()> {
     let img = read_gray(image)?;
     let grid = PatchGrid::new(img.width(), img.height(), m.patch)?;

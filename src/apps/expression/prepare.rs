@@ -5,10 +5,15 @@
 //! The paper does not say which standard deviation its coefficient of
 //! variation uses; this module takes the sample standard deviation
 //! (`ddof = 1`, the pandas default): `cv = std / mean`.
+//!
+//! [`prepare_counts`] is `cellmorph expression prepare`; [`read_expression`]
+//! reads the expression CSV the other commands take.
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::table::Table;
 
 /// What the values of an [`ExpressionTable`] currently are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -385,6 +390,82 @@ impl ExpressionTable {
             scale: self.scale,
         })
     }
+}
+
+/// What [`prepare_counts`] reads and writes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrepareCountsOptions {
+    /// Expression CSV: sample, then one column per gene.
+    pub counts: PathBuf,
+    /// The table is already normalized (log2 CPM): only filter.
+    pub normalized: bool,
+    /// The genes to keep.
+    pub filter: GeneFilter,
+    /// Output CSV of the kept genes, log2 CPM.
+    pub output: PathBuf,
+}
+
+/// What [`prepare_counts`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrepareCountsSummary {
+    /// The genes of the input table.
+    pub genes: usize,
+    /// The kept and the dropped genes.
+    pub report: GeneFilterReport,
+}
+
+/// `cellmorph expression prepare`: raw counts → counts per million →
+/// `log2(x + 1)` (unless already normalized), then the mean/CV gene
+/// filter; writes the kept genes. Fails when no gene passes.
+pub fn prepare_counts(o: &PrepareCountsOptions) -> Result<PrepareCountsSummary> {
+    let t = Table::read_csv(&o.counts)?;
+    let scale = if o.normalized {
+        Scale::Log2Cpm
+    } else {
+        Scale::RawCounts
+    };
+    let e = ExpressionTable::new(t.row_names, t.col_names, t.data, scale)?.normalize()?;
+    let report = e.filter_genes(&o.filter)?;
+    if report.kept.is_empty() {
+        return Err(Error::invalid(format!(
+            "no gene passes the filter (mean ≥ {}, CV ≥ {}): all {} genes dropped",
+            o.filter.min_mean,
+            o.filter.min_cv,
+            e.n_genes()
+        )));
+    }
+    let kept = e.select_genes(&report.kept)?;
+    Table::new(
+        kept.samples().to_vec(),
+        kept.genes().to_vec(),
+        kept.values().to_vec(),
+    )?
+    .write_csv(&o.output)?;
+    Ok(PrepareCountsSummary {
+        genes: e.n_genes(),
+        report,
+    })
+}
+
+/// Reads an expression CSV (samples × genes), normalizing raw counts to
+/// `log2(CPM + 1)` when `raw_counts` says it holds them.
+pub fn read_expression(path: &Path, raw_counts: bool) -> Result<Table> {
+    let t = Table::read_csv(path)?;
+    if !raw_counts {
+        return Ok(t);
+    }
+    let e = ExpressionTable::new(
+        t.row_names.clone(),
+        t.col_names.clone(),
+        t.data.clone(),
+        Scale::RawCounts,
+    )?
+    .normalize()?;
+    Table::new(
+        e.samples().to_vec(),
+        e.genes().to_vec(),
+        e.values().to_vec(),
+    )
 }
 
 #[cfg(test)]

@@ -1,23 +1,26 @@
 //! The whole expression-from-morphology pipeline on a generated data set with
 //! known truth: synthetic images and expression → an (untrained) VQ-VAE-2 →
 //! profiles → per-gene SVR grid search on one batch → Table-3 evaluation on
-//! the same batch and on a held-out batch → a patch-wise map. This is the
-//! README's main job and the end-to-end test.
+//! the same batch and on a held-out batch → a patch-wise map, with scatter
+//! plots of the best genes and the map drawn over its image. This is the
+//! README's main job (`cellmorph demo`, [`run_demo`]) and the end-to-end
+//! test.
 
 use std::path::{Path, PathBuf};
 
+use super::evaluate::{evaluate, Dataset, Evaluation};
+use super::init::{random_vqvae2, seed_codebooks};
+use super::map::{expression_map, ExpressionMap};
+use super::plots::{map_png, scatter_top};
+use super::prepare::{ExpressionTable, GeneFilter, Scale};
+use super::profile::{profile_samples, ProfileOptions};
+use super::synth::{generate, SynthConfig, SynthTruth};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::expression::{ExpressionTable, GeneFilter, Scale};
 use crate::imaging::{read_gray, PatchStream, SampleImage};
 use crate::io::TensorFile;
 use crate::models::vqvae2::{VqVae2, VqVae2Config};
-use crate::pipeline::evaluate::{evaluate, Dataset, Evaluation};
-use crate::pipeline::init::{random_vqvae2, seed_codebooks};
-use crate::pipeline::map::{expression_map, ExpressionMap};
-use crate::pipeline::profile::{profile_samples, ProfileOptions};
 use crate::svr::{grid_search_on, GridSpec, SvrModel};
-use crate::synth::{generate, SynthConfig, SynthTruth};
 use crate::table::Table;
 use crate::tensor::Tensor;
 
@@ -68,6 +71,14 @@ impl Default for DemoConfig {
     }
 }
 
+impl DemoConfig {
+    /// The small grid of `cellmorph demo --quick`: C 1, 10, 100 × ε 0, 0.1,
+    /// 0.2 instead of the paper's 1,100 settings.
+    pub fn quick_grid() -> Result<GridSpec> {
+        GridSpec::parse("1,10,100", "0:0.2:0.1")
+    }
+}
+
 /// Everything the demo produced.
 #[derive(Debug)]
 pub struct DemoResult {
@@ -79,8 +90,61 @@ pub struct DemoResult {
     pub evaluation: Evaluation,
     /// A patch-wise map of the best gene on the first held-out image.
     pub map: Option<ExpressionMap>,
-    /// Paths of the files written, with a word on each.
+    /// Paths of the data files written, with a word on each.
     pub files: Vec<(PathBuf, &'static str)>,
+    /// The folder of the plots (`plots/` in the output folder).
+    pub plot_dir: PathBuf,
+    /// Predicted-vs-measured scatter plots of the top 3 genes of each batch.
+    pub plots: Vec<PathBuf>,
+    /// The map drawn over its image, `plots/map_<gene>.png`.
+    pub map_png: Option<PathBuf>,
+}
+
+/// How the held-out batch's significant genes match the truth.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TruthCheck {
+    /// Signal genes significant on the held-out batch.
+    pub signal_significant: usize,
+    /// Signal genes evaluated on it.
+    pub signal: usize,
+    /// Noise genes significant on it.
+    pub noise_significant: usize,
+    /// Noise genes evaluated on it.
+    pub noise: usize,
+}
+
+impl DemoResult {
+    /// Counts the significant signal and noise genes on the held-out batch
+    /// ("B …") against the truth.
+    pub fn truth_check(&self) -> TruthCheck {
+        let signal: Vec<&str> = self
+            .truth
+            .signal_genes
+            .iter()
+            .map(|g| g.gene.as_str())
+            .collect();
+        let held: Vec<_> = self
+            .evaluation
+            .results
+            .iter()
+            .filter(|r| r.dataset.starts_with('B'))
+            .collect();
+        let hit = |want_signal: bool| {
+            let set: Vec<_> = held
+                .iter()
+                .filter(|r| signal.contains(&r.gene.as_str()) == want_signal)
+                .collect();
+            (set.iter().filter(|r| r.significant).count(), set.len())
+        };
+        let (signal_significant, signal) = hit(true);
+        let (noise_significant, noise) = hit(false);
+        TruthCheck {
+            signal_significant,
+            signal,
+            noise_significant,
+            noise,
+        }
+    }
 }
 
 fn say(progress: bool, msg: &str) {
@@ -231,12 +295,34 @@ pub fn run_demo(be: &Backend, cfg: &DemoConfig, dir: &Path) -> Result<DemoResult
         )?),
         _ => None,
     };
+
+    // Plots: the top genes' scatter plots, the map over its image.
+    let plot_dir = dir.join("plots");
+    let plots = scatter_top(&evaluation, 3, &plot_dir)?;
+    let mut map_file = None;
+    if let Some(m) = &map {
+        let img = data
+            .truth
+            .samples
+            .iter()
+            .skip(data.truth.samples.len() / 2)
+            .find_map(|s| s.images.first())
+            .map(|rel| dir.join("data").join(rel));
+        if let Some(img) = img {
+            let path = plot_dir.join(format!("map_{}.png", m.gene));
+            map_png(m, &img, &path)?;
+            map_file = Some(path);
+        }
+    }
     Ok(DemoResult {
         dir: dir.to_path_buf(),
         truth: data.truth,
         evaluation,
         map,
         files,
+        plot_dir,
+        plots,
+        map_png: map_file,
     })
 }
 

@@ -1,0 +1,103 @@
+//! Per-gene SVR models from files: [`fit_gene_models`] (`cellmorph svr
+//! grid`) runs the cross-validated grid search of [`crate::svr`] for every
+//! gene of an expression table on a feature table and writes the model
+//! JSON; [`predict_expression`] (`cellmorph svr predict`) applies a model to
+//! a feature table.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use super::prepare::read_expression;
+use crate::backend::Backend;
+use crate::svr::{grid_search_on, GridOutcome, GridSpec, SvrModel};
+use crate::table::Table;
+use crate::{Error, Result};
+
+/// What [`fit_gene_models`] reads and writes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FitGeneModelsOptions {
+    /// Feature table CSV: sample, then one column per feature (e.g. a
+    /// profile CSV).
+    pub features: PathBuf,
+    /// Expression table CSV: sample, then one column per gene (log2 CPM
+    /// unless `raw_counts`).
+    pub expression: PathBuf,
+    /// The expression table holds raw counts: normalize to log2(CPM + 1)
+    /// first.
+    pub raw_counts: bool,
+    /// The (C, ε) grid, folds and tolerance.
+    pub grid: GridSpec,
+    /// Output model JSON.
+    pub output: PathBuf,
+}
+
+/// What [`fit_gene_models`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FitGeneModelsSummary {
+    /// Genes (expression columns), fitted or skipped.
+    pub genes: usize,
+    /// Samples (expression rows).
+    pub samples: usize,
+    /// Features (feature columns).
+    pub features: usize,
+    /// The fitted genes, the skipped ones and the work counters.
+    pub outcome: GridOutcome,
+    /// Seconds the search took.
+    pub seconds: f64,
+}
+
+/// `cellmorph svr grid`: per-gene linear epsilon-SVR with a
+/// cross-validated grid search over (C, ε) on `be`, as scikit-learn's
+/// `GridSearchCV(SVR(kernel="linear"))`; writes the model JSON. Fails when
+/// no gene can be fitted.
+pub fn fit_gene_models(be: &Backend, o: &FitGeneModelsOptions) -> Result<FitGeneModelsSummary> {
+    let features = Table::read_csv(&o.features)?;
+    let expression = read_expression(&o.expression, o.raw_counts)?;
+    let t0 = Instant::now();
+    let outcome = grid_search_on(be, &features, &expression, &o.grid)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    if outcome.results.is_empty() {
+        let examples: Vec<String> = outcome
+            .skipped
+            .iter()
+            .take(3)
+            .map(|s| format!("{}: {}", s.gene, s.reason))
+            .collect();
+        return Err(Error::invalid(format!(
+            "no gene could be fitted ({} skipped{}{})",
+            outcome.skipped.len(),
+            if examples.is_empty() { "" } else { ", e.g. " },
+            examples.join("; ")
+        )));
+    }
+    let model = SvrModel::from_grid(features.col_names.clone(), &outcome.results);
+    model.save(&o.output)?;
+    Ok(FitGeneModelsSummary {
+        genes: expression.n_cols(),
+        samples: expression.n_rows(),
+        features: features.n_cols(),
+        outcome,
+        seconds,
+    })
+}
+
+/// What [`predict_expression`] reads and writes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PredictExpressionOptions {
+    /// Model JSON written by [`fit_gene_models`].
+    pub model: PathBuf,
+    /// Feature table CSV with the model's feature columns.
+    pub features: PathBuf,
+    /// Output CSV: sample, one column per gene.
+    pub output: PathBuf,
+}
+
+/// `cellmorph svr predict`: predicts every gene of a model from a feature
+/// table and writes the predictions; returns them (samples × genes).
+pub fn predict_expression(o: &PredictExpressionOptions) -> Result<Table> {
+    let model = SvrModel::load(&o.model)?;
+    let features = Table::read_csv(&o.features)?;
+    let predicted = model.predict(&features)?;
+    predicted.write_csv(&o.output)?;
+    Ok(predicted)
+}

@@ -1,0 +1,42 @@
+//! Expression from morphology (Wakui et al. 2023, MODELS.md §1):
+//! phase-contrast images → 160×160 patches → VQ-VAE-2 codes → per-sample
+//! code-frequency profiles → per-gene linear SVR with a cross-validated grid
+//! search → predicted expression, Table-3-style evaluation, patch-wise
+//! expression maps; and the demo that runs all of it on synthetic data with
+//! known truth.
+//!
+//! Files:
+//! - [`synth`]: the synthetic data set with known truth (`cellmorph synth`).
+//! - [`prepare`]: expression tables — `log2(CPM + 1)` and the mean/CV gene
+//!   filter (`cellmorph expression prepare`).
+//! - [`profile`]: images → per-sample profiles (`cellmorph profile`).
+//! - [`init`]: an untrained VQ-VAE-2 (seeded weights, k-means++ codebooks).
+//! - [`gene_models`]: the per-gene SVR grid search and prediction from files
+//!   (`cellmorph svr grid`, `cellmorph svr predict`).
+//! - [`evaluate`]: the Table-3 evaluation (`cellmorph expression evaluate`).
+//! - [`map`]: patch-wise expression maps (`cellmorph map`).
+//! - [`plots`]: scatter plots of the best genes, maps over their images.
+//! - [`demo`]: the whole pipeline on synthetic data (`cellmorph demo`).
+
+pub mod demo;
+pub mod evaluate;
+pub mod gene_models;
+pub mod init;
+pub mod map;
+pub mod plots;
+pub mod prepare;
+pub mod profile;
+pub mod synth;
+
+/// A progress bar on stderr (hidden when stderr is not a terminal, so logs
+/// stay clean).
+pub(crate) fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
+}
