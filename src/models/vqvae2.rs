@@ -436,7 +436,7 @@ impl VqVae2 {
 
     /// The top quantizer's input `pre_t` `[N, D, H/8, W/8]` and the bottom
     /// encoder's output `enc_b` `[N, channel, H/4, W/4]`: what codebooks are
-    /// fitted to (see `pipeline::init`).
+    /// fitted to (see `apps::expression::init`).
     pub fn pre_quantize_top(&self, be: &Backend, x: &Tensor) -> Result<(Tensor, Tensor)> {
         self.check_input(x)?;
         let enc_b = self.enc_b.forward(be, x)?;

@@ -398,7 +398,7 @@ pub fn screen_images(
         return Err(Error::invalid("--batch-size must be at least 1"));
     }
     let file = TensorFile::open(&o.weights)?;
-    let model = DenseNet::load(be, &file)?;
+    let model = DenseNet::from_file(be, &file)?;
     let list = list_images(&o.images)?;
     let options = PredictOptions {
         batch_size: o.batch_size,
