@@ -1,4 +1,4 @@
-//! SVR throughput on the paper's workload (MODELS.md §1): 218 genes ×
+//! SVR throughput on the paper's workload (docs/MODELS.md §1): 218 genes ×
 //! 1,100 settings (C 1..100, ε 0..0.5 step 0.05) × 3 folds on 29 samples ×
 //! 128 features: 719,400 cross-validation problems plus 218 refits.
 //!

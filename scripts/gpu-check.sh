@@ -2,8 +2,9 @@
 # GPU verification in two steps, because the GPU machines have no Rust toolchain.
 #
 #   scripts/gpu-check.sh stage   # here: build release test and bench binaries
-#                                # with the kernels compiled, copy them and the
-#                                # fixtures into gpu-stage/ (git-ignored)
+#                                # with the kernels compiled, pack them into
+#                                # gpu-stage/ (git-ignored, well under the
+#                                # device's 64 MiB upload)
 #   scripts/gpu-check.sh run [PARTS]
 #                                # there (repo root, gpu-stage/ carried along):
 #                                # PARTS (comma-separated, default all):
@@ -13,13 +14,15 @@
 #                                #   benches    the criterion benches (short)
 #                                #   compare    benches/compare/compare.py: side by
 #                                #              side with PyTorch (and scikit-learn)
-#                                #   densenet121  (not in "all") the DenseNet121
-#                                #              fixture tests; carry gpu-stage-dn too
 #                                # then a summary table; logs in $OUT or gpu-stage/logs
 #
-# With the device tool: stage here, then run with carry=["gpu-stage"] and the
-# command `scripts/gpu-check.sh run` (or one part per call, since a call is
-# limited to 10 minutes). Record the result in BENCHMARKS.md.
+# One device call does it all: stage here, then run with carry=["gpu-stage"],
+# timeout_s=600 and the command `scripts/gpu-check.sh run`. Each part has a
+# time budget (GPU_CHECK_BUDGET seconds in all, default 540, split
+# tests 25 %, sanitizer 35 %, benches 15 %, compare 25 %); a part that runs
+# out is stopped and reported as TIMEOUT, never as passed. Every fixture the
+# tests and the comparison read is in the repository (tests/fixtures, the
+# paper-size ones seeded). Record the result in BENCHMARKS.md.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 stage="$root/gpu-stage"
@@ -28,10 +31,7 @@ mode="${1:-}"
 # The device tool uploads at most 64 MiB (the working tree plus carried
 # folders), so the stage holds only what runs there: the test binaries that
 # have CUDA tests (their #[ignore]d tests), the benches and the cellmorph
-# binary, stripped and xz-compressed (~2 MiB each), and the shared fixtures
-# except DenseNet121's 30 MiB, which go to gpu-stage-dn/ with the two test
-# binaries that read them, for a call of its own: carry ["gpu-stage-dn"]
-# alone and run `scripts/gpu-check.sh run densenet121`.
+# binary, stripped and xz-compressed (~2 MiB each).
 stage_limit_mib=60
 
 pack() {  # pack SRC DEST: strip a copy of SRC and xz it to DEST.xz
@@ -45,8 +45,8 @@ stage_binaries() {
   cd "$root"
   NVCC="$(scripts/install-cuda-toolchain.sh)"
   export NVCC CELLMORPH_REQUIRE_NVCC=1 CELLMORPH_DENY_SPILLS=1
-  rm -rf "$stage" "$stage-dn"
-  mkdir -p "$stage/tests" "$stage/benches" "$stage/bin" "$stage/shared/fixtures" "$stage-dn/shared/fixtures"
+  rm -rf "$stage"
+  mkdir -p "$stage/tests" "$stage/benches" "$stage/bin"
   cargo build --release --bin cellmorph
   pack target/release/cellmorph "$stage/bin/cellmorph"
   list_executables() {
@@ -64,31 +64,21 @@ for line in sys.stdin:
             print(name, m["executable"])
 ' "$@"
   }
-  mkdir -p "$stage-dn/tests"
   cargo test --release --no-run --message-format=json 2>/dev/null | list_executables lib test |
     while read -r name exe; do
       # Only binaries with ignored (= CUDA) tests need the GPU.
       if "$exe" --list --ignored 2>/dev/null | grep -q ': test$'; then
         pack "$exe" "$stage/tests/$name"
-        # The DenseNet121 fixture tests run from gpu-stage-dn alone.
-        case "$name" in densenet | precision_models) cp "$stage/tests/$name.xz" "$stage-dn/tests/" ;; esac
       fi
     done
   cargo bench --no-run --message-format=json 2>/dev/null | list_executables bench |
     while read -r name exe; do pack "$exe" "$stage/benches/$name"; done
-  for f in "$root"/../shared/fixtures/*; do
-    case "$(basename "$f")" in
-      densenet121_kimhead.*) cp "$f" "$stage-dn/shared/fixtures/" ;;
-      *) cp "$f" "$stage/shared/fixtures/" ;;
-    esac
-  done
   ls "$stage/tests" "$stage/benches" "$stage/bin"
-  local tree stage_kib dn_kib
+  local tree stage_kib
   tree=$(git ls-files -z | xargs -0 du -ck 2>/dev/null | tail -n 1 | cut -f1)
   stage_kib=$(du -sk "$stage" | cut -f1)
-  dn_kib=$(du -sk "$stage-dn" | cut -f1)
-  echo "upload: tree $((tree / 1024)) MiB + gpu-stage $((stage_kib / 1024)) MiB; gpu-stage-dn $((dn_kib / 1024)) MiB (carried alone)"
-  if [ $(((tree + stage_kib) / 1024)) -gt "$stage_limit_mib" ] || [ $(((tree + dn_kib) / 1024)) -gt "$stage_limit_mib" ]; then
+  echo "upload: tree $((tree / 1024)) MiB + gpu-stage $((stage_kib / 1024)) MiB"
+  if [ $(((tree + stage_kib) / 1024)) -gt "$stage_limit_mib" ]; then
     echo "stage too large for the device upload (limit 64 MiB)"; exit 1
   fi
 }
@@ -97,7 +87,7 @@ for line in sys.stdin:
 unpack() {
   bin_dir=/tmp/gpu-bin
   mkdir -p "$bin_dir/tests" "$bin_dir/benches" "$bin_dir/bin"
-  for f in "$stage"/tests/*.xz "$stage"/benches/*.xz "$stage"/bin/*.xz "$stage"-dn/tests/*.xz; do
+  for f in "$stage"/tests/*.xz "$stage"/benches/*.xz "$stage"/bin/*.xz; do
     [ -e "$f" ] || continue
     out="$bin_dir/$(basename "$(dirname "$f")")/$(basename "$f" .xz)"
     [ -x "$out" ] && continue
@@ -115,71 +105,83 @@ wants() {
   [ "$parts" = all ] || [[ ",$parts," == *",$1,"* ]]
 }
 
+# timed LIMIT CMD…: runs CMD for at most LIMIT seconds; sets $status to
+# pass, FAIL or TIMEOUT.
+timed() {
+  local limit=$1; shift
+  timeout --signal=TERM --kill-after=10 "$limit" "$@"
+  case $? in
+    0) status=pass ;;
+    124 | 137) status=TIMEOUT ;;
+    *) status=FAIL ;;
+  esac
+}
+
+# part_budget PERCENT: that share of the budget, in seconds.
+part_budget() {
+  local share=$1
+  echo $((budget * share / 100))
+}
+
 run_checks() {
   cd "$root"
-  [ -d "$stage/tests" ] || [ -d "$stage-dn/tests" ] || { echo "no $stage/tests: run '$0 stage' on the build machine first"; exit 2; }
+  [ -d "$stage/tests" ] || { echo "no $stage/tests: run '$0 stage' on the build machine first"; exit 2; }
   logs="${OUT:-$stage/logs}"
   mkdir -p "$logs"
-  # The binaries were built at /work/main with ../shared beside it; recreate those paths.
+  budget="${GPU_CHECK_BUDGET:-540}"
+  # The binaries were built at /work/main: their fixture paths point there.
   if [ "$root" != /work/main ]; then
     mkdir -p /work && ln -sfn "$root" /work/main
   fi
-  if [ ! -e /work/shared/fixtures ]; then
-    mkdir -p /work/shared/fixtures
-  fi
-  for f in "$stage"/shared/fixtures/* "$stage"-dn/shared/fixtures/*; do
-    # Never replace a real fixture (on the build machine they are the originals).
-    [ -e "$f" ] && [ ! -e "/work/shared/fixtures/$(basename "$f")" ] && ln -s "$f" "/work/shared/fixtures/$(basename "$f")"
-  done
   export CARGO_MANIFEST_DIR=/work/main
   unpack
-  # Without the DenseNet121 fixture (carried separately), skip its tests.
-  skip=()
-  [ -e /work/shared/fixtures/densenet121_kimhead.weights.safetensors ] || skip=(--skip densenet121)
   summary=()
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$logs/gpu.txt"
-  wants tests && for t in "$bin_dir"/tests/*; do
-    name="$(basename "$t")"
-    if "$t" --include-ignored --test-threads=1 "${skip[@]}" >"$logs/test-$name.log" 2>&1; then status=pass; else status=FAIL; fi
-    skipped=$(grep -c "skipped: no CUDA device" "$logs/test-$name.log")
-    result=$(grep -E "^test result:" "$logs/test-$name.log" | tail -n 1)
-    summary+=("test      $name: $status ($result; cuda skips: $skipped)")
-  done
+  if wants tests; then
+    end=$((SECONDS + $(part_budget 25)))
+    for t in "$bin_dir"/tests/*; do
+      name="$(basename "$t")"
+      left=$((end - SECONDS))
+      if [ "$left" -le 0 ]; then summary+=("test      $name: TIMEOUT (not started)"); continue; fi
+      timed "$left" "$t" --include-ignored --test-threads=1 >"$logs/test-$name.log" 2>&1
+      skipped=$(grep -c "skipped: no CUDA device" "$logs/test-$name.log")
+      result=$(grep -E "^test result:" "$logs/test-$name.log" | tail -n 1)
+      summary+=("test      $name: $status ($result; cuda skips: $skipped)")
+    done
+  fi
   if ! wants sanitizer; then
     :
   elif command -v compute-sanitizer >/dev/null; then
+    end=$((SECONDS + $(part_budget 35)))
     for tool in memcheck racecheck; do
       for t in "$bin_dir"/tests/*; do
         name="$(basename "$t")"
         grep -q cuda <("$t" --list 2>/dev/null) || continue
-        if compute-sanitizer --tool "$tool" --error-exitcode 99 "$t" cuda --include-ignored --test-threads=1 "${skip[@]}" \
-          >"$logs/$tool-$name.log" 2>&1; then status=pass; else status=FAIL; fi
+        left=$((end - SECONDS))
+        if [ "$left" -le 0 ]; then summary+=("$tool $name: TIMEOUT (not started)"); continue; fi
+        timed "$left" compute-sanitizer --tool "$tool" --error-exitcode 99 "$t" cuda --include-ignored --test-threads=1 \
+          >"$logs/$tool-$name.log" 2>&1
         summary+=("$tool $name: $status ($(grep -E 'ERROR SUMMARY' "$logs/$tool-$name.log" | tail -n 1))")
       done
     done
   else
     summary+=("compute-sanitizer: not found")
   fi
-  wants benches && for b in "$bin_dir"/benches/*; do
-    name="$(basename "$b")"
-    if "$b" --bench --warm-up-time 1 --measurement-time 3 >"$logs/bench-$name.log" 2>&1; then status=pass; else status=FAIL; fi
-    summary+=("bench     $name: $status")
-  done
-  if [[ ",$parts," == *",densenet121,"* ]]; then
-    for t in "$bin_dir"/tests/densenet "$bin_dir"/tests/precision_models; do
-      name="$(basename "$t")"
-      if "$t" --include-ignored --test-threads=1 densenet121 >"$logs/test-dn-$name.log" 2>&1; then status=pass; else status=FAIL; fi
-      summary+=("test      $name densenet121: $status ($(grep -E '^test result:' "$logs/test-dn-$name.log" | tail -n 1))")
+  if wants benches; then
+    end=$((SECONDS + $(part_budget 15)))
+    for b in "$bin_dir"/benches/*; do
+      name="$(basename "$b")"
+      left=$((end - SECONDS))
+      if [ "$left" -le 0 ]; then summary+=("bench     $name: TIMEOUT (not started)"); continue; fi
+      timed "$left" "$b" --bench --warm-up-time 1 --measurement-time 2 >"$logs/bench-$name.log" 2>&1
+      summary+=("bench     $name: $status")
     done
   fi
   if wants compare; then
-    if python3 benches/compare/compare.py --cellmorph "$bin_dir/bin/cellmorph" --device cuda --fixtures /work/shared/fixtures \
+    timed "$(part_budget 25)" python3 benches/compare/compare.py --cellmorph "$bin_dir/bin/cellmorph" --device cuda \
       --workdir "$logs/compare-work" --json-out "$logs/compare.json" --append "$logs/compare-section.md" \
-      >"$logs/compare.log" 2>&1; then
-      status=pass
-    else
-      status="FAIL (rows failed or harness error; see compare.log)"
-    fi
+      >"$logs/compare.log" 2>&1
+    [ "$status" = FAIL ] && status="FAIL (rows failed or harness error; see compare.log)"
     summary+=("compare   benches/compare/compare.py: $status")
     rm -rf "$logs/compare-work"
   fi

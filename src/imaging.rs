@@ -1,4 +1,4 @@
-//! Image input for the expression-from-morphology pipeline (MODELS.md §1):
+//! Image input for the expression-from-morphology pipeline ([reference](crate::reference) §1):
 //! reading grayscale PNG and TIFF images, scaling pixels to [−1, 1], and
 //! cutting images into non-overlapping square patches streamed in batches.
 //!
@@ -60,7 +60,7 @@ impl BitDepth {
     }
 }
 
-/// Scales pixel `p` to [−1, 1] as MODELS.md §1 prescribes: `p / max · 2 − 1`
+/// Scales pixel `p` to [−1, 1] as [reference](crate::reference) §1 prescribes: `p / max · 2 − 1`
 /// with `max` = 255 (8-bit) or 65535 (16-bit). 0 maps to exactly −1 and `max`
 /// to exactly 1. In f32 this equals PyTorch's `ToTensor` followed by
 /// `Normalize(0.5, 0.5)`, `(p / max − 0.5) / 0.5`, bit for bit: both are the
@@ -281,7 +281,7 @@ pub fn read_dimensions(path: impl AsRef<Path>) -> Result<(usize, usize)> {
 /// Reads an 8- or 16-bit grayscale PNG or TIFF.
 ///
 /// Gray+alpha keeps the gray channel. RGB and RGBA become the HSV value
-/// channel `V = max(R, G, B)` at the same bit depth (MODELS.md §2), with alpha
+/// channel `V = max(R, G, B)` at the same bit depth ([reference](crate::reference) §2), with alpha
 /// ignored. Low-bit-depth grayscale (1, 2, 4 bits) is expanded to 8 bits by
 /// the decoder.
 ///

@@ -16,6 +16,8 @@
 //! - [`apps`]: the three applications, one folder each — expression from
 //!   morphology, stem-cell line screening, CP2Image — with one library
 //!   function per `cellmorph` command.
+//! - [`reference`](mod@reference): the architectures, tensor names and formulas all of the
+//!   above implement (`docs/MODELS.md`); [`rng`]: the seeded randomness.
 //!
 //! # Example
 //!
@@ -60,6 +62,7 @@ pub mod models;
 pub mod ops;
 pub mod plot;
 pub mod precision;
+pub mod reference;
 pub mod rng;
 pub mod stats;
 pub mod svr;

@@ -1,4 +1,4 @@
-//! The screening pipeline (MODELS.md §2): pre-processing, image lists,
+//! The screening pipeline (docs/MODELS.md §2): pre-processing, image lists,
 //! batch prediction with skips, the predictions and features files, the
 //! evaluation against `tests/fixtures/metrics.json` (scikit-learn), class
 //! activation maps, and the `cellmorph screen` command line.

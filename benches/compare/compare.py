@@ -42,16 +42,26 @@ sys.path.insert(0, HERE)
 import st  # noqa: E402
 
 
-def find_fixtures():
-    """../shared/fixtures beside the checkout, else shared/ inside it, else gpu-stage's copy."""
-    for d in (os.path.join(ROOT, "..", "shared", "fixtures"), os.path.join(ROOT, "shared", "fixtures"),
-              os.path.join(ROOT, "gpu-stage", "shared", "fixtures"), "/work/shared/fixtures"):
-        if os.path.isfile(os.path.join(d, "densenet121_kimhead.weights.safetensors")):
-            return os.path.normpath(d)
-    return os.path.normpath(os.path.join(ROOT, "..", "shared", "fixtures"))
+# The folder holding the complete fixture files; by default the repository's
+# tests/fixtures, whose paper-size ones are seeded and expanded on first use.
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 
 
-FIXTURES = find_fixtures()
+def fixture_file(h, name):
+    """FIXTURES/name when it is there, else the complete file expanded into
+    the work folder from the repository's seeded fixture
+    (tests/fixtures/NAME.seeded.safetensors, see scripts/fixtures/seeded.py)."""
+    path = os.path.join(FIXTURES, name)
+    if os.path.isfile(path):
+        return path
+    stem = name[: -len(".safetensors")]
+    seeded_path = os.path.join(ROOT, "tests", "fixtures", stem + ".seeded.safetensors")
+    out = os.path.join(h.workdir, name)
+    if not os.path.isfile(out):
+        sys.path.insert(0, os.path.join(ROOT, "scripts", "fixtures"))
+        import seeded
+        seeded.expand(seeded_path, out, st.load, st.save)
+    return out
 ALL_ROWS = ["densenet", "vqvae2", "cp2image", "conv", "vq", "hist", "svr"]
 SEED = 20261121
 
@@ -429,33 +439,9 @@ def model_fn(h, module, x, setup, call=None):
 
 
 def densenet_weights(h):
-    """The densenet121_kimhead fixture, or (where it was not carried along, as
-    on a GPU machine whose upload is size-limited) seeded torchvision
-    densenet121 weights with a 2-class Linear head and randomized BatchNorm
-    statistics, written once into the work folder; None without either."""
-    path = os.path.join(FIXTURES, "densenet121_kimhead.weights.safetensors")
-    if os.path.isfile(path):
-        return path
-    if h.torch is None:
-        return None
-    path = os.path.join(h.workdir, "densenet121_seeded.weights.safetensors")
-    if not os.path.isfile(path):
-        import torchvision
-        torch = h.torch
-        torch.manual_seed(SEED)
-        net = torchvision.models.densenet121(num_classes=2)
-        tensors = {}
-        for k, v in net.state_dict().items():
-            if k.endswith("num_batches_tracked"):
-                continue
-            a = v.detach().float().numpy().copy()
-            if k.endswith("running_mean"):
-                a = (0.1 * torch.randn(a.shape)).numpy()
-            elif k.endswith("running_var"):
-                a = (0.5 + torch.rand(a.shape)).numpy()
-            tensors[k] = a.astype(np.float32)
-        st.save(path, tensors, {"note": "seeded random torchvision densenet121, 2 classes"})
-    return path
+    """The densenet121_kimhead fixture (expanded from the repository's seeded
+    file where FIXTURES does not hold it)."""
+    return fixture_file(h, "densenet121_kimhead.weights.safetensors")
 
 
 def row_densenet(h):
@@ -500,7 +486,7 @@ def vq_like_patches(rng, b, c=1, size=160):
 
 
 def row_vqvae2(h):
-    w_path = os.path.join(FIXTURES, "vqvae2_paper.weights.safetensors")
+    w_path = fixture_file(h, "vqvae2_paper.weights.safetensors")
     batch = 16 if h.a.quick else 256
     rng = np.random.default_rng(SEED + 1)
     weights = st.load_tensors(w_path)
@@ -884,7 +870,7 @@ def main():
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--no-torch", action="store_true", help="time cellmorph alone, as on a machine without torch")
-    ap.add_argument("--fixtures", default=None, help=f"the shared fixtures folder (default {FIXTURES})")
+    ap.add_argument("--fixtures", default=None, help="a folder of complete fixture files (default: the repository's tests/fixtures, seeded ones expanded)")
     a = ap.parse_args()
     if a.fixtures:
         FIXTURES = os.path.abspath(a.fixtures)

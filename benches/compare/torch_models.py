@@ -1,5 +1,5 @@
 """PyTorch references of the three cellmorph models, built from the same
-safetensors state_dicts that cellmorph loads (../shared/MODELS.md).
+safetensors state_dicts that cellmorph loads (docs/MODELS.md).
 
 Imported only when torch is installed. Every builder takes a dict
 name -> numpy array (see st.py) and returns an eval-mode nn.Module on the CPU;

@@ -1,5 +1,5 @@
 //! `cellmorph screen predict` and `cellmorph screen evaluate`: the
-//! stem-cell line screening of Kim et al. 2022 (MODELS.md §2).
+//! stem-cell line screening of Kim et al. 2022 ([reference](crate::reference) §2).
 
 use std::path::PathBuf;
 

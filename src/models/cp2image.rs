@@ -1,4 +1,4 @@
-//! CP2Image (Ji et al.; MODELS.md §3): single-cell images from CellProfiler
+//! CP2Image (Ji et al.; [reference](crate::reference) §3): single-cell images from CellProfiler
 //! feature vectors, and the discriminator whose hidden layers its training
 //! loss compares.
 //!

@@ -1,4 +1,4 @@
-//! DenseNet in torchvision's layout (MODELS.md §2), as used by Kim et al.
+//! DenseNet in torchvision's layout ([reference](crate::reference) §2), as used by Kim et al.
 //! 2022 to screen stem-cell lines: DenseNet-121 with a two-class head.
 //!
 //! ```text

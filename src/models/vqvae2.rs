@@ -1,4 +1,4 @@
-//! VQ-VAE-2 in the `vq-vae-2-pytorch` layout (MODELS.md §1), as used by
+//! VQ-VAE-2 in the `vq-vae-2-pytorch` layout ([reference](crate::reference) §1), as used by
 //! Wakui et al. 2023 for expression-from-morphology features.
 //!
 //! ```text
@@ -647,7 +647,7 @@ pub fn sum_histograms(hist: &Tensor<i32>) -> Result<Vec<u64>> {
     Ok(sums)
 }
 
-/// The sample profile (MODELS.md §1): for the top counts then the bottom
+/// The sample profile ([reference](crate::reference) §1): for the top counts then the bottom
 /// counts, `log2((c[k] + 1) / Σ_j (c[j] + 1))`; `2·n_embed` values.
 pub fn profile(counts_t: &[u64], counts_b: &[u64]) -> Result<Vec<f32>> {
     if counts_t.is_empty() || counts_t.len() != counts_b.len() {

@@ -226,7 +226,7 @@ impl ConfusionMatrix {
     }
 }
 
-/// The DenseNet screening metrics of MODELS.md §2 for one evaluation set.
+/// The DenseNet screening metrics of [reference](crate::reference) §2 for one evaluation set.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BinaryMetrics {
     /// Threshold on the positive-class score (positive when `score >= threshold`).

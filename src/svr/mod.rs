@@ -1,4 +1,4 @@
-//! Batched linear epsilon-SVR and grid search (MODELS.md §1).
+//! Batched linear epsilon-SVR and grid search ([reference](crate::reference) §1).
 //!
 //! scikit-learn's `SVR(kernel="linear")` reproduced: libsvm's dual solved by
 //! [`smo::solve`] over a precomputed `f64` Gram matrix, one self-contained

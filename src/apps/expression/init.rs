@@ -14,7 +14,7 @@ use crate::rng::SplitMix64;
 use crate::tensor::Tensor;
 
 /// Every tensor of a vq-vae-2-pytorch `VQVAE` with `cfg`: (name, shape),
-/// following MODELS.md §1.
+/// following [reference](crate::reference) §1.
 pub fn vqvae2_tensor_shapes(cfg: &VqVae2Config) -> Vec<(String, Vec<usize>)> {
     let (c, r, d, k) = (cfg.channel, cfg.n_res_channel, cfg.embed_dim, cfg.n_embed);
     let mut v: Vec<(String, Vec<usize>)> = Vec::new();

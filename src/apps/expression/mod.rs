@@ -1,4 +1,4 @@
-//! Expression from morphology (Wakui et al. 2023, MODELS.md §1):
+//! Expression from morphology (Wakui et al. 2023, [reference](crate::reference) §1):
 //! phase-contrast images → 160×160 patches → VQ-VAE-2 codes → per-sample
 //! code-frequency profiles → per-gene linear SVR with a cross-validated grid
 //! search → predicted expression, Table-3-style evaluation, patch-wise

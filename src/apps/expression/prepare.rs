@@ -1,4 +1,4 @@
-//! Gene-expression tables (MODELS.md §1 "Expression data"): samples × genes,
+//! Gene-expression tables ([reference](crate::reference) §1 "Expression data"): samples × genes,
 //! normalized to `log2(CPM + 1)` and filtered by each gene's mean and
 //! coefficient of variation.
 //!

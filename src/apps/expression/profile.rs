@@ -1,7 +1,7 @@
 //! Images to sample profiles: every image of a sample is cut into
 //! non-overlapping patches, the patches go through the VQ-VAE-2 encoder in
 //! device batches (never written to disk), the top and bottom codes are
-//! counted per sample, and the counts become the log2 profile of MODELS.md §1.
+//! counted per sample, and the counts become the log2 profile of [reference](crate::reference) §1.
 //! Memory stays bounded by one image plus one batch of patches.
 //! [`profile_files`] is `cellmorph profile`.
 

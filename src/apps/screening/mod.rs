@@ -1,4 +1,4 @@
-//! Stem-cell line screening of Kim et al. 2022 (MODELS.md §2): live-cell
+//! Stem-cell line screening of Kim et al. 2022 ([reference](crate::reference) §2): live-cell
 //! images → pre-processing → DenseNet → positive-class probability and
 //! decision, class activation maps, pooled features; and the evaluation of
 //! the predictions against labels.

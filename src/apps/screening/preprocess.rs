@@ -1,4 +1,4 @@
-//! The paper's pre-processing of one image (MODELS.md §2): value channel,
+//! The paper's pre-processing of one image ([reference](crate::reference) §2): value channel,
 //! brightness filter, intensity scaling, resize to the network input,
 //! [0, 1], gray to channels, optional ImageNet normalization.
 
@@ -107,7 +107,7 @@ pub fn value_channel(img: &GrayImage) -> Vec<f32> {
     img.data().iter().map(|&p| f32::from(p) * k).collect()
 }
 
-/// Pre-processing of MODELS.md §2, in its order:
+/// Pre-processing of [reference](crate::reference) §2, in its order:
 /// 1. value channel `V` in 8-bit units ([`value_channel`]);
 /// 2. mean `V` > `max_mean_v` → [`Prepared::Skipped`] (reported, not an
 ///    error), as is a mean of 0;
