@@ -423,6 +423,51 @@ fn synth_profile_prepare() {
             assert!((s - 1.0).abs() < 1e-4, "row {r}: Σ 2^profile = {s}");
         }
     }
+    // Encoder-only weights (no upsample_t.*, dec.*) profile the same; --mse
+    // says what it needs.
+    let full = cellmorph::io::TensorFile::open(fixtures().join("vqvae2_small.weights.safetensors"))
+        .unwrap();
+    let mut enc = cellmorph::io::TensorWriter::new();
+    for n in full.names() {
+        if !(n.starts_with("dec.") || n.starts_with("upsample_t.")) {
+            let (shape, data) = full.f32(&n).unwrap();
+            enc.add_slice(&n, &shape, &data).unwrap();
+        }
+    }
+    let enc_path = dir.join("encoder_only.safetensors");
+    enc.write(&enc_path).unwrap();
+    let enc_profiles = dir.join("profiles_enc.csv");
+    let run = |mse: bool| {
+        let mut c = bin();
+        c.args(["profile", "--batch-size", "2", "--patch", "48", "--samples"])
+            .arg(&list)
+            .arg("--weights")
+            .arg(&enc_path)
+            .arg("--output")
+            .arg(&enc_profiles);
+        if mse {
+            c.arg("--mse");
+        }
+        c.output().unwrap()
+    };
+    let st = run(false);
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&enc_profiles).unwrap(),
+        std::fs::read(&profiles).unwrap(),
+        "encoder-only weights give other profiles"
+    );
+    let st = run(true);
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(
+        !st.status.success() && err.contains("--mse needs the decoder"),
+        "{err}"
+    );
+
     let prepared = dir.join("expr.csv");
     let st = bin()
         .args(["expression", "prepare", "--min-cv", "0.0", "--counts"])

@@ -432,6 +432,38 @@ fn loader_reads_hyper_parameters() {
 }
 
 #[test]
+fn encoder_only_weights_encode_and_refuse_to_decode() {
+    let enc = edited_weights("encoder_only", |t| {
+        t.retain(|(n, _, _)| !(n.starts_with("dec.") || n.starts_with("upsample_t.")))
+    });
+    let be = Backend::cpu();
+    let full = VqVae2::load(&be, small_fixture().0).unwrap();
+    let model = VqVae2::load(&be, &enc).unwrap();
+    assert!(full.has_decoder() && !model.has_decoder());
+    assert_eq!(model.config(), full.config());
+    let cases = TensorFile::open(small_fixture().1).unwrap();
+    let (shape, data) = cases.f32("input").unwrap();
+    let x = Tensor::from_vec(&be, &shape, data).unwrap();
+    let (a, b) = (
+        model.encode(&be, &x).unwrap(),
+        full.encode(&be, &x).unwrap(),
+    );
+    assert_eq!(a.id_t.to_vec().unwrap(), b.id_t.to_vec().unwrap());
+    assert_eq!(a.id_b.to_vec().unwrap(), b.id_b.to_vec().unwrap());
+    let msg = model
+        .decode(&be, &a.quant_t, &a.quant_b)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("no decoder"), "{msg}");
+    // Half a decoder (upsample_t without dec) is an error saying so.
+    let half = edited_weights("half_decoder", |t| {
+        t.retain(|(n, _, _)| !n.starts_with("dec."))
+    });
+    let msg = load_error(&half);
+    assert!(msg.contains("but dec has 0"), "{msg}");
+}
+
+#[test]
 fn loader_rejects_inconsistent_weights() {
     let missing = edited_weights("missing", |t| {
         t.retain(|(n, _, _)| n != "dec.blocks.6.bias")

@@ -111,7 +111,11 @@ impl VqVae2Config {
                 .count()
         };
         let n_res_block = count("enc_b", 5);
+        let with_decoder = has_decoder(file);
         for (prefix, first_block) in [("enc_t", 3), ("dec_t", 1), ("dec", 1)] {
+            if prefix == "dec" && !with_decoder {
+                continue;
+            }
             let n = count(prefix, first_block);
             if n != n_res_block {
                 return Err(bad(format!(
@@ -387,8 +391,17 @@ pub struct VqVae2 {
     dec_t: Decoder,
     quantize_conv_b: Conv,
     quantize_b: Codebook,
-    upsample_t: ConvUp,
-    dec: Decoder,
+    /// `upsample_t` and `dec`: absent from encoder-only weights, which
+    /// profile but cannot reconstruct.
+    decoder: Option<(ConvUp, Decoder)>,
+}
+
+/// Whether `file` holds the reconstruction path (`upsample_t.*`, `dec.*`);
+/// weights without it profile images but cannot decode them.
+pub fn has_decoder(file: &TensorFile) -> bool {
+    file.names()
+        .iter()
+        .any(|n| n.starts_with("dec.") || n.starts_with("upsample_t."))
 }
 
 impl VqVae2 {
@@ -422,8 +435,14 @@ impl VqVae2 {
             dec_t: w.decoder("dec_t", d, d, 2)?,
             quantize_conv_b: w.conv("quantize_conv_b", d + c, d, 1, 1, 0)?,
             quantize_b: w.quantize("quantize_b")?,
-            upsample_t: w.up("upsample_t", d, d)?,
-            dec: w.decoder("dec", 2 * d, cfg.in_channel, 4)?,
+            decoder: if has_decoder(file) {
+                Some((
+                    w.up("upsample_t", d, d)?,
+                    w.decoder("dec", 2 * d, cfg.in_channel, 4)?,
+                ))
+            } else {
+                None
+            },
         };
         w.w.reject_leftovers(&format!("are not part of a VQ-VAE-2 with {cfg}"))?;
         Ok(model)
@@ -432,6 +451,12 @@ impl VqVae2 {
     /// The hyper-parameters read off the weights.
     pub fn config(&self) -> &VqVae2Config {
         &self.config
+    }
+
+    /// Whether the weights included the reconstruction path (`upsample_t`,
+    /// `dec`); profiling needs only the encoders and codebooks.
+    pub fn has_decoder(&self) -> bool {
+        self.decoder.is_some()
     }
 
     /// The top quantizer's input `pre_t` `[N, D, H/8, W/8]` and the bottom
@@ -539,11 +564,17 @@ impl VqVae2 {
 
     /// `VQVAE.decode`: the reconstruction `[N, in_channel, H, W]` from
     /// `quant_t` `[N, D, h, w]` and `quant_b` `[N, D, 2h, 2w]`.
+    /// An error for encoder-only weights ([`VqVae2::has_decoder`]).
     pub fn decode(&self, be: &Backend, quant_t: &Tensor, quant_b: &Tensor) -> Result<Tensor> {
-        let up_t = self.upsample_t.forward(be, quant_t)?; // [N, D, 2h, 2w]
+        let (upsample_t, dec) = self.decoder.as_ref().ok_or_else(|| {
+            Error::invalid(
+                "these VQ-VAE-2 weights have no decoder (upsample_t.*, dec.*): they profile images but cannot reconstruct them",
+            )
+        })?;
+        let up_t = upsample_t.forward(be, quant_t)?; // [N, D, 2h, 2w]
         let cat = concat_channels(be, &[&up_t, quant_b])?; // [N, 2D, 2h, 2w]
         drop(up_t);
-        self.dec.forward(be, &cat) // [N, in, 8h, 8w]
+        dec.forward(be, &cat) // [N, in, 8h, 8w]
     }
 
     /// The codes only (`id_t` `[N, H/8, W/8]`, `id_b` `[N, H/4, W/4]`), for

@@ -116,6 +116,11 @@ pub fn profile_samples(
             "patch size and batch size must be at least 1",
         ));
     }
+    if opts.mse && !model.has_decoder() {
+        return Err(Error::invalid(
+            "the reconstruction MSE needs the decoder (upsample_t.*, dec.*), which these weights do not have",
+        ));
+    }
     let k = model.config().n_embed;
     let bar = super::progress(list.len() as u64, "images");
     if !opts.progress {
@@ -303,6 +308,12 @@ pub struct ProfileFilesSummary {
 pub fn profile_files(be: &Backend, o: &ProfileFilesOptions) -> Result<ProfileFilesSummary> {
     let list = read_sample_list(&o.samples)?;
     let model = VqVae2::load(be, &o.weights)?;
+    if o.profile.mse && !model.has_decoder() {
+        return Err(Error::invalid(format!(
+            "--mse needs the decoder (upsample_t.*, dec.*), which {} does not have; without --mse these weights profile fine",
+            o.weights.display()
+        )));
+    }
     let untrained = TensorFile::open(&o.weights)?
         .metadata()
         .and_then(|m| m.get("cellmorph").cloned());
