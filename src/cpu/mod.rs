@@ -16,7 +16,6 @@
 
 pub mod activation;
 pub mod conv;
-pub mod elementwise;
 mod gemm;
 pub mod layout;
 pub mod linear;
@@ -25,13 +24,12 @@ pub mod pool;
 pub mod vq;
 
 pub use activation::{
-    leaky_relu_backward, leaky_relu_forward, relu_backward, relu_forward, sigmoid_backward,
-    sigmoid_forward, softmax_backward, softmax_forward,
+    add_forward, leaky_relu_backward, leaky_relu_forward, relu_backward, relu_forward,
+    sigmoid_backward, sigmoid_forward, softmax_backward, softmax_forward,
 };
 pub use conv::{
     conv2d_backward, conv2d_forward, conv_transpose2d_backward, conv_transpose2d_forward,
 };
-pub use elementwise::add_forward;
 pub use layout::{
     copy_channels, slice_channels, upsample_nearest2x_backward, upsample_nearest2x_forward,
 };
