@@ -6,12 +6,7 @@ use crate::error::Result;
 use rayon::prelude::*;
 
 /// `y[i] = f(x[i])` after checking that `y` matches `x`.
-fn map1(
-    op: &'static str,
-    x: &[f32],
-    y: &mut [f32],
-    f: impl Fn(f32) -> f32 + Sync,
-) -> Result<()> {
+fn map1(op: &'static str, x: &[f32], y: &mut [f32], f: impl Fn(f32) -> f32 + Sync) -> Result<()> {
     check_len(op, "y", y.len(), x.len())?;
     y.par_iter_mut().zip(x).for_each(|(y, &x)| *y = f(x));
     Ok(())

@@ -1361,8 +1361,9 @@ mod tests {
                 rng.data(ws[0]),
             );
             let mut y = vec![0.0; g.out_shape().iter().product()];
-            let naive =
-                best(|| reference::correlate_planes(&win, g.c_in, g.c_out, &x, &w, Some(&b), &mut y));
+            let naive = best(|| {
+                reference::correlate_planes(&win, g.c_in, g.c_out, &x, &w, Some(&b), &mut y)
+            });
             let gemm = best(|| conv2d_forward(&g, &x, &w, Some(&b), &mut y).unwrap());
             report(label, g.flops(), naive, gemm);
         }

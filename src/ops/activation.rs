@@ -205,4 +205,3 @@ pub fn softmax_into(be: &Backend, x: &Tensor, axis: usize, y: &mut Tensor) -> Re
         unsafe { be.launch("softmax_cols_f32", stride_cfg(outer * inner), &args) }
     }
 }
-

@@ -181,4 +181,3 @@ pub fn batchnorm_relu_into(
         y,
     )
 }
-
