@@ -1,5 +1,5 @@
-// Spatial inference ops over NCHW planes, f32: max and average pooling,
-// global average pooling, nearest-neighbour ×2 upsampling.
+// Pooling over NCHW planes, f32: max and average pooling, global average
+// pooling.
 //
 // Layouts and shapes (dense, row-major; planes = N·C):
 //   max_pool2d_f32, avg_pool2d_f32
@@ -11,11 +11,9 @@
 //       count_include_pad != 0, else by its in-bounds part. The sum is taken
 //       row by row (Σ of row sums), the CPU reference's order.
 //   global_avg_pool_f32   x [planes, hw] → y [planes]: the mean of each plane.
-//   upsample_nearest2x_f32 x [planes, h, w] → y [planes, 2h, 2w],
-//       y[oy, ox] = x[oy / 2, ox / 2].
 //
 // Launch geometry (chosen in src/ops/pool.rs):
-//   pool2d, upsample   one thread per output element. block.x threads over the
+//   pool2d             one thread per output element. block.x threads over the
 //                      output plane (a multiple of 32, at most 256, sized to
 //                      the plane), grid.x = ⌈plane/block.x⌉ capped, grid.y over
 //                      planes (capped at 65535); both grid-stride. In-plane
@@ -142,19 +140,3 @@ extern "C" __global__ void global_avg_pool_f32(const float* __restrict__ x, floa
     }
 }
 CM_EXPORT(global_avg_pool_f32)
-
-extern "C" __global__ void upsample_nearest2x_f32(const float* __restrict__ x, float* __restrict__ y,
-                                                  long long planes, int h, int w) {
-    const int ow = 2 * w;
-    const long long out_plane = 4LL * h * w;
-    for (long long p = blockIdx.y; p < planes; p += gridDim.y) {
-        const float* xp = x + p * h * w;
-        float* yp = y + p * out_plane;
-        for (long long i = pool_first(); i < out_plane; i += pool_stride()) {
-            const int oy = (int)i / ow;
-            const int ox = (int)i - oy * ow;
-            yp[i] = xp[(long long)(oy >> 1) * w + (ox >> 1)];
-        }
-    }
-}
-CM_EXPORT(upsample_nearest2x_f32)

@@ -29,8 +29,10 @@
 //! Every output starts from its bias and adds its products in the order of
 //! the plain loop nest (input channel, then ky, then kx), one multiply and
 //! one add at a time (see `gemm`), so the results equal those of that loop
-//! nest, kept as `naive` for the tests; a tap in the zero padding adds an
-//! exact zero where the loop nest skipped it.
+//! nest, which is public as the specification ([`reference::conv2d`],
+//! [`reference::conv_transpose2d`]) and which the unit tests compare the
+//! GEMM path with bit for bit; a tap in the zero padding adds an exact zero
+//! where the loop nest skipped it.
 
 use super::gemm::{gemm, gemm_rows, pack_a, packed_len, Scattered, KC, MR, NR};
 use super::{check_len, chunk, numel};
@@ -721,8 +723,46 @@ fn check_stride(op: &'static str, stride_h: usize, stride_w: usize) -> Result<()
     Ok(())
 }
 
+/// The slice lengths of a conv2d forward on `g` (stride, `x`, `w`, `b`, `y`).
+fn check_conv2d(
+    op: &'static str,
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    y: &[f32],
+) -> Result<()> {
+    check_stride(op, g.stride_h, g.stride_w)?;
+    check_len(op, "x", x.len(), numel(op, &[g.n, g.c_in, g.h, g.w])?)?;
+    check_len(op, "w", w.len(), numel(op, &[g.c_out, g.c_in, g.kh, g.kw])?)?;
+    if let Some(b) = b {
+        check_len(op, "b", b.len(), g.c_out)?;
+    }
+    check_len(op, "y", y.len(), numel(op, &[g.n, g.c_out, g.oh, g.ow])?)
+}
+
+/// The slice lengths of a transposed conv2d forward on `g`.
+fn check_conv_transpose2d(
+    op: &'static str,
+    g: &ConvTranspose2dGeom,
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    y: &[f32],
+) -> Result<()> {
+    check_stride(op, g.stride_h, g.stride_w)?;
+    check_len(op, "x", x.len(), numel(op, &[g.n, g.c_in, g.h, g.w])?)?;
+    check_len(op, "w", w.len(), numel(op, &[g.c_in, g.c_out, g.kh, g.kw])?)?;
+    if let Some(b) = b {
+        check_len(op, "b", b.len(), g.c_out)?;
+    }
+    check_len(op, "y", y.len(), numel(op, &[g.n, g.c_out, g.oh, g.ow])?)
+}
+
 /// Conv2d forward: `y[n, co] = b[co] + Σ_ci x[n, ci] ⋆ w[co, ci]` (cross-correlation
-/// with stride and zero padding, as PyTorch's `Conv2d`).
+/// with stride and zero padding, as PyTorch's `Conv2d`). The fast path, an
+/// implicit GEMM; its specification is [`reference::conv2d`], which it
+/// equals bit for bit (unit-tested).
 ///
 /// Shapes: `x` `[n, c_in, h, w]`, `w` `[c_out, c_in, kh, kw]`, `b` `[c_out]`,
 /// `y` `[n, c_out, oh, ow]` (overwritten).
@@ -733,15 +773,7 @@ pub fn conv2d_forward(
     b: Option<&[f32]>,
     y: &mut [f32],
 ) -> Result<()> {
-    const OP: &str = "conv2d_forward";
-    check_stride(OP, g.stride_h, g.stride_w)?;
-    check_len(OP, "x", x.len(), numel(OP, &[g.n, g.c_in, g.h, g.w])?)?;
-    check_len(OP, "w", w.len(), numel(OP, &[g.c_out, g.c_in, g.kh, g.kw])?)?;
-    if let Some(b) = b {
-        check_len(OP, "b", b.len(), g.c_out)?;
-    }
-    check_len(OP, "y", y.len(), numel(OP, &[g.n, g.c_out, g.oh, g.ow])?)?;
-
+    check_conv2d("conv2d_forward", g, x, w, b, y)?;
     GemmConv::correlate(&Window::conv(g), g.n, g.c_in, g.c_out, w, b).run(x, y);
     Ok(())
 }
@@ -806,7 +838,9 @@ fn bias_grad(n: usize, c: usize, plane: usize, dy: &[f32], db: &mut [f32]) {
 
 /// Transposed conv2d forward (PyTorch's `ConvTranspose2d`, the gradient of a
 /// conv2d with respect to its input): `y[n, co] = b[co] + Σ_ci x[n, ci]`
-/// scattered through `w[ci, co]`.
+/// scattered through `w[ci, co]`. The fast path, an implicit GEMM per
+/// output phase; its specification is [`reference::conv_transpose2d`],
+/// which it equals bit for bit (unit-tested).
 ///
 /// Shapes: `x` `[n, c_in, h, w]`, `w` `[c_in, c_out, kh, kw]`, `b` `[c_out]`,
 /// `y` `[n, c_out, oh, ow]` (overwritten).
@@ -817,15 +851,7 @@ pub fn conv_transpose2d_forward(
     b: Option<&[f32]>,
     y: &mut [f32],
 ) -> Result<()> {
-    const OP: &str = "conv_transpose2d_forward";
-    check_stride(OP, g.stride_h, g.stride_w)?;
-    check_len(OP, "x", x.len(), numel(OP, &[g.n, g.c_in, g.h, g.w])?)?;
-    check_len(OP, "w", w.len(), numel(OP, &[g.c_in, g.c_out, g.kh, g.kw])?)?;
-    if let Some(b) = b {
-        check_len(OP, "b", b.len(), g.c_out)?;
-    }
-    check_len(OP, "y", y.len(), numel(OP, &[g.n, g.c_out, g.oh, g.ow])?)?;
-
+    check_conv_transpose2d("conv_transpose2d_forward", g, x, w, b, y)?;
     GemmConv::scatter(&Window::transposed(g), g.n, g.c_in, g.c_out, w, b).run(x, y);
     Ok(())
 }
@@ -879,16 +905,64 @@ pub fn conv_transpose2d_backward(
     Ok(())
 }
 
-/// The straightforward loop nest the GEMM path replaced, kept as its
-/// reference: one pair of planes at a time, the innermost loop along a row,
-/// taps in the zero padding skipped.
-/// The loop nest the GEMM path replaced, kept as its reference: rayon over
-/// output planes, one pair of planes at a time, the innermost loop along a
-/// row, taps in the zero padding skipped.
-#[cfg(test)]
-mod naive {
-    use super::{chunk, Window};
+/// The specification of conv2d and conv_transpose2d: the plain loop nest the
+/// GEMM path replaced, readable and slow.
+///
+/// Rayon over output planes, one pair of (input, output) planes at a time,
+/// the innermost loop along a row, taps in the zero padding skipped. Each
+/// output starts from its bias and adds its products in the order input
+/// channel, ky, kx, one multiply and one add at a time. The fast path
+/// ([`conv2d_forward`], [`conv_transpose2d_forward`], and the input
+/// gradients of the backward functions) sums the same products in the same
+/// order, and the unit tests of this module check that it equals this loop
+/// nest bit for bit on random shapes and on shapes past its blocking edges.
+pub mod reference {
+    use super::{check_conv2d, check_conv_transpose2d, chunk, Window};
+    use crate::error::Result;
+    use crate::geometry::{Conv2dGeom, ConvTranspose2dGeom};
     use rayon::prelude::*;
+
+    /// Conv2d forward, the specification of [`conv2d_forward`](super::conv2d_forward):
+    /// `y[n, co, oy, ox] = b[co] + Σ_{ci, ky, kx} w[co, ci, ky, kx] ·
+    /// x[n, ci, oy·sh + ky − ph, ox·sw + kx − pw]` over the taps inside the
+    /// input (PyTorch's `Conv2d`, dilation 1, groups 1).
+    ///
+    /// Shapes: `x` `[n, c_in, h, w]`, `w` `[c_out, c_in, kh, kw]`, `b`
+    /// `[c_out]`, `y` `[n, c_out, oh, ow]` (overwritten); a length that does
+    /// not match `g` is an [`Error::Shape`](crate::Error::Shape).
+    pub fn conv2d(
+        g: &Conv2dGeom,
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        y: &mut [f32],
+    ) -> Result<()> {
+        check_conv2d("reference::conv2d", g, x, w, b, y)?;
+        correlate_planes(&Window::conv(g), g.c_in, g.c_out, x, w, b, y);
+        Ok(())
+    }
+
+    /// Transposed conv2d forward, the specification of
+    /// [`conv_transpose2d_forward`](super::conv_transpose2d_forward): every
+    /// input pixel scattered through the kernel,
+    /// `y[n, co, iy·sh + ky − ph, ix·sw + kx − pw] += w[ci, co, ky, kx] · x[n, ci, iy, ix]`,
+    /// onto outputs that start from `b[co]` (PyTorch's `ConvTranspose2d`,
+    /// groups 1).
+    ///
+    /// Shapes: `x` `[n, c_in, h, w]`, `w` `[c_in, c_out, kh, kw]`, `b`
+    /// `[c_out]`, `y` `[n, c_out, oh, ow]` (overwritten); a length that does
+    /// not match `g` is an [`Error::Shape`](crate::Error::Shape).
+    pub fn conv_transpose2d(
+        g: &ConvTranspose2dGeom,
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        y: &mut [f32],
+    ) -> Result<()> {
+        check_conv_transpose2d("reference::conv_transpose2d", g, x, w, b, y)?;
+        scatter_planes(&Window::transposed(g), g.c_in, g.c_out, x, w, b, y);
+        Ok(())
+    }
 
     /// `small[i, j] += Σ K[ky, kx] · big[i·s + ky − p, j·s + kx − p]`.
     fn correlate(win: &Window, big: &[f32], kernel: &[f32], small: &mut [f32]) {
@@ -1049,13 +1123,13 @@ mod tests {
         let dy = rng.data(g.n * g.c_out * g.oh * g.ow);
 
         let mut want = vec![0.0; dy.len()];
-        naive::correlate_planes(&win, g.c_in, g.c_out, &x, &w, Some(&b), &mut want);
+        reference::conv2d(g, &x, &w, Some(&b), &mut want).unwrap();
         let mut got = vec![f32::NAN; dy.len()];
         conv2d_forward(g, &x, &w, Some(&b), &mut got).unwrap();
         assert_same(&format!("{what}: conv2d forward"), &got, &want);
 
         let mut want = vec![0.0; x.len()];
-        naive::scatter_planes(&win, g.c_out, g.c_in, &dy, &w, None, &mut want);
+        reference::scatter_planes(&win, g.c_out, g.c_in, &dy, &w, None, &mut want);
         let (mut dx, mut dw) = (vec![f32::NAN; x.len()], vec![0.0; w.len()]);
         conv2d_backward(g, &x, &w, &dy, &mut dx, &mut dw, None).unwrap();
         assert_same(&format!("{what}: conv2d dx"), &dx, &want);
@@ -1070,13 +1144,13 @@ mod tests {
         let dy = rng.data(g.n * g.c_out * g.oh * g.ow);
 
         let mut want = vec![0.0; dy.len()];
-        naive::scatter_planes(&win, g.c_in, g.c_out, &x, &w, Some(&b), &mut want);
+        reference::conv_transpose2d(g, &x, &w, Some(&b), &mut want).unwrap();
         let mut got = vec![f32::NAN; dy.len()];
         conv_transpose2d_forward(g, &x, &w, Some(&b), &mut got).unwrap();
         assert_same(&format!("{what}: conv_transpose2d forward"), &got, &want);
 
         let mut want = vec![0.0; x.len()];
-        naive::correlate_planes(&win, g.c_out, g.c_in, &dy, &w, None, &mut want);
+        reference::correlate_planes(&win, g.c_out, g.c_in, &dy, &w, None, &mut want);
         let (mut dx, mut dw) = (vec![f32::NAN; x.len()], vec![0.0; w.len()]);
         conv_transpose2d_backward(g, &x, &w, &dy, &mut dx, &mut dw, None).unwrap();
         assert_same(&format!("{what}: conv_transpose2d dx"), &dx, &want);
@@ -1287,8 +1361,9 @@ mod tests {
                 rng.data(ws[0]),
             );
             let mut y = vec![0.0; g.out_shape().iter().product()];
-            let naive =
-                best(|| naive::correlate_planes(&win, g.c_in, g.c_out, &x, &w, Some(&b), &mut y));
+            let naive = best(|| {
+                reference::correlate_planes(&win, g.c_in, g.c_out, &x, &w, Some(&b), &mut y)
+            });
             let gemm = best(|| conv2d_forward(&g, &x, &w, Some(&b), &mut y).unwrap());
             report(label, g.flops(), naive, gemm);
         }
@@ -1301,7 +1376,7 @@ mod tests {
         let win = Window::transposed(&g);
         let (x, w) = (rng.data(8 * 64 * 20 * 20), rng.data(64 * 64 * 16));
         let mut y = vec![0.0; g.out_shape().iter().product()];
-        let naive = best(|| naive::scatter_planes(&win, g.c_in, g.c_out, &x, &w, None, &mut y));
+        let naive = best(|| reference::scatter_planes(&win, g.c_in, g.c_out, &x, &w, None, &mut y));
         let gemm = best(|| conv_transpose2d_forward(&g, &x, &w, None, &mut y).unwrap());
         report("conv_transpose_4x4s2_64", g.flops(), naive, gemm);
     }

@@ -8,7 +8,9 @@ use rayon::prelude::*;
 /// Row blocks per thread to aim for, so that uneven blocks still balance.
 const TASKS_PER_THREAD: usize = 4;
 
-/// `y[i, o] = b[o] + Σ_k x[i, k] · w[o, k]`.
+/// `y[i, o] = b[o] + Σ_k x[i, k] · w[o, k]`. The fast path, a blocked GEMM;
+/// its specification is [`reference::linear`], which it equals bit for bit
+/// (unit-tested).
 ///
 /// Shapes: `x` `[n, in_f]`, `w` `[out_f, in_f]`, `b` `[out_f]`, `y` `[n, out_f]` (overwritten).
 pub fn linear_forward(
@@ -116,24 +118,64 @@ pub fn linear_backward(
     Ok(())
 }
 
+/// The specification of the linear layer: the plain loop the GEMM path
+/// replaced, readable and slow. [`linear_forward`] computes the same dot
+/// products in the same order (summed from zero in increasing k, bias added
+/// last), and the unit tests of this module check that it equals this loop
+/// bit for bit on sizes around its strips and blocks.
+pub mod reference {
+    use super::{check_len, numel};
+    use crate::error::Result;
+    use rayon::prelude::*;
+
+    /// Linear forward, the specification of [`linear_forward`](super::linear_forward):
+    /// `y[i, o] = b[o] + Σ_k x[i, k] · w[o, k]`, the dot product summed in
+    /// increasing k (`b[o]` is 0 without a bias); rayon over rows.
+    ///
+    /// Shapes: `x` `[n, in_f]`, `w` `[out_f, in_f]`, `b` `[out_f]`, `y`
+    /// `[n, out_f]` (overwritten); a wrong length is an
+    /// [`Error::Shape`](crate::Error::Shape).
+    pub fn linear(
+        n: usize,
+        in_f: usize,
+        out_f: usize,
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        y: &mut [f32],
+    ) -> Result<()> {
+        const OP: &str = "reference::linear";
+        check_len(OP, "x", x.len(), numel(OP, &[n, in_f])?)?;
+        check_len(OP, "w", w.len(), numel(OP, &[out_f, in_f])?)?;
+        if let Some(b) = b {
+            check_len(OP, "b", b.len(), out_f)?;
+        }
+        check_len(OP, "y", y.len(), numel(OP, &[n, out_f])?)?;
+        if y.is_empty() {
+            return Ok(());
+        }
+        y.par_chunks_mut(out_f).enumerate().for_each(|(i, y_row)| {
+            let x_row = &x[i * in_f..][..in_f];
+            for (o, y) in y_row.iter_mut().enumerate() {
+                let w_row = &w[o * in_f..][..in_f];
+                let dot: f32 = x_row.iter().zip(w_row).map(|(&a, &b)| a * b).sum();
+                *y = b.map_or(0.0, |b| b[o]) + dot;
+            }
+        });
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::test_data as data;
     use super::*;
     use std::time::Instant;
 
-    /// The loop the GEMM replaced, rayon over rows: `y[i, o] = b[o] + Σ_k x[i, k] · w[o, k]`,
-    /// the dot product summed in increasing k.
+    /// [`reference::linear`] with a bias, into a new buffer.
     fn naive(n: usize, in_f: usize, out_f: usize, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
         let mut y = vec![0.0; n * out_f];
-        y.par_chunks_mut(out_f).enumerate().for_each(|(i, y_row)| {
-            let x_row = &x[i * in_f..][..in_f];
-            for (o, y) in y_row.iter_mut().enumerate() {
-                let w_row = &w[o * in_f..][..in_f];
-                let dot: f32 = x_row.iter().zip(w_row).map(|(&a, &b)| a * b).sum();
-                *y = b[o] + dot;
-            }
-        });
+        reference::linear(n, in_f, out_f, x, w, Some(b), &mut y).unwrap();
         y
     }
 

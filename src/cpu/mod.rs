@@ -13,10 +13,26 @@
 //! ((n, c) planes for most ops; image and row-block tiles of a blocked GEMM
 //! for conv2d, conv_transpose2d and linear, see `gemm.rs`); sums are plain
 //! f32 in increasing index order.
+//!
+//! One module per op family, named like its kernel file in `kernels/` and its
+//! ops module in [`crate::ops`] (see the ops table there). Where the fast path
+//! is not itself a plain loop nest, the loop nest it replaced is public next
+//! to it as the specification, and the unit tests check that the fast path
+//! equals it bit for bit:
+//!
+//! | op | fast path | specification |
+//! |----|-----------|---------------|
+//! | conv2d | [`conv::conv2d_forward`] | [`conv::reference::conv2d`] |
+//! | conv_transpose2d | [`conv::conv_transpose2d_forward`] | [`conv::reference::conv_transpose2d`] |
+//! | linear | [`linear::linear_forward`] | [`linear::reference::linear`] |
+//!
+//! The other functions have no separate loop nest: each is the specification
+//! as written. (The VQ lookup blocks codes and vectors for speed, but every
+//! distance is still one `mul_add` chain in the order the module docs of
+//! [`vq`] define.)
 
 pub mod activation;
 pub mod conv;
-pub mod elementwise;
 mod gemm;
 pub mod layout;
 pub mod linear;
@@ -25,13 +41,12 @@ pub mod pool;
 pub mod vq;
 
 pub use activation::{
-    leaky_relu_backward, leaky_relu_forward, relu_backward, relu_forward, sigmoid_backward,
-    sigmoid_forward, softmax_backward, softmax_forward,
+    add_forward, leaky_relu_backward, leaky_relu_forward, relu_backward, relu_forward,
+    sigmoid_backward, sigmoid_forward, softmax_backward, softmax_forward,
 };
 pub use conv::{
     conv2d_backward, conv2d_forward, conv_transpose2d_backward, conv_transpose2d_forward,
 };
-pub use elementwise::add_forward;
 pub use layout::{
     copy_channels, slice_channels, upsample_nearest2x_backward, upsample_nearest2x_forward,
 };

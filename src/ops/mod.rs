@@ -4,19 +4,23 @@
 //! Every op has an allocating form (`relu(be, x) -> Tensor`) and an `_into`
 //! form writing into a preallocated output, so models can plan their buffers.
 
+pub mod activation;
 pub mod conv;
-pub mod elementwise;
+pub mod layout;
 pub mod linear;
+pub mod norm;
 pub mod pool;
 pub mod vq;
 
+pub use activation::*;
 pub use conv::*;
-pub use elementwise::*;
+pub use layout::*;
 pub use linear::*;
+pub use norm::*;
 pub use pool::*;
 pub use vq::*;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, KernelArg, LaunchCfg};
 use crate::error::{Error, Result};
 use crate::tensor::{check_device, Element, Tensor};
 
@@ -43,4 +47,56 @@ pub(crate) fn expect_shape<T: Element>(
         ));
     }
     Ok(())
+}
+
+/// Threads per block of the 1-D grid-stride kernels.
+const THREADS: u32 = 256;
+/// Grid cap of the grid-stride kernels: 8192 blocks of 256 threads fill every
+/// SM of current GPUs many times over; the kernels' loops cover the rest.
+const MAX_BLOCKS: usize = 8192;
+/// The hardware limit on `grid.y`.
+const MAX_GRID_Y: usize = 65535;
+
+/// A 1-D grid-stride launch over `n` items.
+fn stride_cfg(n: usize) -> LaunchCfg {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS);
+    LaunchCfg {
+        grid: (blocks as u32, 1, 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
+/// A launch with `planes` on `grid.y` and the `len` items of one plane on
+/// `block.x`/`grid.x` (both grid-stride in the kernels). The block is sized
+/// to the plane (a multiple of 32, at most 256) so small planes (7×7 in
+/// DenseNet's last block) do not leave most threads idle.
+fn plane_cfg(len: usize, planes: usize) -> LaunchCfg {
+    let threads = len.div_ceil(32).clamp(1, THREADS as usize / 32) * 32;
+    let blocks_x = len.div_ceil(threads).clamp(1, MAX_BLOCKS);
+    LaunchCfg {
+        grid: (blocks_x as u32, planes.clamp(1, MAX_GRID_Y) as u32, 1),
+        block: (threads as u32, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
+/// A size as a kernel `long long`.
+fn i64_arg(what: &str, v: usize) -> Result<KernelArg> {
+    i64::try_from(v).map(KernelArg::I64).map_err(|_| {
+        Error::invalid(format!(
+            "{what} = {v} does not fit a 64-bit kernel argument"
+        ))
+    })
+}
+
+/// `[n, c, h, w]` of a 4-D input.
+fn dims4(op: &'static str, x: &Tensor) -> Result<[usize; 4]> {
+    match x.shape() {
+        &[n, c, h, w] => Ok([n, c, h, w]),
+        s => Err(Error::shape(
+            op,
+            format!("input must be [n, c, h, w], got shape {s:?}"),
+        )),
+    }
 }

@@ -1,13 +1,11 @@
-//! Spatial ops over NCHW images: max and average pooling, global average
-//! pooling and nearest ×2 upsampling. Kernels: `kernels/pool.cu`; CPU
-//! reference: `crate::cpu::{pool, layout}`.
+//! Pooling over NCHW images: max and average pooling, global average
+//! pooling. Kernels: `kernels/pool.cu`; CPU reference: `crate::cpu::pool`.
 
-use super::elementwise::{i64_arg, plane_cfg};
-use super::{expect_shape, on_device};
+use super::{dims4, expect_shape, i64_arg, on_device, plane_cfg};
 use crate::backend::{Backend, KernelArg, LaunchCfg};
 use crate::cpu;
 use crate::device::Device;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::geometry::{Pool2dGeom, Pool2dParams};
 use crate::tensor::Tensor;
 
@@ -105,17 +103,6 @@ pub fn avg_pool2d_into(be: &Backend, x: &Tensor, p: Pool2dParams, y: &mut Tensor
     pool2d_into("avg_pool2d", PoolKind::Avg, be, x, p, y)
 }
 
-/// `[n, c, h, w]` of a 4-D input.
-fn dims4(op: &'static str, x: &Tensor) -> Result<[usize; 4]> {
-    match x.shape() {
-        &[n, c, h, w] => Ok([n, c, h, w]),
-        s => Err(Error::shape(
-            op,
-            format!("input must be [n, c, h, w], got shape {s:?}"),
-        )),
-    }
-}
-
 /// Global average pooling: `x` `[n, c, h, w]` → `[n, c]`, the mean of each plane.
 pub fn global_avg_pool(be: &Backend, x: &Tensor) -> Result<Tensor> {
     let [n, c, _, _] = dims4("global_avg_pool", x)?;
@@ -157,48 +144,4 @@ pub fn global_avg_pool_into(be: &Backend, x: &Tensor, y: &mut Tensor) -> Result<
     // writes y[p] for p < n·c; blockDim.x is a multiple of 32 up to 512, as
     // its 32-entry shared reduction needs.
     unsafe { be.launch("global_avg_pool_f32", cfg, &args) }
-}
-
-/// Nearest-neighbour ×2 upsampling: `x` `[n, c, h, w]` → `[n, c, 2h, 2w]`.
-pub fn upsample_nearest2x(be: &Backend, x: &Tensor) -> Result<Tensor> {
-    let [n, c, h, w] = dims4("upsample_nearest2x", x)?;
-    let mut y = Tensor::zeros(be, &[n, c, 2 * h, 2 * w])?;
-    upsample_nearest2x_into(be, x, &mut y)?;
-    Ok(y)
-}
-
-/// [`upsample_nearest2x`] into a preallocated `y` `[n, c, 2h, 2w]`.
-pub fn upsample_nearest2x_into(be: &Backend, x: &Tensor, y: &mut Tensor) -> Result<()> {
-    const OP: &str = "upsample_nearest2x";
-    on_device(OP, be, &[x, y])?;
-    let [n, c, h, w] = dims4(OP, x)?;
-    expect_shape(OP, "output", y, &[n, c, 2 * h, 2 * w])?;
-    if be.device() == Device::Cpu {
-        return cpu::upsample_nearest2x_forward(n, c, h, w, x.host_for(OP)?, y.host_mut_for(OP)?);
-    }
-    let planes = n * c;
-    let out_plane = 4 * h * w;
-    if planes == 0 || out_plane == 0 {
-        return Ok(());
-    }
-    // The kernel indexes within an output plane in 32-bit arithmetic.
-    KernelArg::int("output plane size", out_plane)?;
-    let args = [
-        x.arg(),
-        y.arg_mut(),
-        i64_arg("planes", planes)?,
-        KernelArg::int("h", h)?,
-        KernelArg::int("w", w)?,
-    ];
-    // SAFETY: x holds n·c·h·w and y n·c·4hw f32 on be's device (checked
-    // above) and both outlive the launch; upsample_nearest2x_f32(const
-    // float*, float*, long long planes, int h, int w) writes outputs < 4hw
-    // per plane and reads x[oy/2, ox/2] inside the input plane.
-    unsafe {
-        be.launch(
-            "upsample_nearest2x_f32",
-            plane_cfg(out_plane, planes),
-            &args,
-        )
-    }
 }

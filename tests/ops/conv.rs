@@ -1,7 +1,10 @@
-//! Convolution-family ops (`conv2d` on the implicit-GEMM kernel,
-//! `conv2d_direct`, `conv_transpose2d`, `linear`): the kernels, emulated and
-//! on CUDA, against the CPU reference over random shapes and over fixed
-//! shapes that hit the GEMM tile edges; then shape and device errors.
+//! The convolutions (`conv2d` on the implicit-GEMM kernel, `conv2d_direct`,
+//! `conv_transpose2d`; kernels/conv.cu): the kernels, emulated and on CUDA,
+//! against the CPU reference over random shapes and over fixed shapes that
+//! hit the GEMM tile edges; then shape and device errors. The fused conv
+//! (`conv2d_fused_into`) is in [`fused`], the tensor-core kernel in
+//! `super::conv_tc`, and the linear layer, which runs on these kernels, in
+//! `super::linear`.
 //!
 //! Tolerance, per output: |out − ref| ≤ 1e-4 + 1e-4·|ref| + 2·√K·u·S, where
 //! K is the number of products summed, u = 2⁻²⁴ the f32 unit roundoff and
@@ -23,26 +26,27 @@ use cellmorph::{Backend, Device, Error, Tensor};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
-mod common;
-use common::data;
+use crate::common::data;
+
+mod fused;
 
 const ATOL: f32 = 1e-4;
 const RTOL: f32 = 1e-4;
 /// Property cases on the emulated device (each CUDA thread is a fiber there).
-const EMU_CASES: u32 = 24;
-const CUDA_CASES: u32 = 96;
+pub(super) const EMU_CASES: u32 = 24;
+pub(super) const CUDA_CASES: u32 = 96;
 
-fn abs(v: &[f32]) -> Vec<f32> {
+pub(super) fn abs(v: &[f32]) -> Vec<f32> {
     v.iter().map(|a| a.abs()).collect()
 }
 
-fn emulated() -> Backend {
+pub(super) fn emulated() -> Backend {
     Backend::new(Device::Emulated).expect("the emulated device must be built")
 }
 
 /// CUDA device 0. These tests are `#[ignore]`d so that a machine without a GPU
 /// reports them as ignored, never as passed; forced to run there, they fail.
-fn cuda() -> Backend {
+pub(super) fn cuda() -> Backend {
     assert!(
         cuda_device_count() > 0,
         "skipped: no CUDA device (this test needs a GPU)"
@@ -52,7 +56,7 @@ fn cuda() -> Backend {
 
 /// Compares `got` with `want` under the module's tolerance; `mag` is the op
 /// on absolute values and `k` the number of products per output.
-fn compare(what: &str, got: &[f32], want: &[f32], mag: &[f32], k: usize) -> Result<(), String> {
+pub(super) fn compare(what: &str, got: &[f32], want: &[f32], mag: &[f32], k: usize) -> Result<(), String> {
     if got.len() != want.len() {
         return Err(format!(
             "{what}: {} outputs, expected {}",
@@ -180,7 +184,7 @@ fn check_conv(be: &Backend, op: ConvFn, c: &ConvCase) -> Result<(), String> {
 
 /// Runs a property over `cases` random values (the failing value, with its
 /// data seed, is in the panic message after shrinking).
-fn property<S>(cases: u32, strategy: S, test: impl Fn(&S::Value) -> Result<(), String>)
+pub(super) fn property<S>(cases: u32, strategy: S, test: impl Fn(&S::Value) -> Result<(), String>)
 where
     S: Strategy,
     S::Value: Debug,
@@ -464,113 +468,11 @@ fn conv_transpose2d_fixed_cuda() {
 }
 
 // ---------------------------------------------------------------------------
-// linear
-// ---------------------------------------------------------------------------
-
-#[derive(Clone, Debug)]
-struct LinearCase {
-    n: usize,
-    in_f: usize,
-    out_f: usize,
-    bias: bool,
-    seed: u64,
-}
-
-fn linear_cases() -> impl Strategy<Value = LinearCase> {
-    (
-        1usize..=140,
-        1usize..=300,
-        1usize..=80,
-        any::<bool>(),
-        any::<u64>(),
-    )
-        .prop_map(|(n, in_f, out_f, bias, seed)| LinearCase {
-            n,
-            in_f,
-            out_f,
-            bias,
-            seed,
-        })
-}
-
-fn check_linear(be: &Backend, c: &LinearCase) -> Result<(), String> {
-    let xv = data(c.seed, c.n * c.in_f);
-    let wv = data(c.seed ^ 1, c.out_f * c.in_f);
-    let bv = data(c.seed ^ 2, c.out_f);
-    let run = |be: &Backend, xv: &[f32], wv: &[f32], bv: &[f32]| -> cellmorph::Result<Vec<f32>> {
-        let x = Tensor::from_slice(be, &[c.n, c.in_f], xv)?;
-        let w = Tensor::from_slice(be, &[c.out_f, c.in_f], wv)?;
-        let b = Tensor::from_slice(be, &[c.out_f], bv)?;
-        let y = ops::linear(be, &x, &w, c.bias.then_some(&b))?;
-        assert_eq!(y.shape(), &[c.n, c.out_f]);
-        y.to_vec()
-    };
-    let cpu = Backend::cpu();
-    let want = run(&cpu, &xv, &wv, &bv).map_err(|e| e.to_string())?;
-    let mag = run(&cpu, &abs(&xv), &abs(&wv), &abs(&bv)).map_err(|e| e.to_string())?;
-    let got = run(be, &xv, &wv, &bv).map_err(|e| format!("{}: {e}", be.device()))?;
-    compare(
-        &format!("{c:?} on {}", be.device()),
-        &got,
-        &want,
-        &mag,
-        c.in_f,
-    )
-}
-
-#[test]
-fn linear_emulated_matches_cpu() {
-    let be = emulated();
-    property(EMU_CASES, linear_cases(), |c| check_linear(&be, c));
-}
-
-#[test]
-#[ignore = "needs a CUDA device: scripts/gpu-check.sh runs it with --include-ignored"]
-fn linear_cuda_matches_cpu() {
-    let be = cuda();
-    property(CUDA_CASES, linear_cases(), |c| check_linear(&be, c));
-}
-
-/// M (batch) past the 128 tile, N past 64, K = 1024 (DenseNet's head).
-fn linear_fixed() -> Vec<LinearCase> {
-    let case = |n, in_f, out_f| LinearCase {
-        n,
-        in_f,
-        out_f,
-        bias: true,
-        seed: (n * 7 + in_f * 3 + out_f) as u64,
-    };
-    vec![
-        case(130, 9, 65),
-        case(128, 8, 64),
-        case(1, 1024, 3),
-        case(4, 1024, 2),
-    ]
-}
-
-#[test]
-fn linear_fixed_emulated() {
-    let be = emulated();
-    for c in linear_fixed() {
-        check_linear(&be, &c).unwrap();
-    }
-}
-
-#[test]
-#[ignore = "needs a CUDA device: scripts/gpu-check.sh runs it with --include-ignored"]
-fn linear_fixed_cuda() {
-    let be = cuda();
-    for c in linear_fixed() {
-        check_linear(&be, &c).unwrap();
-    }
-}
-
-// ---------------------------------------------------------------------------
 // Errors
 // ---------------------------------------------------------------------------
 
 /// Asserts a shape error from `op` whose message names every string in `names`.
-fn assert_shape_err<T: Debug>(r: cellmorph::Result<T>, op: &str, names: &[&str]) {
+pub(super) fn assert_shape_err<T: Debug>(r: cellmorph::Result<T>, op: &str, names: &[&str]) {
     match r {
         Err(Error::Shape { op: got, msg }) => {
             assert_eq!(got, op, "{msg}");
@@ -598,7 +500,8 @@ fn errors_on(be: &Backend) {
         "conv2d",
         &["[1, 3, 8, 8]", "[4, 2, 3, 3]"],
     );
-    // Wrong bias length, for conv2d, its direct variant, the transposed conv and linear.
+    // Wrong bias length, for conv2d, its direct variant and the transposed conv
+    // (linear: `linear::shape_errors_name_op_and_shapes`).
     assert_shape_err(
         ops::conv2d(be, &x, &w, Some(&t(&[5])), p),
         "conv2d",
@@ -615,27 +518,11 @@ fn errors_on(be: &Backend) {
         "conv_transpose2d",
         &["[3]", "[6]"],
     );
-    assert_shape_err(
-        ops::linear(be, &t(&[2, 10]), &t(&[7, 10]), Some(&t(&[6]))),
-        "linear",
-        &["[6]", "[7]"],
-    );
     // Transposed conv: the weight's first axis is c_in.
     assert_shape_err(
         ops::conv_transpose2d(be, &x, &t(&[4, 3, 4, 4]), None, tp),
         "conv_transpose2d",
         &["[1, 3, 8, 8]", "[4, 3, 4, 4]"],
-    );
-    // Linear: features mismatch, and a non-matrix input.
-    assert_shape_err(
-        ops::linear(be, &t(&[2, 10]), &t(&[7, 9]), None),
-        "linear",
-        &["[2, 10]", "[7, 9]"],
-    );
-    assert_shape_err(
-        ops::linear(be, &t(&[2, 10, 1]), &t(&[7, 10]), None),
-        "linear",
-        &["[2, 10, 1]"],
     );
     // Preallocated outputs of the wrong shape.
     assert_shape_err(
@@ -647,11 +534,6 @@ fn errors_on(be: &Backend) {
         ops::conv_transpose2d_into(be, &x, &t(&[3, 6, 4, 4]), None, tp, &mut t(&[1, 6, 15, 16])),
         "conv_transpose2d",
         &["[1, 6, 15, 16]", "[1, 6, 16, 16]"],
-    );
-    assert_shape_err(
-        ops::linear_into(be, &t(&[2, 10]), &t(&[7, 10]), None, &mut t(&[7, 2])),
-        "linear",
-        &["[7, 2]", "[2, 7]"],
     );
 }
 
@@ -693,7 +575,4 @@ fn tensors_on_another_device_are_rejected() {
         ops::conv_transpose2d(&be, &x_cpu, &wt, None, ConvTranspose2dParams::new(2, 1)),
         "conv_transpose2d",
     );
-    let lw = Tensor::zeros(&cpu, &[5, 3]).unwrap();
-    let lx = Tensor::zeros(&be, &[2, 3]).unwrap();
-    mismatch(ops::linear(&be, &lx, &lw, None), "linear");
 }

@@ -23,8 +23,7 @@ use cellmorph::{Backend, Device, Precision, Tensor};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
-mod common;
-use common::data;
+use crate::common::data;
 
 const SENTINEL: f32 = -7.25;
 

@@ -1,30 +1,17 @@
-// Element-wise and per-row inference ops, f32.
+// Activations and the other element-wise inference ops, f32.
 //
 // Layouts and shapes (all buffers dense, row-major):
 //   relu_f32, relu_inplace_f32, leaky_relu_f32, sigmoid_f32, add_f32
 //       flat arrays of n elements.
-//   batchnorm_f32, batchnorm_relu_f32
-//       x, y [planes = N·C, hw] (NCHW with H·W folded); gamma, beta, mean,
-//       var [C]. Channel of plane p is p % C. The per-channel affine map
-//       scale = gamma / sqrt(var + eps), shift = beta − mean·scale is folded
-//       in-kernel, once per plane a thread visits, so a call needs no host
-//       round trip and no scratch buffer; the rounding is the CPU reference's.
 //   softmax_rows_f32   x, y [rows, dim]: softmax over the last axis.
 //   softmax_cols_f32   x, y [outer, dim, inner], inner > 1: softmax over dim.
-//   copy_channels_f32  src [n, c_src, hw] into channels [c_off, c_off + c_src)
-//                      of dst [n, c_dst, hw] (concatenation into a
-//                      preallocated output); other channels are untouched.
 //
 // Variants: relu_inplace_f32 exists so an in-place ReLU does not alias the
-// __restrict__ pointers of relu_f32. batchnorm_relu_f32 fuses the ReLU that
-// follows every BatchNorm in DenseNet (one read, one write).
+// __restrict__ pointers of relu_f32.
 //
-// Launch geometry (chosen in src/ops/elementwise.rs):
+// Launch geometry (chosen in src/ops/activation.rs):
 //   flat kernels       1-D grid-stride: 256 threads, blocks = ⌈n/256⌉ capped
 //                      (the loop covers the rest).
-//   batchnorm*         block.x threads over the plane (a multiple of 32, at
-//                      most 256, sized to hw), grid.x = ⌈hw/block.x⌉ capped,
-//                      grid.y over planes (capped at 65535); both grid-stride.
 //   softmax_rows_f32   one warp per row, 8 warps (256 threads) per block,
 //                      grid-stride over rows; three passes over the row (max,
 //                      Σexp(x − max), write) with xor-shuffle reductions, so
@@ -32,8 +19,6 @@
 //   softmax_cols_f32   one thread per (outer, inner) column, grid-stride;
 //                      neighbouring threads read neighbouring inner indices,
 //                      so every pass over dim is coalesced.
-//   copy_channels_f32  grid.y over n (grid-stride), 1-D grid-stride over the
-//                      contiguous c_src·hw block of each image.
 // Flat offsets are 64-bit throughout.
 
 #include "common.cuh"
@@ -67,24 +52,6 @@ __device__ __forceinline__ long long ew_first() {
 
 __device__ __forceinline__ long long ew_stride() {
     return (long long)blockDim.x * gridDim.x;
-}
-
-template <bool kRelu>
-__device__ __forceinline__ void batchnorm_body(const float* __restrict__ x, const float* __restrict__ gamma,
-                                               const float* __restrict__ beta, const float* __restrict__ mean,
-                                               const float* __restrict__ var, float eps, float* __restrict__ y,
-                                               int c, long long hw, long long planes) {
-    for (long long p = blockIdx.y; p < planes; p += gridDim.y) {
-        const int ch = (int)(p % c);
-        const float scale = gamma[ch] / sqrtf(var[ch] + eps);
-        const float shift = beta[ch] - mean[ch] * scale;
-        const float* xp = x + p * hw;
-        float* yp = y + p * hw;
-        for (long long i = ew_first(); i < hw; i += ew_stride()) {
-            const float v = xp[i] * scale + shift;
-            yp[i] = kRelu ? ew_relu(v) : v;
-        }
-    }
 }
 
 }  // namespace
@@ -126,22 +93,6 @@ extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __r
     }
 }
 CM_EXPORT(add_f32)
-
-extern "C" __global__ void batchnorm_f32(const float* __restrict__ x, const float* __restrict__ gamma,
-                                         const float* __restrict__ beta, const float* __restrict__ mean,
-                                         const float* __restrict__ var, float eps, float* __restrict__ y, int c,
-                                         long long hw, long long planes) {
-    batchnorm_body<false>(x, gamma, beta, mean, var, eps, y, c, hw, planes);
-}
-CM_EXPORT(batchnorm_f32)
-
-extern "C" __global__ void batchnorm_relu_f32(const float* __restrict__ x, const float* __restrict__ gamma,
-                                              const float* __restrict__ beta, const float* __restrict__ mean,
-                                              const float* __restrict__ var, float eps, float* __restrict__ y,
-                                              int c, long long hw, long long planes) {
-    batchnorm_body<true>(x, gamma, beta, mean, var, eps, y, c, hw, planes);
-}
-CM_EXPORT(batchnorm_relu_f32)
 
 extern "C" __global__ void softmax_rows_f32(const float* __restrict__ x, float* __restrict__ y, long long rows,
                                             long long dim) {
@@ -192,16 +143,3 @@ extern "C" __global__ void softmax_cols_f32(const float* __restrict__ x, float* 
     }
 }
 CM_EXPORT(softmax_cols_f32)
-
-extern "C" __global__ void copy_channels_f32(const float* __restrict__ src, float* __restrict__ dst, long long n,
-                                             long long c_src, long long hw, long long c_dst, long long c_off) {
-    const long long block = c_src * hw;
-    for (long long img = blockIdx.y; img < n; img += gridDim.y) {
-        const float* s = src + img * block;
-        float* d = dst + (img * c_dst + c_off) * hw;
-        for (long long i = ew_first(); i < block; i += ew_stride()) {
-            d[i] = s[i];
-        }
-    }
-}
-CM_EXPORT(copy_channels_f32)

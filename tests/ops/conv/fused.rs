@@ -11,7 +11,7 @@
 //! bit-for-bit untouched.
 //!
 //! Tolerance, per output: |out − ref| ≤ 1e-4 + 1e-4·|ref| + 2·√K·u·S, as in
-//! tests/ops_conv.rs: K products per output, u = 2⁻²⁴, S = the same conv on
+//! tests/ops/conv.rs: K products per output, u = 2⁻²⁴, S = the same conv on
 //! |activated input|, |w|, |b|. The kernel and the reference sum the same
 //! products in different orders, and the kernel's prologue uses a fused
 //! multiply-add where the reference rounds twice (one more rounding of
@@ -26,8 +26,7 @@ use cellmorph::{Backend, Device, Tensor};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
-mod common;
-use common::data;
+use crate::common::data;
 
 const ATOL: f32 = 1e-4;
 const RTOL: f32 = 1e-4;

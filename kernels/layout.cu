@@ -1,0 +1,63 @@
+// Data movement over NCHW planes, f32: nearest-neighbour ×2 upsampling and
+// channel concatenation.
+//
+// Layouts and shapes (dense, row-major; planes = N·C):
+//   upsample_nearest2x_f32 x [planes, h, w] → y [planes, 2h, 2w],
+//       y[oy, ox] = x[oy / 2, ox / 2].
+//   copy_channels_f32  src [n, c_src, hw] into channels [c_off, c_off + c_src)
+//                      of dst [n, c_dst, hw] (concatenation into a
+//                      preallocated output); other channels are untouched.
+//
+// Launch geometry (chosen in src/ops/layout.rs):
+//   upsample           one thread per output element. block.x threads over the
+//                      output plane (a multiple of 32, at most 256, sized to
+//                      the plane), grid.x = ⌈plane/block.x⌉ capped, grid.y over
+//                      planes (capped at 65535); both grid-stride. In-plane
+//                      indices are 32-bit (the ops layer checks that a plane
+//                      fits), plane offsets 64-bit.
+//   copy_channels_f32  grid.y over n (grid-stride), 1-D grid-stride over the
+//                      contiguous c_src·hw block of each image (256 threads,
+//                      grid.x capped); offsets 64-bit.
+
+#include "common.cuh"
+
+namespace {
+
+__device__ __forceinline__ long long layout_first() {
+    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
+}
+
+__device__ __forceinline__ long long layout_stride() {
+    return (long long)blockDim.x * gridDim.x;
+}
+
+}  // namespace
+
+extern "C" __global__ void upsample_nearest2x_f32(const float* __restrict__ x, float* __restrict__ y,
+                                                  long long planes, int h, int w) {
+    const int ow = 2 * w;
+    const long long out_plane = 4LL * h * w;
+    for (long long p = blockIdx.y; p < planes; p += gridDim.y) {
+        const float* xp = x + p * h * w;
+        float* yp = y + p * out_plane;
+        for (long long i = layout_first(); i < out_plane; i += layout_stride()) {
+            const int oy = (int)i / ow;
+            const int ox = (int)i - oy * ow;
+            yp[i] = xp[(long long)(oy >> 1) * w + (ox >> 1)];
+        }
+    }
+}
+CM_EXPORT(upsample_nearest2x_f32)
+
+extern "C" __global__ void copy_channels_f32(const float* __restrict__ src, float* __restrict__ dst, long long n,
+                                             long long c_src, long long hw, long long c_dst, long long c_off) {
+    const long long block = c_src * hw;
+    for (long long img = blockIdx.y; img < n; img += gridDim.y) {
+        const float* s = src + img * block;
+        float* d = dst + (img * c_dst + c_off) * hw;
+        for (long long i = layout_first(); i < block; i += layout_stride()) {
+            d[i] = s[i];
+        }
+    }
+}
+CM_EXPORT(copy_channels_f32)

@@ -1,0 +1,207 @@
+//! Activations and the other element-wise ops: ReLU (also in place),
+//! LeakyReLU, sigmoid, softmax over any axis, and the residual add.
+//! Kernels: `kernels/activation.cu`; CPU reference: `crate::cpu::activation`.
+
+use super::{expect_shape, i64_arg, on_device, stride_cfg, MAX_BLOCKS, THREADS};
+use crate::backend::{Backend, KernelArg, LaunchCfg};
+use crate::cpu;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::tensor::{check_device, Tensor};
+
+/// Launches a flat kernel `name(const float* x, float* y, [extra], long long n)`.
+fn launch_unary(
+    be: &Backend,
+    name: &str,
+    x: &Tensor,
+    y: &mut Tensor,
+    extra: Option<KernelArg>,
+) -> Result<()> {
+    let n = x.numel();
+    if n == 0 {
+        return Ok(());
+    }
+    let mut args = vec![x.arg(), y.arg_mut()];
+    args.extend(extra);
+    args.push(i64_arg("numel", n)?);
+    // SAFETY: the callers checked that x and y live on be's device with the
+    // same shape (n f32 each) and they outlive the launch; every kernel
+    // launched here is (const float*, float*, [float], long long n), matching
+    // `extra`, and touches indices < n only.
+    unsafe { be.launch(name, stride_cfg(n), &args) }
+}
+
+/// Checks devices and that `y` has `x`'s shape.
+fn check_unary(op: &'static str, be: &Backend, x: &Tensor, y: &Tensor) -> Result<()> {
+    on_device(op, be, &[x, y])?;
+    expect_shape(op, "output", y, x.shape())
+}
+
+/// ReLU: `y = max(x, 0)` (NaN passes through). Shapes: any.
+pub fn relu(be: &Backend, x: &Tensor) -> Result<Tensor> {
+    let mut y = Tensor::zeros(be, x.shape())?;
+    relu_into(be, x, &mut y)?;
+    Ok(y)
+}
+
+/// [`relu`] into a preallocated `y` of `x`'s shape.
+pub fn relu_into(be: &Backend, x: &Tensor, y: &mut Tensor) -> Result<()> {
+    const OP: &str = "relu";
+    check_unary(OP, be, x, y)?;
+    if be.device() == Device::Cpu {
+        return cpu::relu_forward(x.host_for(OP)?, y.host_mut_for(OP)?);
+    }
+    launch_unary(be, "relu_f32", x, y, None)
+}
+
+/// [`relu`] overwriting `x`.
+pub fn relu_inplace(be: &Backend, x: &mut Tensor) -> Result<()> {
+    const OP: &str = "relu_inplace";
+    check_device(OP, be, x)?;
+    if be.device() == Device::Cpu {
+        // The reference takes distinct input and output slices.
+        let src = x.host_for(OP)?.to_vec();
+        return cpu::relu_forward(&src, x.host_mut_for(OP)?);
+    }
+    let n = x.numel();
+    if n == 0 {
+        return Ok(());
+    }
+    let args = [x.arg_mut(), i64_arg("numel", n)?];
+    // SAFETY: x holds n f32 on be's device (checked above) and outlives the
+    // launch; relu_inplace_f32(float*, long long) touches indices < n only.
+    unsafe { be.launch("relu_inplace_f32", stride_cfg(n), &args) }
+}
+
+/// LeakyReLU: `y = x` where `x > 0`, else `slope · x`. Shapes: any.
+pub fn leaky_relu(be: &Backend, x: &Tensor, slope: f32) -> Result<Tensor> {
+    let mut y = Tensor::zeros(be, x.shape())?;
+    leaky_relu_into(be, x, slope, &mut y)?;
+    Ok(y)
+}
+
+/// [`leaky_relu`] into a preallocated `y` of `x`'s shape.
+pub fn leaky_relu_into(be: &Backend, x: &Tensor, slope: f32, y: &mut Tensor) -> Result<()> {
+    const OP: &str = "leaky_relu";
+    check_unary(OP, be, x, y)?;
+    if be.device() == Device::Cpu {
+        return cpu::leaky_relu_forward(slope, x.host_for(OP)?, y.host_mut_for(OP)?);
+    }
+    launch_unary(be, "leaky_relu_f32", x, y, Some(KernelArg::F32(slope)))
+}
+
+/// Sigmoid: `y = 1 / (1 + e^(−x))`. Shapes: any.
+pub fn sigmoid(be: &Backend, x: &Tensor) -> Result<Tensor> {
+    let mut y = Tensor::zeros(be, x.shape())?;
+    sigmoid_into(be, x, &mut y)?;
+    Ok(y)
+}
+
+/// [`sigmoid`] into a preallocated `y` of `x`'s shape.
+pub fn sigmoid_into(be: &Backend, x: &Tensor, y: &mut Tensor) -> Result<()> {
+    const OP: &str = "sigmoid";
+    check_unary(OP, be, x, y)?;
+    if be.device() == Device::Cpu {
+        return cpu::sigmoid_forward(x.host_for(OP)?, y.host_mut_for(OP)?);
+    }
+    launch_unary(be, "sigmoid_f32", x, y, None)
+}
+
+/// Element-wise sum `y = a + b` (a residual connection). `a` and `b` must
+/// have the same shape (no broadcasting).
+pub fn add(be: &Backend, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let mut y = Tensor::zeros(be, a.shape())?;
+    add_into(be, a, b, &mut y)?;
+    Ok(y)
+}
+
+/// [`add`] into a preallocated `y` of the inputs' shape.
+pub fn add_into(be: &Backend, a: &Tensor, b: &Tensor, y: &mut Tensor) -> Result<()> {
+    const OP: &str = "add";
+    on_device(OP, be, &[a, b, y])?;
+    if a.shape() != b.shape() {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "a has shape {:?} but b has shape {:?}",
+                a.shape(),
+                b.shape()
+            ),
+        ));
+    }
+    expect_shape(OP, "output", y, a.shape())?;
+    if be.device() == Device::Cpu {
+        return cpu::add_forward(a.host_for(OP)?, b.host_for(OP)?, y.host_mut_for(OP)?);
+    }
+    let n = a.numel();
+    if n == 0 {
+        return Ok(());
+    }
+    let args = [a.arg(), b.arg(), y.arg_mut(), i64_arg("numel", n)?];
+    // SAFETY: a, b and y hold n f32 each on be's device (checked above) and
+    // outlive the launch; add_f32(const float*, const float*, float*,
+    // long long n) touches indices < n only.
+    unsafe { be.launch("add_f32", stride_cfg(n), &args) }
+}
+
+/// Softmax over `axis` of an n-d tensor (the maximum is subtracted first).
+/// Shapes: any with `axis < rank`; the output has `x`'s shape.
+pub fn softmax(be: &Backend, x: &Tensor, axis: usize) -> Result<Tensor> {
+    let mut y = Tensor::zeros(be, x.shape())?;
+    softmax_into(be, x, axis, &mut y)?;
+    Ok(y)
+}
+
+/// [`softmax`] into a preallocated `y` of `x`'s shape.
+pub fn softmax_into(be: &Backend, x: &Tensor, axis: usize, y: &mut Tensor) -> Result<()> {
+    const OP: &str = "softmax";
+    check_unary(OP, be, x, y)?;
+    let shape = x.shape();
+    let Some(&dim) = shape.get(axis) else {
+        return Err(Error::shape(
+            OP,
+            format!("axis {axis} is out of range for shape {shape:?}"),
+        ));
+    };
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis + 1..].iter().product();
+    if be.device() == Device::Cpu {
+        return cpu::softmax_forward(outer, dim, inner, x.host_for(OP)?, y.host_mut_for(OP)?);
+    }
+    if x.numel() == 0 {
+        return Ok(());
+    }
+    if inner == 1 {
+        // One warp per row, 8 rows per block.
+        let warps = THREADS as usize / 32;
+        let cfg = LaunchCfg {
+            grid: (outer.div_ceil(warps).clamp(1, MAX_BLOCKS) as u32, 1, 1),
+            block: (THREADS, 1, 1),
+            shared_bytes: 0,
+        };
+        let args = [
+            x.arg(),
+            y.arg_mut(),
+            i64_arg("rows", outer)?,
+            i64_arg("dim", dim)?,
+        ];
+        // SAFETY: x and y hold outer·dim f32 on be's device (checked above)
+        // and outlive the launch; softmax_rows_f32(const float*, float*,
+        // long long rows, long long dim) touches rows < outer and columns
+        // < dim only.
+        unsafe { be.launch("softmax_rows_f32", cfg, &args) }
+    } else {
+        let args = [
+            x.arg(),
+            y.arg_mut(),
+            i64_arg("outer", outer)?,
+            i64_arg("dim", dim)?,
+            i64_arg("inner", inner)?,
+        ];
+        // SAFETY: x and y hold outer·dim·inner f32 on be's device (checked
+        // above) and outlive the launch; softmax_cols_f32(const float*,
+        // float*, long long outer, dim, inner) touches indices
+        // < outer·dim·inner only.
+        unsafe { be.launch("softmax_cols_f32", stride_cfg(outer * inner), &args) }
+    }
+}

@@ -1,0 +1,166 @@
+//! Data movement over NCHW images: nearest ×2 upsampling and channel
+//! concatenation (into a new tensor, or into a channel slice of a
+//! preallocated one). Kernels: `kernels/layout.cu`; CPU reference:
+//! `crate::cpu::layout`.
+
+use super::{dims4, expect_shape, i64_arg, on_device, plane_cfg, MAX_BLOCKS, MAX_GRID_Y, THREADS};
+use crate::backend::{Backend, KernelArg, LaunchCfg};
+use crate::cpu;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// Nearest-neighbour ×2 upsampling: `x` `[n, c, h, w]` → `[n, c, 2h, 2w]`.
+pub fn upsample_nearest2x(be: &Backend, x: &Tensor) -> Result<Tensor> {
+    let [n, c, h, w] = dims4("upsample_nearest2x", x)?;
+    let mut y = Tensor::zeros(be, &[n, c, 2 * h, 2 * w])?;
+    upsample_nearest2x_into(be, x, &mut y)?;
+    Ok(y)
+}
+
+/// [`upsample_nearest2x`] into a preallocated `y` `[n, c, 2h, 2w]`.
+pub fn upsample_nearest2x_into(be: &Backend, x: &Tensor, y: &mut Tensor) -> Result<()> {
+    const OP: &str = "upsample_nearest2x";
+    on_device(OP, be, &[x, y])?;
+    let [n, c, h, w] = dims4(OP, x)?;
+    expect_shape(OP, "output", y, &[n, c, 2 * h, 2 * w])?;
+    if be.device() == Device::Cpu {
+        return cpu::upsample_nearest2x_forward(n, c, h, w, x.host_for(OP)?, y.host_mut_for(OP)?);
+    }
+    let planes = n * c;
+    let out_plane = 4 * h * w;
+    if planes == 0 || out_plane == 0 {
+        return Ok(());
+    }
+    // The kernel indexes within an output plane in 32-bit arithmetic.
+    KernelArg::int("output plane size", out_plane)?;
+    let args = [
+        x.arg(),
+        y.arg_mut(),
+        i64_arg("planes", planes)?,
+        KernelArg::int("h", h)?,
+        KernelArg::int("w", w)?,
+    ];
+    // SAFETY: x holds n·c·h·w and y n·c·4hw f32 on be's device (checked
+    // above) and both outlive the launch; upsample_nearest2x_f32(const
+    // float*, float*, long long planes, int h, int w) writes outputs < 4hw
+    // per plane and reads x[oy/2, ox/2] inside the input plane.
+    unsafe {
+        be.launch(
+            "upsample_nearest2x_f32",
+            plane_cfg(out_plane, planes),
+            &args,
+        )
+    }
+}
+
+/// `(n, c, hw)` of a tensor `[n, c, ...]`, naming `what` in errors.
+fn channel_dims(op: &'static str, what: &str, t: &Tensor) -> Result<(usize, usize, usize)> {
+    match t.shape() {
+        [n, c, rest @ ..] => Ok((*n, *c, rest.iter().product())),
+        s => Err(Error::shape(
+            op,
+            format!("{what} must be [n, c, ...], got shape {s:?}"),
+        )),
+    }
+}
+
+/// Concatenates tensors `[n, c_i, ...]` along the channel axis into a new
+/// `[n, Σ c_i, ...]`. All inputs must agree on every axis but the channels.
+pub fn concat_channels(be: &Backend, xs: &[&Tensor]) -> Result<Tensor> {
+    const OP: &str = "concat_channels";
+    let Some(first) = xs.first() else {
+        return Err(Error::shape(OP, "no tensors to concatenate"));
+    };
+    channel_dims(OP, "input 0", first)?;
+    let mut shape = first.shape().to_vec();
+    shape[1] = 0;
+    for (i, x) in xs.iter().enumerate() {
+        let s = x.shape();
+        let agrees = s.len() == shape.len() && s[0] == shape[0] && s[2..] == shape[2..];
+        if !agrees {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "input {i} has shape {s:?}, which does not match input 0 {:?} outside the channel axis",
+                    first.shape()
+                ),
+            ));
+        }
+        shape[1] += s[1];
+    }
+    let mut y = Tensor::zeros(be, &shape)?;
+    let mut offset = 0;
+    for x in xs {
+        copy_channels_into(be, x, &mut y, offset)?;
+        offset += x.shape()[1];
+    }
+    Ok(y)
+}
+
+/// Writes `src` `[n, c_src, ...]` into channels `c_offset..c_offset + c_src`
+/// of `dst` `[n, c_dst, ...]`, leaving its other channels alone (DenseNet's
+/// concatenation into one preallocated feature buffer). Errors when the
+/// channels do not fit or the other axes differ.
+pub fn copy_channels_into(
+    be: &Backend,
+    src: &Tensor,
+    dst: &mut Tensor,
+    c_offset: usize,
+) -> Result<()> {
+    const OP: &str = "copy_channels";
+    on_device(OP, be, &[src, dst])?;
+    let (n, c_src, hw) = channel_dims(OP, "source", src)?;
+    let (_, c_dst, _) = channel_dims(OP, "destination", dst)?;
+    let (s, d) = (src.shape(), dst.shape());
+    if s.len() != d.len() || s[0] != d[0] || s[2..] != d[2..] {
+        return Err(Error::shape(
+            OP,
+            format!("source {s:?} and destination {d:?} differ outside the channel axis"),
+        ));
+    }
+    if c_offset.checked_add(c_src).is_none_or(|end| end > c_dst) {
+        return Err(Error::shape(
+            OP,
+            format!("source {s:?} at channel offset {c_offset} does not fit in destination {d:?}"),
+        ));
+    }
+    if be.device() == Device::Cpu {
+        return cpu::copy_channels(
+            n,
+            c_src,
+            hw,
+            src.host_for(OP)?,
+            c_dst,
+            c_offset,
+            dst.host_mut_for(OP)?,
+        );
+    }
+    if src.numel() == 0 {
+        return Ok(());
+    }
+    let block = c_src * hw;
+    let cfg = LaunchCfg {
+        grid: (
+            block.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32,
+            n.clamp(1, MAX_GRID_Y) as u32,
+            1,
+        ),
+        block: (THREADS, 1, 1),
+        shared_bytes: 0,
+    };
+    let args = [
+        src.arg(),
+        dst.arg_mut(),
+        i64_arg("n", n)?,
+        i64_arg("source channels", c_src)?,
+        i64_arg("plane size", hw)?,
+        i64_arg("destination channels", c_dst)?,
+        i64_arg("channel offset", c_offset)?,
+    ];
+    // SAFETY: src holds n·c_src·hw and dst n·c_dst·hw f32 on be's device
+    // (checked above) and both outlive the launch; c_offset + c_src <= c_dst,
+    // so copy_channels_f32(const float*, float*, long long n, c_src, hw,
+    // c_dst, c_off) writes inside dst only.
+    unsafe { be.launch("copy_channels_f32", cfg, &args) }
+}

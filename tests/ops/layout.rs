@@ -1,0 +1,126 @@
+//! Data movement (kernels/layout.cu: nearest ×2 upsampling, channel
+//! concatenation and `copy_channels_into`) against the CPU reference, on the
+//! emulated device and on a CUDA GPU when there is one, plus the ops layer's
+//! shape errors.
+//!
+//! Inputs and runners: `super::support`. Tolerance: exact (every output is a
+//! copy); channels outside a copied slice must stay untouched.
+
+use cellmorph::{ops, Backend, Tensor};
+use proptest::prelude::*;
+
+use super::support::{
+    cuda, emulated, exact, expect_shape_error, numel, ok, on_devices, pair, run, zeros, Rng,
+};
+
+fn upsample_matches_cpu(be: &Backend) {
+    let case = (
+        1usize..=3,
+        1usize..=3,
+        1usize..=16,
+        1usize..=16,
+        any::<u64>(),
+    );
+    run(be, case, |be, (n, c, h, w, seed)| {
+        let shape = [n, c, h, w];
+        let data = Rng(seed).vec(numel(&shape), -4.0, 4.0);
+        let (xc, xd) = pair(be, &shape, &data)?;
+        let reference = ok(ok(ops::upsample_nearest2x(&Backend::cpu(), &xc))?.to_vec())?;
+        let out = ok(ops::upsample_nearest2x(be, &xd))?;
+        prop_assert_eq!(out.shape(), &[n, c, 2 * h, 2 * w]);
+        exact(
+            &format!("upsample_nearest2x {shape:?} seed {seed}"),
+            &reference,
+            &ok(out.to_vec())?,
+        )
+    });
+}
+
+/// Concatenation of 1–3 inputs, and a copy into a channel slice of a
+/// prefilled destination that must leave the other channels untouched.
+fn concat_matches_cpu(be: &Backend) {
+    let case = (
+        1usize..=2,
+        prop::collection::vec(1usize..=4, 1..=3),
+        prop::collection::vec(1usize..=8, 0..=2),
+        any::<u64>(),
+    );
+    run(be, case, |be, (n, channels, spatial, seed)| {
+        let ctx = format!("concat n {n} channels {channels:?} spatial {spatial:?} seed {seed}");
+        let mut rng = Rng(seed);
+        let shape_of = |c: usize| [vec![n, c], spatial.clone()].concat();
+        let mut inputs = Vec::new();
+        for &c in &channels {
+            let shape = shape_of(c);
+            inputs.push(pair(be, &shape, &rng.vec(numel(&shape), -4.0, 4.0))?);
+        }
+        let cpu_refs: Vec<&Tensor> = inputs.iter().map(|p| &p.0).collect();
+        let dev_refs: Vec<&Tensor> = inputs.iter().map(|p| &p.1).collect();
+        let reference = ok(ops::concat_channels(&Backend::cpu(), &cpu_refs))?;
+        let out = ok(ops::concat_channels(be, &dev_refs))?;
+        prop_assert_eq!(out.shape(), reference.shape());
+        exact(&ctx, &ok(reference.to_vec())?, &ok(out.to_vec())?)?;
+
+        // The last input into a destination with two spare channels on each side.
+        let last = inputs.len() - 1;
+        let dst_shape = shape_of(channels[last] + 4);
+        let fill = rng.vec(numel(&dst_shape), 10.0, 20.0);
+        let (mut dc, mut dd) = pair(be, &dst_shape, &fill)?;
+        ok(ops::copy_channels_into(
+            &Backend::cpu(),
+            &inputs[last].0,
+            &mut dc,
+            2,
+        ))?;
+        ok(ops::copy_channels_into(be, &inputs[last].1, &mut dd, 2))?;
+        let reference = ok(dc.to_vec())?;
+        let hw: usize = spatial.iter().product();
+        let block = (channels[last] + 4) * hw;
+        for (i, (&r, &f)) in reference.iter().zip(&fill).enumerate() {
+            let ch = (i % block) / hw;
+            if !(2..2 + channels[last]).contains(&ch) {
+                prop_assert_eq!(r, f, "{}: CPU copy_channels touched channel {}", ctx, ch);
+            }
+        }
+        exact(
+            &format!("{ctx} (copy_channels_into)"),
+            &reference,
+            &ok(dd.to_vec())?,
+        )
+    });
+}
+
+on_devices!(upsample_matches_cpu, concat_matches_cpu);
+
+#[test]
+fn shape_errors() {
+    let be = emulated();
+    let x = zeros(&be, &[1, 2, 5, 5]);
+    expect_shape_error(
+        ops::upsample_nearest2x_into(&be, &x, &mut zeros(&be, &[1, 2, 10, 9])),
+        "upsample_nearest2x",
+        &["[1, 2, 10, 9]", "[1, 2, 10, 10]"],
+    );
+
+    expect_shape_error(
+        ops::concat_channels(&be, &[]),
+        "concat_channels",
+        &["no tensors"],
+    );
+    expect_shape_error(
+        ops::concat_channels(&be, &[&x, &zeros(&be, &[1, 3, 5, 4])]),
+        "concat_channels",
+        &["[1, 3, 5, 4]", "[1, 2, 5, 5]"],
+    );
+    let mut dst = zeros(&be, &[1, 3, 5, 5]);
+    expect_shape_error(
+        ops::copy_channels_into(&be, &x, &mut dst, 2),
+        "copy_channels",
+        &["offset 2", "[1, 2, 5, 5]", "[1, 3, 5, 5]"],
+    );
+    expect_shape_error(
+        ops::copy_channels_into(&be, &zeros(&be, &[2, 2, 5, 5]), &mut dst, 0),
+        "copy_channels",
+        &["[2, 2, 5, 5]", "[1, 3, 5, 5]"],
+    );
+}
