@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use image::{DynamicImage, ImageError, ImageFormat, ImageReader, Limits};
 
+use crate::csv::{CsvFile, CsvWriter};
 use crate::io::write_atomic;
 use crate::{Error, Result};
 
@@ -567,64 +568,56 @@ pub struct SampleImage {
     pub path: PathBuf,
 }
 
-/// Reads a sample list: a header line `sample,image`, then one line per
-/// image, `<sample>,<path>`. The sample name ends at the first comma and the
-/// path is the rest of the line (so paths may contain commas); surrounding
-/// spaces are trimmed, blank lines skipped. A sample may have many images.
+/// Reads a sample list: the header `sample,image`, then one line per image,
+/// `<sample>,<path>`, read as [`crate::csv`] reads CSV (quoted fields, `#`
+/// comment lines, blank lines skipped, a UTF-8 BOM dropped, surrounding
+/// blanks trimmed). A path may be quoted to hold commas; an unquoted path
+/// that holds commas is the rest of the line, as older lists wrote it. A
+/// sample may have many images.
 ///
 /// # Errors
-/// Unreadable file, a wrong header, a line without a comma, an empty sample
+/// Unreadable file, a wrong header, a line without a path, an empty sample
 /// or path, or no images at all; the message names the file and line.
 pub fn read_sample_list(path: impl AsRef<Path>) -> Result<Vec<SampleImage>> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let csv = CsvFile::read(path)?;
     let base = path.parent().unwrap_or(Path::new(""));
-    let mut lines = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty());
-    match lines.next() {
-        Some((_, header)) if header.trim().eq_ignore_ascii_case("sample,image") => {}
-        _ => {
-            return Err(Error::format(
-                path,
-                "the first line must be the header `sample,image`",
-            ))
-        }
+    let header_ok = csv.header.len() == 2
+        && csv.header.get(0).eq_ignore_ascii_case("sample")
+        && csv.header.get(1).eq_ignore_ascii_case("image");
+    if !header_ok {
+        return Err(csv.line_error(csv.header.line, "the header must be `sample,image`"));
     }
-    let mut out = Vec::new();
-    for (i, line) in lines {
-        let (sample, image) = line
-            .split_once(',')
-            .map(|(s, p)| (s.trim(), p.trim()))
-            .filter(|(s, p)| !s.is_empty() && !p.is_empty())
-            .ok_or_else(|| {
-                Error::format(
-                    path,
-                    format!("line {}: expected `<sample>,<image path>`", i + 1),
-                )
-            })?;
+    let mut out = Vec::with_capacity(csv.rows.len());
+    for row in &csv.rows {
+        let sample = row.get(0);
+        let image = row.fields.get(1..).unwrap_or_default().join(",");
+        if sample.is_empty() || image.is_empty() {
+            return Err(csv.line_error(row.line, "expected `<sample>,<image path>`"));
+        }
         out.push(SampleImage {
             sample: sample.to_string(),
             path: base.join(image),
         });
     }
     if out.is_empty() {
-        return Err(Error::format(path, "the sample list names no images"));
+        return Err(csv.error("the sample list names no images"));
     }
     Ok(out)
 }
 
 /// Writes a sample list readable by [`read_sample_list`], atomically. Image
-/// paths are written as given (make them relative to the list's directory
-/// to keep the data set relocatable).
+/// paths are written as given, quoted when they hold a comma, a quote or a
+/// `#` (make them relative to the list's directory to keep the data set
+/// relocatable).
 ///
 /// # Errors
 /// A sample name that is empty or contains a comma or line break, a path
 /// with a line break or that is not valid UTF-8, or a write failure.
 pub fn write_sample_list(path: impl AsRef<Path>, entries: &[SampleImage]) -> Result<()> {
     let path = path.as_ref();
-    let mut text = String::from("sample,image\n");
+    let mut w = CsvWriter::new();
+    w.record(["sample", "image"]);
     for e in entries {
         if e.sample.is_empty() || e.sample.contains([',', '\n', '\r']) {
             return Err(Error::invalid(format!(
@@ -642,10 +635,7 @@ pub fn write_sample_list(path: impl AsRef<Path>, entries: &[SampleImage]) -> Res
                     e.path.display()
                 ))
             })?;
-        text.push_str(&e.sample);
-        text.push(',');
-        text.push_str(image);
-        text.push('\n');
+        w.record([e.sample.as_str(), image]);
     }
-    write_atomic(path, text.as_bytes())
+    w.write(path)
 }

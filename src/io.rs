@@ -306,8 +306,22 @@ impl TensorWriter {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename.
+/// Writes `bytes` to `path` atomically: into a uniquely named hidden
+/// temporary file in the same directory (`.<name>.XXXXXX.tmp`, so two
+/// writers of one path never share it), flushed to disk (`sync_all`), then
+/// renamed over `path`; on unix the directory is then synced too (best
+/// effort). Readers see either the old file or the whole new one.
+///
+/// The file gets the permissions a plain create would (`0o666` less the
+/// umask on unix), not the temporary file's usual `0o600`.
+///
+/// # Errors
+/// Any failure — the directory is missing or read-only, the disk is full,
+/// the rename is refused — names `path` (never the temporary name), removes
+/// the temporary file and leaves an existing file at `path` untouched.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -315,16 +329,42 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| Error::invalid(format!("{} is not a file path", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let fail = |e: std::io::Error| Error::io(path, without_temp_path(e));
+    // Dropping `tmp` on any error below removes the temporary file.
+    let mut tmp = builder.tempfile_in(dir).map_err(fail)?;
+    tmp.as_file_mut().write_all(bytes).map_err(fail)?;
+    tmp.as_file().sync_all().map_err(fail)?;
+    tmp.persist(path).map_err(|e| fail(e.error))?;
+    #[cfg(unix)]
+    {
+        // The rename is durable once the directory is synced; a directory
+        // that cannot be opened or synced does not undo the write.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// `tempfile` adds ` at path "<temporary file>"` to its errors; the caller
+/// names the user's path instead, so the hidden temporary name is cut off.
+fn without_temp_path(e: std::io::Error) -> std::io::Error {
+    if e.raw_os_error().is_some() || e.get_ref().is_none() {
+        return e;
+    }
+    let text = e.to_string();
+    match text.rsplit_once(" at path \"") {
+        Some((message, _)) => std::io::Error::new(e.kind(), message.to_string()),
+        None => e,
+    }
 }
 
 /// The metadata key of a seeded file: JSON `{"seed": S, "tensors": {name:

@@ -53,6 +53,7 @@
 pub mod apps;
 pub mod backend;
 pub mod cpu;
+pub mod csv;
 pub mod device;
 pub mod error;
 pub mod geometry;

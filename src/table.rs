@@ -1,17 +1,17 @@
 //! Numeric CSV tables (samples × named columns).
 //!
-//! The format is plain comma-separated text: a header row whose first cell
-//! names the row index (written back as `sample`) and whose other cells name
-//! the columns, then one row per sample starting with its name. Fields may be
-//! wrapped in double quotes (a doubled quote inside stands for one quote);
-//! quoted fields cannot span lines. Every value must be a finite number:
+//! The format is comma-separated text as [`crate::csv`] reads and writes it
+//! (quoted fields, `#` comment lines, blank lines skipped, a UTF-8 BOM
+//! dropped): a header row whose first cell names the row index (written back
+//! as `sample`) and whose other cells name the columns, then one row per
+//! sample starting with its name. Every value must be a finite number:
 //! NaN and infinities are rejected, because every consumer here (SVR, stats)
 //! would otherwise produce silently wrong numbers.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::path::Path;
 
+use crate::csv::{CsvFile, CsvWriter};
 use crate::{Error, Result};
 
 /// A dense table of finite `f64` values with unique row and column names.
@@ -65,84 +65,47 @@ impl Table {
 
     /// Reads a table from a CSV file (see the module documentation).
     pub fn read_csv(path: impl AsRef<Path>) -> Result<Table> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Table::parse_csv(&text, path)
+        Table::from_csv(&CsvFile::read(path)?)
     }
 
     /// Parses CSV text; `origin` names the source in error messages.
     pub fn parse_csv(text: &str, origin: impl AsRef<Path>) -> Result<Table> {
-        let origin = origin.as_ref();
-        let fail = |line: usize, msg: String| Error::format(origin, format!("line {line}: {msg}"));
-        let mut lines = text
-            .lines()
-            .enumerate()
-            .map(|(i, l)| (i + 1, l.trim_end_matches('\r')))
-            .filter(|(_, l)| !l.trim().is_empty());
-        let (header_line, header) = lines
-            .next()
-            .ok_or_else(|| Error::format(origin, "empty table: no header row"))?;
-        let header = split_fields(header).map_err(|m| fail(header_line, m))?;
-        let col_names: Vec<String> = header.into_iter().skip(1).collect();
+        Table::from_csv(&CsvFile::parse(text, origin)?)
+    }
+
+    fn from_csv(csv: &CsvFile) -> Result<Table> {
+        let col_names: Vec<String> = csv.header.fields.iter().skip(1).cloned().collect();
         if col_names.is_empty() {
-            return Err(fail(
-                header_line,
-                "empty table: the header names no data columns".into(),
+            return Err(csv.line_error(
+                csv.header.line,
+                "empty table: the header names no data columns",
             ));
         }
-        check_unique(&col_names, "column").map_err(|m| fail(header_line, m))?;
+        csv.check_unique_header(1)?;
 
-        let mut row_names = Vec::new();
-        let mut data = Vec::new();
-        for (line_no, line) in lines {
-            let fields = split_fields(line).map_err(|m| fail(line_no, m))?;
-            if fields.len() != col_names.len() + 1 {
-                return Err(fail(
-                    line_no,
-                    format!(
-                        "{} fields, but the header has {} (row name + {} columns)",
-                        fields.len(),
-                        col_names.len() + 1,
-                        col_names.len()
-                    ),
+        let mut row_names: Vec<String> = Vec::with_capacity(csv.rows.len());
+        let mut data = Vec::with_capacity(csv.rows.len() * col_names.len());
+        let mut seen = HashMap::with_capacity(csv.rows.len());
+        for row in &csv.rows {
+            csv.check_width(row)?;
+            let name = row.get(0);
+            if name.is_empty() {
+                return Err(csv.line_error(row.line, "empty row name"));
+            }
+            if let Some(first) = seen.insert(name, row.line) {
+                return Err(csv.line_error(
+                    row.line,
+                    format!("duplicate row name {name:?} (first on line {first})"),
                 ));
             }
-            let mut fields = fields.into_iter();
-            let name = fields.next().unwrap_or_default();
-            if name.is_empty() {
-                return Err(fail(line_no, "empty row name".into()));
+            for c in 1..row.len() {
+                data.push(csv.number(row, c)?);
             }
-            for (c, cell) in fields.enumerate() {
-                let value: f64 = cell.trim().parse().map_err(|_| {
-                    fail(
-                        line_no,
-                        format!(
-                            "column {} ('{}'): '{}' is not a number",
-                            c + 2,
-                            col_names[c],
-                            cell
-                        ),
-                    )
-                })?;
-                if !value.is_finite() {
-                    return Err(fail(
-                        line_no,
-                        format!(
-                            "column {} ('{}'): non-finite value '{}' (NaN and infinities are not accepted)",
-                            c + 2,
-                            col_names[c],
-                            cell
-                        ),
-                    ));
-                }
-                data.push(value);
-            }
-            row_names.push(name);
+            row_names.push(name.to_string());
         }
         if row_names.is_empty() {
-            return Err(Error::format(origin, "empty table: no data rows"));
+            return Err(csv.error("empty table: no data rows"));
         }
-        check_unique(&row_names, "row").map_err(|m| Error::format(origin, m))?;
         Ok(Table {
             row_names,
             col_names,
@@ -153,27 +116,26 @@ impl Table {
     /// The table as CSV text, header cell `sample` first. Values are written
     /// with Rust's shortest round-trip formatting, so reading back is exact.
     pub fn to_csv_string(&self) -> String {
-        let mut out = String::from("sample");
-        for name in &self.col_names {
-            out.push(',');
-            out.push_str(&quote_field(name));
-        }
-        out.push('\n');
+        self.to_csv_writer().into_string()
+    }
+
+    fn to_csv_writer(&self) -> CsvWriter {
+        let mut w = CsvWriter::new();
+        w.record(std::iter::once("sample").chain(self.col_names.iter().map(String::as_str)));
+        let mut fields = Vec::with_capacity(self.n_cols() + 1);
         for (r, name) in self.row_names.iter().enumerate() {
-            out.push_str(&quote_field(name));
-            for v in self.row(r) {
-                // Writing into a String cannot fail.
-                let _ = write!(out, ",{v}");
-            }
-            out.push('\n');
+            fields.clear();
+            fields.push(name.clone());
+            fields.extend(self.row(r).iter().map(f64::to_string));
+            w.record(&fields);
         }
-        out
+        w
     }
 
     /// Writes the table as CSV (see [`Table::to_csv_string`]), through a
     /// temporary file so an existing file is never left half-written.
     pub fn write_csv(&self, path: impl AsRef<Path>) -> Result<()> {
-        crate::io::write_atomic(path.as_ref(), self.to_csv_string().as_bytes())
+        self.to_csv_writer().write(path.as_ref())
     }
 
     /// Number of rows.
@@ -273,73 +235,6 @@ fn check_unique(names: &[String], what: &str) -> std::result::Result<(), String>
     Ok(())
 }
 
-/// Splits one CSV line into unquoted fields (surrounding blanks trimmed;
-/// double quotes group, `""` inside quotes is a quote).
-pub(crate) fn split_fields(line: &str) -> std::result::Result<Vec<String>, String> {
-    let mut fields = Vec::new();
-    let mut chars = line.chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| *c == ' ' || *c == '\t') {
-            chars.next();
-        }
-        let mut field = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            loop {
-                match chars.next() {
-                    Some('"') if chars.peek() == Some(&'"') => {
-                        chars.next();
-                        field.push('"');
-                    }
-                    Some('"') => break,
-                    Some(c) => field.push(c),
-                    None => {
-                        return Err(format!("unterminated quote in field {}", fields.len() + 1))
-                    }
-                }
-            }
-            while chars.peek().is_some_and(|c| *c == ' ' || *c == '\t') {
-                chars.next();
-            }
-            match chars.next() {
-                None => {
-                    fields.push(field);
-                    return Ok(fields);
-                }
-                Some(',') => fields.push(field),
-                Some(c) => {
-                    return Err(format!(
-                        "unexpected '{c}' after the closing quote of field {}",
-                        fields.len() + 1
-                    ))
-                }
-            }
-        } else {
-            loop {
-                match chars.next() {
-                    None => {
-                        fields.push(field.trim().to_string());
-                        return Ok(fields);
-                    }
-                    Some(',') => break,
-                    Some(c) => field.push(c),
-                }
-            }
-            fields.push(field.trim().to_string());
-        }
-    }
-}
-
-/// Quotes a CSV field when it holds a comma, a quote, a line break or
-/// surrounding blanks.
-pub(crate) fn quote_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) || s.trim() != s {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,7 +273,7 @@ mod tests {
     fn errors_name_line_and_column() {
         let e = err("s,a,b\nS1,1,2\nS2,1,x\n");
         assert!(
-            e.contains("t.csv") && e.contains("line 3") && e.contains("column 3 ('b')"),
+            e.contains("t.csv") && e.contains("line 3, column \"b\": \"x\" is not a number"),
             "{e}"
         );
         let e = err("s,a,b\nS1,1\n");
@@ -390,10 +285,16 @@ mod tests {
         let e = err("s,a\nS1,\n");
         assert!(e.contains("is not a number"), "{e}");
         let e = err("s,a,a\nS1,1,2\n");
-        assert!(e.contains("duplicate column name 'a'"), "{e}");
+        assert!(
+            e.contains("line 1, column \"a\": duplicate column name"),
+            "{e}"
+        );
         let e = err("s,a\nS1,1\nS1,2\n");
-        assert!(e.contains("duplicate row name 'S1'"), "{e}");
-        assert!(err("").contains("empty table"));
+        assert!(
+            e.contains("line 3: duplicate row name \"S1\" (first on line 2)"),
+            "{e}"
+        );
+        assert!(err("").contains("t.csv: empty file"));
         assert!(err("s,a\n").contains("no data rows"));
         assert!(err("s\nS1\n").contains("no data columns"));
         assert!(err("s,\"a\n").contains("unterminated quote"));

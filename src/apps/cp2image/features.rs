@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::csv::CsvFile;
 use crate::io::write_atomic;
 use crate::{Error, Result};
 
@@ -44,9 +45,7 @@ pub struct FeatureTable {
 impl FeatureTable {
     /// Reads a feature CSV (see the module documentation).
     pub fn read_csv(path: impl AsRef<Path>, columns: FeatureColumns<'_>) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::parse_csv(&text, path, columns)
+        Self::from_csv(&CsvFile::read(path)?, columns)
     }
 
     /// Parses CSV text; `origin` names the source in error messages.
@@ -55,23 +54,18 @@ impl FeatureTable {
         origin: impl AsRef<Path>,
         columns: FeatureColumns<'_>,
     ) -> Result<Self> {
-        let origin = origin.as_ref();
-        let fail = |line: usize, msg: String| Error::format(origin, format!("line {line}: {msg}"));
-        let mut lines = text
-            .lines()
+        Self::from_csv(&CsvFile::parse(text, origin)?, columns)
+    }
+
+    fn from_csv(csv: &CsvFile, columns: FeatureColumns<'_>) -> Result<Self> {
+        let header = &csv.header.fields;
+        csv.check_unique_header(1)?;
+        let position: HashMap<&str, usize> = header
+            .iter()
             .enumerate()
-            .map(|(i, l)| (i + 1, l.trim_end_matches('\r')))
-            .filter(|(_, l)| !l.trim().is_empty());
-        let (header_line, header) = lines
-            .next()
-            .ok_or_else(|| Error::format(origin, "empty file: no header row"))?;
-        let header = crate::table::split_fields(header).map_err(|m| fail(header_line, m))?;
-        let mut position: HashMap<&str, usize> = HashMap::new();
-        for (i, name) in header.iter().enumerate().skip(1) {
-            if position.insert(name.as_str(), i).is_some() {
-                return Err(fail(header_line, format!("duplicate column name {name:?}")));
-            }
-        }
+            .skip(1)
+            .map(|(i, name)| (name.as_str(), i))
+            .collect();
         let feature_cols: Vec<usize> = match columns {
             FeatureColumns::AllButMetadata => (1..header.len())
                 .filter(|&i| !METADATA_COLUMNS.contains(&header[i].as_str()))
@@ -83,22 +77,19 @@ impl FeatureTable {
                     .filter(|n| !position.contains_key(n))
                     .collect();
                 if !missing.is_empty() {
-                    return Err(Error::format(
-                        origin,
-                        format!(
-                            "{} of the {} features needed are not columns of this table: {}{}",
-                            missing.len(),
-                            names.len(),
-                            missing[..missing.len().min(5)].join(", "),
-                            if missing.len() > 5 { ", …" } else { "" }
-                        ),
-                    ));
+                    return Err(csv.error(format!(
+                        "{} of the {} features needed are not columns of this table: {}{}",
+                        missing.len(),
+                        names.len(),
+                        missing[..missing.len().min(5)].join(", "),
+                        if missing.len() > 5 { ", …" } else { "" }
+                    )));
                 }
                 names.iter().map(|n| position[n.as_str()]).collect()
             }
         };
         if feature_cols.is_empty() {
-            return Err(fail(header_line, "no feature columns".into()));
+            return Err(csv.line_error(csv.header.line, "no feature columns"));
         }
         let is_feature: Vec<bool> = {
             let mut v = vec![false; header.len()];
@@ -109,54 +100,21 @@ impl FeatureTable {
         };
         let text_cols: Vec<usize> = (1..header.len()).filter(|&i| !is_feature[i]).collect();
 
-        let mut ids = Vec::new();
-        let mut values = Vec::new();
+        let mut ids = Vec::with_capacity(csv.rows.len());
+        let mut values = Vec::with_capacity(csv.rows.len() * feature_cols.len());
         let mut text_values: Vec<Vec<String>> = vec![Vec::new(); text_cols.len()];
-        let mut row = vec![0.0f64; header.len()];
-        for (line_no, line) in lines {
-            let fields = crate::table::split_fields(line).map_err(|m| fail(line_no, m))?;
-            if fields.len() != header.len() {
-                return Err(fail(
-                    line_no,
-                    format!(
-                        "{} fields, but the header has {}",
-                        fields.len(),
-                        header.len()
-                    ),
-                ));
-            }
+        for row in &csv.rows {
+            csv.check_width(row)?;
             for &c in &feature_cols {
-                let cell = fields[c].trim();
-                let v: f64 = cell.parse().map_err(|_| {
-                    fail(
-                        line_no,
-                        format!(
-                            "column {} ({:?}): {cell:?} is not a number",
-                            c + 1,
-                            header[c]
-                        ),
-                    )
-                })?;
-                if !v.is_finite() {
-                    return Err(fail(
-                        line_no,
-                        format!(
-                            "column {} ({:?}): {cell:?} is not finite (NaN and infinities cannot be standardized)",
-                            c + 1,
-                            header[c]
-                        ),
-                    ));
-                }
-                row[c] = v;
+                values.push(csv.number(row, c)?);
             }
-            values.extend(feature_cols.iter().map(|&c| row[c]));
             for (acc, &c) in text_values.iter_mut().zip(&text_cols) {
-                acc.push(fields[c].clone());
+                acc.push(row.get(c).to_string());
             }
-            ids.push(fields[0].clone());
+            ids.push(row.get(0).to_string());
         }
         if ids.is_empty() {
-            return Err(Error::format(origin, "no data rows"));
+            return Err(csv.error("no data rows"));
         }
         Ok(FeatureTable {
             ids,
@@ -469,17 +427,4 @@ pub fn standardize(o: &StandardizeOptions) -> Result<StandardizeSummary> {
         cells: n,
         constant,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn csv_lines_split_with_quotes() {
-        assert_eq!(
-            crate::table::split_fields("a, \"b,c\" ,\"d\"\"e\"").unwrap(),
-            ["a", "b,c", "d\"e"]
-        );
-        assert_eq!(crate::table::split_fields("1,,2").unwrap(), ["1", "", "2"]);
-        assert!(crate::table::split_fields("\"open").is_err());
-    }
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use super::plots::scatter_top;
 use super::prepare::read_expression;
+use crate::csv::CsvWriter;
 use crate::error::{Error, Result};
 use crate::stats::{benjamini_hochberg, pearson, r2_score};
 use crate::svr::SvrModel;
@@ -171,20 +172,41 @@ impl Evaluation {
 
     /// CSV: dataset, gene, n, R2, pearson_r, p, q, r2_score, significant.
     pub fn to_csv(&self) -> String {
-        let mut s = String::from("dataset,gene,n,R2,pearson_r,p,q,r2_score,significant\n");
+        self.to_csv_writer().into_string()
+    }
+
+    fn to_csv_writer(&self) -> CsvWriter {
+        let mut w = CsvWriter::new();
+        w.record([
+            "dataset",
+            "gene",
+            "n",
+            "R2",
+            "pearson_r",
+            "p",
+            "q",
+            "r2_score",
+            "significant",
+        ]);
         for r in &self.results {
-            let _ = writeln!(
-                s,
-                "{},{},{},{},{},{},{},{},{}",
-                r.dataset, r.gene, r.n, r.r2, r.pearson_r, r.p, r.q, r.r2_score, r.significant
-            );
+            w.record([
+                r.dataset.clone(),
+                r.gene.clone(),
+                r.n.to_string(),
+                r.r2.to_string(),
+                r.pearson_r.to_string(),
+                r.p.to_string(),
+                r.q.to_string(),
+                r.r2_score.to_string(),
+                r.significant.to_string(),
+            ]);
         }
-        s
+        w
     }
 
     /// Writes [`Evaluation::to_csv`] atomically.
     pub fn write_csv(&self, path: &Path) -> Result<()> {
-        crate::io::write_atomic(path, self.to_csv().as_bytes())
+        self.to_csv_writer().write(path)
     }
 
     /// A readable Table-3-style summary: per data set the number of genes

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use super::plots::map_png;
 use super::profile::{patch_profiles, PatchProfiles};
 use crate::backend::Backend;
+use crate::csv::CsvWriter;
 use crate::error::{Error, Result};
-use crate::io::write_atomic;
 use crate::models::vqvae2::VqVae2;
 use crate::svr::SvrModel;
 
@@ -120,12 +120,19 @@ pub fn map_image(be: &Backend, o: &MapImageOptions) -> Result<MapImageSummary> {
     let model = SvrModel::load(&o.model)?;
     let m = expression_map(be, &vq, &model, &o.gene, &o.image, o.patch, o.batch_size)?;
     let csv = o.output.with_extension("csv");
-    let mut text = String::from("row,col,x,y,predicted\n");
+    let mut w = CsvWriter::new();
+    w.record(["row", "col", "x", "y", "predicted"]);
     for (i, v) in m.values.iter().enumerate() {
         let (r, c) = (i / m.cols, i % m.cols);
-        text.push_str(&format!("{r},{c},{},{},{v}\n", c * m.patch, r * m.patch));
+        w.record([
+            r.to_string(),
+            c.to_string(),
+            (c * m.patch).to_string(),
+            (r * m.patch).to_string(),
+            v.to_string(),
+        ]);
     }
-    write_atomic(&csv, text.as_bytes())?;
+    w.write(&csv)?;
     map_png(&m, &o.image, &o.output)?;
     Ok(MapImageSummary { map: m, csv })
 }

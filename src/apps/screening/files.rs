@@ -7,65 +7,28 @@ use std::path::Path;
 
 use super::predict::PredictRun;
 use super::preprocess::SkipReason;
+use crate::csv::{CsvFile, CsvWriter};
 use crate::error::{Error, Result};
-use crate::io::{write_atomic, TensorWriter};
-use crate::table::{quote_field as quote, split_fields as split_csv};
+use crate::io::TensorWriter;
 
-/// A CSV file: `# key: value` comment lines, a header, rows with their line
-/// numbers.
-pub(crate) struct CsvRows {
-    pub(crate) meta: Vec<(String, String)>,
-    pub(crate) header: Vec<String>,
-    pub(crate) rows: Vec<(usize, Vec<String>)>,
+/// Reads a screening CSV (see [`crate::csv`]): rows may be shorter than
+/// the header (missing cells read as empty) but not longer. Columns are
+/// found by name, ignoring case ([`CsvFile::column_ignore_case`]).
+pub(crate) fn read_csv(path: &Path) -> Result<CsvFile> {
+    let csv = CsvFile::read(path)?;
+    if let Some(row) = csv.rows.iter().find(|r| r.len() > csv.header.len()) {
+        return Err(csv.width_error(row));
+    }
+    Ok(csv)
 }
 
-impl CsvRows {
-    /// Index of the column named `name` (case-insensitive).
-    pub(crate) fn column(&self, name: &str) -> Option<usize> {
-        self.header
-            .iter()
-            .position(|h| h.eq_ignore_ascii_case(name))
-    }
-}
-
-pub(crate) fn read_csv_rows(path: &Path) -> Result<CsvRows> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let text =
-        String::from_utf8(bytes).map_err(|_| Error::format(path, "not a text (UTF-8) CSV file"))?;
-    let mut meta = Vec::new();
-    let mut header: Option<Vec<String>> = None;
-    let mut rows = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim_start_matches('\u{feff}');
-        if line.trim().is_empty() {
-            continue;
-        }
-        if let Some(comment) = line.strip_prefix('#') {
-            if let Some((k, v)) = comment.split_once(':') {
-                meta.push((k.trim().to_string(), v.trim().to_string()));
-            }
-            continue;
-        }
-        let fields =
-            split_csv(line).map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))?;
-        match header {
-            None => header = Some(fields),
-            Some(ref h) if fields.len() > h.len() => {
-                return Err(Error::format(
-                    path,
-                    format!(
-                        "line {}: {} fields but the header has {}",
-                        i + 1,
-                        fields.len(),
-                        h.len()
-                    ),
-                ))
-            }
-            Some(_) => rows.push((i + 1, fields)),
-        }
-    }
-    let header = header.ok_or_else(|| Error::format(path, "empty CSV file (no header)"))?;
-    Ok(CsvRows { meta, header, rows })
+/// The `# key: value` comment lines of a screening CSV.
+fn comment_values(csv: &CsvFile) -> Vec<(&str, &str)> {
+    csv.comments
+        .iter()
+        .filter_map(|c| c.text.split_once(':'))
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .collect()
 }
 
 /// Writes the predictions CSV: `#` comment lines with the run's settings and
@@ -77,7 +40,6 @@ pub(crate) fn read_csv_rows(path: &Path) -> Result<CsvRows> {
 pub fn write_predictions(path: &Path, run: &PredictRun, weights: &str) -> Result<()> {
     let t = &run.timing;
     let skipped = run.skipped().count();
-    let mut s = String::new();
     let meta: [(&str, String); 11] = [
         ("weights", weights.replace(['\n', '\r'], " ")),
         ("device", run.device.clone()),
@@ -101,37 +63,40 @@ pub fn write_predictions(path: &Path, run: &PredictRun, weights: &str) -> Result
             ),
         ),
     ];
-    s.push_str("# cellmorph screen predict\n");
+    let mut w = CsvWriter::new();
+    w.comment("cellmorph screen predict");
     for (k, v) in meta {
-        s.push_str(&format!("# {k}: {v}\n"));
+        w.comment(&format!("{k}: {v}"));
     }
-    s.push_str("image,status,prob_positive,prediction,mean_v,reason\n");
+    w.record([
+        "image",
+        "status",
+        "prob_positive",
+        "prediction",
+        "mean_v",
+        "reason",
+    ]);
     for p in &run.predictions {
-        let row = match &p.outcome {
-            Ok(v) => format!(
-                "{},ok,{},{},{:.3},",
-                quote(&p.id),
-                v.probability,
-                u8::from(v.positive),
-                v.mean_v
-            ),
+        match &p.outcome {
+            Ok(v) => w.record([
+                p.id.as_str(),
+                "ok",
+                &v.probability.to_string(),
+                &u8::from(v.positive).to_string(),
+                &format!("{:.3}", v.mean_v),
+                "",
+            ]),
             Err(r) => {
                 let mean = match r {
                     SkipReason::TooBright { mean_v, .. } => format!("{mean_v:.3}"),
                     SkipReason::Blank => "0".to_string(),
                     SkipReason::Unreadable(_) => String::new(),
                 };
-                format!(
-                    "{},skipped,,,{mean},{}",
-                    quote(&p.id),
-                    quote(&r.to_string())
-                )
+                w.record([p.id.as_str(), "skipped", "", "", &mean, &r.to_string()]);
             }
-        };
-        s.push_str(&row);
-        s.push('\n');
+        }
     }
-    write_atomic(path, s.as_bytes())
+    w.write(path)
 }
 
 /// One row of a predictions file.
@@ -167,55 +132,56 @@ pub struct PredictionsFile {
 /// Unreadable file, missing columns, a probability that is not a finite
 /// number, or a duplicated image id.
 pub fn read_predictions(path: &Path) -> Result<PredictionsFile> {
-    let csv = read_csv_rows(path)?;
+    let csv = read_csv(path)?;
     let col = |name: &str| {
-        csv.column(name)
-            .ok_or_else(|| Error::format(path, format!("the header has no `{name}` column")))
+        csv.column_ignore_case(name)
+            .ok_or_else(|| csv.error(format!("the header has no `{name}` column")))
     };
     let (ci, cp) = (col("image")?, col("prob_positive")?);
-    let (cs, cr) = (csv.column("status"), csv.column("reason"));
-    let get = |row: &[String], c: usize| row.get(c).cloned().unwrap_or_default();
+    let (cs, cr) = (
+        csv.column_ignore_case("status"),
+        csv.column_ignore_case("reason"),
+    );
     let mut seen = HashMap::new();
     let mut rows = Vec::with_capacity(csv.rows.len());
-    for (line, row) in &csv.rows {
-        let id = get(row, ci);
+    for row in &csv.rows {
+        let id = row.get(ci);
         if id.is_empty() {
-            return Err(Error::format(path, format!("line {line}: empty image id")));
+            return Err(csv.cell_error(row.line, ci, "empty image id"));
         }
-        if let Some(first) = seen.insert(id.clone(), *line) {
-            return Err(Error::format(
-                path,
-                format!("line {line}: image {id:?} already on line {first}"),
+        if let Some(first) = seen.insert(id, row.line) {
+            return Err(csv.cell_error(
+                row.line,
+                ci,
+                format!("image {id:?} already on line {first}"),
             ));
         }
-        let skipped = cs.is_some_and(|c| get(row, c).eq_ignore_ascii_case("skipped"));
+        let skipped = cs.is_some_and(|c| row.get(c).eq_ignore_ascii_case("skipped"));
         let probability = if skipped {
             None
         } else {
-            let v = get(row, cp);
+            let v = row.get(cp);
             let p: f64 = v
                 .parse()
                 .ok()
                 .filter(|p: &f64| p.is_finite())
                 .ok_or_else(|| {
-                    Error::format(
-                        path,
-                        format!("line {line}: prob_positive {v:?} is not a finite number"),
-                    )
+                    csv.cell_error(row.line, cp, format!("{v:?} is not a finite number"))
                 })?;
             Some(p)
         };
         rows.push(PredictionRow {
-            id,
+            id: id.to_string(),
             probability,
-            reason: cr.map(|c| get(row, c)).filter(|r| !r.is_empty()),
+            reason: cr.map(|c| row.get(c).to_string()).filter(|r| !r.is_empty()),
         });
     }
+    let comments = comment_values(&csv);
     let meta = |key: &str| {
-        csv.meta
+        comments
             .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.to_string())
     };
     let number =
         |key: &str| meta(key).and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok());
@@ -234,47 +200,45 @@ pub fn read_predictions(path: &Path) -> Result<PredictionsFile> {
 /// # Errors
 /// Unreadable file, missing columns, an unknown label or a duplicated image.
 pub fn read_labels(path: &Path) -> Result<Vec<(String, bool)>> {
-    let csv = read_csv_rows(path)?;
+    let csv = read_csv(path)?;
     let col = |name: &str| {
-        csv.column(name).ok_or_else(|| {
-            Error::format(
-                path,
-                format!("the header has no `{name}` column (expected `image,label`)"),
-            )
+        csv.column_ignore_case(name).ok_or_else(|| {
+            csv.error(format!(
+                "the header has no `{name}` column (expected `image,label`)"
+            ))
         })
     };
     let (ci, cl) = (col("image")?, col("label")?);
     let mut seen = HashMap::new();
     let mut out = Vec::with_capacity(csv.rows.len());
-    for (line, row) in &csv.rows {
-        let id = row.get(ci).cloned().unwrap_or_default();
-        let raw = row
-            .get(cl)
-            .map(|s| s.to_ascii_lowercase())
-            .unwrap_or_default();
+    for row in &csv.rows {
+        let id = row.get(ci);
+        let raw = row.get(cl).to_ascii_lowercase();
         let label = match raw.as_str() {
             "1" | "true" | "positive" | "high" => true,
             "0" | "false" | "negative" | "low" => false,
             _ => {
-                return Err(Error::format(
-                    path,
-                    format!("line {line}: label {raw:?} is not 1/0, true/false, positive/negative or high/low"),
+                return Err(csv.cell_error(
+                    row.line,
+                    cl,
+                    format!("label {raw:?} is not 1/0, true/false, positive/negative or high/low"),
                 ))
             }
         };
         if id.is_empty() {
-            return Err(Error::format(path, format!("line {line}: empty image id")));
+            return Err(csv.cell_error(row.line, ci, "empty image id"));
         }
-        if let Some(first) = seen.insert(id.clone(), *line) {
-            return Err(Error::format(
-                path,
-                format!("line {line}: image {id:?} already on line {first}"),
+        if let Some(first) = seen.insert(id, row.line) {
+            return Err(csv.cell_error(
+                row.line,
+                ci,
+                format!("image {id:?} already on line {first}"),
             ));
         }
-        out.push((id, label));
+        out.push((id.to_string(), label));
     }
     if out.is_empty() {
-        return Err(Error::format(path, "no labels"));
+        return Err(csv.error("no labels"));
     }
     Ok(out)
 }
@@ -307,19 +271,12 @@ pub fn write_features(path: &Path, run: &PredictRun) -> Result<()> {
         .map(str::to_ascii_lowercase);
     match ext.as_deref() {
         Some("csv") => {
-            let mut s = String::from("image");
-            for k in 0..c {
-                s.push_str(&format!(",f{k}"));
-            }
-            s.push('\n');
+            let mut w = CsvWriter::new();
+            w.record(std::iter::once("image".to_string()).chain((0..c).map(|k| format!("f{k}"))));
             for (id, f) in &rows {
-                s.push_str(&quote(id));
-                for v in *f {
-                    s.push_str(&format!(",{v}"));
-                }
-                s.push('\n');
+                w.record(std::iter::once(id.to_string()).chain(f.iter().map(f32::to_string)));
             }
-            write_atomic(path, s.as_bytes())
+            w.write(path)
         }
         Some("safetensors") => {
             let mut w = TensorWriter::new();

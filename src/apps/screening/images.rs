@@ -7,7 +7,7 @@ use std::sync::mpsc::{sync_channel, Receiver};
 
 use rayon::prelude::*;
 
-use super::files::read_csv_rows;
+use super::files::read_csv;
 use super::preprocess::{preprocess, Prepared, Preprocess, SkipReason};
 use crate::error::{Error, Result};
 use crate::imaging::read_gray;
@@ -73,24 +73,18 @@ pub fn list_images(source: &Path) -> Result<ImageList> {
         }
         list
     } else {
-        let table = read_csv_rows(source)?;
-        let col = table.column("image").ok_or_else(|| {
-            Error::format(
-                source,
-                "the header has no `image` column (e.g. `image,label`)",
-            )
-        })?;
+        let table = read_csv(source)?;
+        let col = table
+            .column_ignore_case("image")
+            .ok_or_else(|| table.error("the header has no `image` column (e.g. `image,label`)"))?;
         let base = source.parent().unwrap_or(Path::new(""));
         let entries = table
             .rows
             .iter()
-            .map(|(line, row)| {
-                let id = row.get(col).map(String::as_str).unwrap_or_default();
+            .map(|row| {
+                let id = row.get(col);
                 if id.is_empty() {
-                    return Err(Error::format(
-                        source,
-                        format!("line {line}: empty image path"),
-                    ));
+                    return Err(table.cell_error(row.line, col, "empty image path"));
                 }
                 Ok(ImageEntry {
                     id: id.to_string(),
