@@ -69,6 +69,7 @@ pub mod stats;
 pub mod svr;
 pub mod table;
 pub mod tensor;
+pub mod train;
 
 pub use backend::Backend;
 pub use device::Device;

@@ -292,3 +292,87 @@ pub fn code_histogram_accumulate(
             Ok(())
         })
 }
+
+/// One exponential-moving-average codebook update (vq-vae-2-pytorch's
+/// `Quantize` in training mode), from the vectors `x` `[n, d, hw]` that were
+/// quantized and their codes `ids` `[n, hw]` (chosen with the codebook
+/// *before* this update). With `O` the one-hot assignments, `decay` d and
+/// `K = n_embed`:
+///
+/// - `cluster_size ← d·cluster_size + (1−d)·Σ O` (codes counted);
+/// - `embed_avg ← d·embed_avg + (1−d)·Xᵀ O` (per code, the sum of its vectors);
+/// - `N = Σ cluster_size`, `cs_k = (cluster_size_k + eps) / (N + K·eps) · N`
+///   (Laplace smoothing, so an unused code never divides by zero);
+/// - `embed[:, k] = embed_avg[:, k] / cs_k`.
+///
+/// `cluster_size` `[K]`, `embed_avg` and `embed` `[d, K]` are updated in
+/// place. Counts and vector sums are f64, accumulated sequentially in
+/// position order, so the update is deterministic; the moving averages are
+/// then stepped in f32 as PyTorch does. A code outside `[0, K)` is an error
+/// and leaves everything unchanged.
+#[allow(clippy::too_many_arguments)]
+pub fn vq_ema_update(
+    n: usize,
+    d: usize,
+    hw: usize,
+    n_embed: usize,
+    x: &[f32],
+    ids: &[i32],
+    decay: f32,
+    eps: f32,
+    cluster_size: &mut [f32],
+    embed_avg: &mut [f32],
+    embed: &mut [f32],
+) -> Result<()> {
+    const OP: &str = "vq_ema_update";
+    check_len(OP, "x", x.len(), numel(OP, &[n, d, hw])?)?;
+    check_len(OP, "ids", ids.len(), numel(OP, &[n, hw])?)?;
+    check_len(OP, "cluster_size", cluster_size.len(), n_embed)?;
+    let codebook = numel(OP, &[d, n_embed])?;
+    check_len(OP, "embed_avg", embed_avg.len(), codebook)?;
+    check_len(OP, "embed", embed.len(), codebook)?;
+    if !(0.0..=1.0).contains(&decay) || !(eps.is_finite() && eps >= 0.0) {
+        return Err(Error::invalid(format!(
+            "{OP}: decay must be in [0, 1] and eps finite and ≥ 0, got decay {decay}, eps {eps}"
+        )));
+    }
+    let mut counts = vec![0f64; n_embed];
+    let mut sums = vec![0f64; codebook];
+    for ni in 0..n {
+        for p in 0..hw {
+            let k = ids[ni * hw + p];
+            let k = usize::try_from(k)
+                .ok()
+                .filter(|&k| k < n_embed)
+                .ok_or_else(|| {
+                    Error::invalid(format!("{OP}: code {k} is outside [0, {n_embed})"))
+                })?;
+            counts[k] += 1.0;
+            for c in 0..d {
+                sums[c * n_embed + k] += x[(ni * d + c) * hw + p] as f64;
+            }
+        }
+    }
+    let keep = 1.0 - decay;
+    for (cs, &count) in cluster_size.iter_mut().zip(&counts) {
+        *cs = *cs * decay + keep * count as f32;
+    }
+    for (avg, &sum) in embed_avg.iter_mut().zip(&sums) {
+        *avg = *avg * decay + keep * sum as f32;
+    }
+    let total: f64 = cluster_size.iter().map(|&v| v as f64).sum();
+    if !(total > 0.0 && total.is_finite()) {
+        return Err(Error::invalid(format!(
+            "{OP}: the cluster sizes sum to {total}; no code has been used to normalize by"
+        )));
+    }
+    let denom = total + n_embed as f64 * eps as f64;
+    for k in 0..n_embed {
+        let cs = (cluster_size[k] as f64 + eps as f64) / denom * total;
+        for c in 0..d {
+            let i = c * n_embed + k;
+            embed[i] = (embed_avg[i] as f64 / cs) as f32;
+        }
+    }
+    Ok(())
+}

@@ -477,6 +477,12 @@ impl VqVae2 {
         Ok((out.ids, out.quant))
     }
 
+    /// The bottom lookup of `pre_b`: codes `[N, h, w]` and their vectors `quant_b`.
+    pub fn quantize_bottom(&self, be: &Backend, pre_b: &Tensor) -> Result<(Tensor<i32>, Tensor)> {
+        let out = vq_lookup(be, pre_b, &self.quantize_b)?;
+        Ok((out.ids, out.quant))
+    }
+
     /// The bottom quantizer's input `pre_b` `[N, D, H/4, W/4]` from the top
     /// vectors and the bottom encoder's output.
     pub fn pre_quantize_bottom(

@@ -141,7 +141,10 @@ impl ParamGroup {
             )));
         }
         if let Some(wd) = self.weight_decay {
-            check_nonneg(&format!("parameter group {:?}: weight_decay", self.name), wd)?;
+            check_nonneg(
+                &format!("parameter group {:?}: weight_decay", self.name),
+                wd,
+            )?;
         }
         Ok(())
     }
@@ -212,7 +215,9 @@ fn check_unit(what: &str, v: f64) -> Result<()> {
     if (0.0..1.0).contains(&v) {
         Ok(())
     } else {
-        Err(Error::invalid(format!("{what} must lie in [0, 1), got {v}")))
+        Err(Error::invalid(format!(
+            "{what} must lie in [0, 1), got {v}"
+        )))
     }
 }
 
@@ -262,7 +267,12 @@ impl Optimizer {
     /// Registers a parameter of `len` elements in group `group`; returns its
     /// index, which is its position in the slices given to [`step`](Self::step).
     /// Names must be unique.
-    pub fn add_param(&mut self, group: usize, name: impl Into<String>, len: usize) -> Result<usize> {
+    pub fn add_param(
+        &mut self,
+        group: usize,
+        name: impl Into<String>,
+        len: usize,
+    ) -> Result<usize> {
         let name = name.into();
         if group >= self.groups.len() {
             return Err(Error::invalid(format!(

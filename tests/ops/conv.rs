@@ -56,7 +56,13 @@ pub(super) fn cuda() -> Backend {
 
 /// Compares `got` with `want` under the module's tolerance; `mag` is the op
 /// on absolute values and `k` the number of products per output.
-pub(super) fn compare(what: &str, got: &[f32], want: &[f32], mag: &[f32], k: usize) -> Result<(), String> {
+pub(super) fn compare(
+    what: &str,
+    got: &[f32],
+    want: &[f32],
+    mag: &[f32],
+    k: usize,
+) -> Result<(), String> {
     if got.len() != want.len() {
         return Err(format!(
             "{what}: {} outputs, expected {}",

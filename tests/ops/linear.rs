@@ -8,7 +8,9 @@ use cellmorph::ops;
 use cellmorph::{Backend, Error, Tensor};
 use proptest::prelude::*;
 
-use super::conv::{abs, assert_shape_err, compare, cuda, emulated, property, CUDA_CASES, EMU_CASES};
+use super::conv::{
+    abs, assert_shape_err, compare, cuda, emulated, property, CUDA_CASES, EMU_CASES,
+};
 use crate::common::data;
 
 #[derive(Clone, Debug)]

@@ -18,7 +18,9 @@
 //! without a GPU, `--include-ignored` on one) on CUDA against the CPU path.
 //! The CPU path itself is checked across families by [`golden`] (every
 //! forward op against PyTorch goldens, `tests/fixtures/ops.safetensors`)
-//! and [`backward`] (every backward op against finite differences).
+//! and [`backward`] (every backward op against finite differences) and
+//! [`golden_backward`] (every backward op against PyTorch goldens,
+//! `tests/fixtures/ops_backward.safetensors`).
 //! [`support`] holds the helpers of activation, norm, pool and layout.
 
 #[path = "../common/mod.rs"]
@@ -31,6 +33,7 @@ mod backward;
 mod conv;
 mod conv_tc;
 mod golden;
+mod golden_backward;
 mod layout;
 mod linear;
 mod norm;

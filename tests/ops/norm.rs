@@ -11,8 +11,8 @@ use cellmorph::{ops, Backend, Tensor};
 use proptest::prelude::*;
 
 use super::support::{
-    assert_close, cuda, emulated, expect_shape_error, numel, ok, on_devices, pair, run, zeros,
-    Rng, EPS,
+    assert_close, cuda, emulated, expect_shape_error, numel, ok, on_devices, pair, run, zeros, Rng,
+    EPS,
 };
 
 /// BatchNorm inputs: `[n, c]` up to `[n, c, h, w]`.

@@ -103,7 +103,11 @@ pub(crate) fn exact(ctx: &str, reference: &[f32], out: &[f32]) -> Result<(), Tes
 }
 
 /// The same data as a tensor on the CPU and on `be`.
-pub(crate) fn pair(be: &Backend, shape: &[usize], data: &[f32]) -> Result<(Tensor, Tensor), TestCaseError> {
+pub(crate) fn pair(
+    be: &Backend,
+    shape: &[usize],
+    data: &[f32],
+) -> Result<(Tensor, Tensor), TestCaseError> {
     Ok((
         ok(Tensor::from_slice(&Backend::cpu(), shape, data))?,
         ok(Tensor::from_slice(be, shape, data))?,
@@ -147,7 +151,11 @@ macro_rules! on_devices {
 pub(crate) use on_devices;
 
 /// The shape error of `r`, which must come from `op` and mention every `parts`.
-pub(crate) fn expect_shape_error<T: std::fmt::Debug>(r: cellmorph::Result<T>, op: &str, parts: &[&str]) {
+pub(crate) fn expect_shape_error<T: std::fmt::Debug>(
+    r: cellmorph::Result<T>,
+    op: &str,
+    parts: &[&str],
+) {
     match r {
         Err(Error::Shape { op: got, msg }) => {
             assert_eq!(got, op, "error from the wrong op: {msg}");
