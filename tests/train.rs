@@ -190,8 +190,8 @@ fn frozen_groups_and_restored_state_behave_like_pytorch() {
 #[test]
 fn global_norm_clipping_scales_every_gradient_by_one_factor() {
     use cellmorph::train::optim::{clip_grad_norm, grad_norm};
-    let mut g1 = vec![3.0f32, 0.0];
-    let mut g2 = vec![0.0f32, 4.0];
+    let mut g1 = [3.0f32, 0.0];
+    let mut g2 = [0.0f32, 4.0];
     let n = clip_grad_norm(&mut [&mut g1[..], &mut g2[..]], 1.0).unwrap();
     assert!(
         (n - 5.0).abs() < 1e-12,
@@ -201,9 +201,9 @@ fn global_norm_clipping_scales_every_gradient_by_one_factor() {
     assert!((after - 1.0).abs() < 1e-6, "norm after clipping {after}");
     assert!((g1[0] / g2[1] - 0.75).abs() < 1e-6, "directions kept");
     // Below the threshold nothing changes.
-    let mut g = vec![0.1f32, 0.2];
+    let mut g = [0.1f32, 0.2];
     clip_grad_norm(&mut [&mut g[..]], 10.0).unwrap();
-    assert_eq!(g, vec![0.1, 0.2]);
+    assert_eq!(g, [0.1, 0.2]);
 }
 
 /// The codebook EMA of one VQ-VAE-2 training step

@@ -331,7 +331,7 @@ pub fn vq_ema_update(
     let codebook = numel(OP, &[d, n_embed])?;
     check_len(OP, "embed_avg", embed_avg.len(), codebook)?;
     check_len(OP, "embed", embed.len(), codebook)?;
-    if !(0.0..=1.0).contains(&decay) || !(eps.is_finite() && eps >= 0.0) {
+    if !((0.0..=1.0).contains(&decay) && eps.is_finite() && eps >= 0.0) {
         return Err(Error::invalid(format!(
             "{OP}: decay must be in [0, 1] and eps finite and ≥ 0, got decay {decay}, eps {eps}"
         )));
@@ -367,8 +367,8 @@ pub fn vq_ema_update(
         )));
     }
     let denom = total + n_embed as f64 * eps as f64;
-    for k in 0..n_embed {
-        let cs = (cluster_size[k] as f64 + eps as f64) / denom * total;
+    for (k, &size) in cluster_size.iter().enumerate() {
+        let cs = (size as f64 + eps as f64) / denom * total;
         for c in 0..d {
             let i = c * n_embed + k;
             embed[i] = (embed_avg[i] as f64 / cs) as f32;
