@@ -5,8 +5,10 @@
 
 pub mod loss;
 pub mod optim;
+pub mod store;
 
 pub use optim::{AdamConfig, Method, Optimizer, ParamGroup, SgdConfig};
+pub use store::{Param, ParamStore};
 
 use crate::{Error, Result};
 
