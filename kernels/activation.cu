@@ -3,6 +3,12 @@
 // Layouts and shapes (all buffers dense, row-major):
 //   relu_f32, relu_inplace_f32, leaky_relu_f32, sigmoid_f32, add_f32
 //       flat arrays of n elements.
+//   relu_backward_f32, leaky_relu_backward_f32 (x, dy, dx),
+//   sigmoid_backward_f32 (y, dy, dx)
+//       flat arrays of n elements; x is the forward input, y the forward
+//       output, dy the upstream gradient, dx the input gradient. Each dx[i]
+//       is computed from element i alone with the same operations, in the
+//       same order, as the CPU reference (bit-identical results).
 //   softmax_rows_f32   x, y [rows, dim]: softmax over the last axis.
 //   softmax_cols_f32   x, y [outer, dim, inner], inner > 1: softmax over dim.
 //
@@ -93,6 +99,36 @@ extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __r
     }
 }
 CM_EXPORT(add_f32)
+
+// dx = dy where x > 0, else 0 (PyTorch's choice at x = 0).
+extern "C" __global__ void relu_backward_f32(const float* __restrict__ x, const float* __restrict__ dy,
+                                             float* __restrict__ dx, long long n) {
+    for (long long i = ew_first(); i < n; i += ew_stride()) {
+        dx[i] = x[i] > 0.0f ? dy[i] : 0.0f;
+    }
+}
+CM_EXPORT(relu_backward_f32)
+
+// dx = dy where x > 0, else slope · dy.
+extern "C" __global__ void leaky_relu_backward_f32(const float* __restrict__ x, const float* __restrict__ dy,
+                                                   float* __restrict__ dx, float slope, long long n) {
+    for (long long i = ew_first(); i < n; i += ew_stride()) {
+        const float g = dy[i];
+        dx[i] = x[i] > 0.0f ? g : slope * g;
+    }
+}
+CM_EXPORT(leaky_relu_backward_f32)
+
+// dx = (dy · y) · (1 − y), from the forward output y; two roundings in the
+// reference's order (no add follows a multiply, so nothing contracts to FMA).
+extern "C" __global__ void sigmoid_backward_f32(const float* __restrict__ y, const float* __restrict__ dy,
+                                                float* __restrict__ dx, long long n) {
+    for (long long i = ew_first(); i < n; i += ew_stride()) {
+        const float v = y[i];
+        dx[i] = dy[i] * v * (1.0f - v);
+    }
+}
+CM_EXPORT(sigmoid_backward_f32)
 
 extern "C" __global__ void softmax_rows_f32(const float* __restrict__ x, float* __restrict__ y, long long rows,
                                             long long dim) {

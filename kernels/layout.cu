@@ -4,6 +4,10 @@
 // Layouts and shapes (dense, row-major; planes = N·C):
 //   upsample_nearest2x_f32 x [planes, h, w] → y [planes, 2h, 2w],
 //       y[oy, ox] = x[oy / 2, ox / 2].
+//   upsample_nearest2x_backward_f32 dy [planes, 2h, 2w] → dx [planes, h, w],
+//       a gather: dx[iy, ix] = dy[2iy, 2ix] + dy[2iy, 2ix+1]
+//       + dy[2iy+1, 2ix] + dy[2iy+1, 2ix+1], summed left to right in that
+//       order (the CPU reference's order, so the result is bit-identical).
 //   copy_channels_f32  src [n, c_src, hw] into channels [c_off, c_off + c_src)
 //                      of dst [n, c_dst, hw] (concatenation into a
 //                      preallocated output); other channels are untouched.
@@ -15,6 +19,9 @@
 //                      planes (capped at 65535); both grid-stride. In-plane
 //                      indices are 32-bit (the ops layer checks that a plane
 //                      fits), plane offsets 64-bit.
+//   upsample backward  one thread per dx element, otherwise as upsample (the
+//                      block sized to the dx plane; 32-bit in-plane indices,
+//                      the ops layer checks that a dy plane fits).
 //   copy_channels_f32  grid.y over n (grid-stride), 1-D grid-stride over the
 //                      contiguous c_src·hw block of each image (256 threads,
 //                      grid.x capped); offsets 64-bit.
@@ -48,6 +55,24 @@ extern "C" __global__ void upsample_nearest2x_f32(const float* __restrict__ x, f
     }
 }
 CM_EXPORT(upsample_nearest2x_f32)
+
+extern "C" __global__ void upsample_nearest2x_backward_f32(const float* __restrict__ dy, float* __restrict__ dx,
+                                                           long long planes, int h, int w) {
+    const int ow = 2 * w;
+    const long long in_plane = (long long)h * w;
+    for (long long p = blockIdx.y; p < planes; p += gridDim.y) {
+        const float* dyp = dy + p * 4 * in_plane;
+        float* dxp = dx + p * in_plane;
+        for (long long i = layout_first(); i < in_plane; i += layout_stride()) {
+            const int iy = (int)i / w;
+            const int ix = (int)i - iy * w;
+            const float* top = dyp + (long long)(2 * iy) * ow + 2 * ix;
+            const float* bottom = top + ow;
+            dxp[i] = top[0] + top[1] + bottom[0] + bottom[1];
+        }
+    }
+}
+CM_EXPORT(upsample_nearest2x_backward_f32)
 
 extern "C" __global__ void copy_channels_f32(const float* __restrict__ src, float* __restrict__ dst, long long n,
                                              long long c_src, long long hw, long long c_dst, long long c_off) {

@@ -11,6 +11,9 @@
 //       count_include_pad != 0, else by its in-bounds part. The sum is taken
 //       row by row (Σ of row sums), the CPU reference's order.
 //   global_avg_pool_f32   x [planes, hw] → y [planes]: the mean of each plane.
+//   global_avg_pool_backward_f32   dy [planes] → dx [planes, hw],
+//       dx[p, i] = dy[p] / (float)hw: a gather (each dx element reads the one
+//       output that averaged it), one division as in the CPU reference.
 //
 // Launch geometry (chosen in src/ops/pool.rs):
 //   pool2d             one thread per output element. block.x threads over the
@@ -24,6 +27,8 @@
 //                      a strided part of the plane, warps reduce with xor
 //                      shuffles, then warp 0 reduces the per-warp sums from
 //                      shared memory. Any plane size works.
+//   global_avg_pool_backward   one thread per dx element, 1-D grid-stride
+//                      (256 threads, grid.x capped); offsets 64-bit.
 
 #include "common.cuh"
 
@@ -140,3 +145,14 @@ extern "C" __global__ void global_avg_pool_f32(const float* __restrict__ x, floa
     }
 }
 CM_EXPORT(global_avg_pool_f32)
+
+extern "C" __global__ void global_avg_pool_backward_f32(const float* __restrict__ dy, float* __restrict__ dx,
+                                                        long long planes, long long hw) {
+    const long long total = planes * hw;
+    const float count = (float)hw;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (long long)blockDim.x * gridDim.x) {
+        dx[i] = dy[i / hw] / count;
+    }
+}
+CM_EXPORT(global_avg_pool_backward_f32)

@@ -1,5 +1,6 @@
 //! Activations and the other element-wise ops: ReLU (also in place),
-//! LeakyReLU, sigmoid, softmax over any axis, and the residual add.
+//! LeakyReLU, sigmoid, softmax over any axis, and the residual add; and the
+//! backward passes of ReLU, LeakyReLU and sigmoid.
 //! Kernels: `kernels/activation.cu`; CPU reference: `crate::cpu::activation`.
 
 use super::{expect_shape, i64_arg, on_device, stride_cfg, MAX_BLOCKS, THREADS};
@@ -105,6 +106,118 @@ pub fn sigmoid_into(be: &Backend, x: &Tensor, y: &mut Tensor) -> Result<()> {
         return cpu::sigmoid_forward(x.host_for(OP)?, y.host_mut_for(OP)?);
     }
     launch_unary(be, "sigmoid_f32", x, y, None)
+}
+
+/// Checks devices and that `dy` and `dx` have the shape of `saved` (the
+/// forward input or output the backward pass reads).
+fn check_backward(
+    op: &'static str,
+    be: &Backend,
+    saved: &Tensor,
+    dy: &Tensor,
+    dx: &Tensor,
+) -> Result<()> {
+    on_device(op, be, &[saved, dy, dx])?;
+    expect_shape(op, "dy", dy, saved.shape())?;
+    expect_shape(op, "dx", dx, saved.shape())
+}
+
+/// Launches a flat backward kernel
+/// `name(const float* saved, const float* dy, float* dx, [extra], long long n)`.
+fn launch_backward(
+    be: &Backend,
+    name: &str,
+    saved: &Tensor,
+    dy: &Tensor,
+    dx: &mut Tensor,
+    extra: Option<KernelArg>,
+) -> Result<()> {
+    let n = saved.numel();
+    if n == 0 {
+        return Ok(());
+    }
+    let mut args = vec![saved.arg(), dy.arg(), dx.arg_mut()];
+    args.extend(extra);
+    args.push(i64_arg("numel", n)?);
+    // SAFETY: the callers checked (check_backward) that saved, dy and dx live
+    // on be's device with the same shape (n f32 each) and they outlive the
+    // launch; every kernel launched here is (const float*, const float*,
+    // float*, [float], long long n) — relu_backward_f32, sigmoid_backward_f32,
+    // and leaky_relu_backward_f32 with `extra` = slope — and touches indices
+    // < n only.
+    unsafe { be.launch(name, stride_cfg(n), &args) }
+}
+
+/// ReLU backward: `dx = dy` where `x > 0`, else 0 (PyTorch's choice at 0).
+/// `x` is the forward input; `dy` and the result have its shape.
+pub fn relu_backward(be: &Backend, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let mut dx = Tensor::zeros(be, x.shape())?;
+    relu_backward_into(be, x, dy, &mut dx)?;
+    Ok(dx)
+}
+
+/// [`relu_backward`] into a preallocated `dx` of `x`'s shape.
+pub fn relu_backward_into(be: &Backend, x: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+    const OP: &str = "relu_backward";
+    check_backward(OP, be, x, dy, dx)?;
+    if be.device() == Device::Cpu {
+        return cpu::relu_backward(x.host_for(OP)?, dy.host_for(OP)?, dx.host_mut_for(OP)?);
+    }
+    launch_backward(be, "relu_backward_f32", x, dy, dx, None)
+}
+
+/// LeakyReLU backward: `dx = dy` where `x > 0`, else `slope · dy`. `x` is
+/// the forward input; `dy` and the result have its shape.
+pub fn leaky_relu_backward(be: &Backend, x: &Tensor, dy: &Tensor, slope: f32) -> Result<Tensor> {
+    let mut dx = Tensor::zeros(be, x.shape())?;
+    leaky_relu_backward_into(be, x, dy, slope, &mut dx)?;
+    Ok(dx)
+}
+
+/// [`leaky_relu_backward`] into a preallocated `dx` of `x`'s shape.
+pub fn leaky_relu_backward_into(
+    be: &Backend,
+    x: &Tensor,
+    dy: &Tensor,
+    slope: f32,
+    dx: &mut Tensor,
+) -> Result<()> {
+    const OP: &str = "leaky_relu_backward";
+    check_backward(OP, be, x, dy, dx)?;
+    if be.device() == Device::Cpu {
+        return cpu::leaky_relu_backward(
+            slope,
+            x.host_for(OP)?,
+            dy.host_for(OP)?,
+            dx.host_mut_for(OP)?,
+        );
+    }
+    launch_backward(
+        be,
+        "leaky_relu_backward_f32",
+        x,
+        dy,
+        dx,
+        Some(KernelArg::F32(slope)),
+    )
+}
+
+/// Sigmoid backward from the forward output `y`: `dx = dy · y · (1 − y)`.
+/// `dy` and the result have `y`'s shape.
+pub fn sigmoid_backward(be: &Backend, y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let mut dx = Tensor::zeros(be, y.shape())?;
+    sigmoid_backward_into(be, y, dy, &mut dx)?;
+    Ok(dx)
+}
+
+/// [`sigmoid_backward`] into a preallocated `dx` of `y`'s shape.
+pub fn sigmoid_backward_into(be: &Backend, y: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+    const OP: &str = "sigmoid_backward";
+    check_backward(OP, be, y, dy, dx)?;
+    if be.device() == Device::Cpu {
+        return cpu::sigmoid_backward(y.host_for(OP)?, dy.host_for(OP)?, dx.host_mut_for(OP)?);
+    }
+    launch_backward(be, "sigmoid_backward_f32", y, dy, dx, None)
 }
 
 /// Element-wise sum `y = a + b` (a residual connection). `a` and `b` must

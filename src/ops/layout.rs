@@ -54,6 +54,77 @@ pub fn upsample_nearest2x_into(be: &Backend, x: &Tensor, y: &mut Tensor) -> Resu
     }
 }
 
+/// Backward of [`upsample_nearest2x`]: `dy` `[n, c, 2h, 2w]` → `dx`
+/// `[n, c, h, w]`, each `dx` element the sum of the 2×2 block of `dy` that
+/// copied it (a gather, in the CPU reference's order). `dy`'s spatial sizes
+/// must be even.
+pub fn upsample_nearest2x_backward(be: &Backend, dy: &Tensor) -> Result<Tensor> {
+    const OP: &str = "upsample_nearest2x_backward";
+    let [n, c, h, w] = upsample_backward_dims(OP, dy)?;
+    let mut dx = Tensor::zeros(be, &[n, c, h, w])?;
+    upsample_nearest2x_backward_into(be, dy, &mut dx)?;
+    Ok(dx)
+}
+
+/// `[n, c, h, w]` of the input gradient for `dy` `[n, c, 2h, 2w]`.
+fn upsample_backward_dims(op: &'static str, dy: &Tensor) -> Result<[usize; 4]> {
+    let [n, c, oh, ow] = dims4(op, dy)?;
+    if oh % 2 != 0 || ow % 2 != 0 {
+        return Err(Error::shape(
+            op,
+            format!(
+                "dy has shape {:?}: its height and width must be even",
+                dy.shape()
+            ),
+        ));
+    }
+    Ok([n, c, oh / 2, ow / 2])
+}
+
+/// [`upsample_nearest2x_backward`] into a preallocated `dx` `[n, c, h, w]`.
+pub fn upsample_nearest2x_backward_into(be: &Backend, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+    const OP: &str = "upsample_nearest2x_backward";
+    on_device(OP, be, &[dy, dx])?;
+    let [n, c, h, w] = upsample_backward_dims(OP, dy)?;
+    expect_shape(OP, "dx", dx, &[n, c, h, w])?;
+    if be.device() == Device::Cpu {
+        return cpu::upsample_nearest2x_backward(
+            n,
+            c,
+            h,
+            w,
+            dy.host_for(OP)?,
+            dx.host_mut_for(OP)?,
+        );
+    }
+    let planes = n * c;
+    let in_plane = h * w;
+    if planes == 0 || in_plane == 0 {
+        return Ok(());
+    }
+    // The kernel indexes within a dy plane in 32-bit arithmetic.
+    KernelArg::int("dy plane size", 4 * in_plane)?;
+    let args = [
+        dy.arg(),
+        dx.arg_mut(),
+        i64_arg("planes", planes)?,
+        KernelArg::int("h", h)?,
+        KernelArg::int("w", w)?,
+    ];
+    // SAFETY: dy holds n·c·4hw and dx n·c·h·w f32 on be's device (checked
+    // above) and both outlive the launch; upsample_nearest2x_backward_f32(
+    // const float*, float*, long long planes, int h, int w) writes dx
+    // elements < hw per plane and reads the 2×2 block dy[2iy..2iy+2,
+    // 2ix..2ix+2] inside the dy plane.
+    unsafe {
+        be.launch(
+            "upsample_nearest2x_backward_f32",
+            plane_cfg(in_plane, planes),
+            &args,
+        )
+    }
+}
+
 /// `(n, c, hw)` of a tensor `[n, c, ...]`, naming `what` in errors.
 fn channel_dims(op: &'static str, what: &str, t: &Tensor) -> Result<(usize, usize, usize)> {
     match t.shape() {

@@ -1,11 +1,11 @@
 //! Pooling over NCHW images: max and average pooling, global average
 //! pooling. Kernels: `kernels/pool.cu`; CPU reference: `crate::cpu::pool`.
 
-use super::{dims4, expect_shape, i64_arg, on_device, plane_cfg};
+use super::{dims4, expect_shape, i64_arg, on_device, plane_cfg, stride_cfg};
 use crate::backend::{Backend, KernelArg, LaunchCfg};
 use crate::cpu;
 use crate::device::Device;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::geometry::{Pool2dGeom, Pool2dParams};
 use crate::tensor::Tensor;
 
@@ -144,4 +144,50 @@ pub fn global_avg_pool_into(be: &Backend, x: &Tensor, y: &mut Tensor) -> Result<
     // writes y[p] for p < n·c; blockDim.x is a multiple of 32 up to 512, as
     // its 32-entry shared reduction needs.
     unsafe { be.launch("global_avg_pool_f32", cfg, &args) }
+}
+
+/// Backward of [`global_avg_pool`]: `dy` `[n, c]` → `dx` `[n, c, h, w]`,
+/// every element of plane `(n, c)` getting `dy[n, c] / (h·w)`.
+pub fn global_avg_pool_backward(be: &Backend, dy: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    const OP: &str = "global_avg_pool_backward";
+    let [n, c] = match dy.shape() {
+        &[n, c] => [n, c],
+        s => {
+            return Err(Error::shape(
+                OP,
+                format!("dy must be [n, c], got shape {s:?}"),
+            ))
+        }
+    };
+    let mut dx = Tensor::zeros(be, &[n, c, h, w])?;
+    global_avg_pool_backward_into(be, dy, &mut dx)?;
+    Ok(dx)
+}
+
+/// [`global_avg_pool_backward`] into a preallocated `dx` `[n, c, h, w]`
+/// (its spatial size is the forward input's).
+pub fn global_avg_pool_backward_into(be: &Backend, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+    const OP: &str = "global_avg_pool_backward";
+    on_device(OP, be, &[dy, dx])?;
+    let [n, c, h, w] = dims4(OP, dx)?;
+    expect_shape(OP, "dy", dy, &[n, c])?;
+    let hw = h * w;
+    if be.device() == Device::Cpu {
+        return cpu::global_avg_pool_backward(n, c, hw, dy.host_for(OP)?, dx.host_mut_for(OP)?);
+    }
+    let total = n * c * hw;
+    if total == 0 {
+        return Ok(());
+    }
+    let args = [
+        dy.arg(),
+        dx.arg_mut(),
+        i64_arg("planes", n * c)?,
+        i64_arg("plane size", hw)?,
+    ];
+    // SAFETY: dy holds n·c and dx n·c·hw f32 on be's device (checked above)
+    // and both outlive the launch; global_avg_pool_backward_f32(const float*,
+    // float*, long long planes, long long hw) writes dx[i] for i < planes·hw
+    // and reads dy[i / hw] < planes; hw > 0 here (total > 0).
+    unsafe { be.launch("global_avg_pool_backward_f32", stride_cfg(total), &args) }
 }

@@ -1,5 +1,6 @@
 //! The activations and other element-wise ops (kernels/activation.cu:
-//! ReLU, LeakyReLU, sigmoid, add, softmax) against the CPU reference, on the
+//! ReLU, LeakyReLU, sigmoid, add, softmax, and the backward passes of ReLU,
+//! LeakyReLU and sigmoid) against the CPU reference, on the
 //! emulated device and on a CUDA GPU when there is one, plus the ops layer's
 //! shape and device errors. Also here: NaN and ±∞ through the ops that must
 //! pass them on (max pooling among them), and the grid-stride loops of the
@@ -8,6 +9,10 @@
 //! Inputs and runners: `super::support`. Tolerances, per op, with the reason:
 //! - ReLU, LeakyReLU, add, max pool: exact. Each output is a selection or one
 //!   correctly rounded IEEE operation on every device.
+//! - ReLU, LeakyReLU and sigmoid backward: exact. Each dx element is a
+//!   selection, one product or `dy·y·(1−y)` evaluated with the reference's
+//!   operations in the reference's order (no FMA contraction is possible), so
+//!   every device gives the reference's bits.
 //! - sigmoid: 1e-6 relative. CUDA's `expf` is within 2 ulp of libm's, which
 //!   moves `1/(1+e)` by at most ~3 ulp (3.6e-7 relative).
 //! - softmax: (dim + 8)·ε relative (ε = f32 epsilon). The row sum is
@@ -67,6 +72,69 @@ fn sigmoid_matches_cpu(be: &Backend) {
         let out = ok(ok(ops::sigmoid(be, &xd))?.to_vec())?;
         assert_close(&ctx, &reference, &out, |i| 1e-6 * reference[i].abs())
     });
+}
+
+/// The backward ops against the CPU reference: `saved` (x for ReLU and
+/// LeakyReLU, y for sigmoid) and `dy` random, `dx` bit-exact, through both the
+/// allocating and the `_into` forms. x includes exact zeros (ReLU's kink).
+fn activation_backward_matches_cpu(be: &Backend) {
+    run(
+        be,
+        (any_shape(), 0.0f32..0.5, any::<u64>()),
+        |be, (shape, slope, seed)| {
+            let ctx = format!("backward {shape:?} slope {slope} seed {seed}");
+            let n = numel(&shape);
+            let mut rng = Rng(seed);
+            let mut x = rng.vec(n, -4.0, 4.0);
+            for v in x.iter_mut().step_by(7) {
+                *v = 0.0;
+            }
+            let y = rng.vec(n, 0.0, 1.0);
+            let dy = rng.vec(n, -2.0, 2.0);
+            let cpu = Backend::cpu();
+            let (xc, xd) = pair(be, &shape, &x)?;
+            let (yc, yd) = pair(be, &shape, &y)?;
+            let (dyc, dyd) = pair(be, &shape, &dy)?;
+
+            let reference = ok(ok(ops::relu_backward(&cpu, &xc, &dyc))?.to_vec())?;
+            exact(
+                &format!("relu {ctx}"),
+                &reference,
+                &ok(ok(ops::relu_backward(be, &xd, &dyd))?.to_vec())?,
+            )?;
+            let mut dx = ok(Tensor::from_slice(be, &shape, &vec![7.0; n]))?;
+            ok(ops::relu_backward_into(be, &xd, &dyd, &mut dx))?;
+            exact(&format!("relu {ctx} (into)"), &reference, &ok(dx.to_vec())?)?;
+
+            let reference = ok(ok(ops::leaky_relu_backward(&cpu, &xc, &dyc, slope))?.to_vec())?;
+            exact(
+                &format!("leaky_relu {ctx}"),
+                &reference,
+                &ok(ok(ops::leaky_relu_backward(be, &xd, &dyd, slope))?.to_vec())?,
+            )?;
+            let mut dx = ok(Tensor::from_slice(be, &shape, &vec![7.0; n]))?;
+            ok(ops::leaky_relu_backward_into(be, &xd, &dyd, slope, &mut dx))?;
+            exact(
+                &format!("leaky_relu {ctx} (into)"),
+                &reference,
+                &ok(dx.to_vec())?,
+            )?;
+
+            let reference = ok(ok(ops::sigmoid_backward(&cpu, &yc, &dyc))?.to_vec())?;
+            exact(
+                &format!("sigmoid {ctx}"),
+                &reference,
+                &ok(ok(ops::sigmoid_backward(be, &yd, &dyd))?.to_vec())?,
+            )?;
+            let mut dx = ok(Tensor::from_slice(be, &shape, &vec![7.0; n]))?;
+            ok(ops::sigmoid_backward_into(be, &yd, &dyd, &mut dx))?;
+            exact(
+                &format!("sigmoid {ctx} (into)"),
+                &reference,
+                &ok(dx.to_vec())?,
+            )
+        },
+    );
 }
 
 fn add_matches_cpu(be: &Backend) {
@@ -238,6 +306,7 @@ on_devices!(
     relu_matches_cpu,
     leaky_relu_matches_cpu,
     sigmoid_matches_cpu,
+    activation_backward_matches_cpu,
     add_matches_cpu,
     softmax_matches_cpu,
     softmax_long_rows,
@@ -265,6 +334,21 @@ fn shape_errors() {
         &["[2, 4]", "[2, 3]"],
     );
     expect_shape_error(ops::softmax(&be, &a, 2), "softmax", &["axis 2", "[2, 3]"]);
+    expect_shape_error(
+        ops::relu_backward(&be, &a, &zeros(&be, &[3, 2])),
+        "relu_backward",
+        &["dy", "[3, 2]", "[2, 3]"],
+    );
+    expect_shape_error(
+        ops::leaky_relu_backward_into(&be, &a, &a, 0.1, &mut zeros(&be, &[6])),
+        "leaky_relu_backward",
+        &["dx", "[6]", "[2, 3]"],
+    );
+    expect_shape_error(
+        ops::sigmoid_backward(&be, &a, &zeros(&be, &[2])),
+        "sigmoid_backward",
+        &["dy", "[2]", "[2, 3]"],
+    );
 }
 
 #[test]

@@ -1,10 +1,12 @@
-//! Data movement (kernels/layout.cu: nearest ×2 upsampling, channel
-//! concatenation and `copy_channels_into`) against the CPU reference, on the
-//! emulated device and on a CUDA GPU when there is one, plus the ops layer's
-//! shape errors.
+//! Data movement (kernels/layout.cu: nearest ×2 upsampling and its backward,
+//! channel concatenation and `copy_channels_into`) against the CPU reference,
+//! on the emulated device and on a CUDA GPU when there is one, plus the ops
+//! layer's shape errors.
 //!
-//! Inputs and runners: `super::support`. Tolerance: exact (every output is a
-//! copy); channels outside a copied slice must stay untouched.
+//! Inputs and runners: `super::support`. Tolerance: exact (every forward
+//! output is a copy; each upsampling-backward element is the same four-term
+//! sum, in the same left-to-right order, as the CPU reference's); channels
+//! outside a copied slice must stay untouched.
 
 use cellmorph::{ops, Backend, Tensor};
 use proptest::prelude::*;
@@ -33,6 +35,35 @@ fn upsample_matches_cpu(be: &Backend) {
             &reference,
             &ok(out.to_vec())?,
         )
+    });
+}
+
+/// The gather backward of upsampling, bit-exact against the CPU reference,
+/// through both forms (the `_into` form into a prefilled `dx`).
+fn upsample_backward_matches_cpu(be: &Backend) {
+    let case = (
+        1usize..=3,
+        1usize..=3,
+        1usize..=16,
+        1usize..=16,
+        any::<u64>(),
+    );
+    run(be, case, |be, (n, c, h, w, seed)| {
+        let ctx = format!("upsample_nearest2x_backward [{n}, {c}, {h}, {w}] seed {seed}");
+        let shape = [n, c, 2 * h, 2 * w];
+        let data = Rng(seed).vec(numel(&shape), -4.0, 4.0);
+        let (dyc, dyd) = pair(be, &shape, &data)?;
+        let reference = ok(ok(ops::upsample_nearest2x_backward(&Backend::cpu(), &dyc))?.to_vec())?;
+        let out = ok(ops::upsample_nearest2x_backward(be, &dyd))?;
+        prop_assert_eq!(out.shape(), &[n, c, h, w]);
+        exact(&ctx, &reference, &ok(out.to_vec())?)?;
+        let mut dx = ok(Tensor::from_slice(
+            be,
+            &[n, c, h, w],
+            &vec![7.0; n * c * h * w],
+        ))?;
+        ok(ops::upsample_nearest2x_backward_into(be, &dyd, &mut dx))?;
+        exact(&format!("{ctx} (into)"), &reference, &ok(dx.to_vec())?)
     });
 }
 
@@ -90,7 +121,11 @@ fn concat_matches_cpu(be: &Backend) {
     });
 }
 
-on_devices!(upsample_matches_cpu, concat_matches_cpu);
+on_devices!(
+    upsample_matches_cpu,
+    upsample_backward_matches_cpu,
+    concat_matches_cpu
+);
 
 #[test]
 fn shape_errors() {
@@ -100,6 +135,20 @@ fn shape_errors() {
         ops::upsample_nearest2x_into(&be, &x, &mut zeros(&be, &[1, 2, 10, 9])),
         "upsample_nearest2x",
         &["[1, 2, 10, 9]", "[1, 2, 10, 10]"],
+    );
+    expect_shape_error(
+        ops::upsample_nearest2x_backward(&be, &x),
+        "upsample_nearest2x_backward",
+        &["[1, 2, 5, 5]", "even"],
+    );
+    expect_shape_error(
+        ops::upsample_nearest2x_backward_into(
+            &be,
+            &zeros(&be, &[1, 2, 4, 6]),
+            &mut zeros(&be, &[1, 2, 2, 2]),
+        ),
+        "upsample_nearest2x_backward",
+        &["dx", "[1, 2, 2, 2]", "[1, 2, 2, 3]"],
     );
 
     expect_shape_error(

@@ -1,5 +1,5 @@
-//! Pooling (kernels/pool.cu: max, average and global average pooling)
-//! against the CPU reference, on the emulated device and on a CUDA GPU when
+//! Pooling (kernels/pool.cu: max, average and global average pooling, and
+//! global average pooling's backward) against the CPU reference, on the emulated device and on a CUDA GPU when
 //! there is one, plus the ops layer's shape errors.
 //!
 //! Inputs and runners: `super::support`. Tolerances, per op, with the reason:
@@ -7,6 +7,8 @@
 //! - average pools: the summation bound for any order, (terms)·ε·mean|x|
 //!   over the window or plane (ε = f32 epsilon), which also covers the
 //!   division.
+//! - global average pool backward: exact (one division `dy / hw` per element,
+//!   the CPU reference's operation).
 
 use cellmorph::geometry::Pool2dParams;
 use cellmorph::{ops, Backend};
@@ -127,7 +129,37 @@ fn global_avg_pool_large_planes(be: &Backend) {
     }
 }
 
+/// The gather backward of global average pooling against the CPU reference,
+/// through both forms (the `_into` form into a prefilled `dx`).
+fn global_avg_pool_backward_matches_cpu(be: &Backend) {
+    let case = (
+        1usize..=3,
+        1usize..=4,
+        1usize..=20,
+        1usize..=20,
+        any::<u64>(),
+    );
+    run(be, case, |be, (n, c, h, w, seed)| {
+        let ctx = format!("global_avg_pool_backward [{n}, {c}, {h}, {w}] seed {seed}");
+        let dy = Rng(seed).vec(n * c, -4.0, 4.0);
+        let (dyc, dyd) = pair(be, &[n, c], &dy)?;
+        let reference =
+            ok(ok(ops::global_avg_pool_backward(&Backend::cpu(), &dyc, h, w))?.to_vec())?;
+        let out = ok(ops::global_avg_pool_backward(be, &dyd, h, w))?;
+        prop_assert_eq!(out.shape(), &[n, c, h, w]);
+        exact(&ctx, &reference, &ok(out.to_vec())?)?;
+        let mut dx = ok(cellmorph::Tensor::from_slice(
+            be,
+            &[n, c, h, w],
+            &vec![7.0; n * c * h * w],
+        ))?;
+        ok(ops::global_avg_pool_backward_into(be, &dyd, &mut dx))?;
+        exact(&format!("{ctx} (into)"), &reference, &ok(dx.to_vec())?)
+    });
+}
+
 on_devices!(
+    global_avg_pool_backward_matches_cpu,
     max_pool_matches_cpu,
     avg_pool_matches_cpu,
     global_avg_pool_matches_cpu,
@@ -138,6 +170,20 @@ on_devices!(
 fn shape_errors() {
     let be = emulated();
     let x = zeros(&be, &[1, 2, 5, 5]);
+    expect_shape_error(
+        ops::global_avg_pool_backward(&be, &x, 3, 3),
+        "global_avg_pool_backward",
+        &["[n, c]", "[1, 2, 5, 5]"],
+    );
+    expect_shape_error(
+        ops::global_avg_pool_backward_into(
+            &be,
+            &zeros(&be, &[1, 3]),
+            &mut zeros(&be, &[1, 2, 5, 5]),
+        ),
+        "global_avg_pool_backward",
+        &["dy", "[1, 3]", "[1, 2]"],
+    );
     expect_shape_error(
         ops::max_pool2d(&be, &zeros(&be, &[2, 5, 5]), Pool2dParams::new(2, 2, 0)),
         "max_pool2d",
