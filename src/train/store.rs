@@ -70,7 +70,11 @@ impl ParamStore {
         self.params.push(Param {
             name,
             shape: shape.to_vec(),
-            grad: if trainable { vec![0.0; len] } else { Vec::new() },
+            grad: if trainable {
+                vec![0.0; len]
+            } else {
+                Vec::new()
+            },
             value,
             trainable,
         });
@@ -205,7 +209,10 @@ mod tests {
         s.accumulate(0, &[1.0; 6]).unwrap();
         s.accumulate(0, &[1.0; 6]).unwrap();
         assert_eq!(s.get(0).grad, vec![2.0; 6]);
-        assert!(s.accumulate(1, &[1.0, 1.0]).is_err(), "a buffer has no gradient");
+        assert!(
+            s.accumulate(1, &[1.0, 1.0]).is_err(),
+            "a buffer has no gradient"
+        );
         s.zero_grads();
         assert_eq!(s.get(0).grad, vec![0.0; 6]);
         assert!(s.id("nope").is_err());
