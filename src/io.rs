@@ -354,6 +354,67 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Refuses an output that would overwrite one of the command's inputs:
+/// `output` (given as flag `output_flag`) is compared with every `(flag,
+/// path)` of `inputs` after resolving links and `.`/`..` (an output that does
+/// not exist yet is resolved through its folder), and on unix also by
+/// device and inode, so a hard link or another spelling of an input is
+/// caught too. Inputs that do not exist are skipped (reading them fails
+/// later with their own error).
+///
+/// # Errors
+/// [`Error::Invalid`] naming both flags and paths.
+pub fn check_output_is_not_an_input(
+    output_flag: &str,
+    output: &Path,
+    inputs: &[(&str, &Path)],
+) -> Result<()> {
+    let out = resolve_for_writing(output);
+    let out_id = file_id(output);
+    for (flag, input) in inputs {
+        let Ok(inp) = std::fs::canonicalize(input) else {
+            continue;
+        };
+        let same_id = out_id.is_some() && out_id == file_id(input);
+        if out.as_deref() == Some(inp.as_path()) || same_id {
+            return Err(Error::invalid(format!(
+                "{output_flag} {} is the input given as {flag} {}; writing it would destroy the input — choose another output path",
+                output.display(),
+                input.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `path` with its folder resolved (the file itself need not exist).
+fn resolve_for_writing(path: &Path) -> Option<PathBuf> {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return Some(p);
+    }
+    let name = path.file_name()?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Some(std::fs::canonicalize(dir).ok()?.join(name))
+}
+
+/// Device and inode of an existing file (unix); `None` elsewhere or when
+/// the file does not exist.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
 /// `tempfile` adds ` at path "<temporary file>"` to its errors; the caller
 /// names the user's path instead, so the hidden temporary name is cut off.
 fn without_temp_path(e: std::io::Error) -> std::io::Error {

@@ -519,11 +519,21 @@ impl Ctx<'_> {
 }
 
 /// The number of elements of `shape`, or an error when it overflows.
+/// The most values one benchmark tensor may hold (4 GiB of f32): sizes come
+/// from flags, and an allocation beyond the machine's memory would abort.
+const MAX_BENCH_VALUES: usize = 1 << 30;
+
+/// The number of values of `shape`, at most [`MAX_BENCH_VALUES`].
 fn checked_len(shape: &[usize]) -> Result<usize> {
-    shape
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| Error::invalid(format!("shape {shape:?} has too many elements")))
+    let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    match n {
+        Some(n) if n <= MAX_BENCH_VALUES => Ok(n),
+        _ => Err(Error::invalid(format!(
+            "a tensor of shape {shape:?} would need {:.1} GiB; the benchmark's limit is {} GiB per tensor — give smaller sizes",
+            shape.iter().map(|&d| d as f64).product::<f64>() * 4.0 / f64::from(1u32 << 30),
+            MAX_BENCH_VALUES * 4 >> 30
+        ))),
+    }
 }
 
 fn densenet(c: &Ctx, out: Option<&mut TensorWriter>) -> Result<Measured> {
@@ -679,6 +689,7 @@ fn conv(c: &Ctx, out: Option<&mut TensorWriter>) -> Result<Measured> {
         }
     };
     let g = Conv2dGeom::new(&xs, &ws, params)?;
+    checked_len(&g.out_shape())?;
     let x = Tensor::from_vec(be, &xs, x)?;
     let w = Tensor::from_vec(be, &ws, w)?;
     let b = Tensor::from_vec(be, &[g.c_out], b)?;

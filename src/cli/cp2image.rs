@@ -219,7 +219,25 @@ impl ModelArgs {
     }
 }
 
+impl ModelArgs {
+    /// The files this generator reads, by flag.
+    fn inputs(&self) -> Vec<(&'static str, &std::path::Path)> {
+        let mut v = vec![("--weights", self.weights.as_path())];
+        if let Some(s) = &self.standardize {
+            v.push(("--standardize", s.as_path()));
+        }
+        v
+    }
+}
+
 impl DisplayArgs {
+    /// Adds the files shown beside the generated images to `inputs`.
+    fn inputs<'a>(&'a self, inputs: &mut Vec<(&'static str, &'a std::path::Path)>) {
+        if let Some(c) = &self.crops {
+            inputs.push(("--crops", c.as_path()));
+        }
+    }
+
     fn options(&self) -> DisplayOptions {
         DisplayOptions {
             crops: self.crops.clone(),
@@ -240,6 +258,10 @@ fn say_generator(m: &ModelArgs, g: &GeneratorInfo) {
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
+    let mut inputs = a.model.inputs();
+    inputs.push(("--features", &a.features));
+    a.display.inputs(&mut inputs);
+    cellmorph::io::check_output_is_not_an_input("--output", &a.output, &inputs)?;
     let be = open_device(a.model.device, a.model.precision)?;
     let s = generate_images(
         &be,
@@ -266,6 +288,12 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn run_manipulate(a: ManipulateArgs) -> Result<()> {
+    let mut inputs = a.model.inputs();
+    if let Some(f) = &a.features {
+        inputs.push(("--features", f));
+    }
+    a.display.inputs(&mut inputs);
+    cellmorph::io::check_output_is_not_an_input("--output", &a.output, &inputs)?;
     let base = match (a.row, a.features) {
         (Some(id), Some(features)) => ManipulateBase::Row { features, id },
         (Some(_), None) => return Err(Error::invalid("--row needs --features")),
@@ -295,6 +323,10 @@ fn run_manipulate(a: ManipulateArgs) -> Result<()> {
 }
 
 fn run_interpolate(a: InterpolateArgs) -> Result<()> {
+    let mut inputs = a.model.inputs();
+    inputs.push(("--features", &a.features));
+    a.display.inputs(&mut inputs);
+    cellmorph::io::check_output_is_not_an_input("--output", &a.output, &inputs)?;
     let ends = if a.group_means {
         match (a.from_group, a.to_group) {
             (Some(from), Some(to)) => InterpolateEnds::GroupMeans {
@@ -349,6 +381,11 @@ fn run_standardize(a: StandardizeArgs) -> Result<()> {
         (None, Some(w)) => Standardizer::default_path(&w),
         (None, None) => return Err(Error::invalid("give --output or --weights")),
     };
+    let mut inputs = vec![("--features", a.features.as_path())];
+    if let Some(f) = &a.feature_names {
+        inputs.push(("--feature-names", f));
+    }
+    cellmorph::io::check_output_is_not_an_input("--output", &output, &inputs)?;
     let s = standardize(&StandardizeOptions {
         features: a.features,
         feature_names: a.feature_names,

@@ -128,6 +128,11 @@ pub struct MapArgs {
 }
 
 pub fn profile(a: ProfileArgs) -> Result<()> {
+    cellmorph::io::check_output_is_not_an_input(
+        "--output",
+        &a.output,
+        &[("--samples", &a.samples), ("--weights", &a.weights)],
+    )?;
     let be = super::open_device(a.device, a.precision)?;
     let s = profile_files(
         &be,
@@ -177,6 +182,7 @@ pub fn run(cmd: ExpressionCommand) -> Result<()> {
 }
 
 fn prepare(a: PrepareArgs) -> Result<()> {
+    cellmorph::io::check_output_is_not_an_input("--output", &a.output, &[("--counts", &a.counts)])?;
     let filter = GeneFilter {
         min_mean: a.min_mean,
         min_cv: a.min_cv,
@@ -222,6 +228,12 @@ fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
         .iter()
         .map(|d| parse_dataset(d))
         .collect::<Result<Vec<_>>>()?;
+    let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--model", &a.model)];
+    for d in &datasets {
+        inputs.push(("--dataset", &d.features));
+        inputs.push(("--dataset", &d.expression));
+    }
+    cellmorph::io::check_output_is_not_an_input("--output", &a.output, &inputs)?;
     let s = evaluate_gene_models(&EvaluateGeneModelsOptions {
         model: a.model,
         datasets,
@@ -241,6 +253,27 @@ fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
 }
 
 pub fn map(a: MapArgs) -> Result<()> {
+    let is_png = a
+        .output
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if !is_png {
+        return Err(Error::invalid(format!(
+            "--output {}: the map is a PNG image; give a path ending in .png (the patch values are written beside it as .csv)",
+            a.output.display()
+        )));
+    }
+    let inputs: [(&str, &std::path::Path); 3] = [
+        ("--weights", &a.weights),
+        ("--model", &a.model),
+        ("--image", &a.image),
+    ];
+    cellmorph::io::check_output_is_not_an_input("--output", &a.output, &inputs)?;
+    cellmorph::io::check_output_is_not_an_input(
+        "--output (its .csv beside it)",
+        &a.output.with_extension("csv"),
+        &inputs,
+    )?;
     let be = super::open_device(a.device, a.precision)?;
     let s = map_image(
         &be,

@@ -65,6 +65,11 @@ pub fn run(a: InferArgs) -> Result<()> {
     if a.batch_size == 0 {
         return Err(Error::invalid("--batch-size must be at least 1"));
     }
+    cellmorph::io::check_output_is_not_an_input(
+        "--output",
+        &a.output,
+        &[("--weights", &a.weights), ("--input", &a.input)],
+    )?;
     let weights = TensorFile::open(&a.weights)?;
     let inputs = TensorFile::open(&a.input)?;
     let (shape, data) = inputs.f32("input")?;

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 
 use cellmorph::apps::screening::predict::{screen_images, ScreenImagesOptions};
 use cellmorph::apps::screening::report::{evaluate_predictions, EvaluatePredictionsOptions};
-use cellmorph::{Device, Precision, Result};
+use cellmorph::{Device, Error, Precision, Result};
 
 #[derive(Subcommand, Debug)]
 pub enum ScreenCommand {
@@ -85,6 +85,17 @@ pub fn run(cmd: ScreenCommand) -> Result<()> {
 }
 
 fn run_predict(a: PredictArgs) -> Result<()> {
+    let inputs: [(&str, &std::path::Path); 2] =
+        [("--weights", &a.weights), ("--images", &a.images)];
+    cellmorph::io::check_output_is_not_an_input("--output", &a.output, &inputs)?;
+    if let Some(f) = &a.features_out {
+        cellmorph::io::check_output_is_not_an_input("--features-out", f, &inputs)?;
+        cellmorph::io::check_output_is_not_an_input(
+            "--features-out",
+            f,
+            &[("--output", &a.output)],
+        )?;
+    }
     let be = super::open_device(a.device, a.precision)?;
     let bar = indicatif::ProgressBar::new(0);
     if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -147,10 +158,23 @@ fn run_predict(a: PredictArgs) -> Result<()> {
         t.inference_images_per_second(),
         a.output.display()
     );
+    if t.images == 0 {
+        return Err(Error::invalid(format!(
+            "no image of {} could be predicted ({} skipped; the reasons are above and in {})",
+            a.images.display(),
+            run.predictions.len(),
+            a.output.display()
+        )));
+    }
     Ok(())
 }
 
 fn run_evaluate(a: EvaluateArgs) -> Result<()> {
+    cellmorph::io::check_output_is_not_an_input(
+        "--output",
+        &a.output,
+        &[("--predictions", &a.predictions), ("--labels", &a.labels)],
+    )?;
     let s = evaluate_predictions(&EvaluatePredictionsOptions {
         predictions: a.predictions,
         labels: a.labels,

@@ -69,6 +69,11 @@ pub fn run(cmd: SvrCommand) -> Result<()> {
 }
 
 fn grid(a: GridArgs) -> Result<()> {
+    cellmorph::io::check_output_is_not_an_input(
+        "--output",
+        &a.output,
+        &[("--features", &a.features), ("--expression", &a.expression)],
+    )?;
     let mut spec = GridSpec::parse(&a.c, &a.epsilon)?;
     spec.folds = a.folds;
     let be = super::open_device(a.device, cellmorph::Precision::F32)?;
@@ -118,6 +123,11 @@ fn grid(a: GridArgs) -> Result<()> {
 }
 
 fn predict(a: PredictArgs) -> Result<()> {
+    cellmorph::io::check_output_is_not_an_input(
+        "--output",
+        &a.output,
+        &[("--model", &a.model), ("--features", &a.features)],
+    )?;
     let predicted = predict_expression(&PredictExpressionOptions {
         model: a.model,
         features: a.features,

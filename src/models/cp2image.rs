@@ -700,6 +700,23 @@ pub fn infer_discriminator(
     gathered.write_into(out)
 }
 
+/// The most values [`random_generator_weights`] draws (1 GiB of f32).
+pub const MAX_RANDOM_PARAMETERS: usize = 1 << 28;
+
+/// The number of weights of a generator with `config` (fc, and per block
+/// a 3×3 conv with bias and four BatchNorm vectors), or `None` on overflow.
+fn generator_parameter_count(config: &GeneratorConfig) -> Option<usize> {
+    let ch = &config.channels;
+    let area = GENERATOR_SEED_SIZE * GENERATOR_SEED_SIZE;
+    let fc = ch[0]
+        .checked_mul(area)?
+        .checked_mul(config.n_features.checked_add(1)?)?;
+    ch.windows(2).try_fold(fc, |acc, c| {
+        let conv = c[1].checked_mul(c[0])?.checked_mul(9)?.checked_add(c[1])?;
+        acc.checked_add(conv)?.checked_add(c[1].checked_mul(4)?)
+    })
+}
+
 /// A generator `state_dict` with seeded random weights (untrained), for
 /// examples and benchmarks where no trained generator exists: conv and
 /// linear weights uniform with the variance of He initialization for
@@ -711,6 +728,12 @@ pub fn random_generator_weights(config: &GeneratorConfig, seed: u64) -> Result<T
     if config.n_features == 0 || config.channels.len() < 2 || config.channels.contains(&0) {
         return Err(Error::invalid(format!(
             "random generator weights need p ≥ 1 and at least two nonzero channel counts, got {config}"
+        )));
+    }
+    let n = generator_parameter_count(config).filter(|&n| n <= MAX_RANDOM_PARAMETERS);
+    if n.is_none() {
+        return Err(Error::invalid(format!(
+            "random generator weights for {config} would hold more than {MAX_RANDOM_PARAMETERS} values (1 GiB of f32); use fewer features or channels"
         )));
     }
     let mut rng = crate::rng::SplitMix64::new(seed);

@@ -103,8 +103,19 @@ impl FeatureTable {
         let mut ids = Vec::with_capacity(csv.rows.len());
         let mut values = Vec::with_capacity(csv.rows.len() * feature_cols.len());
         let mut text_values: Vec<Vec<String>> = vec![Vec::new(); text_cols.len()];
+        let mut first_line: std::collections::HashMap<&str, usize> =
+            std::collections::HashMap::with_capacity(csv.rows.len());
         for row in &csv.rows {
             csv.check_width(row)?;
+            if let Some(prev) = first_line.insert(row.get(0), row.line) {
+                return Err(csv.line_error(
+                    row.line,
+                    format!(
+                        "row id {:?} was already given on line {prev}; row ids must be unique",
+                        row.get(0)
+                    ),
+                ));
+            }
             for &c in &feature_cols {
                 values.push(csv.number(row, c)?);
             }

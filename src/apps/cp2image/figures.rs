@@ -127,6 +127,16 @@ pub fn generate_images(be: &Backend, o: &GenerateOptions) -> Result<GenerateSumm
     if !is_png(&o.output) {
         std::fs::create_dir_all(&o.output).map_err(|e| Error::io(&o.output, e))?;
         let unit = DisplayScale::unit(cfg.out_channels);
+        let mut stems: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
+        for id in &ids {
+            if let Some(other) = stems.insert(file_stem(id), id) {
+                return Err(Error::invalid(format!(
+                    "rows {other:?} and {id:?} would both be written as {}.png in {}; select distinct rows",
+                    file_stem(id),
+                    o.output.display()
+                )));
+            }
+        }
         for (img, id) in images.chunks_exact(l.image_len()).zip(&ids) {
             let path = o.output.join(format!("{}.png", file_stem(id)));
             save_png(&path, &unit.render(img, cfg.image_size(), 1)?)?;

@@ -43,11 +43,16 @@ pub fn resolve_feature(names: &[String], spec: &str) -> Result<usize> {
     )))
 }
 
-/// `steps` evenly spaced values from `from` to `to` inclusive.
+/// The most steps of a manipulation or interpolation (each step is one
+/// generated image in a contact sheet).
+pub const MAX_STEPS: usize = 4096;
+
+/// `steps` evenly spaced values from `from` to `to` inclusive (2 to
+/// [`MAX_STEPS`]).
 pub fn linspace(from: f64, to: f64, steps: usize) -> Result<Vec<f64>> {
-    if steps < 2 || !from.is_finite() || !to.is_finite() {
+    if !(2..=MAX_STEPS).contains(&steps) || !from.is_finite() || !to.is_finite() {
         return Err(Error::invalid(format!(
-            "a range needs finite ends and at least 2 steps, got {from} … {to} in {steps}"
+            "a range needs finite ends and 2 to {MAX_STEPS} steps (one image each), got {from} … {to} in {steps}"
         )));
     }
     Ok((0..steps)

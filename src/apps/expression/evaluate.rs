@@ -91,8 +91,23 @@ pub fn evaluate(model: &SvrModel, datasets: &[Dataset], alpha: f64) -> Result<Ev
         alpha,
         ..Evaluation::default()
     };
+    for (i, ds) in datasets.iter().enumerate() {
+        if datasets[..i].iter().any(|d| d.name == ds.name) {
+            return Err(Error::invalid(format!(
+                "data set name {:?} is given twice; each data set needs its own name",
+                ds.name
+            )));
+        }
+    }
     for ds in datasets {
         let samples = &ds.expression.row_names;
+        if samples.len() < MIN_SAMPLES {
+            return Err(Error::invalid(format!(
+                "data set {}: {} sample(s); R² and its p-value need at least {MIN_SAMPLES} (the t-test has n − 2 degrees of freedom)",
+                ds.name,
+                samples.len()
+            )));
+        }
         let features = ds.features.select_rows(samples).map_err(|e| {
             Error::invalid(format!(
                 "data set {}: features and expression disagree: {e}",
@@ -143,8 +158,25 @@ pub fn evaluate(model: &SvrModel, datasets: &[Dataset], alpha: f64) -> Result<Ev
         }
         eval.results.extend(rows);
     }
+    if eval.results.is_empty() {
+        let why: Vec<String> = eval
+            .skipped
+            .iter()
+            .take(3)
+            .map(|s| format!("{} on {}: {}", s.gene, s.dataset, s.reason))
+            .collect();
+        return Err(Error::invalid(format!(
+            "no gene could be evaluated ({} skipped, e.g. {})",
+            eval.skipped.len(),
+            why.join("; ")
+        )));
+    }
     Ok(eval)
 }
+
+/// The fewest samples a data set needs: R² from a correlation and its
+/// p-value (t-distribution with n − 2 degrees of freedom) are undefined below.
+pub const MIN_SAMPLES: usize = 3;
 
 impl Evaluation {
     /// The `k` genes of `dataset` with the highest R², best first.

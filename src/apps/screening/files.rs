@@ -129,8 +129,8 @@ pub struct PredictionsFile {
 /// `image` and `prob_positive` columns; a `status` column marks skips).
 ///
 /// # Errors
-/// Unreadable file, missing columns, a probability that is not a finite
-/// number, or a duplicated image id.
+/// Unreadable file, missing columns, a probability that is not a number
+/// in [0, 1], or a duplicated image id.
 pub fn read_predictions(path: &Path) -> Result<PredictionsFile> {
     let csv = read_csv(path)?;
     let col = |name: &str| {
@@ -168,6 +168,13 @@ pub fn read_predictions(path: &Path) -> Result<PredictionsFile> {
                 .ok_or_else(|| {
                     csv.cell_error(row.line, cp, format!("{v:?} is not a finite number"))
                 })?;
+            if !(0.0..=1.0).contains(&p) {
+                return Err(csv.cell_error(
+                    row.line,
+                    cp,
+                    format!("{v} is not a probability (0 to 1)"),
+                ));
+            }
             Some(p)
         };
         rows.push(PredictionRow {

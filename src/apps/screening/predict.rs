@@ -173,8 +173,11 @@ pub fn predict(
             options.preprocess.channels
         )));
     }
-    if !options.threshold.is_finite() {
-        return Err(Error::invalid("the threshold must be a finite number"));
+    if !(0.0..=1.0).contains(&options.threshold) {
+        return Err(Error::invalid(format!(
+            "--threshold {}: a probability threshold must lie in [0, 1] (above 1 nothing could be positive)",
+            options.threshold
+        )));
     }
     // Fail on a too-small input size before reading any image.
     cfg.features_shape(1, options.preprocess.height, options.preprocess.width)?;

@@ -95,6 +95,11 @@ pub fn evaluate(
     labels: &[(String, bool)],
     threshold: f64,
 ) -> Result<EvaluationReport> {
+    if !(0.0..=1.0).contains(&threshold) {
+        return Err(Error::invalid(format!(
+            "--threshold {threshold}: a probability threshold must lie in [0, 1] (above 1 nothing could be positive)"
+        )));
+    }
     let file_name = |id: &str| {
         Path::new(id)
             .file_name()
