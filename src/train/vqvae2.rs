@@ -126,7 +126,7 @@ struct Saved {
     inner: Option<(Act, Act)>,
 }
 
-fn param<'a>(store: &'a ParamStore, id: usize) -> &'a [f32] {
+fn param(store: &ParamStore, id: usize) -> &[f32] {
     &store.get(id).value
 }
 
@@ -487,8 +487,8 @@ fn check_input(cfg: &VqVae2Config, shape: &[usize], x: &[f32]) -> Result<[usize;
         )
     })?;
     if s[1] != cfg.in_channel
-        || s[2] % 8 != 0
-        || s[3] % 8 != 0
+        || !s[2].is_multiple_of(8)
+        || !s[3].is_multiple_of(8)
         || s[0] == 0
         || s[2] == 0
         || s[3] == 0
