@@ -8,6 +8,7 @@ mod expression;
 mod infer;
 mod screen;
 mod svr;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -51,6 +52,8 @@ enum Command {
     Screen(screen::ScreenCommand),
     /// Time one workload (model forward or single op) for kernel benchmarking; JSON on stdout.
     Bench(bench::BenchArgs),
+    /// One training step (CPU): state after the step, gradients and losses.
+    TrainStep(train::TrainStepArgs),
 }
 
 /// Runs the parsed command.
@@ -67,6 +70,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Svr(c) => svr::run(c),
         Command::Screen(c) => screen::run(c),
         Command::Bench(a) => bench::run(a),
+        Command::TrainStep(a) => train::run(a),
     }
 }
 

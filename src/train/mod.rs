@@ -6,6 +6,7 @@
 pub mod loss;
 pub mod optim;
 pub mod store;
+pub mod vqvae2;
 
 pub use optim::{AdamConfig, Method, Optimizer, ParamGroup, SgdConfig};
 pub use store::{Param, ParamStore};

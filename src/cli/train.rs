@@ -1,0 +1,150 @@
+//! `cellmorph train-step`: one optimizer step of a model from a weights file
+//! and a batch, writing the state after the step, the gradients and the
+//! step's outputs under the training goldens' names (`after.*`, `grad.*`,
+//! `loss`, …).
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use cellmorph::io::{TensorFile, TensorWriter};
+use cellmorph::train::vqvae2::{self, StepConfig};
+use cellmorph::train::{AdamConfig, Method, Optimizer};
+use cellmorph::{Device, Error, Precision, Result};
+
+#[derive(Args, Debug)]
+pub struct TrainStepArgs {
+    /// Model: vqvae2 (densenet and cp2image are not implemented yet).
+    #[arg(long)]
+    model: String,
+    /// The state before the step: a safetensors file with PyTorch
+    /// state_dict names (parameters and buffers).
+    #[arg(long)]
+    weights: PathBuf,
+    /// The batch: a safetensors file holding a tensor named `input`.
+    #[arg(long)]
+    batch: PathBuf,
+    /// Output safetensors file (written only when everything succeeded).
+    #[arg(long)]
+    output: PathBuf,
+    /// Adam's learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// Adam's (β1, β2), comma-separated.
+    #[arg(long, default_value = "0.9,0.999", value_parser = parse_betas)]
+    betas: (f64, f64),
+    /// Adam's L2 weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Only cpu for now.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// Only f32 for now.
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
+}
+
+fn parse_betas(s: &str) -> std::result::Result<(f64, f64), String> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    let parse = |p: &str| {
+        p.parse::<f64>()
+            .ok()
+            .filter(|b| (0.0..1.0).contains(b))
+            .ok_or_else(|| format!("betas {s:?}: {p:?} is not a number in [0, 1)"))
+    };
+    match parts.as_slice() {
+        [a, b] => Ok((parse(a)?, parse(b)?)),
+        _ => Err(format!("betas {s:?}: expected two numbers, e.g. 0.9,0.999")),
+    }
+}
+
+pub fn run(a: TrainStepArgs) -> Result<()> {
+    if !(a.lr.is_finite() && a.lr >= 0.0) {
+        return Err(Error::invalid(format!(
+            "--lr must be finite and ≥ 0, got {}",
+            a.lr
+        )));
+    }
+    if !(a.weight_decay.is_finite() && a.weight_decay >= 0.0) {
+        return Err(Error::invalid(format!(
+            "--weight-decay must be finite and ≥ 0, got {}",
+            a.weight_decay
+        )));
+    }
+    let adam = Method::Adam(AdamConfig {
+        betas: a.betas,
+        weight_decay: a.weight_decay,
+        ..AdamConfig::default()
+    });
+    match a.model.as_str() {
+        "vqvae2" => vqvae2_step(&a, adam),
+        "densenet" | "cp2image" => Err(Error::invalid(format!(
+            "train-step --model {}: not implemented yet (only vqvae2 is)",
+            a.model
+        ))),
+        other => Err(Error::invalid(format!(
+            "train-step: unknown model {other:?}; supported: vqvae2 (densenet, cp2image: not implemented yet)"
+        ))),
+    }
+}
+
+fn vqvae2_step(a: &TrainStepArgs, method: Method) -> Result<()> {
+    if a.device != Device::Cpu {
+        return Err(Error::invalid(format!(
+            "train-step --model vqvae2 --device {}: device training is not yet available for this model; use --device cpu",
+            a.device
+        )));
+    }
+    if a.precision != Precision::F32 {
+        return Err(Error::invalid(format!(
+            "train-step --model vqvae2 --precision {}: training runs in f32 only",
+            a.precision
+        )));
+    }
+    let weights = TensorFile::open(&a.weights)?;
+    let (cfg, mut store) = vqvae2::load_store(&weights)?;
+    let batch = TensorFile::open(&a.batch)?;
+    let (shape, x) = batch.f32("input")?;
+    let mut opt = Optimizer::new(method)?;
+    store.register(&mut opt)?;
+    let out = vqvae2::train_step(
+        &mut store,
+        &mut opt,
+        a.lr,
+        &cfg,
+        &shape,
+        &x,
+        &StepConfig::default(),
+    )
+    .map_err(|e| {
+        Error::invalid(format!(
+            "{} on {}: {e}",
+            a.weights.display(),
+            a.batch.display()
+        ))
+    })?;
+
+    let mut w = TensorWriter::new();
+    w.set_metadata("model", "vqvae2");
+    w.set_metadata("config", &cfg.to_string());
+    store.write_values(&mut w, "after.")?;
+    for p in store.params().iter().filter(|p| p.trainable) {
+        w.add_slice(&format!("grad.{}", p.name), &p.shape, &p.grad)?;
+    }
+    w.add_slice("loss", &[1], &[out.loss])?;
+    w.add_slice("recon_loss", &[1], &[out.recon_loss])?;
+    w.add_slice("latent_loss", &[1], &[out.latent_loss])?;
+    let to_i64 = |v: &[i32]| v.iter().map(|&c| c as i64).collect::<Vec<i64>>();
+    w.add_slice("id_t", &out.id_t_shape, &to_i64(&out.id_t))?;
+    w.add_slice("id_b", &out.id_b_shape, &to_i64(&out.id_b))?;
+    w.add_slice("dec", &shape, &out.dec)?;
+    w.write(&a.output)?;
+    eprintln!(
+        "vqvae2: loss {} (recon {}, latent {}) -> {}",
+        out.loss,
+        out.recon_loss,
+        out.latent_loss,
+        a.output.display()
+    );
+    Ok(())
+}
