@@ -1127,7 +1127,7 @@ pub fn conv2d_backward_into(
     p: Conv2dParams,
     dx: &mut Tensor,
     dw: &mut Tensor,
-    mut db: Option<&mut Tensor>,
+    db: Option<&mut Tensor>,
 ) -> Result<()> {
     const OP: &str = "conv2d_backward";
     let g = Conv2dGeom::new(x.shape(), w.shape(), p).map_err(|e| backward_error(OP, e))?;
@@ -1202,7 +1202,7 @@ pub fn conv2d_backward_into(
         pad,
         (g.oh, g.ow),
     )?;
-    if let Some(db) = db.as_deref_mut() {
+    if let Some(db) = db {
         launch_bias_grad(OP, be, dy, db, g.n, g.c_out, g.oh * g.ow)?;
     }
     Ok(())
@@ -1249,7 +1249,7 @@ pub fn conv_transpose2d_backward_into(
     p: ConvTranspose2dParams,
     dx: &mut Tensor,
     dw: &mut Tensor,
-    mut db: Option<&mut Tensor>,
+    db: Option<&mut Tensor>,
 ) -> Result<()> {
     const OP: &str = "conv_transpose2d_backward";
     let g = ConvTranspose2dGeom::new(x.shape(), w.shape(), p).map_err(|e| backward_error(OP, e))?;
@@ -1311,7 +1311,7 @@ pub fn conv_transpose2d_backward_into(
         pad,
         (g.h, g.w),
     )?;
-    if let Some(db) = db.as_deref_mut() {
+    if let Some(db) = db {
         launch_bias_grad(OP, be, dy, db, g.n, g.c_out, g.oh * g.ow)?;
     }
     Ok(())
