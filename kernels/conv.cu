@@ -2,6 +2,10 @@
 // conv2d (implicit GEMM per output phase); linear runs on the conv2d kernels
 // as a 1×1 conv over [n, in, 1, 1].
 //
+// Backward: the input gradients run on these kernels (conv2d's dx is a
+// transposed conv of dy, conv_transpose2d's dx a conv2d of dy; see
+// src/ops/conv.rs), the weight and bias gradients in kernels/conv_backward.cu.
+//
 // Layouts and shapes (dense, row-major, PyTorch's):
 //   conv2d            x [n, c_in, h, w], w [c_out, c_in, kh, kw], bias [c_out]
 //                     or null, y [n, c_out, oh, ow] (src/geometry.rs Conv2dGeom):

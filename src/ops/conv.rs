@@ -823,3 +823,496 @@ fn conv2d_fused_cpu(
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------
+// Backward: weight and bias gradients on kernels/conv_backward.cu, input
+// gradients on the forward kernels above.
+// ---------------------------------------------------------------------------
+
+/// Threads per block of the weight-gradient GEMM (`kWgThreads`).
+const WGRAD_THREADS: u32 = 256;
+/// Rows (output channels) and columns (`c_in·kh·kw`) per weight-gradient
+/// block tile (`kWgBM`, `kWgBN`).
+const WGRAD_TILE: usize = 64;
+/// Pixels per shared-memory slab of the weight-gradient GEMM (`kWgBK`):
+/// chunks are rounded up to whole slabs.
+const WGRAD_SLAB: usize = 16;
+/// Threads per block of the bias-gradient kernel (`kBiasThreads`).
+const BIAS_THREADS: u32 = 256;
+/// Threads per block of the partial-sum reduction.
+const REDUCE_THREADS: u32 = 256;
+/// Most chunks a weight or bias gradient's pixel sum is split into: bounds
+/// the workspace at 16 copies of the gradient.
+pub const CONV_GRAD_MAX_CHUNKS: usize = 16;
+/// Fewest pixels per chunk: shorter chunks would mostly add reduction work.
+pub const CONV_GRAD_MIN_CHUNK: usize = 256;
+
+/// The deterministic split of a gradient's sum over `k = n·oh·ow` pixels
+/// (`n·h·w` for a transposed conv) into chunks: `(chunk_len, parts)`, a
+/// function of `k` alone (never of the GPU): `parts = clamp(⌈k/256⌉, 1, 16)`
+/// chunks of `⌈k/parts⌉` pixels rounded up to a multiple of 16, the last one
+/// shorter. `(0, 0)` when `k` is 0.
+pub fn conv_grad_chunks(k: usize) -> (usize, usize) {
+    if k == 0 {
+        return (0, 0);
+    }
+    let parts = k
+        .div_ceil(CONV_GRAD_MIN_CHUNK)
+        .clamp(1, CONV_GRAD_MAX_CHUNKS);
+    let len = k.div_ceil(parts).next_multiple_of(WGRAD_SLAB);
+    (len, k.div_ceil(len))
+}
+
+/// Workspace floats a device conv backward allocates (and frees) for a weight
+/// of `weight_len` elements, `c_out` bias channels (0 without a bias) and
+/// `k` pixels: one partial gradient per chunk when there are several chunks.
+pub fn conv_grad_workspace_len(weight_len: usize, c_out: usize, k: usize) -> usize {
+    match conv_grad_chunks(k) {
+        (_, parts) if parts > 1 => parts * (weight_len + c_out),
+        _ => 0,
+    }
+}
+
+/// Gradients of a conv2d or transposed conv2d: `dx` like the input, `dw`
+/// like the weight, `db` `[c_out]` when asked for.
+#[derive(Debug)]
+pub struct ConvGrads {
+    /// Input gradient.
+    pub dx: Tensor,
+    /// Weight gradient.
+    pub dw: Tensor,
+    /// Bias gradient.
+    pub db: Option<Tensor>,
+}
+
+/// Sums `parts` partials of `len` floats each (`part`, in order) into `out`;
+/// with 0 parts fills `out` with zeros.
+fn launch_grad_reduce(
+    be: &Backend,
+    part: KernelArg,
+    out: &mut Tensor,
+    len: usize,
+    parts: usize,
+) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchCfg::linear(
+        len.min(DIRECT_MAX_BLOCKS * REDUCE_THREADS as usize),
+        REDUCE_THREADS,
+    )?;
+    let args = [
+        part,
+        out.arg_mut(),
+        KernelArg::I64(len as i64),
+        KernelArg::int("chunks", parts)?,
+    ];
+    // SAFETY: `out` holds `len` f32 on be's device and `part` (null only when
+    // parts is 0) parts·len; both outlive the launch (the caller's
+    // workspace). conv_grad_reduce_f32(const float* part, float* out,
+    // long long len, int parts) reads part[s·len + i] for s < parts and
+    // writes out[i], i < len.
+    unsafe { be.launch("conv_grad_reduce_f32", cfg, &args) }
+}
+
+/// The weight gradient as a GEMM over pixels (see kernels/conv_backward.cu):
+/// `dw[m, (ci, ky, kx)] = Σ_p rows[b, m, p] · gathered[b, ci, p·s − pad + k]`
+/// for `rows` `[n, c_rows, oh, ow]` and `gathered` `[n, c_gath, h, w]`,
+/// `dw` `[c_rows, c_gath, kh, kw]`. Shapes checked by the caller.
+#[allow(clippy::too_many_arguments)]
+fn launch_weight_grad(
+    op: &'static str,
+    be: &Backend,
+    gathered: &Tensor,
+    rows: &Tensor,
+    dw: &mut Tensor,
+    n: usize,
+    c_gath: usize,
+    (h, w): (usize, usize),
+    c_rows: usize,
+    (kh, kw): (usize, usize),
+    stride: (usize, usize),
+    pad: (usize, usize),
+    (oh, ow): (usize, usize),
+) -> Result<()> {
+    let (gm, gn) = (c_rows, c_gath * kh * kw);
+    let len = gm * gn;
+    if len == 0 {
+        return Ok(());
+    }
+    let (chunk_len, parts) = conv_grad_chunks(n * oh * ow);
+    if parts == 0 {
+        return launch_grad_reduce(be, KernelArg::Ptr(0), dw, len, 0);
+    }
+    let sizes = size_args(
+        op,
+        n,
+        c_gath,
+        (h, w),
+        c_rows,
+        (kh, kw),
+        stride,
+        pad,
+        (oh, ow),
+    )?;
+    let (gx, gy) = (gn.div_ceil(WGRAD_TILE), gm.div_ceil(WGRAD_TILE));
+    if gx > MAX_GRID_X || gy > MAX_GRID_YZ {
+        return Err(Error::invalid(format!(
+            "{op}: a weight gradient of {gm} × {gn} exceeds the launch grid"
+        )));
+    }
+    let cfg = LaunchCfg {
+        grid: (gx as u32, gy as u32, parts as u32),
+        block: (WGRAD_THREADS, 1, 1),
+        shared_bytes: 0,
+    };
+    let mut workspace = if parts > 1 {
+        Some(Tensor::<f32>::zeros(be, &[parts * len])?)
+    } else {
+        None
+    };
+    let target = match workspace.as_mut() {
+        Some(ws) => ws.arg_mut(),
+        None => dw.arg_mut(),
+    };
+    let mut args = vec![gathered.arg(), rows.arg(), target];
+    args.extend(sizes);
+    args.push(KernelArg::I64(chunk_len as i64));
+    // SAFETY: the caller checked that gathered [n, c_gath, h, w], rows
+    // [n, c_rows, oh, ow] and dw [c_rows, c_gath, kh, kw] live on be's device
+    // and outlive the launch; the workspace (parts·len floats) is alive until
+    // the end of this function. conv2d_wgrad_partial_f32(const float* x,
+    // const float* dy, float* part, 13 × int, long long chunk_len) as built
+    // here reads x inside each image (bounds-checked gather) and dy at pixels
+    // < n·oh·ow, and writes part[s·len + i] for s < parts = ⌈n·oh·ow /
+    // chunk_len⌉ (grid.z) and i < len; size_args checked the int extents.
+    unsafe { be.launch("conv2d_wgrad_partial_f32", cfg, &args)? };
+    match workspace {
+        Some(ws) => launch_grad_reduce(be, ws.arg(), dw, len, parts),
+        None => Ok(()),
+    }
+}
+
+/// `db[c] = Σ_{b, p} dy[b, c, p]` for `dy` `[n, c, plane]`, in the chunks of
+/// [`conv_grad_chunks`]. Shapes checked by the caller.
+fn launch_bias_grad(
+    op: &'static str,
+    be: &Backend,
+    dy: &Tensor,
+    db: &mut Tensor,
+    n: usize,
+    c: usize,
+    plane: usize,
+) -> Result<()> {
+    if c == 0 {
+        return Ok(());
+    }
+    let (chunk_len, parts) = conv_grad_chunks(n * plane);
+    if parts == 0 {
+        return launch_grad_reduce(be, KernelArg::Ptr(0), db, c, 0);
+    }
+    if c > MAX_GRID_X {
+        return Err(Error::invalid(format!(
+            "{op}: {c} bias channels exceed the launch grid"
+        )));
+    }
+    let cfg = LaunchCfg {
+        grid: (c as u32, parts as u32, 1),
+        block: (BIAS_THREADS, 1, 1),
+        shared_bytes: 0,
+    };
+    let mut workspace = if parts > 1 {
+        Some(Tensor::<f32>::zeros(be, &[parts * c])?)
+    } else {
+        None
+    };
+    let target = match workspace.as_mut() {
+        Some(ws) => ws.arg_mut(),
+        None => db.arg_mut(),
+    };
+    let args = [
+        dy.arg(),
+        target,
+        KernelArg::int("batch", n)?,
+        KernelArg::int("channels", c)?,
+        KernelArg::I64(plane as i64),
+        KernelArg::I64(chunk_len as i64),
+    ];
+    // SAFETY: dy holds n·c·plane f32 and db c on be's device (checked by the
+    // caller), the workspace parts·c until the end of this function.
+    // conv_bias_grad_partial_f32(const float* dy, float* part, int n, int c,
+    // long long plane, long long chunk_len) reads dy at (b·c + co)·plane + p,
+    // p < plane, b < n, and writes part[s·c + co] for block (co, s),
+    // s < parts = ⌈n·plane / chunk_len⌉.
+    unsafe { be.launch("conv_bias_grad_partial_f32", cfg, &args)? };
+    match workspace {
+        Some(ws) => launch_grad_reduce(be, ws.arg(), db, c, parts),
+        None => Ok(()),
+    }
+}
+
+/// A forward geometry error re-attributed to the backward op `op`.
+fn backward_error(op: &'static str, e: Error) -> Error {
+    match e {
+        Error::Shape { msg, .. } => Error::shape(op, msg),
+        e => e,
+    }
+}
+
+/// Checks the gradient tensors of a conv backward: devices, `dy`, `dx`, `dw`
+/// and `db` shapes.
+#[allow(clippy::too_many_arguments)]
+fn check_grads(
+    op: &'static str,
+    be: &Backend,
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    dy_shape: &[usize],
+    dx: &Tensor,
+    dw: &Tensor,
+    db: Option<&Tensor>,
+    c_out: usize,
+) -> Result<()> {
+    on_device(op, be, &[x, w, dy, dx, dw])?;
+    expect_shape(op, "dy", dy, dy_shape)?;
+    expect_shape(op, "dx", dx, x.shape())?;
+    expect_shape(op, "dw", dw, w.shape())?;
+    if let Some(db) = db {
+        check_device(op, be, db)?;
+        expect_shape(op, "db", db, &[c_out])?;
+    }
+    Ok(())
+}
+
+/// Backward of [`conv2d`]: from the input `x` `[n, c_in, h, w]`, the weight
+/// `w` `[c_out, c_in, kh, kw]` and the output gradient `dy`
+/// `[n, c_out, oh, ow]`, the gradients of `x`, `w` and (when `bias`) of the
+/// bias. f32 on every device (also under a bf16/f16 precision). On CUDA and
+/// emulated devices: `dx` on the transposed-conv implicit GEMM
+/// (`conv_transpose2d_igemm{32,64}_f32` over `dy`, M = n·h·w pixels by phase,
+/// N = c_in, K = c_out·taps), `dw` on `conv2d_wgrad_partial_f32` (M = c_out,
+/// N = c_in·kh·kw, K = n·oh·ow in [`conv_grad_chunks`]) and `db` on
+/// `conv_bias_grad_partial_f32`, partials summed in a fixed order by
+/// `conv_grad_reduce_f32`: no atomics, the same bits on every run and GPU.
+/// The CPU device runs [`cpu::conv2d_backward`].
+pub fn conv2d_backward(
+    be: &Backend,
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    p: Conv2dParams,
+    bias: bool,
+) -> Result<ConvGrads> {
+    let g = Conv2dGeom::new(x.shape(), w.shape(), p)
+        .map_err(|e| backward_error("conv2d_backward", e))?;
+    let mut dx = Tensor::zeros(be, x.shape())?;
+    let mut dw = Tensor::zeros(be, w.shape())?;
+    let mut db = if bias {
+        Some(Tensor::zeros(be, &[g.c_out])?)
+    } else {
+        None
+    };
+    conv2d_backward_into(be, x, w, dy, p, &mut dx, &mut dw, db.as_mut())?;
+    Ok(ConvGrads { dx, dw, db })
+}
+
+/// [`conv2d_backward`] into preallocated `dx`, `dw` and `db` (all overwritten).
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_backward_into(
+    be: &Backend,
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    p: Conv2dParams,
+    dx: &mut Tensor,
+    dw: &mut Tensor,
+    db: Option<&mut Tensor>,
+) -> Result<()> {
+    const OP: &str = "conv2d_backward";
+    let g = Conv2dGeom::new(x.shape(), w.shape(), p).map_err(|e| backward_error(OP, e))?;
+    check_grads(
+        OP,
+        be,
+        x,
+        w,
+        dy,
+        &g.out_shape(),
+        dx,
+        dw,
+        db.as_deref(),
+        g.c_out,
+    )?;
+    if be.device() == Device::Cpu {
+        let db = db.map(|d| d.host_mut_for(OP)).transpose()?;
+        return cpu::conv2d_backward(
+            &g,
+            x.host_for(OP)?,
+            w.host_for(OP)?,
+            dy.host_for(OP)?,
+            dx.host_mut_for(OP)?,
+            dw.host_mut_for(OP)?,
+            db,
+        );
+    }
+    let (stride, pad) = ((g.stride_h, g.stride_w), (g.pad_h, g.pad_w));
+    // dx: a transposed conv of dy through w, read as a [c_out, c_in, kh, kw]
+    // transposed-conv weight, onto the input plane (every input pixel is an
+    // output of exactly one phase, so dx is fully overwritten).
+    if dx.numel() > 0 {
+        let sizes = size_args(
+            OP,
+            g.n,
+            g.c_out,
+            (g.oh, g.ow),
+            g.c_in,
+            (g.kh, g.kw),
+            stride,
+            pad,
+            (g.h, g.w),
+        )?;
+        let phase_m = g.n * g.h.div_ceil(g.stride_h) * g.w.div_ceil(g.stride_w);
+        let (name, tile_n) = gemm_variant(true, g.c_in);
+        let cfg = gemm_cfg(OP, phase_m, g.c_in, tile_n, g.stride_h * g.stride_w)?;
+        let mut args = vec![dy.arg(), w.arg(), KernelArg::Ptr(0), dx.arg_mut()];
+        args.extend(sizes);
+        // SAFETY: checked above: dy [n, c_out, oh, ow], w [c_out, c_in, kh,
+        // kw] and dx [n, c_in, h, w] live on be's device and outlive the
+        // launch. The transposed-conv kernels take (const float* x, const
+        // float* w, const float* bias, float* y, 13 × int) as built here,
+        // with x = dy ([n, c_out, oh, ow]: their c_in = c_out, plane oh × ow),
+        // w read as their [c_in, c_out, kh, kw] weight (our [c_out, c_in, kh,
+        // kw]), a null bias and y = dx (their c_out = c_in, plane h × w);
+        // every read is bounds-checked against those extents and each dx
+        // element is written once by the block of its phase.
+        unsafe { be.launch(name, cfg, &args)? };
+    }
+    launch_weight_grad(
+        OP,
+        be,
+        x,
+        dy,
+        dw,
+        g.n,
+        g.c_in,
+        (g.h, g.w),
+        g.c_out,
+        (g.kh, g.kw),
+        stride,
+        pad,
+        (g.oh, g.ow),
+    )?;
+    if let Some(db) = db {
+        launch_bias_grad(OP, be, dy, db, g.n, g.c_out, g.oh * g.ow)?;
+    }
+    Ok(())
+}
+
+/// Backward of [`conv_transpose2d`]: from `x` `[n, c_in, h, w]`, `w`
+/// `[c_in, c_out, kh, kw]` and `dy` `[n, c_out, oh, ow]`, the gradients of
+/// `x`, `w` and (when `bias`) of the bias. f32 on every device. On CUDA and
+/// emulated devices `dx` is a conv2d of `dy` with `w` read as a
+/// `[c_in, c_out, kh, kw]` conv weight (`conv2d_igemm{32,64}_f32`), `dw` the
+/// conv2d weight-gradient GEMM with the roles swapped (rows from `x`, the
+/// gather from `dy`; K = n·h·w) and `db` the same deterministic chunked sums
+/// as [`conv2d_backward`]. The CPU device runs
+/// [`cpu::conv_transpose2d_backward`].
+pub fn conv_transpose2d_backward(
+    be: &Backend,
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    p: ConvTranspose2dParams,
+    bias: bool,
+) -> Result<ConvGrads> {
+    let g = ConvTranspose2dGeom::new(x.shape(), w.shape(), p)
+        .map_err(|e| backward_error("conv_transpose2d_backward", e))?;
+    let mut dx = Tensor::zeros(be, x.shape())?;
+    let mut dw = Tensor::zeros(be, w.shape())?;
+    let mut db = if bias {
+        Some(Tensor::zeros(be, &[g.c_out])?)
+    } else {
+        None
+    };
+    conv_transpose2d_backward_into(be, x, w, dy, p, &mut dx, &mut dw, db.as_mut())?;
+    Ok(ConvGrads { dx, dw, db })
+}
+
+/// [`conv_transpose2d_backward`] into preallocated `dx`, `dw` and `db` (all
+/// overwritten).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_transpose2d_backward_into(
+    be: &Backend,
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    p: ConvTranspose2dParams,
+    dx: &mut Tensor,
+    dw: &mut Tensor,
+    db: Option<&mut Tensor>,
+) -> Result<()> {
+    const OP: &str = "conv_transpose2d_backward";
+    let g = ConvTranspose2dGeom::new(x.shape(), w.shape(), p).map_err(|e| backward_error(OP, e))?;
+    check_grads(
+        OP,
+        be,
+        x,
+        w,
+        dy,
+        &g.out_shape(),
+        dx,
+        dw,
+        db.as_deref(),
+        g.c_out,
+    )?;
+    if be.device() == Device::Cpu {
+        let db = db.map(|d| d.host_mut_for(OP)).transpose()?;
+        return cpu::conv_transpose2d_backward(
+            &g,
+            x.host_for(OP)?,
+            w.host_for(OP)?,
+            dy.host_for(OP)?,
+            dx.host_mut_for(OP)?,
+            dw.host_mut_for(OP)?,
+            db,
+        );
+    }
+    let (stride, pad) = ((g.stride_h, g.stride_w), (g.pad_h, g.pad_w));
+    // dx: the conv2d of dy [n, c_out, oh, ow] with w as a [c_in, c_out, kh,
+    // kw] conv weight, onto the h × w input plane.
+    let as_conv = Conv2dGeom {
+        n: g.n,
+        c_in: g.c_out,
+        h: g.oh,
+        w: g.ow,
+        c_out: g.c_in,
+        kh: g.kh,
+        kw: g.kw,
+        stride_h: g.stride_h,
+        stride_w: g.stride_w,
+        pad_h: g.pad_h,
+        pad_w: g.pad_w,
+        oh: g.h,
+        ow: g.w,
+    };
+    launch_conv2d(OP, be, &as_conv, Conv2dKernel::Gemm, dy, w, None, dx)?;
+    launch_weight_grad(
+        OP,
+        be,
+        dy,
+        x,
+        dw,
+        g.n,
+        g.c_out,
+        (g.oh, g.ow),
+        g.c_in,
+        (g.kh, g.kw),
+        stride,
+        pad,
+        (g.h, g.w),
+    )?;
+    if let Some(db) = db {
+        launch_bias_grad(OP, be, dy, db, g.n, g.c_out, g.oh * g.ow)?;
+    }
+    Ok(())
+}

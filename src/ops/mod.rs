@@ -2,9 +2,10 @@
 //! reference (`crate::cpu`) or a kernel from `kernels/` (CUDA or emulated).
 //! Backward ops on every device so far: `relu_backward`,
 //! `leaky_relu_backward`, `sigmoid_backward` (activation),
-//! `upsample_nearest2x_backward` (layout), `global_avg_pool_backward` (pool);
-//! the rest of the
-//! backward passes are CPU-only (`crate::cpu`) for now.
+//! `upsample_nearest2x_backward` (layout), `global_avg_pool_backward` (pool),
+//! `conv2d_backward`, `conv_transpose2d_backward` (conv; deterministic
+//! weight and bias gradients, tests in `tests/ops/conv_backward.rs`); the
+//! rest of the backward passes are CPU-only (`crate::cpu`) for now.
 //!
 //! Every op has an allocating form (`relu(be, x) -> Tensor`) and an `_into`
 //! form writing into a preallocated output, so models can plan their buffers.

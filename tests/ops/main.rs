@@ -6,6 +6,8 @@
 //! - [`conv`]: conv2d (implicit GEMM and direct), conv_transpose2d; its
 //!   submodule `conv::fused`: `conv2d_fused_into` (prologues, epilogues,
 //!   channel slices);
+//! - [`conv_backward`]: conv2d and conv_transpose2d backward (input, weight
+//!   and bias gradients; determinism; PyTorch goldens on the emulated device);
 //! - [`conv_tc`]: the tensor-core conv2d (bf16/f16 precisions);
 //! - [`linear`]: the linear layer (on the conv kernels);
 //! - [`activation`]: ReLU, LeakyReLU, sigmoid, add, softmax;
@@ -31,6 +33,7 @@ mod support;
 mod activation;
 mod backward;
 mod conv;
+mod conv_backward;
 mod conv_tc;
 mod golden;
 mod golden_backward;
