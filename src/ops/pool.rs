@@ -191,3 +191,139 @@ pub fn global_avg_pool_backward_into(be: &Backend, dy: &Tensor, dx: &mut Tensor)
     // and reads dy[i / hw] < planes; hw > 0 here (total > 0).
     unsafe { be.launch("global_avg_pool_backward_f32", stride_cfg(total), &args) }
 }
+
+/// The pooled shape `[n, c, oh, ow]` from a `dy`, or a shape error naming `op`.
+fn check_dy(op: &'static str, g: &Pool2dGeom, dy: &Tensor) -> Result<()> {
+    expect_shape(op, "dy", dy, &g.out_shape())
+}
+
+/// Shared launch of the two pool2d backward gathers (`x` only for max).
+fn pool2d_backward_into(
+    op: &'static str,
+    kind: PoolKind,
+    be: &Backend,
+    x: Option<&Tensor>,
+    dy: &Tensor,
+    p: Pool2dParams,
+    dx: &mut Tensor,
+) -> Result<()> {
+    on_device(op, be, &[dy, dx])?;
+    if let Some(x) = x {
+        on_device(op, be, &[x])?;
+        expect_shape(op, "dx", dx, x.shape())?;
+    }
+    let g = Pool2dGeom::new(op, dx.shape(), p)?;
+    check_dy(op, &g, dy)?;
+    if be.device() == Device::Cpu {
+        return match (kind, x) {
+            (PoolKind::Max, Some(x)) => cpu::max_pool2d_backward(
+                &g,
+                x.host_for(op)?,
+                dy.host_for(op)?,
+                dx.host_mut_for(op)?,
+            ),
+            _ => cpu::avg_pool2d_backward(&g, dy.host_for(op)?, dx.host_mut_for(op)?),
+        };
+    }
+    let planes = g.n * g.c;
+    let in_plane = g.h * g.w;
+    if planes == 0 || in_plane == 0 {
+        return Ok(());
+    }
+    // The kernels index within a plane in 32-bit arithmetic.
+    KernelArg::int("input plane size", in_plane)?;
+    KernelArg::int("output plane size", g.oh * g.ow)?;
+    let mut args = Vec::with_capacity(15);
+    if let Some(x) = x {
+        args.push(x.arg());
+    }
+    args.extend([
+        dy.arg(),
+        dx.arg_mut(),
+        i64_arg("planes", planes)?,
+        KernelArg::int("h", g.h)?,
+        KernelArg::int("w", g.w)?,
+        KernelArg::int("oh", g.oh)?,
+        KernelArg::int("ow", g.ow)?,
+        KernelArg::int("kernel height", g.kh)?,
+        KernelArg::int("kernel width", g.kw)?,
+        KernelArg::int("stride", g.stride_h)?,
+        KernelArg::int("stride", g.stride_w)?,
+        KernelArg::int("padding", g.pad_h)?,
+        KernelArg::int("padding", g.pad_w)?,
+    ]);
+    let name = match (kind, x) {
+        (PoolKind::Max, Some(_)) => "max_pool2d_backward_f32",
+        (PoolKind::Max, None) => {
+            return Err(Error::invalid(format!(
+                "{op}: max pooling backward needs x"
+            )))
+        }
+        (PoolKind::Avg, _) => {
+            args.push(KernelArg::I32(i32::from(g.count_include_pad)));
+            "avg_pool2d_backward_f32"
+        }
+    };
+    // SAFETY: x (max only) and dx hold n·c·h·w and dy n·c·oh·ow f32 on be's
+    // device (checked above) and all outlive the launch; the argument list
+    // matches max_pool2d_backward_f32(const float* x, const float* dy,
+    // float* dx, long long planes, int h, w, oh, ow, kh, kw, sh, sw, ph, pw)
+    // or avg_pool2d_backward_f32(const float* dy, float* dx, long long
+    // planes, int h, w, oh, ow, kh, kw, sh, sw, ph, pw, int
+    // count_include_pad); each thread writes dx[p, i] for i < h·w, p < n·c,
+    // and reads windows clipped to the plane and outputs < oh·ow.
+    unsafe { be.launch(name, plane_cfg(in_plane, planes), &args) }
+}
+
+/// Backward of [`max_pool2d`]: `x` `[n, c, h, w]`, `dy` `[n, c, oh, ow]` →
+/// `dx` `[n, c, h, w]`, each `dy` going to its window's maximum (the first
+/// maximum in row-major order; a NaN wins), summed where windows overlap.
+/// Deterministic: a gather that recomputes each covering window's argmax.
+pub fn max_pool2d_backward(
+    be: &Backend,
+    x: &Tensor,
+    dy: &Tensor,
+    p: Pool2dParams,
+) -> Result<Tensor> {
+    let mut dx = Tensor::zeros(be, x.shape())?;
+    max_pool2d_backward_into(be, x, dy, p, &mut dx)?;
+    Ok(dx)
+}
+
+/// [`max_pool2d_backward`] into a preallocated `dx` of `x`'s shape.
+pub fn max_pool2d_backward_into(
+    be: &Backend,
+    x: &Tensor,
+    dy: &Tensor,
+    p: Pool2dParams,
+    dx: &mut Tensor,
+) -> Result<()> {
+    pool2d_backward_into("max_pool2d_backward", PoolKind::Max, be, Some(x), dy, p, dx)
+}
+
+/// Backward of [`avg_pool2d`]: `dy` `[n, c, oh, ow]` → `dx` `[n, c, h, w]`
+/// (`h`, `w` the forward input's), each `dy / divisor` spread over the
+/// in-bounds part of its window. Deterministic: a gather.
+pub fn avg_pool2d_backward(
+    be: &Backend,
+    dy: &Tensor,
+    p: Pool2dParams,
+    h: usize,
+    w: usize,
+) -> Result<Tensor> {
+    let [n, c, _, _] = dims4("avg_pool2d_backward", dy)?;
+    let mut dx = Tensor::zeros(be, &[n, c, h, w])?;
+    avg_pool2d_backward_into(be, dy, p, &mut dx)?;
+    Ok(dx)
+}
+
+/// [`avg_pool2d_backward`] into a preallocated `dx` `[n, c, h, w]` (its
+/// spatial size is the forward input's).
+pub fn avg_pool2d_backward_into(
+    be: &Backend,
+    dy: &Tensor,
+    p: Pool2dParams,
+    dx: &mut Tensor,
+) -> Result<()> {
+    pool2d_backward_into("avg_pool2d_backward", PoolKind::Avg, be, None, dy, p, dx)
+}

@@ -9,6 +9,10 @@
 //!   division.
 //! - global average pool backward: exact (one division `dy / hw` per element,
 //!   the CPU reference's operation).
+//! - max and average pool backward: exact. The kernels gather, per input
+//!   element, the covering windows' contributions in increasing (oy, ox)
+//!   from 0 — the order in which the CPU reference scatters them — with the
+//!   same argmax rule and the same `dy / divisor` division.
 
 use cellmorph::geometry::Pool2dParams;
 use cellmorph::{ops, Backend};
@@ -158,7 +162,135 @@ fn global_avg_pool_backward_matches_cpu(be: &Backend) {
     });
 }
 
+/// Data with ties: values from a small set, so that windows often hold
+/// several maxima and the first-maximum rule decides.
+fn tied_data(seed: u64, len: usize) -> Vec<f32> {
+    Rng(seed)
+        .vec(len, 0.0, 4.0)
+        .into_iter()
+        .map(f32::floor)
+        .collect()
+}
+
+/// Max and average pooling backward against the CPU reference, through both
+/// forms (the `_into` form into a `dx` prefilled with 7s), plus determinism.
+fn pool_backward_matches_cpu(be: &Backend) {
+    run(be, pool_case(), |be, case| {
+        let ctx = format!("pool2d backward {case:?}");
+        let x = if case.seed % 2 == 0 {
+            tied_data(case.seed, numel(&case.shape))
+        } else {
+            Rng(case.seed).vec(numel(&case.shape), -4.0, 4.0)
+        };
+        let [n, c, h, w] = case.shape;
+        let (xc, xd) = pair(be, &case.shape, &x)?;
+        let out_shape = ok(ops::max_pool2d(&Backend::cpu(), &xc, case.params))?
+            .shape()
+            .to_vec();
+        let dy = Rng(case.seed ^ 1).vec(numel(&out_shape), -4.0, 4.0);
+        let (dyc, dyd) = pair(be, &out_shape, &dy)?;
+
+        let reference = ok(ok(ops::max_pool2d_backward(
+            &Backend::cpu(),
+            &xc,
+            &dyc,
+            case.params,
+        ))?
+        .to_vec())?;
+        let out = ok(ok(ops::max_pool2d_backward(be, &xd, &dyd, case.params))?.to_vec())?;
+        exact(&format!("max {ctx}"), &reference, &out)?;
+        let mut dx = ok(cellmorph::Tensor::from_slice(
+            be,
+            &case.shape,
+            &vec![7.0; x.len()],
+        ))?;
+        ok(ops::max_pool2d_backward_into(
+            be,
+            &xd,
+            &dyd,
+            case.params,
+            &mut dx,
+        ))?;
+        let again = ok(dx.to_vec())?;
+        prop_assert!(
+            again
+                .iter()
+                .zip(&out)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "max {}: two runs differ",
+            ctx
+        );
+
+        let reference = ok(ok(ops::avg_pool2d_backward(
+            &Backend::cpu(),
+            &dyc,
+            case.params,
+            h,
+            w,
+        ))?
+        .to_vec())?;
+        let out = ok(ops::avg_pool2d_backward(be, &dyd, case.params, h, w))?;
+        prop_assert_eq!(out.shape(), &[n, c, h, w]);
+        let out = ok(out.to_vec())?;
+        exact(&format!("avg {ctx}"), &reference, &out)?;
+        let mut dx = ok(cellmorph::Tensor::from_slice(
+            be,
+            &case.shape,
+            &vec![7.0; x.len()],
+        ))?;
+        ok(ops::avg_pool2d_backward_into(
+            be,
+            &dyd,
+            case.params,
+            &mut dx,
+        ))?;
+        let again = ok(dx.to_vec())?;
+        prop_assert!(
+            again
+                .iter()
+                .zip(&out)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "avg {}: two runs differ",
+            ctx
+        );
+        Ok(())
+    });
+}
+
+/// NaN and −∞ windows: the argmax rule's edge cases (a NaN replaces the best
+/// so far; an all −∞ window picks its first element).
+fn max_pool_backward_nan_and_infinity(be: &Backend) {
+    let nan = f32::NAN;
+    let ninf = f32::NEG_INFINITY;
+    let x = [
+        1.0, nan, 3.0, nan, //
+        ninf, ninf, 2.0, 2.0, //
+        ninf, ninf, nan, 0.5, //
+        5.0, 5.0, 0.0, nan,
+    ];
+    let shape = [1, 1, 4, 4];
+    let params = Pool2dParams::new(2, 1, 1);
+    let (xc, xd) = pair(be, &shape, &x).expect("tensors");
+    let out_shape = ops::max_pool2d(&Backend::cpu(), &xc, params)
+        .expect("forward")
+        .shape()
+        .to_vec();
+    let dy = Rng(3).vec(numel(&out_shape), -4.0, 4.0);
+    let (dyc, dyd) = pair(be, &out_shape, &dy).expect("tensors");
+    let reference = ops::max_pool2d_backward(&Backend::cpu(), &xc, &dyc, params)
+        .and_then(|t| t.to_vec())
+        .expect("cpu");
+    let out = ops::max_pool2d_backward(be, &xd, &dyd, params)
+        .and_then(|t| t.to_vec())
+        .expect("device");
+    if let Err(e) = exact("max_pool2d_backward NaN/−∞", &reference, &out) {
+        panic!("on {}: {e}", be.device());
+    }
+}
+
 on_devices!(
+    pool_backward_matches_cpu,
+    max_pool_backward_nan_and_infinity,
     global_avg_pool_backward_matches_cpu,
     max_pool_matches_cpu,
     avg_pool_matches_cpu,
@@ -208,6 +340,38 @@ fn shape_errors() {
         ),
         "max_pool2d",
         &["[1, 2, 3, 3]", "[1, 2, 2, 2]"],
+    );
+    expect_shape_error(
+        ops::max_pool2d_backward(
+            &be,
+            &x,
+            &zeros(&be, &[1, 2, 3, 3]),
+            Pool2dParams::new(2, 2, 0),
+        ),
+        "max_pool2d_backward",
+        &["dy", "[1, 2, 3, 3]", "[1, 2, 2, 2]"],
+    );
+    expect_shape_error(
+        ops::max_pool2d_backward_into(
+            &be,
+            &x,
+            &zeros(&be, &[1, 2, 2, 2]),
+            Pool2dParams::new(2, 2, 0),
+            &mut zeros(&be, &[1, 2, 4, 5]),
+        ),
+        "max_pool2d_backward",
+        &["dx", "[1, 2, 4, 5]", "[1, 2, 5, 5]"],
+    );
+    expect_shape_error(
+        ops::avg_pool2d_backward(
+            &be,
+            &zeros(&be, &[1, 2, 3, 3]),
+            Pool2dParams::new(2, 2, 0),
+            5,
+            5,
+        ),
+        "avg_pool2d_backward",
+        &["dy", "[1, 2, 3, 3]", "[1, 2, 2, 2]"],
     );
     expect_shape_error(
         ops::global_avg_pool(&be, &zeros(&be, &[2, 3])),
