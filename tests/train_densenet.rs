@@ -102,8 +102,8 @@ fn one_step_matches_pytorch() {
     // homogeneous, and β = 0 at init) and then training-mode BNs, which are
     // invariant to scaling a channel. PyTorch's golden holds rounding noise
     // (~1e-7, against gradients of ~1e-2 elsewhere), so each tensor's scale
-    // is floored at 1e-4 of the largest reference gradient of the step.
-    let grad_floor = 1e-4
+    // is floored at 1e-3 of the largest reference gradient of the step.
+    let grad_floor = 1e-3
         * g.file
             .names()
             .iter()
