@@ -299,10 +299,22 @@ impl TensorWriter {
     /// existing one.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let meta = (!self.metadata.is_empty()).then(|| self.metadata.clone());
-        let bytes = safetensors::serialize(self.entries.iter().map(|(k, v)| (k.as_str(), v)), meta)
+        let bytes = self
+            .serialize()
             .map_err(|e| Error::format(path, format!("serializing tensors: {e}")))?;
         write_atomic(path, &bytes)
+    }
+
+    /// The safetensors bytes [`TensorWriter::write`] would write (e.g. to
+    /// reopen them with [`TensorFile::from_bytes`] without touching disk).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        self.serialize()
+            .map_err(|e| Error::invalid(format!("serializing tensors: {e}")))
+    }
+
+    fn serialize(&self) -> std::result::Result<Vec<u8>, safetensors::SafeTensorError> {
+        let meta = (!self.metadata.is_empty()).then(|| self.metadata.clone());
+        safetensors::serialize(self.entries.iter().map(|(k, v)| (k.as_str(), v)), meta)
     }
 }
 
