@@ -153,7 +153,30 @@ fn one_step_matches_pytorch() {
         let p = params
             .by_name(key)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let e = rel_err(&name, &p.value, &g.get(&name), 0.0);
+        // Elements whose reference gradient is at rounding-noise level
+        // (below the floor above: all of norm0.weight, some of norm0.bias):
+        // Adam's first step is lr·g/(|g| + ε), any value in [−lr, lr] for
+        // such a g, so ours and PyTorch's may differ by up to 2·lr. Each is
+        // still checked to be one bounded Adam step from the state before;
+        // the other elements are compared as below.
+        let mut value = p.value.clone();
+        if g.file.names().contains(&format!("grad.{key}")) {
+            let grad = g.get(&format!("grad.{key}"));
+            let before = g.get(&format!("before.{key}"));
+            let want = g.get(&name);
+            let lr = LR as f32 * 1.001;
+            for (i, v) in value.iter_mut().enumerate() {
+                if grad[i].abs() < grad_floor {
+                    assert!(
+                        (*v - before[i]).abs() <= lr,
+                        "{name}[{i}]: moved more than lr"
+                    );
+                    assert!((*v - want[i]).abs() <= 2.0 * lr, "{name}[{i}]");
+                    *v = want[i];
+                }
+            }
+        }
+        let e = rel_err(&name, &value, &g.get(&name), 0.0);
         assert!(e <= 1e-3, "{name}: max |Δ| / max |ref| = {e:e}");
         if e >= worst_after.0 {
             worst_after = (e, name.clone());
