@@ -274,3 +274,91 @@ fn gradients_match_finite_differences() {
         );
     }
 }
+
+/// `cellmorph train-step --model densenet` on the golden split into a
+/// weights file and a batch file writes what the library's step computes,
+/// bit for bit (the library's step is checked against PyTorch above).
+#[test]
+fn the_train_step_command_writes_the_library_step() {
+    use cellmorph::io::TensorWriter;
+    let g = golden();
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("before.safetensors");
+    let mut w = TensorWriter::new();
+    for name in g.file.names() {
+        let Some(key) = name.strip_prefix("before.") else {
+            continue;
+        };
+        if key.ends_with("num_batches_tracked") {
+            let (s, v) = g.file.i64(&name).unwrap();
+            w.add_slice(key, &s, &v).unwrap();
+        } else {
+            let (s, v) = g.file.f32(&name).unwrap();
+            w.add_slice(key, &s, &v).unwrap();
+        }
+    }
+    w.write(&weights).unwrap();
+    let batch = dir.path().join("batch.safetensors");
+    let mut b = TensorWriter::new();
+    b.add_slice("input", &g.shape, &g.input).unwrap();
+    let labels: Vec<i64> = g.labels.iter().map(|&l| l as i64).collect();
+    b.add_slice("labels", &[labels.len()], &labels).unwrap();
+    b.write(&batch).unwrap();
+    let out = dir.path().join("out.safetensors");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_cellmorph"))
+        .args([
+            "train-step",
+            "--model",
+            "densenet",
+            "--lr",
+            "1e-3",
+            "--weights",
+        ])
+        .arg(&weights)
+        .arg("--batch")
+        .arg(&batch)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "train-step failed: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let o = TensorFile::open(&out).unwrap();
+    let step = train_step(&g.file, "before.", &g.batch(), AdamConfig::default(), LR).unwrap();
+    for p in step.after.params.params() {
+        assert_eq!(
+            o.f32(&format!("after.{}", p.name)).unwrap().1,
+            p.value,
+            "after.{}",
+            p.name
+        );
+        if p.trainable {
+            assert_eq!(
+                o.f32(&format!("grad.{}", p.name)).unwrap().1,
+                p.grad,
+                "grad.{}",
+                p.name
+            );
+        }
+    }
+    for (k, v) in &step.after.num_batches_tracked {
+        assert_eq!(o.i64(&format!("after.{k}")).unwrap().1, vec![*v], "{k}");
+    }
+    assert_eq!(o.f32("logits").unwrap().1, step.output.logits);
+    assert_eq!(o.f32("loss").unwrap().1, vec![step.output.loss]);
+    // The output may not replace an input.
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_cellmorph"))
+        .args(["train-step", "--model", "densenet", "--weights"])
+        .arg(&weights)
+        .arg("--batch")
+        .arg(&batch)
+        .arg("--output")
+        .arg(&batch)
+        .output()
+        .unwrap();
+    assert!(!st.status.success());
+    assert!(String::from_utf8_lossy(&st.stderr).contains("would destroy the input"));
+}

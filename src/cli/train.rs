@@ -14,14 +14,15 @@ use cellmorph::{Device, Error, Precision, Result};
 
 #[derive(Args, Debug)]
 pub struct TrainStepArgs {
-    /// Model: vqvae2 (densenet and cp2image are not implemented yet).
+    /// Model: vqvae2 or densenet (cp2image is not implemented yet).
     #[arg(long)]
     model: String,
     /// The state before the step: a safetensors file with PyTorch
     /// state_dict names (parameters and buffers).
     #[arg(long)]
     weights: PathBuf,
-    /// The batch: a safetensors file holding a tensor named `input`.
+    /// The batch: a safetensors file holding a tensor named `input` (and
+    /// for densenet `labels`, int64 class indices).
     #[arg(long)]
     batch: PathBuf,
     /// Output safetensors file (written only when everything succeeded).
@@ -76,31 +77,36 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
         weight_decay: a.weight_decay,
         ..AdamConfig::default()
     });
+    cellmorph::io::check_output_is_not_an_input(
+        "--output",
+        &a.output,
+        &[("--weights", &a.weights), ("--batch", &a.batch)],
+    )?;
+    if a.device != Device::Cpu {
+        return Err(Error::invalid(format!(
+            "train-step --model {} --device {}: device training is not yet available for this model; use --device cpu",
+            a.model, a.device
+        )));
+    }
+    if a.precision != Precision::F32 {
+        return Err(Error::invalid(format!(
+            "train-step --model {} --precision {}: training runs in f32 only",
+            a.model, a.precision
+        )));
+    }
     match a.model.as_str() {
         "vqvae2" => vqvae2_step(&a, adam),
-        "densenet" | "cp2image" => Err(Error::invalid(format!(
-            "train-step --model {}: not implemented yet (only vqvae2 is)",
-            a.model
-        ))),
+        "densenet" => densenet_step(&a, adam),
+        "cp2image" => Err(Error::invalid(
+            "train-step --model cp2image: not implemented yet (vqvae2 and densenet are)",
+        )),
         other => Err(Error::invalid(format!(
-            "train-step: unknown model {other:?}; supported: vqvae2 (densenet, cp2image: not implemented yet)"
+            "train-step: unknown model {other:?}; supported: vqvae2, densenet (cp2image: not implemented yet)"
         ))),
     }
 }
 
 fn vqvae2_step(a: &TrainStepArgs, method: Method) -> Result<()> {
-    if a.device != Device::Cpu {
-        return Err(Error::invalid(format!(
-            "train-step --model vqvae2 --device {}: device training is not yet available for this model; use --device cpu",
-            a.device
-        )));
-    }
-    if a.precision != Precision::F32 {
-        return Err(Error::invalid(format!(
-            "train-step --model vqvae2 --precision {}: training runs in f32 only",
-            a.precision
-        )));
-    }
     let weights = TensorFile::open(&a.weights)?;
     let (cfg, mut store) = vqvae2::load_store(&weights)?;
     let batch = TensorFile::open(&a.batch)?;
@@ -144,6 +150,67 @@ fn vqvae2_step(a: &TrainStepArgs, method: Method) -> Result<()> {
         out.loss,
         out.recon_loss,
         out.latent_loss,
+        a.output.display()
+    );
+    Ok(())
+}
+
+fn densenet_step(a: &TrainStepArgs, method: Method) -> Result<()> {
+    use cellmorph::train::densenet::{train_step, Batch};
+    let Method::Adam(adam) = method else {
+        return Err(Error::invalid("train-step --model densenet: Adam only"));
+    };
+    let weights = TensorFile::open(&a.weights)?;
+    let batch = TensorFile::open(&a.batch)?;
+    let (shape, x) = batch.f32("input")?;
+    let shape: [usize; 4] = shape.as_slice().try_into().map_err(|_| {
+        Error::format(
+            &a.batch,
+            format!("tensor \"input\" has shape {shape:?}; expected [N, C, H, W]"),
+        )
+    })?;
+    let (_, labels) = batch.i64("labels")?;
+    let labels = labels
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| {
+            usize::try_from(l).map_err(|_| {
+                Error::format(
+                    &a.batch,
+                    format!("tensor \"labels\"[{i}] = {l} is not a class index"),
+                )
+            })
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    let step = train_step(
+        &weights,
+        "",
+        &Batch {
+            input: &x,
+            shape,
+            labels: &labels,
+        },
+        adam,
+        a.lr,
+    )
+    .map_err(|e| {
+        Error::invalid(format!(
+            "{} on {}: {e}",
+            a.weights.display(),
+            a.batch.display()
+        ))
+    })?;
+    let mut w = TensorWriter::new();
+    w.set_metadata("model", "densenet");
+    step.after.write_values(&mut w, "after.")?;
+    step.after.write_grads(&mut w, "grad.")?;
+    let classes = step.output.logits.len() / shape[0].max(1);
+    w.add_slice("logits", &[shape[0], classes], &step.output.logits)?;
+    w.add_slice("loss", &[1], &[step.output.loss])?;
+    w.write(&a.output)?;
+    eprintln!(
+        "densenet: loss {} -> {}",
+        step.output.loss,
         a.output.display()
     );
     Ok(())
