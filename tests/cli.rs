@@ -609,3 +609,127 @@ fn infer_densenet_matches_golden() {
         ],
     );
 }
+
+/// Issue 16's cases: outputs that would destroy an input, sizes that would
+/// abort, probabilities and thresholds out of range, duplicate ids.
+#[test]
+fn hardening_cases_are_clear_errors() {
+    let dir = tempdir("harden");
+    let weights = dir.join("w.safetensors");
+    std::fs::copy(
+        fixtures().join("vqvae2_small.weights.safetensors"),
+        &weights,
+    )
+    .unwrap();
+    let before = std::fs::read(&weights).unwrap();
+    let input = input_file(&fixtures().join("vqvae2_small.cases.safetensors"), &dir);
+    let (w, i) = (weights.to_str().unwrap(), input.to_str().unwrap());
+    // The output is an input: spelled the same, spelled differently, a hard link.
+    let other_spelling = dir.join(".").join("w.safetensors");
+    let link = dir.join("link.safetensors");
+    std::fs::hard_link(&weights, &link).unwrap();
+    for out in [weights.clone(), other_spelling, link] {
+        let out = out.to_str().unwrap().to_string();
+        fails_with(
+            &[
+                "infer",
+                "--model",
+                "vqvae2",
+                "--weights",
+                w,
+                "--input",
+                i,
+                "--output",
+                &out,
+            ],
+            "would destroy the input",
+        );
+    }
+    assert_eq!(
+        std::fs::read(&weights).unwrap(),
+        before,
+        "the input is untouched"
+    );
+    // Sizes from flags are bounded before allocating.
+    let out = dir.join("g.safetensors");
+    fails_with(
+        &[
+            "cp2image",
+            "init-weights",
+            "--features",
+            "405",
+            "--channels",
+            "100000,100000",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        "would hold more than",
+    );
+    assert!(!out.exists());
+    fails_with(
+        &[
+            "bench", "conv", "--c-in", "4", "--height", "8", "--width", "8", "--c-out", "4",
+            "--kernel", "3", "--pad", "1000000",
+        ],
+        "GiB",
+    );
+    // Probabilities outside [0, 1] and thresholds that nothing can pass.
+    let preds = dir.join("preds.csv");
+    std::fs::write(&preds, "image,prob_positive\na.png,0.2\nb.png,7.5\n").unwrap();
+    let labels = dir.join("labels.csv");
+    std::fs::write(&labels, "image,label\na.png,0\nb.png,1\n").unwrap();
+    let report = dir.join("r.json");
+    let (p, l, r) = (
+        preds.to_str().unwrap(),
+        labels.to_str().unwrap(),
+        report.to_str().unwrap(),
+    );
+    fails_with(
+        &[
+            "screen",
+            "evaluate",
+            "--predictions",
+            p,
+            "--labels",
+            l,
+            "--output",
+            r,
+        ],
+        "is not a probability",
+    );
+    std::fs::write(&preds, "image,prob_positive\na.png,0.2\nb.png,0.9\n").unwrap();
+    fails_with(
+        &[
+            "screen",
+            "evaluate",
+            "--predictions",
+            p,
+            "--labels",
+            l,
+            "--output",
+            r,
+            "--threshold",
+            "2",
+        ],
+        "must lie in [0, 1]",
+    );
+    assert!(!report.exists());
+    // map writes a PNG and a CSV beside it: a .csv output would be replaced.
+    fails_with(
+        &[
+            "map",
+            "--weights",
+            w,
+            "--model",
+            "m.json",
+            "--gene",
+            "g",
+            "--image",
+            "x.png",
+            "--output",
+            "m.csv",
+        ],
+        "give a path ending in .png",
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
