@@ -731,5 +731,35 @@ fn hardening_cases_are_clear_errors() {
         ],
         "give a path ending in .png",
     );
+    // Negative numbers are values, not unknown flags.
+    fails_with(
+        &[
+            "infer",
+            "--model",
+            "vqvae2",
+            "--weights",
+            w,
+            "--input",
+            i,
+            "--output",
+            "o.safetensors",
+            "--batch-size",
+            "-1",
+        ],
+        "invalid value '-1' for '--batch-size",
+    );
+    fails_with(
+        &[
+            "expression",
+            "prepare",
+            "--counts",
+            "missing-counts.csv",
+            "--min-mean",
+            "-inf",
+            "--output",
+            "o.csv",
+        ],
+        "missing-counts.csv",
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

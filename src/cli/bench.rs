@@ -531,7 +531,7 @@ fn checked_len(shape: &[usize]) -> Result<usize> {
         _ => Err(Error::invalid(format!(
             "a tensor of shape {shape:?} would need {:.1} GiB; the benchmark's limit is {} GiB per tensor — give smaller sizes",
             shape.iter().map(|&d| d as f64).product::<f64>() * 4.0 / f64::from(1u32 << 30),
-            MAX_BENCH_VALUES * 4 >> 30
+            (MAX_BENCH_VALUES * 4) >> 30
         ))),
     }
 }

@@ -59,10 +59,10 @@ pub struct PrepareArgs {
     #[arg(long)]
     normalized: bool,
     /// Keep genes whose mean (log2 CPM) is at least this.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     min_mean: f64,
     /// Keep genes whose coefficient of variation (sample std / mean) is at least this.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     min_cv: f64,
     /// Output CSV of the kept genes, log2 CPM.
     #[arg(long)]
