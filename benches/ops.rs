@@ -161,6 +161,44 @@ fn conv(c: &mut Criterion) {
     g.finish();
 }
 
+/// Convolution backward (input, weight and bias gradients together) on the
+/// models' conv shapes, f32: the training step's dominant cost.
+fn conv_backward(c: &mut Criterion) {
+    let mut g = c.benchmark_group("conv2d_backward");
+    g.sample_size(10);
+    for be in backends() {
+        for &(label, xs, ws, s, p) in CONVS {
+            let params = Conv2dParams::new(s, p);
+            let geom = Conv2dGeom::new(&xs, &ws, params).expect("bench shape");
+            let x = tensor(&be, &xs, 1);
+            let w = tensor(&be, &ws, 2);
+            let dy = tensor(&be, &geom.out_shape(), 3);
+            let mut dx = Tensor::zeros(&be, &xs).expect("dx");
+            let mut dw = Tensor::zeros(&be, &ws).expect("dw");
+            let mut db = Tensor::zeros(&be, &[ws[0]]).expect("db");
+            // dgrad and wgrad each cost the forward's FLOPs.
+            g.throughput(Throughput::Elements(2 * geom.flops() as u64));
+            g.bench_function(BenchmarkId::new(label, be.device()), |bench| {
+                bench.iter(|| {
+                    ops::conv2d_backward_into(
+                        &be,
+                        &x,
+                        &w,
+                        &dy,
+                        params,
+                        &mut dx,
+                        &mut dw,
+                        Some(&mut db),
+                    )
+                    .expect("conv2d_backward");
+                    be.synchronize().expect("sync");
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 fn memory_bound(c: &mut Criterion) {
     let mut g = c.benchmark_group("memory_bound");
     g.sample_size(10);
@@ -303,5 +341,5 @@ fn vq(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, conv, memory_bound, vq);
+criterion_group!(benches, conv, conv_backward, memory_bound, vq);
 criterion_main!(benches);
