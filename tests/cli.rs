@@ -282,6 +282,14 @@ fn svr_grid_then_predict() {
         "{}",
         String::from_utf8_lossy(&st.stderr)
     );
+    // With C in {1, 10} every chosen C is an edge of the grid: a warning.
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(
+        err.contains(
+            "warning: the chosen C sits on the edge of the grid (1 … 10) for 6 of 6 genes"
+        ),
+        "{err}"
+    );
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&model).unwrap()).unwrap();
     assert_eq!(json["features"].as_array().unwrap().len(), 128);

@@ -118,8 +118,42 @@ fn grid(a: GridArgs) -> Result<()> {
             r.gene, r.c, r.epsilon, r.cv_score
         );
     }
+    type Pick = fn(&cellmorph::svr::GridResult) -> f64;
+    let picks: [(&str, &[f64], Pick); 2] = [
+        ("C", &spec.c, |r| r.c),
+        ("epsilon", &spec.epsilon, |r| r.epsilon),
+    ];
+    for (what, values, pick) in picks {
+        let on_edge: Vec<&str> = outcome
+            .results
+            .iter()
+            .filter(|r| on_grid_edge(values, pick(r)))
+            .map(|r| r.gene.as_str())
+            .collect();
+        if !on_edge.is_empty() {
+            eprintln!(
+                "warning: the chosen {what} sits on the edge of the grid ({} … {}) for {} of {} genes (e.g. {}); the best value may lie outside it — widen the grid",
+                values.iter().copied().fold(f64::INFINITY, f64::min),
+                values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                on_edge.len(),
+                outcome.results.len(),
+                on_edge[..on_edge.len().min(3)].join(", ")
+            );
+        }
+    }
     eprintln!("model -> {}", a.output.display());
     Ok(())
+}
+
+/// True when `v` is the smallest or largest of at least two grid values
+/// (a grid edge of 0 for epsilon is a natural bound, not an edge).
+fn on_grid_edge(values: &[f64], v: f64) -> bool {
+    if values.len() < 2 {
+        return false;
+    }
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (v == lo && lo > 0.0) || v == hi
 }
 
 fn predict(a: PredictArgs) -> Result<()> {
