@@ -586,8 +586,12 @@ fn evaluation_matches_scikit_learn() {
         let mut preds =
             String::from("# total_seconds: 2.0\n# predicted: 999\nimage,status,prob_positive\n");
         let mut labels = String::from("image,label\n");
+        // The fixture's scores reach 1.3 (scikit-learn takes any score),
+        // but a predictions file holds probabilities in [0, 1]: scores and
+        // threshold are halved, which is exact in binary floating point and
+        // keeps every comparison, so every metric is unchanged.
         for (i, (&y, &s)) in c.y_true.iter().zip(&c.score).enumerate() {
-            preds.push_str(&format!("run/img_{i}.png,ok,{s}\n"));
+            preds.push_str(&format!("run/img_{i}.png,ok,{}\n", s / 2.0));
             labels.push_str(&format!("img_{i}.png,{y}\n"));
         }
         preds.push_str("run/extra.png,skipped,\n");
@@ -598,7 +602,7 @@ fn evaluation_matches_scikit_learn() {
         let r = evaluate(
             &read_predictions(&pp).unwrap(),
             &read_labels(&lp).unwrap(),
-            c.threshold,
+            c.threshold / 2.0,
         )
         .unwrap();
         assert_eq!(r.n, c.y_true.len());
