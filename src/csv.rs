@@ -1,6 +1,6 @@
 //! CSV files, read and written one way for the whole crate (numeric tables,
 //! CP2Image feature tables, the screening's predictions, labels and image
-//! lists, sample lists), on the [`csv`](::csv) crate.
+//! lists, sample lists), on the `csv` crate.
 //!
 //! Reading ([`CsvFile`]):
 //! - a UTF-8 byte-order mark at the start is dropped;
