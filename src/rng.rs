@@ -22,6 +22,26 @@ fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// 64 random bits for element `index` of step `step` under `seed`: a
+/// stateless counter-based draw (each key mixed through [`mix64`], so any
+/// element can be drawn alone, in any order, on any device). The device
+/// kernels compute the same integer arithmetic; it is the source of every
+/// training-time random mask (dropout).
+pub fn counter_u64(seed: u64, step: u64, index: u64) -> u64 {
+    let k = mix64(seed.wrapping_add(GOLDEN_GAMMA));
+    let k = mix64(k ^ step.wrapping_mul(GOLDEN_GAMMA));
+    mix64(k ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03))
+}
+
+/// Whether dropout with drop probability `p` keeps element `index` of step
+/// `step` under `seed`: the top 24 bits of [`counter_u64`] as a uniform
+/// `u` in [0, 1) on a 2⁻²⁴ grid (exact in `f32`), kept when `u >= p`. The
+/// kept elements are scaled by `1/(1−p)` by the caller, as PyTorch does.
+pub fn dropout_keep(seed: u64, step: u64, index: u64, p: f32) -> bool {
+    let u = (counter_u64(seed, step, index) >> 40) as f32 * (1.0 / (1u32 << 24) as f32);
+    u >= p
+}
+
 impl SplitMix64 {
     /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> SplitMix64 {
@@ -150,5 +170,34 @@ mod tests {
         // FNV-1a reference values.
         assert_eq!(fnv1a64(""), 0xCBF2_9CE4_8422_2325);
         assert_eq!(fnv1a64("a"), 0xAF63_DC4C_8601_EC8C);
+    }
+
+    #[test]
+    fn dropout_mask_keeps_about_one_minus_p_and_depends_on_every_key() {
+        let n = 20_000u64;
+        for &p in &[0.1f32, 0.5, 0.9] {
+            let kept = (0..n).filter(|&i| dropout_keep(7, 3, i, p)).count() as f64;
+            // Binomial: 4 standard deviations of n·p·(1−p) at most ~0.85 %.
+            let expect = n as f64 * (1.0 - p as f64);
+            assert!(
+                (kept - expect).abs() < 4.0 * (n as f64 * 0.25).sqrt(),
+                "{p}: {kept}"
+            );
+        }
+        assert!((0..n).all(|i| dropout_keep(7, 3, i, 0.0)));
+        assert!((0..n).all(|i| !dropout_keep(7, 3, i, 1.0)));
+        let mask = |seed, step| {
+            (0..256)
+                .map(|i| dropout_keep(seed, step, i, 0.5))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(mask(1, 2), mask(1, 2));
+        assert_ne!(mask(1, 2), mask(2, 2));
+        assert_ne!(mask(1, 2), mask(1, 3));
+        // Values from an independent Python transcription of the formula
+        // pin the arithmetic the device kernels repeat.
+        assert_eq!(counter_u64(1, 2, 3), 0x1900_8981_fc87_ad91);
+        assert_eq!(counter_u64(0, 0, 0), 0x33fe_8bd4_f9c5_7863);
+        assert_ne!(counter_u64(0, 0, 1), counter_u64(0, 1, 0));
     }
 }
