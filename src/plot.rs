@@ -545,6 +545,93 @@ pub fn roc_plot(
     save_png(path, &roc_image(fpr, tpr, opts)?)
 }
 
+/// One curve of a [`line_chart_image`]: a legend label and its points in
+/// drawing order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    /// Shown in the legend.
+    pub label: String,
+    /// x values.
+    pub x: Vec<f64>,
+    /// y values (same length as `x`).
+    pub y: Vec<f64>,
+}
+
+/// Colours of successive series (the matplotlib "tab10" start).
+const SERIES_COLORS: [[u8; 3]; 6] = [
+    BLUE,
+    [255, 127, 14],
+    [44, 160, 44],
+    RED,
+    [148, 103, 189],
+    [140, 86, 75],
+];
+
+/// Renders line curves (training curves, say) on shared axes fitted to all
+/// points (padded by 5 %), with a legend in the top-right corner. A series
+/// of one point is drawn as a dot.
+///
+/// # Errors
+/// No series, a series without points, lengths that differ, a non-finite
+/// value, or a size below the minimum.
+pub fn line_chart_image(series: &[Series], opts: &PlotOptions) -> Result<RgbImage> {
+    if series.is_empty() {
+        return Err(Error::invalid("line_chart: no series to plot"));
+    }
+    let (mut x_lo, mut x_hi, mut y_lo, mut y_hi) = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    );
+    for s in series {
+        check_points("line_chart", &s.x, &s.y)?;
+        for (&x, &y) in s.x.iter().zip(&s.y) {
+            (x_lo, x_hi) = (x_lo.min(x), x_hi.max(x));
+            (y_lo, y_hi) = (y_lo.min(y), y_hi.max(y));
+        }
+    }
+    let padded = |lo: f64, hi: f64| {
+        let pad = if hi > lo {
+            0.05 * (hi - lo)
+        } else {
+            0.5f64.max(lo.abs() * 0.1)
+        };
+        (lo - pad, hi + pad)
+    };
+    let ax = axes(opts, padded(x_lo, x_hi), padded(y_lo, y_hi))?;
+    let mut c = Canvas::new(opts.width, opts.height);
+    for (i, s) in series.iter().enumerate() {
+        let color = SERIES_COLORS[i % SERIES_COLORS.len()];
+        let points: Vec<(i64, i64)> = s.x.iter().zip(&s.y).map(|(&x, &y)| ax.px(x, y)).collect();
+        for pair in points.windows(2) {
+            if let [a, b] = pair {
+                c.line(*a, *b, color, 2, 0);
+            }
+        }
+        if let [only] = points.as_slice() {
+            c.disc(only.0, only.1, 3, color, 1.0);
+        }
+        let ly = ax.top + 6 + 12 * i as i64;
+        let lw = i64::from(text_width(&s.label, 1));
+        c.line(
+            (ax.right - lw - 26, ly + 3),
+            (ax.right - lw - 10, ly + 3),
+            color,
+            2,
+            0,
+        );
+        c.text(ax.right - lw - 6, ly, &s.label, 1, BLACK);
+    }
+    ax.draw_frame(&mut c, opts);
+    Ok(c.img)
+}
+
+/// [`line_chart_image`] written to `path` as PNG.
+pub fn line_chart(path: impl AsRef<Path>, series: &[Series], opts: &PlotOptions) -> Result<()> {
+    save_png(path, &line_chart_image(series, opts)?)
+}
+
 /// The shrink factor for an image of `width × height` (see
 /// [`HeatmapOptions::max_side`]).
 fn shrink_factor(width: usize, height: usize, max_side: usize) -> usize {
@@ -727,6 +814,32 @@ mod tests {
             assert!(g.iter().all(|row| row & !0x1F == 0), "{c} is wider than 5");
             assert!(seen.insert(g), "{c} looks like another character");
         }
+    }
+
+    #[test]
+    fn line_chart_draws_each_series_in_its_colour_and_checks_input() {
+        let s = |label: &str, y: Vec<f64>| Series {
+            label: label.into(),
+            x: (0..y.len()).map(|i| i as f64).collect(),
+            y,
+        };
+        let opts = PlotOptions::default();
+        let img = line_chart_image(
+            &[s("train", vec![3.0, 2.0, 1.0]), s("val", vec![3.5])],
+            &opts,
+        )
+        .unwrap();
+        let count = |c: [u8; 3]| img.pixels().filter(|p| p.0 == c).count();
+        assert!(count(SERIES_COLORS[0]) > 100, "the train line is drawn");
+        assert!(
+            count(SERIES_COLORS[1]) > 20,
+            "the val dot and legend are drawn"
+        );
+        assert!(line_chart_image(&[], &opts).is_err());
+        assert!(line_chart_image(&[s("nan", vec![f64::NAN])], &opts).is_err());
+        let mut bad = s("len", vec![1.0]);
+        bad.x.push(2.0);
+        assert!(line_chart_image(&[bad], &opts).is_err());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! semantics ([reference](crate::reference) §4). Everything here is
 //! deterministic: the same inputs give the same bits.
 
+pub mod checkpoint;
 pub mod densenet;
 pub mod loss;
 pub mod optim;

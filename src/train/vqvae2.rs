@@ -16,6 +16,7 @@ use crate::cpu::{activation, conv, layout, vq};
 use crate::geometry::{Conv2dGeom, Conv2dParams, ConvTranspose2dGeom, ConvTranspose2dParams};
 use crate::io::TensorFile;
 use crate::models::vqvae2::VqVae2Config;
+use crate::rng::counter_u64;
 use crate::train::loss;
 use crate::train::optim::Optimizer;
 use crate::train::store::ParamStore;
@@ -573,6 +574,33 @@ pub fn loss_only(
     losses(&f, x, step.latent_loss_weight)
 }
 
+/// The forward pass only (nothing changed): losses, codes and the
+/// reconstruction of `x`, as a training step would compute them before its
+/// update. For validation metrics.
+pub fn evaluate(
+    store: &ParamStore,
+    cfg: &VqVae2Config,
+    shape: &[usize],
+    x: &[f32],
+    step: &StepConfig,
+) -> Result<StepOutput> {
+    let s = check_input(cfg, shape, x)?;
+    let net = Net::new(store, cfg)?;
+    let f = forward(&net, store, Act::new(s, x.to_vec()))?;
+    let (total, recon, latent) = losses(&f, x, step.latent_loss_weight)?;
+    let ids_shape = |a: &Act| vec![a.shape[0], a.shape[2], a.shape[3]];
+    Ok(StepOutput {
+        loss: total,
+        recon_loss: recon,
+        latent_loss: latent,
+        id_t_shape: ids_shape(&f.pre_t),
+        id_t: f.q_t.ids,
+        id_b_shape: ids_shape(&f.pre_b),
+        id_b: f.q_b.ids,
+        dec: f.dec.data,
+    })
+}
+
 /// Forward and backward on `x` `[n, in_channel, h, w]`: sets the store's
 /// gradients (zeroed first) to the loss's gradient, updates nothing else,
 /// and returns the step's outputs together with the quantizer inputs
@@ -700,9 +728,83 @@ pub fn train_step(
     x: &[f32],
     step: &StepConfig,
 ) -> Result<StepOutput> {
+    Ok(train_step_restarting(store, opt, lr, cfg, shape, x, step, None)?.0)
+}
+
+/// Dead-code restart: after the EMA update, every code whose EMA count
+/// (`cluster_size`) is below `threshold` is re-seeded from one encoder
+/// output of the current batch (`embed` and `embed_avg` set to it,
+/// `cluster_size` to 1), drawn with [`counter_u64`]`(seed, step, code)`.
+/// vq-vae-2-pytorch has no restart; Jukebox's VQ-VAE restarts the same way.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Restart {
+    /// Codes with an EMA count below this are restarted (e.g. 1.0).
+    pub threshold: f32,
+    /// Seed of the draws.
+    pub seed: u64,
+    /// The training step (a key of the draws).
+    pub step: u64,
+}
+
+/// [`train_step`], then the optional dead-code [`Restart`] of both
+/// codebooks; returns the step's outputs and the number of codes restarted
+/// on the top and bottom level.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_restarting(
+    store: &mut ParamStore,
+    opt: &mut Optimizer,
+    lr: f64,
+    cfg: &VqVae2Config,
+    shape: &[usize],
+    x: &[f32],
+    step: &StepConfig,
+    restart: Option<&Restart>,
+) -> Result<(StepOutput, [usize; 2])> {
     let (out, pre_t, pre_b) = forward_backward(store, cfg, shape, x, step)?;
     ema_update(store, "quantize_t", &pre_t, &out.id_t, step)?;
     ema_update(store, "quantize_b", &pre_b, &out.id_b, step)?;
+    let mut restarted = [0, 0];
+    if let Some(r) = restart {
+        restarted[0] = restart_dead_codes(store, "quantize_t", &pre_t, r, 0)?;
+        restarted[1] = restart_dead_codes(store, "quantize_b", &pre_b, r, 1)?;
+    }
     store.step(opt, lr)?;
-    Ok(out)
+    Ok((out, restarted))
+}
+
+/// See [`Restart`]; `level` (0 top, 1 bottom) keys the draws.
+fn restart_dead_codes(
+    store: &mut ParamStore,
+    level: &str,
+    pre: &Act,
+    r: &Restart,
+    level_key: u64,
+) -> Result<usize> {
+    let ids_cs = store.id(&format!("{level}.cluster_size"))?;
+    let ids_avg = store.id(&format!("{level}.embed_avg"))?;
+    let ids_embed = store.id(&format!("{level}.embed"))?;
+    let k = store.get(ids_cs).value.len();
+    let [n, d, h, w] = pre.shape;
+    let positions = n * h * w;
+    if positions == 0 || store.get(ids_embed).value.len() != d * k {
+        return Err(Error::invalid(format!(
+            "{level}: dead-code restart: codebook [{d}, {k}] and encoder output {:?} disagree",
+            pre.shape
+        )));
+    }
+    let dead: Vec<usize> = (0..k)
+        .filter(|&j| store.get(ids_cs).value[j] < r.threshold)
+        .collect();
+    for &j in &dead {
+        let draw = counter_u64(r.seed, r.step, (level_key << 32) | j as u64);
+        let p = ((u128::from(draw) * positions as u128) >> 64) as usize;
+        let (b, hw) = (p / (h * w), p % (h * w));
+        for c in 0..d {
+            let v = pre.data[(b * d + c) * h * w + hw];
+            store.get_mut(ids_embed).value[c * k + j] = v;
+            store.get_mut(ids_avg).value[c * k + j] = v;
+        }
+        store.get_mut(ids_cs).value[j] = 1.0;
+    }
+    Ok(dead.len())
 }
