@@ -371,3 +371,441 @@ fn the_train_step_command_reproduces_the_golden() {
         assert!(!out2.exists());
     }
 }
+
+// ---- `cellmorph vqvae2 init` / `vqvae2 train` on the real images of tests/data.
+
+/// A sample list of the three real nucleus images in `tests/data`.
+fn real_samples(dir: &Path) -> std::path::PathBuf {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let list = dir.join("samples.csv");
+    let mut s = String::from("sample,image\n");
+    for (name, path) in [
+        ("bbbc007", "bbbc007/A9/A9_p5d.png"),
+        ("fly", "examplefly/01_POS002_D.png"),
+        ("dsb", "stardist_dsb2018/img2d.png"),
+    ] {
+        s.push_str(&format!("{name},{}\n", data.join(path).display()));
+    }
+    std::fs::write(&list, s).unwrap();
+    list
+}
+
+fn cellmorph(args: &[&str], paths: &[(&str, &Path)]) -> std::process::Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cellmorph"));
+    c.args(args);
+    for (flag, p) in paths {
+        c.arg(flag).arg(p);
+    }
+    c.output().unwrap()
+}
+
+fn ok(out: std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn err(out: std::process::Output, what: &str) -> String {
+    assert!(!out.status.success(), "{what} should have failed");
+    let e = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!e.contains("panicked"), "{what}: {e}");
+    e
+}
+
+/// A small architecture (the paper's layout, narrower) on 32×32 patches,
+/// so that a test run takes seconds.
+const SMALL: &[&str] = &[
+    "--channel",
+    "16",
+    "--n-res-channel",
+    "8",
+    "--embed-dim",
+    "8",
+    "--n-embed",
+    "16",
+    "--patch",
+    "32",
+];
+
+fn small_init(dir: &Path, list: &Path) -> std::path::PathBuf {
+    let w0 = dir.join("w0.safetensors");
+    ok(
+        cellmorph(
+            &[&["vqvae2", "init"][..], SMALL].concat(),
+            &[("--samples", list), ("--output", &w0)],
+        ),
+        "vqvae2 init",
+    );
+    w0
+}
+
+/// `vqvae2 train` with the small recipe; extra flags appended.
+fn small_train(
+    list: &Path,
+    init: Option<&Path>,
+    out: &Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut args = vec![
+        "vqvae2",
+        "train",
+        "--patch",
+        "32",
+        "--batch-size",
+        "4",
+        "--steps-per-epoch",
+        "5",
+        "--eval-patches",
+        "8",
+        "--val-fraction",
+        "0.34",
+        "--lr",
+        "2e-3",
+    ];
+    args.extend_from_slice(extra);
+    let mut paths = vec![("--samples", list), ("--output", out)];
+    if let Some(i) = init {
+        paths.push(("--init", i));
+    }
+    cellmorph(&args, &paths)
+}
+
+fn metrics(path: &Path) -> Vec<Vec<String>> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect()
+}
+
+fn column(rows: &[Vec<String>], name: &str) -> Vec<f64> {
+    let i = rows[0].iter().position(|h| h == name).unwrap();
+    rows[1..].iter().map(|r| r[i].parse().unwrap()).collect()
+}
+
+#[test]
+fn vqvae2_train_lowers_the_reconstruction_error_on_real_images_and_writes_its_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let list = real_samples(dir.path());
+    let w0 = small_init(dir.path(), &list);
+    let meta = TensorFile::open(&w0).unwrap();
+    let note = meta.metadata().unwrap()["cellmorph"].clone();
+    assert!(
+        note.contains("k-means++") && note.contains("3 images"),
+        "{note}"
+    );
+
+    let out = dir.path().join("w.safetensors");
+    let log = ok(
+        small_train(&list, Some(&w0), &out, &["--steps", "40"]),
+        "vqvae2 train",
+    );
+    assert!(log.contains("trained 40 steps"), "{log}");
+    let rows = metrics(&dir.path().join("w.metrics.csv"));
+    assert_eq!(
+        rows.len(),
+        1 + 8,
+        "a header and one row per epoch of 5 steps"
+    );
+    let mse = column(&rows, "train_mse_8bit");
+    let val = column(&rows, "val_mse_8bit");
+    // The first epoch's decoder is still near its random start; 40 steps
+    // at lr 2e-3 bring the error down by far more than the patch-to-patch
+    // spread of the 8 fixed evaluation patches.
+    assert!(
+        mse[7] < 0.5 * mse[0] && val[7] < 0.5 * val[0],
+        "train {mse:?}, val {val:?}"
+    );
+    for name in ["val_live_t", "val_live_b", "val_perplexity_b"] {
+        assert!(column(&rows, name).iter().all(|&v| v >= 1.0), "{name}");
+    }
+    for png in ["w.curves.png", "w.reconstructions.png"] {
+        let img = image::open(dir.path().join(png)).unwrap();
+        assert!(img.width() > 100 && img.height() > 60, "{png}");
+    }
+
+    // The trained weights are a state_dict `profile` reads.
+    let prof = dir.path().join("p.csv");
+    ok(
+        cellmorph(
+            &["profile", "--patch", "32"],
+            &[
+                ("--samples", &list),
+                ("--weights", &out),
+                ("--output", &prof),
+            ],
+        ),
+        "profile on trained weights",
+    );
+    let t = std::fs::read_to_string(&prof).unwrap();
+    assert_eq!(t.lines().count(), 4, "{t}");
+}
+
+#[test]
+fn vqvae2_train_resumed_equals_unbroken_and_the_seed_decides_the_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let list = real_samples(dir.path());
+    let w0 = small_init(dir.path(), &list);
+    let path = |n: &str| dir.path().join(n);
+
+    ok(
+        small_train(&list, Some(&w0), &path("u.safetensors"), &["--steps", "12"]),
+        "unbroken",
+    );
+    ok(
+        small_train(
+            &list,
+            Some(&w0),
+            &path("r.safetensors"),
+            &["--steps", "7", "--checkpoint-every", "7"],
+        ),
+        "first part",
+    );
+    let ck = path("r.checkpoint.safetensors");
+    ok(
+        cellmorph(
+            &[
+                "vqvae2",
+                "train",
+                "--patch",
+                "32",
+                "--batch-size",
+                "4",
+                "--steps-per-epoch",
+                "5",
+                "--eval-patches",
+                "8",
+                "--val-fraction",
+                "0.34",
+                "--lr",
+                "2e-3",
+                "--steps",
+                "12",
+            ],
+            &[
+                ("--samples", &list),
+                ("--output", &path("r.safetensors")),
+                ("--resume", &ck),
+            ],
+        ),
+        "resumed",
+    );
+    let bytes = |n: &str| std::fs::read(path(n)).unwrap();
+    assert!(
+        bytes("u.safetensors") == bytes("r.safetensors"),
+        "resumed ≠ unbroken"
+    );
+    assert_eq!(
+        std::fs::read_to_string(path("u.metrics.csv")).unwrap(),
+        std::fs::read_to_string(path("r.metrics.csv")).unwrap()
+    );
+
+    ok(
+        small_train(
+            &list,
+            Some(&w0),
+            &path("s.safetensors"),
+            &["--steps", "12", "--seed", "1"],
+        ),
+        "seed 1",
+    );
+    ok(
+        small_train(
+            &list,
+            Some(&w0),
+            &path("t.safetensors"),
+            &["--steps", "12", "--seed", "1"],
+        ),
+        "seed 1 again",
+    );
+    assert!(
+        bytes("s.safetensors") == bytes("t.safetensors"),
+        "same seed, other bits"
+    );
+    assert!(
+        bytes("s.safetensors") != bytes("u.safetensors"),
+        "the seed changed nothing"
+    );
+
+    // A resume with other options is refused and names the checkpoint.
+    let e = err(
+        cellmorph(
+            &[
+                "vqvae2",
+                "train",
+                "--patch",
+                "32",
+                "--batch-size",
+                "8",
+                "--steps",
+                "20",
+            ],
+            &[
+                ("--samples", &list),
+                ("--output", &path("x.safetensors")),
+                ("--resume", &path("u.checkpoint.safetensors")),
+            ],
+        ),
+        "resume with another batch size",
+    );
+    assert!(
+        e.contains("u.checkpoint.safetensors") && e.contains("other options"),
+        "{e}"
+    );
+}
+
+#[test]
+fn vqvae2_train_restarts_dead_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let list = real_samples(dir.path());
+    let w0 = small_init(dir.path(), &list);
+    // Push half of each codebook far from every encoder output: those codes
+    // are never chosen unless restarted.
+    let f = TensorFile::open(&w0).unwrap();
+    let mut w = TensorWriter::new();
+    for name in f.names() {
+        let (shape, mut v) = f.f32(&name).unwrap();
+        if name.ends_with(".embed") || name.ends_with(".embed_avg") {
+            let k = shape[1];
+            for (i, x) in v.iter_mut().enumerate() {
+                if i % k >= k / 2 {
+                    *x = 1e3;
+                }
+            }
+        }
+        w.add_slice(&name, &shape, &v).unwrap();
+    }
+    let far = dir.path().join("far.safetensors");
+    w.write(&far).unwrap();
+
+    let run = |out: &str, threshold: &str| {
+        let o = dir.path().join(out);
+        let log = ok(
+            small_train(
+                &list,
+                Some(&far),
+                &o,
+                &["--steps", "10", "--dead-threshold", threshold],
+            ),
+            "train",
+        );
+        let rows = metrics(&dir.path().join(out.replace(".safetensors", ".metrics.csv")));
+        let restarted: f64 = column(&rows, "restarted_b").iter().sum();
+        let (shape, embed) = TensorFile::open(&o)
+            .unwrap()
+            .f32("quantize_b.embed")
+            .unwrap();
+        let k = shape[1];
+        // The far codes' largest |value|.
+        let far_max = embed
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % k >= k / 2)
+            .fold(0f32, |m, (_, v)| m.max(v.abs()));
+        (far_max, restarted, log)
+    };
+    let (stays, r0, _) = run("off.safetensors", "0");
+    let (moved, r1, log) = run("on.safetensors", "1");
+    assert_eq!(r0, 0.0);
+    assert!(
+        r1 >= 8.0,
+        "the 8 far bottom codes are restarted: {r1}\n{log}"
+    );
+    // Unused codes keep their place under the EMA update (sum and count
+    // decay alike); restarted ones sit on encoder outputs, which are O(1).
+    assert!(
+        stays > 900.0,
+        "far codes stay far without restarts: {stays}"
+    );
+    assert!(
+        moved < 100.0,
+        "restarts bring far codes to the data: {moved}"
+    );
+}
+
+#[test]
+fn vqvae2_commands_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let list = real_samples(dir.path());
+    let w0 = small_init(dir.path(), &list);
+    let out = dir.path().join("w.safetensors");
+    let e = err(
+        small_train(&list, Some(&w0), &out, &["--device", "emulated"]),
+        "emulated",
+    );
+    assert!(e.contains("--device") && e.contains("CPU"), "{e}");
+    let e = err(
+        small_train(&list, Some(&w0), &out, &["--patch", "30"]),
+        "patch 30",
+    );
+    assert!(e.contains("--patch"), "{e}");
+    let e = err(small_train(&list, Some(&w0), &w0, &[]), "output = init");
+    assert!(e.contains("--init"), "{e}");
+    let e = err(
+        small_train(&list, Some(&w0), &out, &["--val-fraction", "0.9"]),
+        "no training image",
+    );
+    assert!(e.contains("--val-fraction"), "{e}");
+
+    // Weights without the decoder (`upsample_t`, `dec`; `dec_t` feeds the
+    // bottom codes and stays): profiling works, training says what is
+    // missing.
+    let f = TensorFile::open(&w0).unwrap();
+    let mut w = TensorWriter::new();
+    for name in f.names() {
+        if !(name.starts_with("dec.") || name.starts_with("upsample_t.")) {
+            let (shape, v) = f.f32(&name).unwrap();
+            w.add_slice(&name, &shape, &v).unwrap();
+        }
+    }
+    let enc = dir.path().join("enc.safetensors");
+    w.write(&enc).unwrap();
+    let e = err(small_train(&list, Some(&enc), &out, &[]), "no decoder");
+    assert!(
+        e.contains("decoder") && e.contains("enc.safetensors"),
+        "{e}"
+    );
+    ok(
+        cellmorph(
+            &["profile", "--patch", "32"],
+            &[
+                ("--samples", &list),
+                ("--weights", &enc),
+                ("--output", &dir.path().join("p.csv")),
+            ],
+        ),
+        "profile without a decoder",
+    );
+    let e = err(
+        cellmorph(
+            &["profile", "--patch", "32", "--mse"],
+            &[
+                ("--samples", &list),
+                ("--weights", &enc),
+                ("--output", &dir.path().join("q.csv")),
+            ],
+        ),
+        "profile --mse without a decoder",
+    );
+    assert!(e.contains("decoder"), "{e}");
+
+    // Images too small for a patch are named.
+    let tiny = dir.path().join("tiny.png");
+    image::GrayImage::new(8, 8).save(&tiny).unwrap();
+    let small_list = dir.path().join("tiny.csv");
+    std::fs::write(&small_list, format!("sample,image\na,{}\n", tiny.display())).unwrap();
+    let e = err(
+        cellmorph(
+            &[&["vqvae2", "init"][..], SMALL].concat(),
+            &[
+                ("--samples", &small_list),
+                ("--output", &dir.path().join("t.safetensors")),
+            ],
+        ),
+        "init on a tiny image",
+    );
+    assert!(e.contains("tiny.png") && e.contains("patch"), "{e}");
+}

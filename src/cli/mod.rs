@@ -9,6 +9,7 @@ mod infer;
 mod screen;
 mod svr;
 mod train;
+mod vqvae2;
 
 use clap::{Parser, Subcommand};
 
@@ -54,6 +55,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// One training step (CPU): state after the step, gradients and losses.
     TrainStep(train::TrainStepArgs),
+    /// VQ-VAE-2 weights from images: init (k-means++ codebooks), train.
+    #[command(subcommand, name = "vqvae2")]
+    Vqvae2(vqvae2::Vqvae2Command),
 }
 
 /// Runs the parsed command.
@@ -71,6 +75,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Screen(c) => screen::run(c),
         Command::Bench(a) => bench::run(a),
         Command::TrainStep(a) => train::run(a),
+        Command::Vqvae2(c) => vqvae2::run(c),
     }
 }
 

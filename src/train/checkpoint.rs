@@ -1,6 +1,6 @@
 //! Training checkpoints: one safetensors file holding the model's
-//! `state_dict` under its own names (so a checkpoint also loads as a
-//! weights file), the optimizer's state as
+//! `state_dict` under its own names (so [`ParamStore::from_file`] reads a
+//! checkpoint as it reads weights), the optimizer's state as
 //! `optimizer.{param}.{exp_avg,exp_avg_sq,momentum_buffer}` with
 //! PyTorch's keys, each parameter's step count, and the caller's progress
 //! (any JSON: step, epoch, metrics so far) in the metadata. Written

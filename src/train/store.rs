@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 
 use crate::io::{TensorFile, TensorWriter};
+use crate::train::checkpoint::OPTIMIZER_PREFIX;
 use crate::train::optim::{Optimizer, ParamGroup};
 use crate::{Error, Result};
 
@@ -81,11 +82,15 @@ impl ParamStore {
         Ok(id)
     }
 
-    /// Every f32 tensor of `file` (in name order); `trainable(name)` says
-    /// which are parameters.
+    /// Every f32 tensor of `file` (in name order) except a checkpoint's
+    /// optimizer state (names under [`OPTIMIZER_PREFIX`]); `trainable(name)`
+    /// says which are parameters.
     pub fn from_file(file: &TensorFile, trainable: impl Fn(&str) -> bool) -> Result<Self> {
         let mut store = Self::new();
         for name in file.names() {
+            if name.starts_with(OPTIMIZER_PREFIX) {
+                continue;
+            }
             let (shape, value) = file.f32(&name)?;
             if let Some(i) = value.iter().position(|v| !v.is_finite()) {
                 return Err(Error::format(

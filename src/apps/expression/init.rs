@@ -195,6 +195,19 @@ pub fn seed_codebooks(
     seed: u64,
     out: &Path,
 ) -> Result<()> {
+    seeded_codebooks(be, weights, patches, seed)?.write(out)
+}
+
+/// [`seed_codebooks`], returning the weights instead of writing them (the
+/// caller may add metadata). `embed_avg` equals `embed` and the cluster
+/// sizes are kept (1 from [`random_vqvae2`]), so the EMA buffers agree
+/// with the codebooks.
+pub fn seeded_codebooks(
+    be: &Backend,
+    weights: &TensorFile,
+    patches: &Tensor,
+    seed: u64,
+) -> Result<TensorWriter> {
     let cfg = VqVae2Config::from_weights(weights)?;
     let k = cfg.n_embed;
     let mut rng = SplitMix64::new(seed ^ 0x5EED_C0DE);
@@ -219,18 +232,14 @@ pub fn seed_codebooks(
     let (pre_t, _) = model.pre_quantize_top(be, patches)?;
     let (d, pts) = positions(&pre_t)?;
     let top = codebook_columns(&kmeans_pp(&pts, d, k, &mut rng)?, d, k);
-    let tmp = out.with_extension("top.safetensors");
-    copy_with(
+    let with_top = copy_with(
         weights,
         &[
             ("quantize_t.embed", top.clone()),
-            ("quantize_t.embed_avg", top.clone()),
+            ("quantize_t.embed_avg", top),
         ],
-    )?
-    .write(&tmp)?;
-    let with_top = TensorFile::open(&tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let with_top = with_top?;
+    )?;
+    let with_top = TensorFile::from_bytes(weights.path(), with_top.to_bytes()?)?;
 
     let model = VqVae2::from_file(be, &with_top)?;
     let (pre_t, enc_b) = model.pre_quantize_top(be, patches)?;
@@ -244,8 +253,7 @@ pub fn seed_codebooks(
             ("quantize_b.embed", bottom.clone()),
             ("quantize_b.embed_avg", bottom),
         ],
-    )?
-    .write(out)
+    )
 }
 
 #[cfg(test)]

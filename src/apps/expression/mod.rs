@@ -27,6 +27,7 @@ pub mod plots;
 pub mod prepare;
 pub mod profile;
 pub mod synth;
+pub mod train;
 
 /// A progress bar on stderr (hidden when stderr is not a terminal, so logs
 /// stay clean).
