@@ -15,7 +15,7 @@ ratio = our throughput / their throughput (= their median time / ours on the
 same work): above 1 we are faster.
 
 usage: python3 benches/compare/compare.py [--cellmorph PATH] [--device cpu|cuda]
-          [--rows densenet,vqvae2,cp2image,conv,vq,hist,svr] [--quick]
+          [--rows densenet,vqvae2,vqvae2train,cp2image,conv,vq,hist,svr] [--quick]
           [--iters N] [--warmup N] [--append BENCHMARKS.md] [--json-out FILE]
           [--workdir DIR]
 """
@@ -62,7 +62,7 @@ def fixture_file(h, name):
         import seeded
         seeded.expand(seeded_path, out, st.load, st.save)
     return out
-ALL_ROWS = ["densenet", "vqvae2", "cp2image", "conv", "vq", "hist", "svr"]
+ALL_ROWS = ["densenet", "vqvae2", "vqvae2train", "cp2image", "conv", "vq", "hist", "svr"]
 SEED = 20261121
 
 
@@ -516,6 +516,58 @@ def row_vqvae2(h):
                  ours, theirs, agree, kind="vqvae2")
 
 
+def row_vqvae2_train(h):
+    """One VQ-VAE-2 training step (forward, backward, EMA codebooks, Adam) from the same
+    weights every iteration: `bench vqvae2-train-step` against vq-vae-2-pytorch's step in
+    eager f32 (autograd, so not under inference_mode; the model and optimizer are rebuilt
+    from the state_dict before each timed step, untimed). CPU only on our side so far."""
+    w_path = fixture_file(h, "vqvae2_paper.weights.safetensors")
+    batch = 4 if h.a.quick else 32
+    rng = np.random.default_rng(SEED + 5)
+    weights = st.load_tensors(w_path)
+    cin = weights["enc_b.blocks.0.weight"].shape[1]
+    x = vq_like_patches(rng, batch, cin)
+    tag = f"vqvae2train-b{batch}"
+    inp = h.write_inputs(tag, {"input": x})
+    ours = h.ours_all("vqvae2-train-step", ["--weights", w_path, "--batch", batch], inp, tag,
+                      precisions=["f32"])
+    theirs = {}
+    if h.torch is not None:
+        import torch_models as tm
+        torch = h.torch
+        label = "eager f32, autograd + Adam"
+        h.variant_prec[label] = "f32"
+        try:
+            xt = h.to_dev(x)
+
+            def fresh():
+                m = tm.VQVAE2(weights).to(h.tdev).train()
+                return m, torch.optim.Adam(m.parameters(), lr=3e-4)
+            times, out = [], None
+            for i in range(h.warmup + h.iters):
+                m, opt = fresh()
+                h.sync()
+                t0 = time.perf_counter()
+                out = tm.vqvae2_train_step(m, opt, xt)
+                h.sync()
+                if i >= h.warmup:
+                    times.append(time.perf_counter() - t0)
+            stats = {"median_s": statistics.median(times), "mean_s": statistics.fmean(times),
+                     "min_s": min(times)}
+            theirs[label] = (stats, dict(zip(["loss", "id_t", "id_b"], h.to_numpy(out))))
+        except Exception as e:
+            theirs[label] = e
+            h.notes.append(f"torch {label}: {type(e).__name__}: {first_line(str(e))}")
+
+    def agree(o, ref):
+        if ref is None:
+            return ""
+        return (f"loss {fmt_err(rel_err(np.asarray(o['loss']), np.asarray(ref['loss'])))}, codes t "
+                f"{fmt_frac(frac_equal(o['id_t'], ref['id_t']))}, b {fmt_frac(frac_equal(o['id_b'], ref['id_b']))}")
+    h.model_rows("VQ-VAE-2 training step", f"b{batch} {cin}×160×160", batch, "patch/s",
+                 ours, theirs, agree, kind="train")
+
+
 def row_cp2image(h):
     batch = 256 if h.a.quick else 4096
     p = 405
@@ -773,7 +825,8 @@ def row_svr(h):
     rec["agreement"] = f"best (C, ε) same {same}/{len(r['genes'])}, |Δ best CV R²| ≤ {dcv:.1e}"
 
 
-ROW_FUNCS = {"densenet": row_densenet, "vqvae2": row_vqvae2, "cp2image": row_cp2image, "conv": row_conv,
+ROW_FUNCS = {"densenet": row_densenet, "vqvae2": row_vqvae2, "vqvae2train": row_vqvae2_train,
+             "cp2image": row_cp2image, "conv": row_conv,
              "vq": row_vq, "hist": row_hist, "svr": row_svr}
 
 

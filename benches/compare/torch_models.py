@@ -189,6 +189,48 @@ class VQVAE2(nn.Module):
         return id_t, id_b, per_patch_hist(id_t, self.n_embed), per_patch_hist(id_b, self.n_embed)
 
 
+def _quantize_train(q, x, decay=0.99, eps=1e-5):
+    """vq-vae-2-pytorch's Quantize.forward in training mode: codes from the
+    codebook before the update, the EMA update, the latent loss and the
+    straight-through output. x: [..., dim] channels last."""
+    flatten = x.reshape(-1, q.dim)
+    dist = (flatten.pow(2).sum(1, keepdim=True) - 2 * flatten @ q.embed
+            + q.embed.pow(2).sum(0, keepdim=True))
+    _, ind = (-dist).max(1)
+    onehot = F.one_hot(ind, q.n_embed).type(flatten.dtype)
+    ind = ind.view(*x.shape[:-1])
+    quant = F.embedding(ind, q.embed.transpose(0, 1))
+    with torch.no_grad():
+        q.cluster_size.mul_(decay).add_(onehot.sum(0), alpha=1 - decay)
+        q.embed_avg.mul_(decay).add_(flatten.transpose(0, 1) @ onehot, alpha=1 - decay)
+        n = q.cluster_size.sum()
+        cs = (q.cluster_size + eps) / (n + q.n_embed * eps) * n
+        q.embed.copy_(q.embed_avg / cs.unsqueeze(0))
+    diff = (quant.detach() - x).pow(2).mean()
+    return x + (quant - x).detach(), diff, ind
+
+
+def vqvae2_train_step(model, opt, x, latent_loss_weight=0.25):
+    """One step of the vq-vae-2-pytorch recipe (docs/MODELS.md §4): forward
+    with straight-through quantizers and their EMA updates, loss = MSE +
+    0.25·(diff_t + diff_b), backward, one optimizer step. Returns (loss,
+    id_t, id_b)."""
+    opt.zero_grad(set_to_none=True)
+    enc_b = model.enc_b(x)
+    enc_t = model.enc_t(enc_b)
+    q_t, diff_t, id_t = _quantize_train(model.quantize_t, model.quantize_conv_t(enc_t).permute(0, 2, 3, 1))
+    q_t = q_t.permute(0, 3, 1, 2)
+    dec_t = model.dec_t(q_t)
+    pre_b = model.quantize_conv_b(torch.cat([dec_t, enc_b], 1)).permute(0, 2, 3, 1)
+    q_b, diff_b, id_b = _quantize_train(model.quantize_b, pre_b)
+    q_b = q_b.permute(0, 3, 1, 2)
+    dec = model.dec(torch.cat([model.upsample_t(q_t), q_b], 1))
+    loss = F.mse_loss(dec, x) + latent_loss_weight * (diff_t + diff_b)
+    loss.backward()
+    opt.step()
+    return loss.detach(), id_t, id_b
+
+
 def per_patch_hist(ids, n_embed):
     b = ids.shape[0]
     off = torch.arange(b, device=ids.device).view(b, *([1] * (ids.dim() - 1))) * n_embed

@@ -36,6 +36,12 @@ pub enum Workload {
     /// (needs --weights; --batch 256, --height/--width 160, divisible by 8).
     #[value(name = "vqvae2-profile")]
     Vqvae2Profile,
+    /// One VQ-VAE-2 training step (forward, backward, EMA codebook update,
+    /// Adam at lr 3e-4) on "input" [batch, in_channels, H, W], every
+    /// iteration from the same starting weights; outputs "loss", "id_t",
+    /// "id_b" (needs --weights; --batch 32, --height/--width 160; CPU only).
+    #[value(name = "vqvae2-train-step")]
+    Vqvae2TrainStep,
     /// CP2Image generator forward, "input" [batch, p] to "image" (needs
     /// --weights; --batch 4096).
     #[value(name = "cp2image-generator")]
@@ -62,6 +68,7 @@ impl Workload {
         match self {
             Workload::Densenet => "densenet",
             Workload::Vqvae2Profile => "vqvae2-profile",
+            Workload::Vqvae2TrainStep => "vqvae2-train-step",
             Workload::Cp2imageGenerator => "cp2image-generator",
             Workload::Conv => "conv",
             Workload::VqLookup => "vq-lookup",
@@ -72,7 +79,7 @@ impl Workload {
     /// The workload-specific flags it reads (the common ones always apply).
     fn flags(self) -> &'static [&'static str] {
         match self {
-            Workload::Densenet | Workload::Vqvae2Profile => {
+            Workload::Densenet | Workload::Vqvae2Profile | Workload::Vqvae2TrainStep => {
                 &["--weights", "--batch", "--height", "--width"]
             }
             Workload::Cp2imageGenerator => &["--weights", "--batch"],
@@ -304,6 +311,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let m = match a.workload {
         Workload::Densenet => densenet(&ctx, out.as_mut())?,
         Workload::Vqvae2Profile => vqvae2_profile(&ctx, out.as_mut())?,
+        Workload::Vqvae2TrainStep => vqvae2_train_step(&ctx, out.as_mut())?,
         Workload::Cp2imageGenerator => cp2image_generator(&ctx, out.as_mut())?,
         Workload::Conv => conv(&ctx, out.as_mut())?,
         Workload::VqLookup => vq_lookup(&ctx, out.as_mut())?,
@@ -595,6 +603,50 @@ fn vqvae2_profile(c: &Ctx, out: Option<&mut TensorWriter>) -> Result<Measured> {
             "height": h,
             "width": w,
             "n_embed": k,
+            "embed_dim": cfg.embed_dim,
+        }),
+        flops: None,
+        times,
+    })
+}
+
+fn vqvae2_train_step(c: &Ctx, out: Option<&mut TensorWriter>) -> Result<Measured> {
+    use cellmorph::train::vqvae2::{load_store, train_step, StepConfig};
+    use cellmorph::train::{AdamConfig, Method, Optimizer};
+    if c.be.device() != Device::Cpu {
+        return Err(Error::invalid(
+            "bench vqvae2-train-step runs on the CPU only so far (--device cpu)",
+        ));
+    }
+    let (cfg, start) = load_store(&c.a.weights()?)?;
+    let (n, h, w, data) = c.images(cfg.in_channel, (32, 160, 160), (-1.0, 1.0))?;
+    if h % 8 != 0 || w % 8 != 0 {
+        return Err(Error::invalid(format!(
+            "bench vqvae2-train-step: images are {h}×{w}; the VQ-VAE-2 needs height and width divisible by 8"
+        )));
+    }
+    let shape = [n, cfg.in_channel, h, w];
+    let fresh = || -> Result<_> {
+        let store = start.clone();
+        let mut opt = Optimizer::new(Method::Adam(AdamConfig::default()))?;
+        store.register(&mut opt)?;
+        Ok((store, opt))
+    };
+    let (times, step) = time_iters(c.be, c.a.warmup, c.a.iters, fresh, |(mut store, mut opt)| {
+        train_step(&mut store, &mut opt, 3e-4, &cfg, &shape, &data, &StepConfig::default())
+    })?;
+    if let Some(out) = out {
+        out.add_slice("loss", &[], &[step.loss])?;
+        out.add_slice("id_t", &step.id_t_shape, &step.id_t)?;
+        out.add_slice("id_b", &step.id_b_shape, &step.id_b)?;
+    }
+    Ok(Measured {
+        batch: n,
+        shape: json!({
+            "channels": cfg.in_channel,
+            "height": h,
+            "width": w,
+            "n_embed": cfg.n_embed,
             "embed_dim": cfg.embed_dim,
         }),
         flops: None,
