@@ -291,3 +291,194 @@ fn vq_ema_update_matches_a_pytorch_training_step() {
         );
     }
 }
+
+/// One CP2Image step (generator then discriminator update) against
+/// `cp2image_train_step.safetensors`. Tolerance 1e-3 of each tensor's
+/// largest magnitude, as the fixture README gives for whole-model
+/// gradients and updated weights (the CPU ops sum in another order than
+/// PyTorch, a few f32 ulps per op over ~12 layers and two networks).
+#[test]
+fn a_cp2image_training_step_matches_pytorch() {
+    use cellmorph::train::cp2image::{train_step, Batch, NetState};
+    let f = TensorFile::open(common::fixture_path("cp2image_train_step.safetensors")).unwrap();
+    let mut g = NetState::from_file(&f, "G.before.").unwrap();
+    let mut d = NetState::from_file(&f, "D.before.").unwrap();
+    let adam = || {
+        Optimizer::new(Method::Adam(AdamConfig {
+            betas: (0.5, 0.999),
+            ..AdamConfig::default()
+        }))
+        .unwrap()
+    };
+    let (mut og, mut od) = (adam(), adam());
+    g.params.register(&mut og).unwrap();
+    d.params.register(&mut od).unwrap();
+    let (shape, x) = f.f32("x").unwrap();
+    let batch = Batch {
+        z: &get(&f, "z"),
+        x: &x,
+        x_real: &get(&f, "x_real"),
+        shape: shape.try_into().unwrap(),
+    };
+    let losses = train_step(&mut g, &mut d, &mut og, &mut od, 2e-4, &batch).unwrap();
+    assert_close("loss_g", &[losses.loss_g], &get(&f, "loss_g"), 1e-4);
+    assert_close("loss_d", &[losses.loss_d], &get(&f, "loss_d"), 1e-4);
+    let rel = |got: &[f32], want: &[f32]| {
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+        got.iter()
+            .zip(want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale
+    };
+    let mut worst = Vec::new();
+    for (net, state) in [("G", &g), ("D", &d)] {
+        for p in state.params.params() {
+            if p.trainable {
+                let name = format!("{net}.grad.{}", p.name);
+                worst.push((rel(&p.grad, &get(&f, &name)), name));
+            }
+            let name = format!("{net}.after.{}", p.name);
+            worst.push((rel(&p.value, &get(&f, &name)), name));
+        }
+        for (name, &count) in &state.num_batches_tracked {
+            let (_, want) = f.i64(&format!("{net}.after.{name}")).unwrap();
+            assert_eq!(count, want[0], "{net}.{name}");
+        }
+    }
+    // A conv bias followed by BatchNorm has a zero gradient in exact
+    // arithmetic (BN removes the channel mean): both sides hold rounding
+    // noise, so those are checked for being negligible next to the conv
+    // weight's gradient, and their Adam step (which normalizes the noise)
+    // for staying within one learning-rate-sized step.
+    worst.retain(|(_, name)| !(name.contains(".conv.bias") && name.contains("blocks.")));
+    for (net, state) in [("G", &g), ("D", &d)] {
+        for p in state.params.params() {
+            if !(p.name.contains(".conv.bias") && p.name.starts_with("blocks.")) {
+                continue;
+            }
+            let w = p.name.replace(
+                ".bias",
+                if net == "D" {
+                    ".weight_orig"
+                } else {
+                    ".weight"
+                },
+            );
+            let wg = state.params.by_name(&w).unwrap();
+            let wmax = wg.grad.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let want = get(&f, &format!("{net}.grad.{}", p.name));
+            let gmax = p.grad.iter().chain(&want).fold(0f32, |m, v| m.max(v.abs()));
+            assert!(
+                gmax <= 1e-4 * wmax,
+                "{net}.{}: |grad| {gmax} vs weight grads {wmax}",
+                p.name
+            );
+            let after = get(&f, &format!("{net}.after.{}", p.name));
+            let dmax = p
+                .value
+                .iter()
+                .zip(&after)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(dmax <= 2.0 * 2e-4 + 1e-6, "{net}.after.{}: {dmax}", p.name);
+        }
+    }
+    // The second generator forward (discriminator step) sees those biases
+    // after their noise-driven Adam step, and its batch means carry them
+    // into the running means with momentum 0.1: at most 0.1 × 2·lr apart
+    // beyond the usual tolerance.
+    for (net, state) in [("G", &g), ("D", &d)] {
+        for p in state.params.params() {
+            if !p.name.ends_with(".bn.running_mean") {
+                continue;
+            }
+            let name = format!("{net}.after.{}", p.name);
+            let want = get(&f, &name);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let dmax = p
+                .value
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(dmax <= 1e-3 * scale + 0.1 * 2.0 * 2e-4, "{name}: {dmax}");
+        }
+    }
+    worst.retain(|(_, name)| !name.ends_with(".bn.running_mean"));
+    worst.sort_by(|a, b| b.0.total_cmp(&a.0));
+    assert!(
+        worst[0].0 <= 1e-3,
+        "largest relative errors: {:?}",
+        &worst[..8]
+    );
+}
+
+/// `cellmorph train-step --model cp2image` on the golden's state and batch.
+#[test]
+fn the_cp2image_train_step_command_reproduces_the_losses() {
+    use cellmorph::io::TensorWriter;
+    let f = TensorFile::open(common::fixture_path("cp2image_train_step.safetensors")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (weights, batch) = (
+        dir.path().join("w.safetensors"),
+        dir.path().join("b.safetensors"),
+    );
+    let mut w = TensorWriter::new();
+    let mut b = TensorWriter::new();
+    for name in f.names() {
+        for net in ["G", "D"] {
+            if let Some(key) = name.strip_prefix(&format!("{net}.before.")) {
+                if key.ends_with("num_batches_tracked") {
+                    let (shape, v) = f.i64(&name).unwrap();
+                    w.add_slice(&format!("{net}.{key}"), &shape, &v).unwrap();
+                } else {
+                    let (shape, v) = f.f32(&name).unwrap();
+                    w.add_slice(&format!("{net}.{key}"), &shape, &v).unwrap();
+                }
+            }
+        }
+        if ["z", "x", "x_real"].contains(&name.as_str()) {
+            let (shape, v) = f.f32(&name).unwrap();
+            b.add_slice(&name, &shape, &v).unwrap();
+        }
+    }
+    w.write(&weights).unwrap();
+    b.write(&batch).unwrap();
+    let out = dir.path().join("out.safetensors");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_cellmorph"))
+        .args([
+            "train-step",
+            "--model",
+            "cp2image",
+            "--lr",
+            "2e-4",
+            "--betas",
+            "0.5,0.999",
+        ])
+        .arg("--weights")
+        .arg(&weights)
+        .arg("--batch")
+        .arg(&batch)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let o = TensorFile::open(&out).unwrap();
+    for name in ["loss_g", "loss_d"] {
+        assert_close(name, &get(&o, name), &get(&f, name), 1e-4);
+    }
+    for name in [
+        "G.after.out.weight",
+        "D.after.fc.weight",
+        "D.grad.blocks.2.conv.weight_orig",
+    ] {
+        assert_close(name, &get(&o, name), &get(&f, name), 1e-3);
+    }
+    assert_eq!(
+        o.i64("D.after.blocks.0.bn.num_batches_tracked").unwrap().1,
+        vec![4]
+    );
+}

@@ -348,7 +348,8 @@ fn the_train_step_command_reproduces_the_golden() {
     // Other models and devices: clear errors, no output.
     let out2 = dir.path().join("none.safetensors");
     for (args, msg) in [
-        (vec!["--model", "cp2image"], "not implemented yet"),
+        (vec!["--model", "cp2image"], "not a CP2Image network"),
+        (vec!["--model", "unet"], "unknown model"),
         (
             vec!["--model", "vqvae2", "--device", "emulated"],
             "not yet available",

@@ -632,9 +632,23 @@ fn vqvae2_train_step(c: &Ctx, out: Option<&mut TensorWriter>) -> Result<Measured
         store.register(&mut opt)?;
         Ok((store, opt))
     };
-    let (times, step) = time_iters(c.be, c.a.warmup, c.a.iters, fresh, |(mut store, mut opt)| {
-        train_step(&mut store, &mut opt, 3e-4, &cfg, &shape, &data, &StepConfig::default())
-    })?;
+    let (times, step) = time_iters(
+        c.be,
+        c.a.warmup,
+        c.a.iters,
+        fresh,
+        |(mut store, mut opt)| {
+            train_step(
+                &mut store,
+                &mut opt,
+                3e-4,
+                &cfg,
+                &shape,
+                &data,
+                &StepConfig::default(),
+            )
+        },
+    )?;
     if let Some(out) = out {
         out.add_slice("loss", &[], &[step.loss])?;
         out.add_slice("id_t", &step.id_t_shape, &step.id_t)?;

@@ -14,7 +14,9 @@ use cellmorph::{Device, Error, Precision, Result};
 
 #[derive(Args, Debug)]
 pub struct TrainStepArgs {
-    /// Model: vqvae2 or densenet (cp2image is not implemented yet).
+    /// Model: vqvae2, densenet or cp2image (--weights holds the generator
+    /// under `G.` and the discriminator under `D.`; --batch holds `z`, `x`
+    /// and `x_real`; the GAN recipe uses --betas 0.5,0.999 --lr 2e-4).
     #[arg(long)]
     model: String,
     /// The state before the step: a safetensors file with PyTorch
@@ -22,7 +24,8 @@ pub struct TrainStepArgs {
     #[arg(long)]
     weights: PathBuf,
     /// The batch: a safetensors file holding a tensor named `input` (and
-    /// for densenet `labels`, int64 class indices).
+    /// for densenet `labels`, int64 class indices; for cp2image `z`, `x`,
+    /// `x_real` instead).
     #[arg(long)]
     batch: PathBuf,
     /// Output safetensors file (written only when everything succeeded).
@@ -97,11 +100,9 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
     match a.model.as_str() {
         "vqvae2" => vqvae2_step(&a, adam),
         "densenet" => densenet_step(&a, adam),
-        "cp2image" => Err(Error::invalid(
-            "train-step --model cp2image: not implemented yet (vqvae2 and densenet are)",
-        )),
+        "cp2image" => cp2image_step(&a, adam),
         other => Err(Error::invalid(format!(
-            "train-step: unknown model {other:?}; supported: vqvae2, densenet (cp2image: not implemented yet)"
+            "train-step: unknown model {other:?}; supported: vqvae2, densenet, cp2image"
         ))),
     }
 }
@@ -211,6 +212,68 @@ fn densenet_step(a: &TrainStepArgs, method: Method) -> Result<()> {
     eprintln!(
         "densenet: loss {} -> {}",
         step.output.loss,
+        a.output.display()
+    );
+    Ok(())
+}
+
+fn cp2image_step(a: &TrainStepArgs, method: Method) -> Result<()> {
+    use cellmorph::train::cp2image::{train_step, Batch, NetState};
+    let weights = TensorFile::open(&a.weights)?;
+    let mut g = NetState::from_file(&weights, "G.")?;
+    let mut d = NetState::from_file(&weights, "D.")?;
+    let batch = TensorFile::open(&a.batch)?;
+    let (_, z) = batch.f32("z")?;
+    let (shape, x) = batch.f32("x")?;
+    let (real_shape, x_real) = batch.f32("x_real")?;
+    let shape: [usize; 4] = shape.as_slice().try_into().map_err(|_| {
+        Error::format(
+            &a.batch,
+            format!("tensor \"x\" has shape {shape:?}; expected [N, C, H, W]"),
+        )
+    })?;
+    if real_shape != shape {
+        return Err(Error::format(
+            &a.batch,
+            format!("tensor \"x_real\" has shape {real_shape:?}, \"x\" {shape:?}"),
+        ));
+    }
+    let (mut og, mut od) = (Optimizer::new(method.clone())?, Optimizer::new(method)?);
+    g.params.register(&mut og)?;
+    d.params.register(&mut od)?;
+    let losses = train_step(
+        &mut g,
+        &mut d,
+        &mut og,
+        &mut od,
+        a.lr,
+        &Batch {
+            z: &z,
+            x: &x,
+            x_real: &x_real,
+            shape,
+        },
+    )
+    .map_err(|e| {
+        Error::invalid(format!(
+            "{} on {}: {e}",
+            a.weights.display(),
+            a.batch.display()
+        ))
+    })?;
+    let mut w = TensorWriter::new();
+    w.set_metadata("model", "cp2image");
+    g.write_values(&mut w, "G.after.")?;
+    d.write_values(&mut w, "D.after.")?;
+    g.write_grads(&mut w, "G.grad.")?;
+    d.write_grads(&mut w, "D.grad.")?;
+    w.add_slice("loss_g", &[1], &[losses.loss_g])?;
+    w.add_slice("loss_d", &[1], &[losses.loss_d])?;
+    w.write(&a.output)?;
+    eprintln!(
+        "cp2image: loss_g {}, loss_d {} -> {}",
+        losses.loss_g,
+        losses.loss_d,
         a.output.display()
     );
     Ok(())

@@ -4,6 +4,7 @@
 //! deterministic: the same inputs give the same bits.
 
 pub mod checkpoint;
+pub mod cp2image;
 pub mod densenet;
 pub mod loss;
 pub mod optim;
