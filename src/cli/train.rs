@@ -238,7 +238,7 @@ fn cp2image_step(a: &TrainStepArgs, method: Method) -> Result<()> {
             format!("tensor \"x_real\" has shape {real_shape:?}, \"x\" {shape:?}"),
         ));
     }
-    let (mut og, mut od) = (Optimizer::new(method.clone())?, Optimizer::new(method)?);
+    let (mut og, mut od) = (Optimizer::new(method)?, Optimizer::new(method)?);
     g.params.register(&mut og)?;
     d.params.register(&mut od)?;
     let losses = train_step(
