@@ -873,8 +873,8 @@ pub fn conv_grad_workspace_len(weight_len: usize, c_out: usize, k: usize) -> usi
     }
 }
 
-/// Gradients of a conv2d or transposed conv2d: `dx` like the input, `dw`
-/// like the weight, `db` `[c_out]` when asked for.
+/// Gradients of a conv2d, transposed conv2d or linear layer: `dx` like the
+/// input, `dw` like the weight, `db` `[c_out]` (`[out]`) when asked for.
 #[derive(Debug)]
 pub struct ConvGrads {
     /// Input gradient.
@@ -1155,13 +1155,49 @@ pub fn conv2d_backward_into(
             db,
         );
     }
+    conv2d_backward_device(OP, be, &g, x, w, dy, dx, dw, db)
+}
+
+/// The CUDA / emulated part of [`conv2d_backward_into`] for a checked
+/// geometry: the kernels read the tensors' buffers by `g`'s extents only, so
+/// the linear layer passes `[n, in]`-shaped tensors as a 1×1 conv over
+/// `[n, in, 1, 1]`. The caller has checked devices and shapes; the element
+/// counts the kernels rely on are checked again here.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn conv2d_backward_device(
+    op: &'static str,
+    be: &Backend,
+    g: &Conv2dGeom,
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    dx: &mut Tensor,
+    dw: &mut Tensor,
+    db: Option<&mut Tensor>,
+) -> Result<()> {
+    let counts = [
+        ("x", x.numel(), g.n * g.c_in * g.h * g.w),
+        ("dx", dx.numel(), g.n * g.c_in * g.h * g.w),
+        ("w", w.numel(), g.c_out * g.c_in * g.kh * g.kw),
+        ("dw", dw.numel(), g.c_out * g.c_in * g.kh * g.kw),
+        ("dy", dy.numel(), g.n * g.c_out * g.oh * g.ow),
+        ("db", db.as_ref().map_or(g.c_out, |t| t.numel()), g.c_out),
+    ];
+    for (what, got, want) in counts {
+        if got != want {
+            return Err(Error::shape(
+                op,
+                format!("{what} has {got} elements, expected {want}"),
+            ));
+        }
+    }
     let (stride, pad) = ((g.stride_h, g.stride_w), (g.pad_h, g.pad_w));
     // dx: a transposed conv of dy through w, read as a [c_out, c_in, kh, kw]
     // transposed-conv weight, onto the input plane (every input pixel is an
     // output of exactly one phase, so dx is fully overwritten).
     if dx.numel() > 0 {
         let sizes = size_args(
-            OP,
+            op,
             g.n,
             g.c_out,
             (g.oh, g.ow),
@@ -1173,12 +1209,12 @@ pub fn conv2d_backward_into(
         )?;
         let phase_m = g.n * g.h.div_ceil(g.stride_h) * g.w.div_ceil(g.stride_w);
         let (name, tile_n) = gemm_variant(true, g.c_in);
-        let cfg = gemm_cfg(OP, phase_m, g.c_in, tile_n, g.stride_h * g.stride_w)?;
+        let cfg = gemm_cfg(op, phase_m, g.c_in, tile_n, g.stride_h * g.stride_w)?;
         let mut args = vec![dy.arg(), w.arg(), KernelArg::Ptr(0), dx.arg_mut()];
         args.extend(sizes);
-        // SAFETY: checked above: dy [n, c_out, oh, ow], w [c_out, c_in, kh,
-        // kw] and dx [n, c_in, h, w] live on be's device and outlive the
-        // launch. The transposed-conv kernels take (const float* x, const
+        // SAFETY: dy [n, c_out, oh, ow], w [c_out, c_in, kh, kw] and dx
+        // [n, c_in, h, w] (element counts checked above) live on be's device
+        // (checked by the caller) and outlive the launch. The transposed-conv kernels take (const float* x, const
         // float* w, const float* bias, float* y, 13 × int) as built here,
         // with x = dy ([n, c_out, oh, ow]: their c_in = c_out, plane oh × ow),
         // w read as their [c_in, c_out, kh, kw] weight (our [c_out, c_in, kh,
@@ -1188,7 +1224,7 @@ pub fn conv2d_backward_into(
         unsafe { be.launch(name, cfg, &args)? };
     }
     launch_weight_grad(
-        OP,
+        op,
         be,
         x,
         dy,
@@ -1203,7 +1239,7 @@ pub fn conv2d_backward_into(
         (g.oh, g.ow),
     )?;
     if let Some(db) = db {
-        launch_bias_grad(OP, be, dy, db, g.n, g.c_out, g.oh * g.ow)?;
+        launch_bias_grad(op, be, dy, db, g.n, g.c_out, g.oh * g.ow)?;
     }
     Ok(())
 }
