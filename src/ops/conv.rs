@@ -885,6 +885,23 @@ pub struct ConvGrads {
     pub db: Option<Tensor>,
 }
 
+impl ConvGrads {
+    /// Zeroed gradients on `be`: `dx` of `x`'s shape, `dw` of `w`'s and,
+    /// given a bias length, `db` of it.
+    pub(super) fn zeros(
+        be: &Backend,
+        x: &Tensor,
+        w: &Tensor,
+        bias_len: Option<usize>,
+    ) -> Result<ConvGrads> {
+        Ok(ConvGrads {
+            dx: Tensor::zeros(be, x.shape())?,
+            dw: Tensor::zeros(be, w.shape())?,
+            db: bias_len.map(|c| Tensor::zeros(be, &[c])).transpose()?,
+        })
+    }
+}
+
 /// Sums `parts` partials of `len` floats each (`part`, in order) into `out`;
 /// with 0 parts fills `out` with zeros.
 fn launch_grad_reduce(
@@ -1085,6 +1102,27 @@ fn check_grads(
     Ok(())
 }
 
+/// The CPU branch of a conv backward: the host slices of `[x, w, dy]`,
+/// `dx`, `dw` and `db` handed to `f` (the `crate::cpu` backward with its
+/// geometry).
+fn host_backward(
+    op: &'static str,
+    inputs: [&Tensor; 3],
+    dx: &mut Tensor,
+    dw: &mut Tensor,
+    db: Option<&mut Tensor>,
+    f: impl FnOnce([&[f32]; 3], &mut [f32], &mut [f32], Option<&mut [f32]>) -> Result<()>,
+) -> Result<()> {
+    let [x, w, dy] = inputs;
+    let db = db.map(|d| d.host_mut_for(op)).transpose()?;
+    f(
+        [x.host_for(op)?, w.host_for(op)?, dy.host_for(op)?],
+        dx.host_mut_for(op)?,
+        dw.host_mut_for(op)?,
+        db,
+    )
+}
+
 /// Backward of [`conv2d`]: from the input `x` `[n, c_in, h, w]`, the weight
 /// `w` `[c_out, c_in, kh, kw]` and the output gradient `dy`
 /// `[n, c_out, oh, ow]`, the gradients of `x`, `w` and (when `bias`) of the
@@ -1106,15 +1144,10 @@ pub fn conv2d_backward(
 ) -> Result<ConvGrads> {
     let g = Conv2dGeom::new(x.shape(), w.shape(), p)
         .map_err(|e| backward_error("conv2d_backward", e))?;
-    let mut dx = Tensor::zeros(be, x.shape())?;
-    let mut dw = Tensor::zeros(be, w.shape())?;
-    let mut db = if bias {
-        Some(Tensor::zeros(be, &[g.c_out])?)
-    } else {
-        None
-    };
-    conv2d_backward_into(be, x, w, dy, p, &mut dx, &mut dw, db.as_mut())?;
-    Ok(ConvGrads { dx, dw, db })
+    let mut grads = ConvGrads::zeros(be, x, w, bias.then_some(g.c_out))?;
+    let ConvGrads { dx, dw, db } = &mut grads;
+    conv2d_backward_into(be, x, w, dy, p, dx, dw, db.as_mut())?;
+    Ok(grads)
 }
 
 /// [`conv2d_backward`] into preallocated `dx`, `dw` and `db` (all overwritten).
@@ -1144,16 +1177,9 @@ pub fn conv2d_backward_into(
         g.c_out,
     )?;
     if be.device() == Device::Cpu {
-        let db = db.map(|d| d.host_mut_for(OP)).transpose()?;
-        return cpu::conv2d_backward(
-            &g,
-            x.host_for(OP)?,
-            w.host_for(OP)?,
-            dy.host_for(OP)?,
-            dx.host_mut_for(OP)?,
-            dw.host_mut_for(OP)?,
-            db,
-        );
+        return host_backward(OP, [x, w, dy], dx, dw, db, |[x, w, dy], dx, dw, db| {
+            cpu::conv2d_backward(&g, x, w, dy, dx, dw, db)
+        });
     }
     conv2d_backward_device(OP, be, &g, x, w, dy, dx, dw, db)
 }
@@ -1263,15 +1289,10 @@ pub fn conv_transpose2d_backward(
 ) -> Result<ConvGrads> {
     let g = ConvTranspose2dGeom::new(x.shape(), w.shape(), p)
         .map_err(|e| backward_error("conv_transpose2d_backward", e))?;
-    let mut dx = Tensor::zeros(be, x.shape())?;
-    let mut dw = Tensor::zeros(be, w.shape())?;
-    let mut db = if bias {
-        Some(Tensor::zeros(be, &[g.c_out])?)
-    } else {
-        None
-    };
-    conv_transpose2d_backward_into(be, x, w, dy, p, &mut dx, &mut dw, db.as_mut())?;
-    Ok(ConvGrads { dx, dw, db })
+    let mut grads = ConvGrads::zeros(be, x, w, bias.then_some(g.c_out))?;
+    let ConvGrads { dx, dw, db } = &mut grads;
+    conv_transpose2d_backward_into(be, x, w, dy, p, dx, dw, db.as_mut())?;
+    Ok(grads)
 }
 
 /// [`conv_transpose2d_backward`] into preallocated `dx`, `dw` and `db` (all
@@ -1302,16 +1323,9 @@ pub fn conv_transpose2d_backward_into(
         g.c_out,
     )?;
     if be.device() == Device::Cpu {
-        let db = db.map(|d| d.host_mut_for(OP)).transpose()?;
-        return cpu::conv_transpose2d_backward(
-            &g,
-            x.host_for(OP)?,
-            w.host_for(OP)?,
-            dy.host_for(OP)?,
-            dx.host_mut_for(OP)?,
-            dw.host_mut_for(OP)?,
-            db,
-        );
+        return host_backward(OP, [x, w, dy], dx, dw, db, |[x, w, dy], dx, dw, db| {
+            cpu::conv_transpose2d_backward(&g, x, w, dy, dx, dw, db)
+        });
     }
     let (stride, pad) = ((g.stride_h, g.stride_w), (g.pad_h, g.pad_w));
     // dx: the conv2d of dy [n, c_out, oh, ow] with w as a [c_in, c_out, kh,

@@ -96,15 +96,10 @@ pub fn linear_backward(
     bias: bool,
 ) -> Result<ConvGrads> {
     let (_, _, out_f) = linear_dims("linear_backward", x, w)?;
-    let mut dx = Tensor::zeros(be, x.shape())?;
-    let mut dw = Tensor::zeros(be, w.shape())?;
-    let mut db = if bias {
-        Some(Tensor::zeros(be, &[out_f])?)
-    } else {
-        None
-    };
-    linear_backward_into(be, x, w, dy, &mut dx, &mut dw, db.as_mut())?;
-    Ok(ConvGrads { dx, dw, db })
+    let mut grads = ConvGrads::zeros(be, x, w, bias.then_some(out_f))?;
+    let ConvGrads { dx, dw, db } = &mut grads;
+    linear_backward_into(be, x, w, dy, dx, dw, db.as_mut())?;
+    Ok(grads)
 }
 
 /// [`linear_backward`] into preallocated `dx` `[n, in]`, `dw` `[out, in]`
