@@ -235,7 +235,44 @@ fn memory_bound(c: &mut Criterion) {
                 be.synchronize().expect("sync");
             })
         });
+        g.bench_function(BenchmarkId::new("dropout_p0.5", dev), |b| {
+            b.iter(|| {
+                ops::dropout_into(&be, &x, 1, 2, 0.5, &mut y).expect("dropout");
+                be.synchronize().expect("sync");
+            })
+        });
+        // Training-mode BatchNorm, forward (statistics and output) and backward.
+        let (mut rm, mut rv) = (
+            mean.to_device(&be).expect("rm"),
+            var.to_device(&be).expect("rv"),
+        );
+        let (mut sm, mut si) = (
+            Tensor::zeros(&be, &ch).expect("save_mean"),
+            Tensor::zeros(&be, &ch).expect("save_inv_std"),
+        );
+        g.bench_function(BenchmarkId::new("batchnorm_train", dev), |b| {
+            b.iter(|| {
+                ops::batchnorm_train_into(
+                    &be, &x, &gamma, &beta, 1e-5, 0.1, &mut rm, &mut rv, &mut sm, &mut si, &mut y,
+                )
+                .expect("bn train");
+                be.synchronize().expect("sync");
+            })
+        });
+        let (mut dg, mut db) = (
+            Tensor::zeros(&be, &ch).expect("dgamma"),
+            Tensor::zeros(&be, &ch).expect("dbeta"),
+        );
         g.throughput(Throughput::Bytes(3 * bytes));
+        g.bench_function(BenchmarkId::new("batchnorm_train_backward", dev), |b| {
+            b.iter(|| {
+                ops::batchnorm_train_backward_into(
+                    &be, &x, &gamma, &sm, &si, &x2, &mut y, &mut dg, &mut db,
+                )
+                .expect("bn train backward");
+                be.synchronize().expect("sync");
+            })
+        });
         g.bench_function(BenchmarkId::new("add", dev), |b| {
             b.iter(|| {
                 ops::add_into(&be, &x, &x2, &mut y).expect("add");

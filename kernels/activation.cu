@@ -9,6 +9,14 @@
 //       output, dy the upstream gradient, dx the input gradient. Each dx[i]
 //       is computed from element i alone with the same operations, in the
 //       same order, as the CPU reference (bit-identical results).
+//   dropout_f32 (x, y)   flat arrays of n elements, y[i] = x[i]·scale where
+//       element i is kept, else x[i]·0 (NaN and ±∞ propagate, as in
+//       PyTorch); the same kernel is the backward (dy, dx).
+//       Kept: the top 24 bits of counter_u64(seed, step, i) (src/rng.rs: three
+//       SplitMix64 mixes, wrapping 64-bit arithmetic) times 2⁻²⁴, ≥ p in f32,
+//       exactly crate::rng::dropout_keep; scale = 1/(1 − p) comes from the
+//       host (the CPU reference's f32), so the mask and the values are the
+//       CPU's bit for bit.
 //   softmax_rows_f32   x, y [rows, dim]: softmax over the last axis.
 //   softmax_cols_f32   x, y [outer, dim, inner], inner > 1: softmax over dim.
 //
@@ -45,6 +53,13 @@ __device__ __forceinline__ float ew_warp_sum(float v) {
         v += __shfl_xor_sync(kFullMask, v, off);
     }
     return v;
+}
+
+// SplitMix64's output function, as mix64 in src/rng.rs.
+__device__ __forceinline__ unsigned long long rng_mix64(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
 }
 
 // ReLU that lets NaN through (PyTorch's behaviour; fmaxf would turn it into 0).
@@ -129,6 +144,20 @@ extern "C" __global__ void sigmoid_backward_f32(const float* __restrict__ y, con
     }
 }
 CM_EXPORT(sigmoid_backward_f32)
+
+extern "C" __global__ void dropout_f32(const float* __restrict__ x, float* __restrict__ y, unsigned long long seed,
+                                       unsigned long long step, float p, float scale, long long n) {
+    constexpr unsigned long long kGamma = 0x9E3779B97F4A7C15ull;
+    // counter_u64's first two mixes depend on (seed, step) only.
+    const unsigned long long key = rng_mix64(rng_mix64(seed + kGamma) ^ (step * kGamma));
+    for (long long i = ew_first(); i < n; i += ew_stride()) {
+        const unsigned long long bits = rng_mix64(key ^ ((unsigned long long)i * 0xD1B54A32D192ED03ull));
+        const float u = (float)(bits >> 40) * (1.0f / 16777216.0f);
+        // A product even where dropped, so NaN and ±∞ propagate (PyTorch's x·mask·scale).
+        y[i] = x[i] * (u >= p ? scale : 0.0f);
+    }
+}
+CM_EXPORT(dropout_f32)
 
 extern "C" __global__ void softmax_rows_f32(const float* __restrict__ x, float* __restrict__ y, long long rows,
                                             long long dim) {

@@ -18,6 +18,9 @@ pub trait Element:
 impl Element for f32 {
     const DTYPE: safetensors::Dtype = safetensors::Dtype::F32;
 }
+impl Element for f64 {
+    const DTYPE: safetensors::Dtype = safetensors::Dtype::F64;
+}
 impl Element for i32 {
     const DTYPE: safetensors::Dtype = safetensors::Dtype::I32;
 }

@@ -1,8 +1,8 @@
 //! Activations (ReLU, LeakyReLU, sigmoid) and softmax, as PyTorch computes
-//! them, and the residual add: the element-wise ops.
+//! them, the residual add and dropout: the element-wise ops.
 
 use super::{check_len, chunk, numel};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use rayon::prelude::*;
 
 /// `y[i] = f(x[i])` after checking that `y` matches `x`.
@@ -147,6 +147,51 @@ pub fn softmax_backward(
                     dx_block[i] = y_block[i] * (dy_block[i] - dot);
                 }
             }
+        });
+    Ok(())
+}
+
+/// The scale `1/(1 − p)` of the elements dropout keeps, after checking that
+/// `p` is a drop probability in [0, 1).
+pub fn dropout_scale(p: f32) -> Result<f32> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::invalid(format!(
+            "dropout: the drop probability must be in [0, 1), got {p}"
+        )));
+    }
+    Ok(1.0 / (1.0 - p))
+}
+
+/// Dropout in training mode with the counter-based mask of
+/// [`crate::rng::dropout_keep`]: `y[i] = x[i] · mask[i] / (1 − p)`, element
+/// `i` kept with probability `1 − p` by `dropout_keep(seed, step, i, p)`.
+/// A dropped element is `x[i] · 0` (NaN and ±∞ stay NaN, as PyTorch's
+/// `x · mask · scale`); `p = 0` is the identity, `p` outside [0, 1) an
+/// error. The device kernel (`dropout_f32`) draws the same mask bit for bit.
+pub fn dropout_forward(seed: u64, step: u64, p: f32, x: &[f32], y: &mut [f32]) -> Result<()> {
+    dropout_apply("dropout_forward", (seed, step, p), (x, "y", y))
+}
+
+/// Dropout backward: `dx = dy · mask / (1 − p)` with the forward's mask
+/// (the same `seed`, `step` and `p`), i.e. [`dropout_forward`] applied to `dy`.
+pub fn dropout_backward(seed: u64, step: u64, p: f32, dy: &[f32], dx: &mut [f32]) -> Result<()> {
+    dropout_apply("dropout_backward", (seed, step, p), (dy, "dx", dx))
+}
+
+/// `out[i] = v[i] · (kept ? 1/(1 − p) : 0)`, the body of both directions.
+fn dropout_apply(
+    op: &'static str,
+    (seed, step, p): (u64, u64, f32),
+    (v, out_name, out): (&[f32], &str, &mut [f32]),
+) -> Result<()> {
+    let scale = dropout_scale(p)?;
+    check_len(op, out_name, out.len(), v.len())?;
+    out.par_iter_mut()
+        .zip(v)
+        .enumerate()
+        .for_each(|(i, (o, &v))| {
+            let keep = crate::rng::dropout_keep(seed, step, i as u64, p);
+            *o = v * if keep { scale } else { 0.0 };
         });
     Ok(())
 }

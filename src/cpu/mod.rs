@@ -41,8 +41,9 @@ pub mod pool;
 pub mod vq;
 
 pub use activation::{
-    add_forward, leaky_relu_backward, leaky_relu_forward, relu_backward, relu_forward,
-    sigmoid_backward, sigmoid_forward, softmax_backward, softmax_forward,
+    add_forward, dropout_backward, dropout_forward, dropout_scale, leaky_relu_backward,
+    leaky_relu_forward, relu_backward, relu_forward, sigmoid_backward, sigmoid_forward,
+    softmax_backward, softmax_forward,
 };
 pub use conv::{
     conv2d_backward, conv2d_forward, conv_transpose2d_backward, conv_transpose2d_forward,
@@ -51,7 +52,9 @@ pub use layout::{
     copy_channels, slice_channels, upsample_nearest2x_backward, upsample_nearest2x_forward,
 };
 pub use linear::{linear_backward, linear_forward};
-pub use norm::{batchnorm_backward, batchnorm_forward};
+pub use norm::{
+    batchnorm_backward, batchnorm_forward, batchnorm_train_backward, batchnorm_train_forward,
+};
 pub use pool::{
     avg_pool2d_backward, avg_pool2d_forward, global_avg_pool_backward, global_avg_pool_forward,
     max_pool2d_backward, max_pool2d_forward,

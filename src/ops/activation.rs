@@ -1,6 +1,6 @@
 //! Activations and the other element-wise ops: ReLU (also in place),
-//! LeakyReLU, sigmoid, softmax over any axis, and the residual add; and the
-//! backward passes of ReLU, LeakyReLU and sigmoid.
+//! LeakyReLU, sigmoid, softmax over any axis, the residual add and dropout;
+//! and the backward passes of ReLU, LeakyReLU, sigmoid and dropout.
 //! Kernels: `kernels/activation.cu`; CPU reference: `crate::cpu::activation`.
 
 use super::{expect_shape, i64_arg, on_device, stride_cfg, MAX_BLOCKS, THREADS};
@@ -106,6 +106,88 @@ pub fn sigmoid_into(be: &Backend, x: &Tensor, y: &mut Tensor) -> Result<()> {
         return cpu::sigmoid_forward(x.host_for(OP)?, y.host_mut_for(OP)?);
     }
     launch_unary(be, "sigmoid_f32", x, y, None)
+}
+
+/// Dropout in training mode: `y = x · mask / (1 − p)`, element `i` kept
+/// when [`crate::rng::dropout_keep`]`(seed, step, i, p)` (a stateless
+/// counter-based draw: the mask of a step is a function of `seed`, `step`
+/// and the flat index alone, the same bits on every device). A dropped
+/// element is `x · 0`, so NaN propagates; `p = 0` is the identity and `p`
+/// outside [0, 1) an [`Error::Invalid`]. Shapes: any.
+pub fn dropout(be: &Backend, x: &Tensor, seed: u64, step: u64, p: f32) -> Result<Tensor> {
+    let mut y = Tensor::zeros(be, x.shape())?;
+    dropout_into(be, x, seed, step, p, &mut y)?;
+    Ok(y)
+}
+
+/// [`dropout`] into a preallocated `y` of `x`'s shape.
+pub fn dropout_into(
+    be: &Backend,
+    x: &Tensor,
+    seed: u64,
+    step: u64,
+    p: f32,
+    y: &mut Tensor,
+) -> Result<()> {
+    dropout_impl("dropout", be, x, (seed, step, p), y)
+}
+
+/// Backward of [`dropout`]: `dx = dy · mask / (1 − p)` with the forward's
+/// mask (pass the forward's `seed`, `step` and `p`).
+pub fn dropout_backward(be: &Backend, dy: &Tensor, seed: u64, step: u64, p: f32) -> Result<Tensor> {
+    let mut dx = Tensor::zeros(be, dy.shape())?;
+    dropout_backward_into(be, dy, seed, step, p, &mut dx)?;
+    Ok(dx)
+}
+
+/// [`dropout_backward`] into a preallocated `dx` of `dy`'s shape.
+pub fn dropout_backward_into(
+    be: &Backend,
+    dy: &Tensor,
+    seed: u64,
+    step: u64,
+    p: f32,
+    dx: &mut Tensor,
+) -> Result<()> {
+    dropout_impl("dropout_backward", be, dy, (seed, step, p), dx)
+}
+
+/// Both directions of dropout: `out = v · mask / (1 − p)`.
+fn dropout_impl(
+    op: &'static str,
+    be: &Backend,
+    v: &Tensor,
+    (seed, step, p): (u64, u64, f32),
+    out: &mut Tensor,
+) -> Result<()> {
+    check_unary(op, be, v, out)?;
+    let scale = cpu::dropout_scale(p)?;
+    if be.device() == Device::Cpu {
+        let (v, out) = (v.host_for(op)?, out.host_mut_for(op)?);
+        return if op == "dropout" {
+            cpu::dropout_forward(seed, step, p, v, out)
+        } else {
+            cpu::dropout_backward(seed, step, p, v, out)
+        };
+    }
+    let n = v.numel();
+    if n == 0 {
+        return Ok(());
+    }
+    let args = [
+        v.arg(),
+        out.arg_mut(),
+        KernelArg::U64(seed),
+        KernelArg::U64(step),
+        KernelArg::F32(p),
+        KernelArg::F32(scale),
+        i64_arg("numel", n)?,
+    ];
+    // SAFETY: v and out live on be's device with the same shape (n f32 each,
+    // checked above) and outlive the launch; dropout_f32(const float* x,
+    // float* y, unsigned long long seed, unsigned long long step, float p,
+    // float scale, long long n) touches indices < n only.
+    unsafe { be.launch("dropout_f32", stride_cfg(n), &args) }
 }
 
 /// Checks devices and that `dy` and `dx` have the shape of `saved` (the

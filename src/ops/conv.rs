@@ -873,8 +873,8 @@ pub fn conv_grad_workspace_len(weight_len: usize, c_out: usize, k: usize) -> usi
     }
 }
 
-/// Gradients of a conv2d or transposed conv2d: `dx` like the input, `dw`
-/// like the weight, `db` `[c_out]` when asked for.
+/// Gradients of a conv2d, transposed conv2d or linear layer: `dx` like the
+/// input, `dw` like the weight, `db` `[c_out]` (`[out]`) when asked for.
 #[derive(Debug)]
 pub struct ConvGrads {
     /// Input gradient.
@@ -883,6 +883,23 @@ pub struct ConvGrads {
     pub dw: Tensor,
     /// Bias gradient.
     pub db: Option<Tensor>,
+}
+
+impl ConvGrads {
+    /// Zeroed gradients on `be`: `dx` of `x`'s shape, `dw` of `w`'s and,
+    /// given a bias length, `db` of it.
+    pub(super) fn zeros(
+        be: &Backend,
+        x: &Tensor,
+        w: &Tensor,
+        bias_len: Option<usize>,
+    ) -> Result<ConvGrads> {
+        Ok(ConvGrads {
+            dx: Tensor::zeros(be, x.shape())?,
+            dw: Tensor::zeros(be, w.shape())?,
+            db: bias_len.map(|c| Tensor::zeros(be, &[c])).transpose()?,
+        })
+    }
 }
 
 /// Sums `parts` partials of `len` floats each (`part`, in order) into `out`;
@@ -1085,6 +1102,27 @@ fn check_grads(
     Ok(())
 }
 
+/// The CPU branch of a conv backward: the host slices of `[x, w, dy]`,
+/// `dx`, `dw` and `db` handed to `f` (the `crate::cpu` backward with its
+/// geometry).
+fn host_backward(
+    op: &'static str,
+    inputs: [&Tensor; 3],
+    dx: &mut Tensor,
+    dw: &mut Tensor,
+    db: Option<&mut Tensor>,
+    f: impl FnOnce([&[f32]; 3], &mut [f32], &mut [f32], Option<&mut [f32]>) -> Result<()>,
+) -> Result<()> {
+    let [x, w, dy] = inputs;
+    let db = db.map(|d| d.host_mut_for(op)).transpose()?;
+    f(
+        [x.host_for(op)?, w.host_for(op)?, dy.host_for(op)?],
+        dx.host_mut_for(op)?,
+        dw.host_mut_for(op)?,
+        db,
+    )
+}
+
 /// Backward of [`conv2d`]: from the input `x` `[n, c_in, h, w]`, the weight
 /// `w` `[c_out, c_in, kh, kw]` and the output gradient `dy`
 /// `[n, c_out, oh, ow]`, the gradients of `x`, `w` and (when `bias`) of the
@@ -1106,15 +1144,10 @@ pub fn conv2d_backward(
 ) -> Result<ConvGrads> {
     let g = Conv2dGeom::new(x.shape(), w.shape(), p)
         .map_err(|e| backward_error("conv2d_backward", e))?;
-    let mut dx = Tensor::zeros(be, x.shape())?;
-    let mut dw = Tensor::zeros(be, w.shape())?;
-    let mut db = if bias {
-        Some(Tensor::zeros(be, &[g.c_out])?)
-    } else {
-        None
-    };
-    conv2d_backward_into(be, x, w, dy, p, &mut dx, &mut dw, db.as_mut())?;
-    Ok(ConvGrads { dx, dw, db })
+    let mut grads = ConvGrads::zeros(be, x, w, bias.then_some(g.c_out))?;
+    let ConvGrads { dx, dw, db } = &mut grads;
+    conv2d_backward_into(be, x, w, dy, p, dx, dw, db.as_mut())?;
+    Ok(grads)
 }
 
 /// [`conv2d_backward`] into preallocated `dx`, `dw` and `db` (all overwritten).
@@ -1144,16 +1177,45 @@ pub fn conv2d_backward_into(
         g.c_out,
     )?;
     if be.device() == Device::Cpu {
-        let db = db.map(|d| d.host_mut_for(OP)).transpose()?;
-        return cpu::conv2d_backward(
-            &g,
-            x.host_for(OP)?,
-            w.host_for(OP)?,
-            dy.host_for(OP)?,
-            dx.host_mut_for(OP)?,
-            dw.host_mut_for(OP)?,
-            db,
-        );
+        return host_backward(OP, [x, w, dy], dx, dw, db, |[x, w, dy], dx, dw, db| {
+            cpu::conv2d_backward(&g, x, w, dy, dx, dw, db)
+        });
+    }
+    conv2d_backward_device(OP, be, &g, x, w, dy, dx, dw, db)
+}
+
+/// The CUDA / emulated part of [`conv2d_backward_into`] for a checked
+/// geometry: the kernels read the tensors' buffers by `g`'s extents only, so
+/// the linear layer passes `[n, in]`-shaped tensors as a 1×1 conv over
+/// `[n, in, 1, 1]`. The caller has checked devices and shapes; the element
+/// counts the kernels rely on are checked again here.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn conv2d_backward_device(
+    op: &'static str,
+    be: &Backend,
+    g: &Conv2dGeom,
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    dx: &mut Tensor,
+    dw: &mut Tensor,
+    db: Option<&mut Tensor>,
+) -> Result<()> {
+    let counts = [
+        ("x", x.numel(), g.n * g.c_in * g.h * g.w),
+        ("dx", dx.numel(), g.n * g.c_in * g.h * g.w),
+        ("w", w.numel(), g.c_out * g.c_in * g.kh * g.kw),
+        ("dw", dw.numel(), g.c_out * g.c_in * g.kh * g.kw),
+        ("dy", dy.numel(), g.n * g.c_out * g.oh * g.ow),
+        ("db", db.as_ref().map_or(g.c_out, |t| t.numel()), g.c_out),
+    ];
+    for (what, got, want) in counts {
+        if got != want {
+            return Err(Error::shape(
+                op,
+                format!("{what} has {got} elements, expected {want}"),
+            ));
+        }
     }
     let (stride, pad) = ((g.stride_h, g.stride_w), (g.pad_h, g.pad_w));
     // dx: a transposed conv of dy through w, read as a [c_out, c_in, kh, kw]
@@ -1161,7 +1223,7 @@ pub fn conv2d_backward_into(
     // output of exactly one phase, so dx is fully overwritten).
     if dx.numel() > 0 {
         let sizes = size_args(
-            OP,
+            op,
             g.n,
             g.c_out,
             (g.oh, g.ow),
@@ -1173,12 +1235,12 @@ pub fn conv2d_backward_into(
         )?;
         let phase_m = g.n * g.h.div_ceil(g.stride_h) * g.w.div_ceil(g.stride_w);
         let (name, tile_n) = gemm_variant(true, g.c_in);
-        let cfg = gemm_cfg(OP, phase_m, g.c_in, tile_n, g.stride_h * g.stride_w)?;
+        let cfg = gemm_cfg(op, phase_m, g.c_in, tile_n, g.stride_h * g.stride_w)?;
         let mut args = vec![dy.arg(), w.arg(), KernelArg::Ptr(0), dx.arg_mut()];
         args.extend(sizes);
-        // SAFETY: checked above: dy [n, c_out, oh, ow], w [c_out, c_in, kh,
-        // kw] and dx [n, c_in, h, w] live on be's device and outlive the
-        // launch. The transposed-conv kernels take (const float* x, const
+        // SAFETY: dy [n, c_out, oh, ow], w [c_out, c_in, kh, kw] and dx
+        // [n, c_in, h, w] (element counts checked above) live on be's device
+        // (checked by the caller) and outlive the launch. The transposed-conv kernels take (const float* x, const
         // float* w, const float* bias, float* y, 13 × int) as built here,
         // with x = dy ([n, c_out, oh, ow]: their c_in = c_out, plane oh × ow),
         // w read as their [c_in, c_out, kh, kw] weight (our [c_out, c_in, kh,
@@ -1188,7 +1250,7 @@ pub fn conv2d_backward_into(
         unsafe { be.launch(name, cfg, &args)? };
     }
     launch_weight_grad(
-        OP,
+        op,
         be,
         x,
         dy,
@@ -1203,7 +1265,7 @@ pub fn conv2d_backward_into(
         (g.oh, g.ow),
     )?;
     if let Some(db) = db {
-        launch_bias_grad(OP, be, dy, db, g.n, g.c_out, g.oh * g.ow)?;
+        launch_bias_grad(op, be, dy, db, g.n, g.c_out, g.oh * g.ow)?;
     }
     Ok(())
 }
@@ -1227,15 +1289,10 @@ pub fn conv_transpose2d_backward(
 ) -> Result<ConvGrads> {
     let g = ConvTranspose2dGeom::new(x.shape(), w.shape(), p)
         .map_err(|e| backward_error("conv_transpose2d_backward", e))?;
-    let mut dx = Tensor::zeros(be, x.shape())?;
-    let mut dw = Tensor::zeros(be, w.shape())?;
-    let mut db = if bias {
-        Some(Tensor::zeros(be, &[g.c_out])?)
-    } else {
-        None
-    };
-    conv_transpose2d_backward_into(be, x, w, dy, p, &mut dx, &mut dw, db.as_mut())?;
-    Ok(ConvGrads { dx, dw, db })
+    let mut grads = ConvGrads::zeros(be, x, w, bias.then_some(g.c_out))?;
+    let ConvGrads { dx, dw, db } = &mut grads;
+    conv_transpose2d_backward_into(be, x, w, dy, p, dx, dw, db.as_mut())?;
+    Ok(grads)
 }
 
 /// [`conv_transpose2d_backward`] into preallocated `dx`, `dw` and `db` (all
@@ -1266,16 +1323,9 @@ pub fn conv_transpose2d_backward_into(
         g.c_out,
     )?;
     if be.device() == Device::Cpu {
-        let db = db.map(|d| d.host_mut_for(OP)).transpose()?;
-        return cpu::conv_transpose2d_backward(
-            &g,
-            x.host_for(OP)?,
-            w.host_for(OP)?,
-            dy.host_for(OP)?,
-            dx.host_mut_for(OP)?,
-            dw.host_mut_for(OP)?,
-            db,
-        );
+        return host_backward(OP, [x, w, dy], dx, dw, db, |[x, w, dy], dx, dw, db| {
+            cpu::conv_transpose2d_backward(&g, x, w, dy, dx, dw, db)
+        });
     }
     let (stride, pad) = ((g.stride_h, g.stride_w), (g.pad_h, g.pad_w));
     // dx: the conv2d of dy [n, c_out, oh, ow] with w as a [c_in, c_out, kh,

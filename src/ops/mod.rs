@@ -1,11 +1,18 @@
 //! The inference ops, each on every device: shape checks, then the CPU
 //! reference (`crate::cpu`) or a kernel from `kernels/` (CUDA or emulated).
-//! Backward ops on every device so far: `relu_backward`,
-//! `leaky_relu_backward`, `sigmoid_backward` (activation),
-//! `upsample_nearest2x_backward` (layout), `global_avg_pool_backward` (pool),
-//! `conv2d_backward`, `conv_transpose2d_backward` (conv; deterministic
-//! weight and bias gradients, tests in `tests/ops/conv_backward.rs`); the
-//! rest of the backward passes are CPU-only (`crate::cpu`) for now.
+//! Training ops on every device so far: `relu_backward`,
+//! `leaky_relu_backward`, `sigmoid_backward`, `dropout` and
+//! `dropout_backward` (activation; the mask of `crate::rng::dropout_keep`,
+//! bit for bit), `upsample_nearest2x_backward` (layout),
+//! `global_avg_pool_backward`, `max_pool2d_backward`, `avg_pool2d_backward`
+//! (pool), `conv2d_backward`, `conv_transpose2d_backward` (conv),
+//! `linear_backward` (linear, on the conv backward kernels),
+//! `batchnorm_train` and `batchnorm_train_backward` (norm). Every reduction
+//! (weight, bias and BatchNorm sums) is split into chunks fixed by the shape
+//! and reduced in a fixed order, without atomics: the same bits on every run
+//! and GPU. Tests: `tests/ops/` (`conv_backward.rs`, `pool.rs`, `norm.rs`,
+//! `linear.rs`, `activation.rs`). The rest of the backward passes are
+//! CPU-only (`crate::cpu`) for now.
 //!
 //! Every op has an allocating form (`relu(be, x) -> Tensor`) and an `_into`
 //! form writing into a preallocated output, so models can plan their buffers.

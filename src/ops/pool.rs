@@ -192,37 +192,36 @@ pub fn global_avg_pool_backward_into(be: &Backend, dy: &Tensor, dx: &mut Tensor)
     unsafe { be.launch("global_avg_pool_backward_f32", stride_cfg(total), &args) }
 }
 
-/// The pooled shape `[n, c, oh, ow]` from a `dy`, or a shape error naming `op`.
-fn check_dy(op: &'static str, g: &Pool2dGeom, dy: &Tensor) -> Result<()> {
-    expect_shape(op, "dy", dy, &g.out_shape())
+/// Which pooling a backward undoes, with what it reads besides `dy`.
+#[derive(Clone, Copy)]
+enum PoolBackward<'a> {
+    /// Max pooling: the forward input, to find each window's maximum.
+    Max(&'a Tensor),
+    /// Average pooling: `dy` alone.
+    Avg,
 }
 
-/// Shared launch of the two pool2d backward gathers (`x` only for max).
+/// Shared checks and launch of the two pool2d backward gathers.
 fn pool2d_backward_into(
     op: &'static str,
-    kind: PoolKind,
+    kind: PoolBackward,
     be: &Backend,
-    x: Option<&Tensor>,
     dy: &Tensor,
     p: Pool2dParams,
     dx: &mut Tensor,
 ) -> Result<()> {
     on_device(op, be, &[dy, dx])?;
-    if let Some(x) = x {
+    if let PoolBackward::Max(x) = kind {
         on_device(op, be, &[x])?;
         expect_shape(op, "dx", dx, x.shape())?;
     }
     let g = Pool2dGeom::new(op, dx.shape(), p)?;
-    check_dy(op, &g, dy)?;
+    expect_shape(op, "dy", dy, &g.out_shape())?;
     if be.device() == Device::Cpu {
-        return match (kind, x) {
-            (PoolKind::Max, Some(x)) => cpu::max_pool2d_backward(
-                &g,
-                x.host_for(op)?,
-                dy.host_for(op)?,
-                dx.host_mut_for(op)?,
-            ),
-            _ => cpu::avg_pool2d_backward(&g, dy.host_for(op)?, dx.host_mut_for(op)?),
+        let (dys, dxs) = (dy.host_for(op)?, dx.host_mut_for(op)?);
+        return match kind {
+            PoolBackward::Max(x) => cpu::max_pool2d_backward(&g, x.host_for(op)?, dys, dxs),
+            PoolBackward::Avg => cpu::avg_pool2d_backward(&g, dys, dxs),
         };
     }
     let planes = g.n * g.c;
@@ -234,7 +233,7 @@ fn pool2d_backward_into(
     KernelArg::int("input plane size", in_plane)?;
     KernelArg::int("output plane size", g.oh * g.ow)?;
     let mut args = Vec::with_capacity(15);
-    if let Some(x) = x {
+    if let PoolBackward::Max(x) = kind {
         args.push(x.arg());
     }
     args.extend([
@@ -252,14 +251,9 @@ fn pool2d_backward_into(
         KernelArg::int("padding", g.pad_h)?,
         KernelArg::int("padding", g.pad_w)?,
     ]);
-    let name = match (kind, x) {
-        (PoolKind::Max, Some(_)) => "max_pool2d_backward_f32",
-        (PoolKind::Max, None) => {
-            return Err(Error::invalid(format!(
-                "{op}: max pooling backward needs x"
-            )))
-        }
-        (PoolKind::Avg, _) => {
+    let name = match kind {
+        PoolBackward::Max(_) => "max_pool2d_backward_f32",
+        PoolBackward::Avg => {
             args.push(KernelArg::I32(i32::from(g.count_include_pad)));
             "avg_pool2d_backward_f32"
         }
@@ -298,7 +292,7 @@ pub fn max_pool2d_backward_into(
     p: Pool2dParams,
     dx: &mut Tensor,
 ) -> Result<()> {
-    pool2d_backward_into("max_pool2d_backward", PoolKind::Max, be, Some(x), dy, p, dx)
+    pool2d_backward_into("max_pool2d_backward", PoolBackward::Max(x), be, dy, p, dx)
 }
 
 /// Backward of [`avg_pool2d`]: `dy` `[n, c, oh, ow]` → `dx` `[n, c, h, w]`
@@ -325,5 +319,5 @@ pub fn avg_pool2d_backward_into(
     p: Pool2dParams,
     dx: &mut Tensor,
 ) -> Result<()> {
-    pool2d_backward_into("avg_pool2d_backward", PoolKind::Avg, be, None, dy, p, dx)
+    pool2d_backward_into("avg_pool2d_backward", PoolBackward::Avg, be, dy, p, dx)
 }

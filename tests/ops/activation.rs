@@ -1,6 +1,6 @@
 //! The activations and other element-wise ops (kernels/activation.cu:
-//! ReLU, LeakyReLU, sigmoid, add, softmax, and the backward passes of ReLU,
-//! LeakyReLU and sigmoid) against the CPU reference, on the
+//! ReLU, LeakyReLU, sigmoid, add, softmax, dropout, and the backward passes
+//! of ReLU, LeakyReLU, sigmoid and dropout) against the CPU reference, on the
 //! emulated device and on a CUDA GPU when there is one, plus the ops layer's
 //! shape and device errors. Also here: NaN and ±∞ through the ops that must
 //! pass them on (max pooling among them), and the grid-stride loops of the
@@ -13,6 +13,9 @@
 //!   selection, one product or `dy·y·(1−y)` evaluated with the reference's
 //!   operations in the reference's order (no FMA contraction is possible), so
 //!   every device gives the reference's bits.
+//! - dropout and its backward: exact. The mask is integer arithmetic and one
+//!   exact f32 comparison (`crate::rng::dropout_keep`), each kept element
+//!   one product by the same f32 scale on every device.
 //! - sigmoid: 1e-6 relative. CUDA's `expf` is within 2 ulp of libm's, which
 //!   moves `1/(1+e)` by at most ~3 ulp (3.6e-7 relative).
 //! - softmax: (dim + 8)·ε relative (ε = f32 epsilon). The row sum is
@@ -302,7 +305,89 @@ fn grid_stride_loops(be: &Backend) {
     }
 }
 
+/// The dropout mask and values equal the CPU's bit for bit, over a few
+/// thousand elements and several (seed, step, p), forward and backward; the
+/// kept elements are exactly those of `rng::dropout_keep`.
+fn dropout_matches_cpu(be: &Backend) {
+    let n = 4099;
+    let x: Vec<f32> = Rng(11).vec(n, -3.0, 3.0);
+    let cpu = Backend::cpu();
+    let (xc, xd) = pair(be, &[n], &x).unwrap();
+    let keys = [(0u64, 0u64), (1, 2), (u64::MAX, 7), (12_345, 1 << 40)];
+    for (seed, step) in keys {
+        for p in [0.1f32, 0.5, 0.9] {
+            let ctx = format!("dropout seed {seed} step {step} p {p} on {}", be.device());
+            let want = ops::dropout(&cpu, &xc, seed, step, p)
+                .unwrap()
+                .to_vec()
+                .unwrap();
+            let got = ops::dropout(be, &xd, seed, step, p)
+                .unwrap()
+                .to_vec()
+                .unwrap();
+            let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+            assert!(
+                bits(&want) == bits(&got),
+                "{ctx}: forward differs from the CPU"
+            );
+            let scale = 1.0 / (1.0 - p);
+            for (i, (&g, &xi)) in got.iter().zip(&x).enumerate() {
+                let keep = cellmorph::rng::dropout_keep(seed, step, i as u64, p);
+                let expect = if keep { xi * scale } else { xi * 0.0 };
+                assert_eq!(g.to_bits(), expect.to_bits(), "{ctx}: element {i}");
+            }
+            let kept = (0..n as u64)
+                .filter(|&i| cellmorph::rng::dropout_keep(seed, step, i, p))
+                .count() as f32;
+            // Binomial: 5 standard deviations of n·p·(1 − p) ≤ 160 elements.
+            assert!(
+                (kept - n as f32 * (1.0 - p)).abs() < 160.0,
+                "{ctx}: kept {kept}"
+            );
+            let want = ops::dropout_backward(&cpu, &xc, seed, step, p)
+                .unwrap()
+                .to_vec()
+                .unwrap();
+            let got = ops::dropout_backward(be, &xd, seed, step, p)
+                .unwrap()
+                .to_vec()
+                .unwrap();
+            assert!(
+                bits(&want) == bits(&got),
+                "{ctx}: backward differs from the CPU"
+            );
+        }
+    }
+    // p = 0 is the identity; NaN is never dropped to a plain 0.
+    let y = ops::dropout(be, &xd, 3, 4, 0.0).unwrap().to_vec().unwrap();
+    assert!(
+        y.iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "p = 0 is not the identity"
+    );
+    let nan = Tensor::from_slice(be, &[64], &[f32::NAN; 64]).unwrap();
+    let y = ops::dropout(be, &nan, 3, 4, 0.5).unwrap().to_vec().unwrap();
+    assert!(
+        y.iter().all(|v| v.is_nan()),
+        "dropout turned a NaN into a number"
+    );
+    // p outside [0, 1) is an error, on the CPU and the device alike.
+    for bad in [1.0f32, -0.1, 1.5, f32::NAN] {
+        for b in [&cpu, be] {
+            let x = if b.device() == be.device() { &xd } else { &xc };
+            match ops::dropout(b, x, 1, 1, bad) {
+                Err(Error::Invalid(msg)) => assert!(msg.contains("[0, 1)"), "{msg}"),
+                other => panic!("p = {bad}: expected an invalid-argument error, got {other:?}"),
+            }
+            assert!(
+                ops::dropout_backward(b, x, 1, 1, bad).is_err(),
+                "backward p = {bad}"
+            );
+        }
+    }
+}
+
 on_devices!(
+    dropout_matches_cpu,
     relu_matches_cpu,
     leaky_relu_matches_cpu,
     sigmoid_matches_cpu,

@@ -1,9 +1,15 @@
 //! The linear layer (`ops::linear`, run on the conv2d implicit-GEMM kernels
-//! of `kernels/conv.cu` as a 1×1 conv), emulated and on CUDA, against the
-//! CPU reference over random and fixed shapes; then shape and device errors.
+//! of `kernels/conv.cu` as a 1×1 conv) and its backward
+//! (`ops::linear_backward`, the conv2d backward kernels), emulated and on
+//! CUDA, against the CPU reference over random and fixed shapes; the
+//! backward also against PyTorch (`tests/fixtures/ops_backward.safetensors`)
+//! and for bit-identical reruns; then shape and device errors.
 //!
-//! Tolerance: that of the conv tests (tests/ops/conv.rs), with K = in.
+//! Tolerance: that of the conv tests (tests/ops/conv.rs), with K = in for
+//! the forward, K = out for dx and K = n (the batch) for dW and db; against
+//! PyTorch the fixture's 1e-4 of the largest magnitude.
 
+use cellmorph::io::TensorFile;
 use cellmorph::ops;
 use cellmorph::{Backend, Error, Tensor};
 use proptest::prelude::*;
@@ -112,6 +118,165 @@ fn linear_fixed_cuda() {
 }
 
 // ---------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------
+
+type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// `linear_backward_into` on `be`, into gradients prefilled with NaN (an
+/// element a kernel leaves unwritten fails the comparison).
+fn backward_run(
+    be: &Backend,
+    c: &LinearCase,
+    xv: &[f32],
+    wv: &[f32],
+    dyv: &[f32],
+) -> cellmorph::Result<Grads> {
+    let x = Tensor::from_slice(be, &[c.n, c.in_f], xv)?;
+    let w = Tensor::from_slice(be, &[c.out_f, c.in_f], wv)?;
+    let dy = Tensor::from_slice(be, &[c.n, c.out_f], dyv)?;
+    let nan = |s: &[usize]| Tensor::from_slice(be, s, &vec![f32::NAN; s.iter().product()]);
+    let (mut dx, mut dw, mut db) = (
+        nan(&[c.n, c.in_f])?,
+        nan(&[c.out_f, c.in_f])?,
+        nan(&[c.out_f])?,
+    );
+    ops::linear_backward_into(be, &x, &w, &dy, &mut dx, &mut dw, c.bias.then_some(&mut db))?;
+    let db = if c.bias { db.to_vec()? } else { Vec::new() };
+    Ok((dx.to_vec()?, dw.to_vec()?, db))
+}
+
+fn check_linear_backward(be: &Backend, c: &LinearCase) -> Result<(), String> {
+    let xv = data(c.seed, c.n * c.in_f);
+    let wv = data(c.seed ^ 1, c.out_f * c.in_f);
+    let dyv = data(c.seed ^ 2, c.n * c.out_f);
+    let cpu = Backend::cpu();
+    let want = backward_run(&cpu, c, &xv, &wv, &dyv).map_err(|e| e.to_string())?;
+    let mag = backward_run(&cpu, c, &abs(&xv), &abs(&wv), &abs(&dyv)).map_err(|e| e.to_string())?;
+    let got = backward_run(be, c, &xv, &wv, &dyv).map_err(|e| format!("{}: {e}", be.device()))?;
+    let ctx = |what: &str| format!("{what} of {c:?} on {}", be.device());
+    compare(&ctx("dx"), &got.0, &want.0, &mag.0, c.out_f)?;
+    compare(&ctx("dw"), &got.1, &want.1, &mag.1, c.n)?;
+    compare(&ctx("db"), &got.2, &want.2, &mag.2, c.n)
+}
+
+#[test]
+fn linear_backward_emulated_matches_cpu() {
+    let be = emulated();
+    property(EMU_CASES, linear_cases(), |c| check_linear_backward(&be, c));
+}
+
+#[test]
+#[ignore = "needs a CUDA device (none here, so it did not run): scripts/gpu-check.sh runs it with --include-ignored"]
+fn linear_backward_cuda_matches_cpu() {
+    let be = cuda();
+    property(CUDA_CASES, linear_cases(), |c| {
+        check_linear_backward(&be, c)
+    });
+    for c in linear_backward_fixed() {
+        check_linear_backward(&be, &c).unwrap();
+    }
+}
+
+/// The forward's tile edges, a batch of 257 (two chunks of the batch sum)
+/// and 4100 (sixteen chunks), DenseNet's head (1024 → 2).
+fn linear_backward_fixed() -> Vec<LinearCase> {
+    let mut v = linear_fixed();
+    let case = |n, in_f, out_f| LinearCase {
+        n,
+        in_f,
+        out_f,
+        bias: true,
+        seed: (n * 7 + in_f * 3 + out_f) as u64,
+    };
+    v.extend([case(257, 5, 3), case(4100, 3, 2), case(32, 1024, 2)]);
+    v
+}
+
+#[test]
+fn linear_backward_fixed_emulated() {
+    let be = emulated();
+    for c in linear_backward_fixed() {
+        check_linear_backward(&be, &c).unwrap();
+    }
+    assert_eq!(
+        ops::conv_grad_chunks(4100).1,
+        16,
+        "4100 rows: sixteen chunks"
+    );
+}
+
+/// Two runs give the same bits, with the batch sums in several chunks.
+fn linear_backward_deterministic(be: &Backend) {
+    let c = LinearCase {
+        n: 1000,
+        in_f: 7,
+        out_f: 5,
+        bias: true,
+        seed: 3,
+    };
+    let (xv, wv, dyv) = (data(3, 7000), data(4, 35), data(5, 5000));
+    let bits = |g: Grads| -> Vec<u32> {
+        [g.0, g.1, g.2]
+            .concat()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    let a = bits(backward_run(be, &c, &xv, &wv, &dyv).unwrap());
+    let b = bits(backward_run(be, &c, &xv, &wv, &dyv).unwrap());
+    assert!(a == b, "two runs on {} differ", be.device());
+    assert!(
+        ops::conv_grad_chunks(c.n).1 > 1,
+        "the batch must span several chunks"
+    );
+}
+
+#[test]
+fn linear_backward_deterministic_emulated() {
+    linear_backward_deterministic(&emulated());
+}
+
+#[test]
+#[ignore = "needs a CUDA device (none here, so it did not run): scripts/gpu-check.sh runs it with --include-ignored"]
+fn linear_backward_deterministic_cuda() {
+    linear_backward_deterministic(&cuda());
+}
+
+/// The linear case of the PyTorch backward fixture on the emulated device.
+#[test]
+fn linear_backward_emulated_matches_pytorch() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/ops_backward.safetensors"
+    );
+    let f = TensorFile::open(path).expect("ops_backward fixture");
+    let t = |what: &str| {
+        f.f32(&format!("linear.{what}"))
+            .unwrap_or_else(|e| panic!("linear.{what}: {e}"))
+    };
+    let be = emulated();
+    let up = |(s, v): (Vec<usize>, Vec<f32>)| Tensor::from_slice(&be, &s, &v).unwrap();
+    let (x, w, dy) = (up(t("x")), up(t("weight")), up(t("dy")));
+    let g = ops::linear_backward(&be, &x, &w, &dy, true).unwrap();
+    let db = g.db.expect("a bias gradient was asked for");
+    for (what, got) in [("dx", &g.dx), ("dweight", &g.dw), ("dbias", &db)] {
+        let (got, want) = (got.to_vec().unwrap(), t(what).1);
+        assert_eq!(got.len(), want.len(), "linear.{what}: length");
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        // The fixture README's tolerance for op gradients.
+        assert!(
+            err <= 1e-4 * scale,
+            "linear.{what}: max |Δ| {err:e} > 1e-4 × {scale:e}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Errors
 // ---------------------------------------------------------------------------
 
@@ -138,6 +303,39 @@ fn errors_on(be: &Backend) {
         ops::linear_into(be, &t(&[2, 10]), &t(&[7, 10]), None, &mut t(&[7, 2])),
         "linear",
         &["[7, 2]", "[2, 7]"],
+    );
+    // Backward: dy, dw and db shapes.
+    let (x, w) = (t(&[2, 10]), t(&[7, 10]));
+    assert_shape_err(
+        ops::linear_backward(be, &x, &w, &t(&[2, 6]), false).map(|_| ()),
+        "linear_backward",
+        &["dy", "[2, 6]", "[2, 7]"],
+    );
+    assert_shape_err(
+        ops::linear_backward_into(
+            be,
+            &x,
+            &w,
+            &t(&[2, 7]),
+            &mut t(&[2, 10]),
+            &mut t(&[10, 7]),
+            None,
+        ),
+        "linear_backward",
+        &["dw", "[10, 7]", "[7, 10]"],
+    );
+    assert_shape_err(
+        ops::linear_backward_into(
+            be,
+            &x,
+            &w,
+            &t(&[2, 7]),
+            &mut t(&[2, 10]),
+            &mut t(&[7, 10]),
+            Some(&mut t(&[6])),
+        ),
+        "linear_backward",
+        &["db", "[6]", "[7]"],
     );
 }
 

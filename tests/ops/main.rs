@@ -9,9 +9,10 @@
 //! - [`conv_backward`]: conv2d and conv_transpose2d backward (input, weight
 //!   and bias gradients; determinism; PyTorch goldens on the emulated device);
 //! - [`conv_tc`]: the tensor-core conv2d (bf16/f16 precisions);
-//! - [`linear`]: the linear layer (on the conv kernels);
-//! - [`activation`]: ReLU, LeakyReLU, sigmoid, add, softmax;
-//! - [`norm`]: BatchNorm (plain and fused with ReLU);
+//! - [`linear`]: the linear layer and its backward (on the conv kernels);
+//! - [`activation`]: ReLU, LeakyReLU, sigmoid, add, softmax, dropout;
+//! - [`norm`]: BatchNorm (plain and fused with ReLU; training mode and its
+//!   backward);
 //! - [`pool`]: max, average and global average pooling;
 //! - [`layout`]: nearest ×2 upsampling, channel concatenation;
 //! - [`vq`]: VQ lookup and code histograms.
