@@ -1,6 +1,6 @@
 //! Minimal PNG plots with no plotting dependency: a scatter plot of
-//! predicted against measured values, a ROC curve, and a heat map of
-//! patch-wise values over an image. Text uses a built-in 5×7 bitmap font
+//! predicted against measured values, a ROC curve, line charts (training
+//! curves), and a heat map of patch-wise values over an image. Text uses a built-in 5×7 bitmap font
 //! (digits, upper- and lower-case letters and common symbols; anything
 //! else is drawn as `?`).
 //!
@@ -80,6 +80,15 @@ const BLACK: [u8; 3] = [0, 0, 0];
 const GREY: [u8; 3] = [140, 140, 140];
 const BLUE: [u8; 3] = [31, 119, 180];
 const RED: [u8; 3] = [214, 39, 40];
+/// Colours of the series of a line chart, in order (matplotlib's tab10).
+const SERIES: [[u8; 3]; 6] = [
+    BLUE,
+    [255, 127, 14],
+    [44, 160, 44],
+    RED,
+    [148, 103, 189],
+    [140, 86, 75],
+];
 
 // Scatter/ROC layout: margins around the plot area, in pixels.
 const MARGIN_LEFT: u32 = 62;
@@ -545,6 +554,81 @@ pub fn roc_plot(
     save_png(path, &roc_image(fpr, tpr, opts)?)
 }
 
+/// One named series of a line chart: points (`x[i]`, `y[i]`) joined in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    /// Shown in the legend.
+    pub label: String,
+    /// Abscissae.
+    pub x: Vec<f64>,
+    /// Ordinates.
+    pub y: Vec<f64>,
+}
+
+/// Renders line charts of `series` on shared axes (the data's extent, the
+/// y range padded by 5 %), each series in its own colour (up to six, then
+/// repeating) with a dot per point and a legend in the top-right corner.
+///
+/// # Errors
+/// No series, a series with no points, lengths that differ or a non-finite
+/// value, or a size below the minimum.
+pub fn lines_image(series: &[Series], opts: &PlotOptions) -> Result<RgbImage> {
+    if series.is_empty() {
+        return Err(Error::invalid("line_plot: no series to plot"));
+    }
+    let mut x_range = (f64::INFINITY, f64::NEG_INFINITY);
+    let mut y_range = (f64::INFINITY, f64::NEG_INFINITY);
+    for s in series {
+        check_points("line_plot", &s.x, &s.y)?;
+        for (&x, &y) in s.x.iter().zip(&s.y) {
+            x_range = (x_range.0.min(x), x_range.1.max(x));
+            y_range = (y_range.0.min(y), y_range.1.max(y));
+        }
+    }
+    if x_range.1 <= x_range.0 {
+        x_range = (x_range.0 - 0.5, x_range.1 + 0.5);
+    }
+    let pad = if y_range.1 > y_range.0 {
+        0.05 * (y_range.1 - y_range.0)
+    } else {
+        0.5f64.max(y_range.0.abs() * 0.1)
+    };
+    y_range = (y_range.0 - pad, y_range.1 + pad);
+    let ax = axes(opts, x_range, y_range)?;
+    let mut c = Canvas::new(opts.width, opts.height);
+    for (k, s) in series.iter().enumerate() {
+        let color = SERIES[k % SERIES.len()];
+        let points: Vec<(i64, i64)> = s.x.iter().zip(&s.y).map(|(&x, &y)| ax.px(x, y)).collect();
+        for pair in points.windows(2) {
+            if let [a, b] = pair {
+                c.line(*a, *b, color, 2, 0);
+            }
+        }
+        for &(px, py) in &points {
+            c.disc(px, py, 2, color, 1.0);
+        }
+    }
+    let widest = series
+        .iter()
+        .map(|s| i64::from(text_width(&s.label, 1)))
+        .max()
+        .unwrap_or(0);
+    let x0 = ax.right - widest - 26;
+    for (k, s) in series.iter().enumerate() {
+        let y = ax.top + 8 + 12 * k as i64;
+        let color = SERIES[k % SERIES.len()];
+        c.line((x0, y + 3), (x0 + 14, y + 3), color, 2, 0);
+        c.text(x0 + 18, y, &s.label, 1, BLACK);
+    }
+    ax.draw_frame(&mut c, opts);
+    Ok(c.img)
+}
+
+/// [`lines_image`] written to `path` as PNG.
+pub fn line_plot(path: impl AsRef<Path>, series: &[Series], opts: &PlotOptions) -> Result<()> {
+    save_png(path, &lines_image(series, opts)?)
+}
+
 /// The shrink factor for an image of `width × height` (see
 /// [`HeatmapOptions::max_side`]).
 fn shrink_factor(width: usize, height: usize, max_side: usize) -> usize {
@@ -889,5 +973,31 @@ mod tests {
         assert!(heatmap_image(&img, &grid, &[f64::NAN; 6], &opts).is_err());
         let wide = PatchGrid::new(640, 330, 160).unwrap();
         assert!(heatmap_image(&img, &wide, &[0.0; 8], &opts).is_err());
+    }
+
+    #[test]
+    fn line_chart_draws_each_series_in_its_colour() {
+        let series = [
+            Series {
+                label: "loss".into(),
+                x: vec![1.0, 2.0, 3.0],
+                y: vec![0.9, 0.5, 0.2],
+            },
+            Series {
+                label: "AUC".into(),
+                x: vec![1.0, 2.0, 3.0],
+                y: vec![0.6, 0.8, 1.0],
+            },
+        ];
+        let img = lines_image(&series, &PlotOptions::default()).unwrap();
+        let count = |c: [u8; 3]| img.pixels().filter(|p| p.0 == c).count();
+        assert!(count(SERIES[0]) > 50 && count(SERIES[1]) > 50);
+        assert!(lines_image(&[], &PlotOptions::default()).is_err());
+        let bad = [Series {
+            label: "x".into(),
+            x: vec![1.0],
+            y: vec![f64::NAN],
+        }];
+        assert!(lines_image(&bad, &PlotOptions::default()).is_err());
     }
 }
