@@ -12,8 +12,8 @@ use std::process::{Command, Output};
 use cellmorph::apps::screening::images::ImageEntry;
 use cellmorph::apps::screening::predict::{predict, PredictOptions};
 use cellmorph::apps::screening::train::{
-    screen_train, stratified_split, Head, HeadKind, HeadTrainOptions, Init, ScreenTrainOptions,
-    TRAIN_METADATA_KEY,
+    screen_train, stratified_split, train_head, FeatureSet, Head, HeadKind, HeadTrainOptions, Init,
+    ScreenTrainOptions, TRAIN_METADATA_KEY,
 };
 use cellmorph::imaging::{BitDepth, GrayImage};
 use cellmorph::io::TensorFile;
@@ -450,4 +450,47 @@ fn bad_inputs_are_clear_errors() {
     );
     fail(&imgs, &labels, &out, &["--dropout", "1"], "--dropout 1");
     assert!(!out.exists());
+}
+
+/// Labels that the features cannot predict: the validation AUC stops
+/// improving, training stops `patience` epochs after the best one, and the
+/// head returned is the best epoch's (its validation loss is the one
+/// recorded for that epoch).
+#[test]
+fn early_stopping_keeps_the_best_epoch() {
+    let n = 40;
+    let labels: Vec<bool> = (0..n).map(|i| (i * 7 + 3) % 5 < 2).collect();
+    let features = cellmorph::rng::signed_unit_vec(4, n * 6);
+    let data = FeatureSet {
+        features: &features,
+        dim: 6,
+        labels: &labels,
+    };
+    let split = stratified_split(&labels, 0.3, 2).unwrap();
+    let o = HeadTrainOptions {
+        epochs: 200,
+        batch_size: 8,
+        lr: 1e-2,
+        patience: 3,
+        seed: 1,
+        ..HeadTrainOptions::default()
+    };
+    let head = Head::fresh(HeadKind::Kim { hidden: 8 }, 6, 1).unwrap();
+    let mut seen = 0;
+    let r = train_head(&data, &split, head, &o, |_| seen += 1).unwrap();
+    assert!(r.stopped_early);
+    assert_eq!(seen, r.epochs.len());
+    assert_eq!(r.epochs.len(), r.best_epoch + 3);
+    let best = r.best().unwrap();
+    assert!(best.best);
+    assert!(r.epochs.iter().all(|e| e.val_auc <= best.val_auc));
+    let (mut x, mut t) = (Vec::new(), Vec::new());
+    for &i in &split.val {
+        x.extend_from_slice(&features[i * 6..(i + 1) * 6]);
+        t.push(usize::from(labels[i]));
+    }
+    let logits = r.head.logits(&x, split.val.len()).unwrap();
+    let w = r.class_weights.unwrap();
+    let loss = cellmorph::train::loss::cross_entropy(&logits, 2, &t, Some(&w)).unwrap();
+    assert_eq!(f64::from(loss), best.val_loss);
 }
