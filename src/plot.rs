@@ -567,7 +567,8 @@ pub struct Series {
 
 /// Renders line charts of `series` on shared axes (the data's extent, the
 /// y range padded by 5 %), each series in its own colour (up to six, then
-/// repeating) with a dot per point and a legend in the top-right corner.
+/// repeating) with a dot per point and a legend on white in the top-right
+/// corner.
 ///
 /// # Errors
 /// No series, a series with no points, lengths that differ or a non-finite
@@ -614,6 +615,14 @@ pub fn lines_image(series: &[Series], opts: &PlotOptions) -> Result<RgbImage> {
         .max()
         .unwrap_or(0);
     let x0 = ax.right - widest - 26;
+    let rows = series.len() as i64;
+    c.fill_rect(
+        x0 - 4,
+        ax.top + 4,
+        ax.right - 2,
+        ax.top + 12 + 12 * rows,
+        WHITE,
+    );
     for (k, s) in series.iter().enumerate() {
         let y = ax.top + 8 + 12 * k as i64;
         let color = SERIES[k % SERIES.len()];
