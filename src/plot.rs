@@ -1,6 +1,6 @@
 //! Minimal PNG plots with no plotting dependency: a scatter plot of
-//! predicted against measured values, a ROC curve, and a heat map of
-//! patch-wise values over an image. Text uses a built-in 5×7 bitmap font
+//! predicted against measured values, a ROC curve, line charts (training
+//! curves), and a heat map of patch-wise values over an image. Text uses a built-in 5×7 bitmap font
 //! (digits, upper- and lower-case letters and common symbols; anything
 //! else is drawn as `?`).
 //!
@@ -80,6 +80,15 @@ const BLACK: [u8; 3] = [0, 0, 0];
 const GREY: [u8; 3] = [140, 140, 140];
 const BLUE: [u8; 3] = [31, 119, 180];
 const RED: [u8; 3] = [214, 39, 40];
+/// Colours of the series of a line chart, in order (matplotlib's tab10).
+const SERIES: [[u8; 3]; 6] = [
+    BLUE,
+    [255, 127, 14],
+    [44, 160, 44],
+    RED,
+    [148, 103, 189],
+    [140, 86, 75],
+];
 
 // Scatter/ROC layout: margins around the plot area, in pixels.
 const MARGIN_LEFT: u32 = 62;
@@ -545,91 +554,88 @@ pub fn roc_plot(
     save_png(path, &roc_image(fpr, tpr, opts)?)
 }
 
-/// One curve of a [`line_chart_image`]: a legend label and its points in
-/// drawing order.
+/// One named series of a line chart: points (`x[i]`, `y[i]`) joined in order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Series {
     /// Shown in the legend.
     pub label: String,
-    /// x values.
+    /// Abscissae.
     pub x: Vec<f64>,
-    /// y values (same length as `x`).
+    /// Ordinates.
     pub y: Vec<f64>,
 }
 
-/// Colours of successive series (the matplotlib "tab10" start).
-const SERIES_COLORS: [[u8; 3]; 6] = [
-    BLUE,
-    [255, 127, 14],
-    [44, 160, 44],
-    RED,
-    [148, 103, 189],
-    [140, 86, 75],
-];
-
-/// Renders line curves (training curves, say) on shared axes fitted to all
-/// points (padded by 5 %), with a legend in the top-right corner. A series
-/// of one point is drawn as a dot.
+/// Renders line charts of `series` on shared axes (the data's extent, the
+/// y range padded by 5 %), each series in its own colour (up to six, then
+/// repeating) with a dot per point and a legend on white in the top-right
+/// corner.
 ///
 /// # Errors
-/// No series, a series without points, lengths that differ, a non-finite
+/// No series, a series with no points, lengths that differ or a non-finite
 /// value, or a size below the minimum.
-pub fn line_chart_image(series: &[Series], opts: &PlotOptions) -> Result<RgbImage> {
+pub fn lines_image(series: &[Series], opts: &PlotOptions) -> Result<RgbImage> {
     if series.is_empty() {
-        return Err(Error::invalid("line_chart: no series to plot"));
+        return Err(Error::invalid("line_plot: no series to plot"));
     }
-    let (mut x_lo, mut x_hi, mut y_lo, mut y_hi) = (
-        f64::INFINITY,
-        f64::NEG_INFINITY,
-        f64::INFINITY,
-        f64::NEG_INFINITY,
-    );
+    let mut x_range = (f64::INFINITY, f64::NEG_INFINITY);
+    let mut y_range = (f64::INFINITY, f64::NEG_INFINITY);
     for s in series {
-        check_points("line_chart", &s.x, &s.y)?;
+        check_points("line_plot", &s.x, &s.y)?;
         for (&x, &y) in s.x.iter().zip(&s.y) {
-            (x_lo, x_hi) = (x_lo.min(x), x_hi.max(x));
-            (y_lo, y_hi) = (y_lo.min(y), y_hi.max(y));
+            x_range = (x_range.0.min(x), x_range.1.max(x));
+            y_range = (y_range.0.min(y), y_range.1.max(y));
         }
     }
-    let padded = |lo: f64, hi: f64| {
-        let pad = if hi > lo {
-            0.05 * (hi - lo)
-        } else {
-            0.5f64.max(lo.abs() * 0.1)
-        };
-        (lo - pad, hi + pad)
+    if x_range.1 <= x_range.0 {
+        x_range = (x_range.0 - 0.5, x_range.1 + 0.5);
+    }
+    let pad = if y_range.1 > y_range.0 {
+        0.05 * (y_range.1 - y_range.0)
+    } else {
+        0.5f64.max(y_range.0.abs() * 0.1)
     };
-    let ax = axes(opts, padded(x_lo, x_hi), padded(y_lo, y_hi))?;
+    y_range = (y_range.0 - pad, y_range.1 + pad);
+    let ax = axes(opts, x_range, y_range)?;
     let mut c = Canvas::new(opts.width, opts.height);
-    for (i, s) in series.iter().enumerate() {
-        let color = SERIES_COLORS[i % SERIES_COLORS.len()];
+    for (k, s) in series.iter().enumerate() {
+        let color = SERIES[k % SERIES.len()];
         let points: Vec<(i64, i64)> = s.x.iter().zip(&s.y).map(|(&x, &y)| ax.px(x, y)).collect();
         for pair in points.windows(2) {
             if let [a, b] = pair {
                 c.line(*a, *b, color, 2, 0);
             }
         }
-        if let [only] = points.as_slice() {
-            c.disc(only.0, only.1, 3, color, 1.0);
+        for &(px, py) in &points {
+            c.disc(px, py, 2, color, 1.0);
         }
-        let ly = ax.top + 6 + 12 * i as i64;
-        let lw = i64::from(text_width(&s.label, 1));
-        c.line(
-            (ax.right - lw - 26, ly + 3),
-            (ax.right - lw - 10, ly + 3),
-            color,
-            2,
-            0,
-        );
-        c.text(ax.right - lw - 6, ly, &s.label, 1, BLACK);
+    }
+    let widest = series
+        .iter()
+        .map(|s| i64::from(text_width(&s.label, 1)))
+        .max()
+        .unwrap_or(0);
+    let x0 = ax.right - widest - 26;
+    let rows = series.len() as i64;
+    c.fill_rect(
+        x0 - 4,
+        ax.top + 4,
+        ax.right - 2,
+        ax.top + 12 + 12 * rows,
+        WHITE,
+    );
+    for (k, s) in series.iter().enumerate() {
+        let y = ax.top + 8 + 12 * k as i64;
+        let color = SERIES[k % SERIES.len()];
+        c.line((x0, y + 3), (x0 + 14, y + 3), color, 2, 0);
+        c.text(x0 + 18, y, &s.label, 1, BLACK);
     }
     ax.draw_frame(&mut c, opts);
     Ok(c.img)
 }
 
-/// [`line_chart_image`] written to `path` as PNG.
-pub fn line_chart(path: impl AsRef<Path>, series: &[Series], opts: &PlotOptions) -> Result<()> {
-    save_png(path, &line_chart_image(series, opts)?)
+/// [`lines_image`] written to `path` as PNG.
+pub fn line_plot(path: impl AsRef<Path>, series: &[Series], opts: &PlotOptions) -> Result<()> {
+    save_png(path, &lines_image(series, opts)?)
 }
 
 /// The shrink factor for an image of `width × height` (see
@@ -817,32 +823,6 @@ mod tests {
     }
 
     #[test]
-    fn line_chart_draws_each_series_in_its_colour_and_checks_input() {
-        let s = |label: &str, y: Vec<f64>| Series {
-            label: label.into(),
-            x: (0..y.len()).map(|i| i as f64).collect(),
-            y,
-        };
-        let opts = PlotOptions::default();
-        let img = line_chart_image(
-            &[s("train", vec![3.0, 2.0, 1.0]), s("val", vec![3.5])],
-            &opts,
-        )
-        .unwrap();
-        let count = |c: [u8; 3]| img.pixels().filter(|p| p.0 == c).count();
-        assert!(count(SERIES_COLORS[0]) > 100, "the train line is drawn");
-        assert!(
-            count(SERIES_COLORS[1]) > 20,
-            "the val dot and legend are drawn"
-        );
-        assert!(line_chart_image(&[], &opts).is_err());
-        assert!(line_chart_image(&[s("nan", vec![f64::NAN])], &opts).is_err());
-        let mut bad = s("len", vec![1.0]);
-        bad.x.push(2.0);
-        assert!(line_chart_image(&[bad], &opts).is_err());
-    }
-
-    #[test]
     fn ticks_use_a_round_step_inside_the_range() {
         let (t, d) = nice_ticks(-0.07, 1.03, 5);
         assert_eq!(d, 1);
@@ -1002,5 +982,31 @@ mod tests {
         assert!(heatmap_image(&img, &grid, &[f64::NAN; 6], &opts).is_err());
         let wide = PatchGrid::new(640, 330, 160).unwrap();
         assert!(heatmap_image(&img, &wide, &[0.0; 8], &opts).is_err());
+    }
+
+    #[test]
+    fn line_chart_draws_each_series_in_its_colour() {
+        let series = [
+            Series {
+                label: "loss".into(),
+                x: vec![1.0, 2.0, 3.0],
+                y: vec![0.9, 0.5, 0.2],
+            },
+            Series {
+                label: "AUC".into(),
+                x: vec![1.0, 2.0, 3.0],
+                y: vec![0.6, 0.8, 1.0],
+            },
+        ];
+        let img = lines_image(&series, &PlotOptions::default()).unwrap();
+        let count = |c: [u8; 3]| img.pixels().filter(|p| p.0 == c).count();
+        assert!(count(SERIES[0]) > 50 && count(SERIES[1]) > 50);
+        assert!(lines_image(&[], &PlotOptions::default()).is_err());
+        let bad = [Series {
+            label: "x".into(),
+            x: vec![1.0],
+            y: vec![f64::NAN],
+        }];
+        assert!(lines_image(&bad, &PlotOptions::default()).is_err());
     }
 }

@@ -31,6 +31,7 @@
 //! | `svr predict` | [`expression::gene_models::predict_expression`]`(&PredictExpressionOptions)` |
 //! | `screen predict` | [`screening::predict::screen_images`]`(be, &ScreenImagesOptions, progress)` |
 //! | `screen evaluate` | [`screening::report::evaluate_predictions`]`(&EvaluatePredictionsOptions)` |
+//! | `screen train` | [`screening::train::screen_train`]`(&ScreenTrainOptions, progress)` |
 //! | `cp2image generate` | [`cp2image::figures::generate_images`]`(be, &GenerateOptions)` |
 //! | `cp2image manipulate` | [`cp2image::figures::manipulate_feature`]`(be, &ManipulateOptions)` |
 //! | `cp2image interpolate` | [`cp2image::figures::interpolate`]`(be, &InterpolateOptions)` |

@@ -1,12 +1,16 @@
-//! `cellmorph screen predict` and `cellmorph screen evaluate`: the
+//! `cellmorph screen predict`, `screen evaluate` and `screen train`: the
 //! stem-cell line screening of Kim et al. 2022 ([reference](crate::reference) §2).
 
 use std::path::PathBuf;
 
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 
 use cellmorph::apps::screening::predict::{screen_images, ScreenImagesOptions};
 use cellmorph::apps::screening::report::{evaluate_predictions, EvaluatePredictionsOptions};
+use cellmorph::apps::screening::train::{
+    screen_train, EpochMetrics, HeadKind, HeadTrainOptions, Init, ScreenTrainOptions, TrainProgress,
+};
+use cellmorph::models::densenet::DenseNetArch;
 use cellmorph::{Device, Error, Precision, Result};
 
 #[derive(Subcommand, Debug)]
@@ -19,6 +23,103 @@ pub enum ScreenCommand {
     /// sensitivity, specificity, PPV, NPV, confusion matrix, images/s, and a
     /// ROC curve PNG beside the report.
     Evaluate(EvaluateArgs),
+    /// Train the network's head by transfer learning (stage 1 of Kim et
+    /// al.): the backbone frozen, each labelled image's pooled features
+    /// computed once (the pre-processing of `screen predict`) and cached,
+    /// then the head trained on them with AdamW, class-weighted
+    /// cross-entropy and dropout, validated each epoch (loss, AUC, F1,
+    /// accuracy) with early stopping on the validation AUC. Writes the
+    /// whole network with the best epoch's head (loadable by `screen
+    /// predict`), the metrics CSV and a curves PNG. Augmentation (flips,
+    /// rotations) has no place here: cached features are the same every
+    /// epoch. Runs on the CPU.
+    Train(TrainArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum HeadArg {
+    /// Linear(C, hidden), ReLU, Dropout, Linear(hidden, 2), as Kim et al.
+    Kim,
+    /// One Linear(C, 2) (no dropout).
+    Linear,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ClassWeightsArg {
+    /// Weigh each class by n / (2·n_class) over the training images.
+    Balanced,
+    /// Every image counts once.
+    None,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// A directory of PNG/TIFF images, or a CSV whose header has an `image`
+    /// column (paths relative to the CSV; the labels file itself serves).
+    #[arg(long)]
+    images: PathBuf,
+    /// Labels CSV with `image` and `label` columns (1/0, true/false,
+    /// positive/negative, high/low); ids as in --images (file names for a
+    /// directory). Images without a label are not used.
+    #[arg(long)]
+    labels: PathBuf,
+    /// The trained DenseNet (safetensors, torchvision state_dict names).
+    #[arg(long)]
+    output: PathBuf,
+    /// Starting weights: a torchvision DenseNet state_dict as safetensors,
+    /// with or without a head (default: a DenseNet-121 backbone seeded from
+    /// --seed with torchvision's initialization).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// The head: Kim et al.'s two layers, or one Linear. A fresh head is
+    /// initialised from --seed unless --init holds a head of this shape.
+    #[arg(long, value_enum, default_value = "kim")]
+    head: HeadArg,
+    /// Hidden width of the Kim head.
+    #[arg(long, default_value_t = 64)]
+    hidden: usize,
+    /// Most epochs.
+    #[arg(long, default_value_t = 30)]
+    epochs: usize,
+    /// Images per batch (the feature pass and each optimizer step).
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Learning rate of the head (AdamW).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Decoupled weight decay (AdamW); 0 is plain Adam.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Dropout probability in the Kim head.
+    #[arg(long, default_value_t = 0.5)]
+    dropout: f32,
+    /// Seeds the backbone (without --init), the head, the split, the
+    /// shuffles and the dropout masks: the same seed gives the same bytes.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Fraction of each class's images held out for validation (split by
+    /// image file, stratified, seeded).
+    #[arg(long, default_value_t = 0.2)]
+    val_fraction: f64,
+    /// Stop after this many epochs without a better validation AUC (0: never).
+    #[arg(long, default_value_t = 5)]
+    patience: usize,
+    /// Class weights of the loss.
+    #[arg(long, value_enum, default_value = "balanced")]
+    class_weights: ClassWeightsArg,
+    /// Normalize inputs with the ImageNet mean and std (ImageNet backbones;
+    /// pass --imagenet-norm to `screen predict` too).
+    #[arg(long)]
+    imagenet_norm: bool,
+    /// Per-epoch metrics CSV (default: <output stem>.metrics.csv beside the output).
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    /// Training curves PNG (default: <output stem>.curves.png beside the output).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Training runs on the CPU so far; other devices are refused.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
 }
 
 #[derive(Args, Debug)]
@@ -81,6 +182,7 @@ pub fn run(cmd: ScreenCommand) -> Result<()> {
     match cmd {
         ScreenCommand::Predict(a) => run_predict(a),
         ScreenCommand::Evaluate(a) => run_evaluate(a),
+        ScreenCommand::Train(a) => run_train(a),
     }
 }
 
@@ -209,6 +311,110 @@ fn run_evaluate(a: EvaluateArgs) -> Result<()> {
             Some(roc) => format!(" and {}", roc.display()),
             None => " (no ROC curve: the labels hold a single class)".to_string(),
         }
+    );
+    Ok(())
+}
+
+fn epoch_line(m: &EpochMetrics) -> String {
+    format!(
+        "epoch {:>3}: train loss {:.4}, val loss {:.4}, val AUC {:.4}, F1 {}, accuracy {:.4}{}",
+        m.epoch,
+        m.train_loss,
+        m.val_loss,
+        m.val_auc,
+        m.val_f1
+            .map_or_else(|| "n/a".to_string(), |v| format!("{v:.4}")),
+        m.val_accuracy,
+        if m.best { "  *" } else { "" }
+    )
+}
+
+fn run_train(a: TrainArgs) -> Result<()> {
+    if a.device != Device::Cpu {
+        return Err(Error::invalid(format!(
+            "--device {}: screen train runs on the CPU so far (use --device cpu; predict with the trained weights on any device)",
+            a.device
+        )));
+    }
+    let head = match a.head {
+        HeadArg::Kim => HeadKind::Kim { hidden: a.hidden },
+        HeadArg::Linear => HeadKind::Linear,
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message("features");
+    let result = screen_train(
+        &ScreenTrainOptions {
+            images: a.images,
+            labels: a.labels,
+            output: a.output.clone(),
+            init: a
+                .init
+                .map_or_else(|| Init::Random(DenseNetArch::densenet121()), Init::File),
+            head,
+            train: HeadTrainOptions {
+                epochs: a.epochs,
+                batch_size: a.batch_size,
+                lr: a.lr,
+                weight_decay: a.weight_decay,
+                dropout: a.dropout,
+                seed: a.seed,
+                patience: a.patience,
+                balanced: a.class_weights == ClassWeightsArg::Balanced,
+            },
+            val_fraction: a.val_fraction,
+            imagenet_normalize: a.imagenet_norm,
+            metrics: a.metrics,
+            plot: a.plot,
+        },
+        |p| match p {
+            TrainProgress::Features { done, total } => {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            }
+            TrainProgress::Epoch(m) => {
+                bar.finish_and_clear();
+                println!("{}", epoch_line(&m));
+            }
+        },
+    );
+    bar.finish_and_clear();
+    let s = result?;
+    eprintln!("{}", s.model);
+    for (id, reason) in &s.excluded {
+        eprintln!("excluded {id}: {reason}");
+    }
+    if s.unlabeled > 0 {
+        eprintln!(
+            "{} listed images have no label and were not used",
+            s.unlabeled
+        );
+    }
+    let r = &s.result;
+    let best = r.best().map_or_else(String::new, |m| {
+        format!(": val AUC {:.4}, val loss {:.4}", m.val_auc, m.val_loss)
+    });
+    eprintln!(
+        "{} images ({} train, {} validation); features in {:.2} s, head {} in {:.2} s; {} epochs{}, best epoch {}{best}",
+        s.images,
+        s.train_images,
+        s.val_images,
+        s.feature_seconds,
+        if s.head_from_init { "(from --init)" } else { "(fresh)" },
+        s.train_seconds,
+        r.epochs.len(),
+        if r.stopped_early { " (stopped early)" } else { "" },
+        r.best_epoch
+    );
+    eprintln!(
+        "wrote {}, {} and {}",
+        a.output.display(),
+        s.metrics.display(),
+        s.plot.display()
     );
     Ok(())
 }

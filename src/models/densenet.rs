@@ -445,6 +445,110 @@ fn read_head(file: &TensorFile, features: usize) -> Result<Vec<HeadLinear>> {
     Ok(head)
 }
 
+/// The hyper-parameters of a torchvision `DenseNet` constructor (the
+/// transitions halve the channels, as torchvision's do).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DenseNetArch {
+    /// Image channels.
+    pub in_channels: usize,
+    /// Channels after the stem.
+    pub num_init_features: usize,
+    /// Channels each dense layer adds.
+    pub growth_rate: usize,
+    /// Bottleneck width factor.
+    pub bn_size: usize,
+    /// Dense layers per block.
+    pub block_config: Vec<usize>,
+}
+
+impl DenseNetArch {
+    /// torchvision's `densenet121`: 3 channels, 64 initial features, growth
+    /// 32, bn_size 4, blocks (6, 12, 24, 16), 1024 features.
+    pub fn densenet121() -> Self {
+        DenseNetArch {
+            in_channels: 3,
+            num_init_features: 64,
+            growth_rate: 32,
+            bn_size: 4,
+            block_config: vec![6, 12, 24, 16],
+        }
+    }
+}
+
+/// A DenseNet backbone `state_dict` (every `features.*` tensor, no
+/// classifier) with torchvision's initialization, seeded: conv weights
+/// Kaiming-normal (`std = √(2/fan_in)`), BatchNorm γ = 1, β = 0, running
+/// mean 0, running variance 1, `num_batches_tracked` 0. Each tensor draws
+/// from its own stream (`seed ^ fnv1a64(name)`), so the values do not
+/// depend on the order of the tensors.
+///
+/// # Errors
+/// A zero in the architecture.
+pub fn random_backbone(arch: &DenseNetArch, seed: u64) -> Result<TensorWriter> {
+    let a = arch;
+    if a.in_channels == 0
+        || a.num_init_features == 0
+        || a.growth_rate == 0
+        || a.bn_size == 0
+        || a.block_config.is_empty()
+        || a.block_config.contains(&0)
+    {
+        return Err(Error::invalid(format!(
+            "random DenseNet: every size must be at least 1, got {a:?}"
+        )));
+    }
+    let mut w = TensorWriter::new();
+    let conv = |w: &mut TensorWriter, name: &str, shape: [usize; 4]| -> Result<()> {
+        let fan_in = shape[1] * shape[2] * shape[3];
+        let std = (2.0 / fan_in as f64).sqrt();
+        let mut rng = crate::rng::SplitMix64::new(seed ^ crate::rng::fnv1a64(name));
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| (rng.normal() * std) as f32).collect();
+        w.add_slice(name, &shape, &v)
+    };
+    let bn = |w: &mut TensorWriter, name: &str, c: usize| -> Result<()> {
+        for (key, v) in [
+            ("weight", 1.0f32),
+            ("bias", 0.0),
+            ("running_mean", 0.0),
+            ("running_var", 1.0),
+        ] {
+            w.add_slice(&format!("{name}.{key}"), &[c], &vec![v; c])?;
+        }
+        w.add_slice(&format!("{name}.num_batches_tracked"), &[], &[0i64])
+    };
+    conv(
+        &mut w,
+        "features.conv0.weight",
+        [a.num_init_features, a.in_channels, 7, 7],
+    )?;
+    bn(&mut w, "features.norm0", a.num_init_features)?;
+    let (g, bott) = (a.growth_rate, a.bn_size * a.growth_rate);
+    let mut c = a.num_init_features;
+    for (b, &layers) in a.block_config.iter().enumerate() {
+        for l in 0..layers {
+            let p = format!("features.denseblock{}.denselayer{}", b + 1, l + 1);
+            bn(&mut w, &format!("{p}.norm1"), c + l * g)?;
+            conv(
+                &mut w,
+                &format!("{p}.conv1.weight"),
+                [bott, c + l * g, 1, 1],
+            )?;
+            bn(&mut w, &format!("{p}.norm2"), bott)?;
+            conv(&mut w, &format!("{p}.conv2.weight"), [g, bott, 3, 3])?;
+        }
+        c += layers * g;
+        if b + 1 < a.block_config.len() {
+            let p = format!("features.transition{}", b + 1);
+            bn(&mut w, &format!("{p}.norm"), c)?;
+            conv(&mut w, &format!("{p}.conv.weight"), [c / 2, c, 1, 1])?;
+            c /= 2;
+        }
+    }
+    bn(&mut w, "features.norm5", c)?;
+    Ok(w)
+}
+
 /// Reads tensors with the shapes the config implies through the checked
 /// reader, which remembers which were read so that leftovers (another
 /// architecture) are reported.

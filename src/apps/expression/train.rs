@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::imaging::{read_dimensions, read_gray, scale_pixel, GrayImage, SampleImage};
 use crate::io::{TensorFile, TensorWriter};
 use crate::models::vqvae2::VqVae2Config;
-use crate::plot::{line_chart, PlotOptions, Series};
+use crate::plot::{line_plot, PlotOptions, Series};
 use crate::rng::{counter_u64, fnv1a64};
 use crate::tensor::Tensor;
 use crate::train::checkpoint;
@@ -606,7 +606,7 @@ fn write_curves(path: &Path, rows: &[EpochRow]) -> Result<()> {
         width: 640,
         height: 400,
     };
-    line_chart(path, &series, &opts)
+    line_plot(path, &series, &opts)
 }
 
 /// A grey tile of a `[−1, 1]` patch.

@@ -15,6 +15,8 @@
 //! - [`files`]: the predictions CSV, which carries the run's timing in `#`
 //!   comment lines; the labels CSV; the pooled features (CSV or
 //!   safetensors).
+//! - [`train`]: transfer learning of the network's head on cached pooled
+//!   features (`screen train`), and the head-training core.
 //! - [`report`]: ROC AUC, F1, accuracy, sensitivity, specificity, PPV, NPV,
 //!   confusion matrix and throughput, as JSON and a ROC curve PNG.
 
@@ -24,3 +26,4 @@ pub mod images;
 pub mod predict;
 pub mod preprocess;
 pub mod report;
+pub mod train;
