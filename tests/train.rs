@@ -482,3 +482,129 @@ fn the_cp2image_train_step_command_reproduces_the_losses() {
         vec![4]
     );
 }
+
+/// `cellmorph cp2image train` on the 64 real ExampleFly cells of
+/// tests/data/single_cells, with narrow networks so that it takes seconds.
+fn cp2image_train(dir: &std::path::Path, out: &str, extra: &[&str]) -> std::process::Output {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/single_cells");
+    std::process::Command::new(env!("CARGO_BIN_EXE_cellmorph"))
+        .args(["cp2image", "train", "--batch-size", "8"])
+        .args(["--generator-channels", "32,16,8,8,8"])
+        .args(["--discriminator-channels", "8,8,16,16,16"])
+        .arg("--features")
+        .arg(data.join("features.csv"))
+        .arg("--crops")
+        .arg(data.join("cells.safetensors"))
+        .arg("--output")
+        .arg(dir.join(out))
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn column(path: &std::path::Path, name: &str) -> Vec<f64> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let i = header.iter().position(|h| *h == name).unwrap();
+    lines
+        .map(|l| l.split(',').nth(i).unwrap().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn cp2image_train_learns_resumes_exactly_and_writes_a_usable_generator() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = |o: std::process::Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let log = ok(cp2image_train(
+        dir.path(),
+        "u.safetensors",
+        &["--epochs", "6"],
+    ));
+    assert!(log.contains("trained 6 epochs"), "{log}");
+    let mse = column(&dir.path().join("u.metrics.csv"), "val_mse");
+    let loss_g = column(&dir.path().join("u.metrics.csv"), "loss_g");
+    assert_eq!(mse.len(), 6);
+    // From sigmoid outputs near 0.5 on dim cells the generator's pixel
+    // error falls steadily in the first epochs.
+    assert!(
+        mse[5] < mse[0] && loss_g[5] < loss_g[0],
+        "{mse:?} {loss_g:?}"
+    );
+    for f in [
+        "u.curves.png",
+        "u.sheet.png",
+        "u.standardize.json",
+        "u.discriminator.safetensors",
+    ] {
+        assert!(dir.path().join(f).is_file(), "{f}");
+    }
+
+    // Resumed after 3 epochs = unbroken, bit for bit; the seed decides.
+    ok(cp2image_train(
+        dir.path(),
+        "r.safetensors",
+        &["--epochs", "3"],
+    ));
+    let ck = dir.path().join("r.checkpoint.safetensors");
+    ok(cp2image_train(
+        dir.path(),
+        "r.safetensors",
+        &["--epochs", "6", "--resume", ck.to_str().unwrap()],
+    ));
+    let bytes = |n: &str| std::fs::read(dir.path().join(n)).unwrap();
+    for (a, b) in [
+        ("u.safetensors", "r.safetensors"),
+        ("u.discriminator.safetensors", "r.discriminator.safetensors"),
+        ("u.metrics.csv", "r.metrics.csv"),
+    ] {
+        assert!(bytes(a) == bytes(b), "{a} ≠ {b}");
+    }
+    ok(cp2image_train(
+        dir.path(),
+        "s.safetensors",
+        &["--epochs", "6", "--seed", "3"],
+    ));
+    assert!(bytes("s.safetensors") != bytes("u.safetensors"));
+
+    // The generator is one `cp2image generate` reads, with its standardization.
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/single_cells");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_cellmorph"))
+        .args(["cp2image", "generate", "--weights"])
+        .arg(dir.path().join("u.safetensors"))
+        .arg("--features")
+        .arg(data.join("features.csv"))
+        .arg("--output")
+        .arg(dir.path().join("gen.png"))
+        .output()
+        .unwrap();
+    ok(o);
+
+    // Clear errors.
+    for (extra, msg) in [
+        (vec!["--batch-size", "1"], "--batch-size"),
+        (vec!["--device", "emulated"], "CPU"),
+        (vec!["--val-fraction", "0.95"], "fewer than one batch"),
+        (
+            vec![
+                "--epochs",
+                "8",
+                "--resume",
+                ck.to_str().unwrap(),
+                "--seed",
+                "9",
+            ],
+            "other options",
+        ),
+    ] {
+        let o = cp2image_train(dir.path(), "e.safetensors", &extra);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && e.contains(msg) && !e.contains("panicked"),
+            "{extra:?}: {e}"
+        );
+    }
+}

@@ -37,6 +37,60 @@ pub enum Cp2ImageCommand {
     /// Write a generator with seeded random (untrained) weights, for
     /// examples and benchmarks where no trained generator exists.
     InitWeights(InitWeightsArgs),
+    /// Train the GAN (generator + spectral-norm discriminator) on a feature
+    /// table and the real crops it describes (CPU).
+    Train(TrainArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Feature CSV: one row per cell, the first column the cell's index in
+    /// the crop file (cell_id); metadata columns are skipped.
+    #[arg(long)]
+    features: PathBuf,
+    /// Crops: a safetensors file with an integer tensor `crops` [N, C, 64, 64]
+    /// (0 … 255), e.g. single_cells/cells.safetensors; C (1 or 3) sets the
+    /// generator's output channels.
+    #[arg(long)]
+    crops: PathBuf,
+    /// Output generator weights; the discriminator, the standardization
+    /// file, metrics CSV, curves PNG, sheet PNG and checkpoint are written
+    /// beside it (`<stem>.discriminator.safetensors`, `<stem>.standardize.json`,
+    /// `<stem>.metrics.csv`, `<stem>.curves.png`, `<stem>.sheet.png`,
+    /// `<stem>.checkpoint.safetensors`).
+    #[arg(long)]
+    output: PathBuf,
+    /// Continue from a checkpoint of an earlier run with the same data and
+    /// options (only --epochs may change); equals the unbroken run.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Passes over the training cells.
+    #[arg(long, default_value_t = 10)]
+    epochs: u64,
+    /// Cells per step (at least 2).
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Adam's learning rate (both networks).
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    /// Adam's betas.
+    #[arg(long, default_value = "0.5,0.999", value_parser = super::train::parse_betas)]
+    betas: (f64, f64),
+    /// Seed of the weights, the split and the batch orders.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Fraction of the cells held out for the per-epoch evaluation and sheet.
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Generator channels c0 … c4.
+    #[arg(long, value_delimiter = ',', default_values_t = [256usize, 128, 64, 32, 16])]
+    generator_channels: Vec<usize>,
+    /// Discriminator block channels.
+    #[arg(long, value_delimiter = ',', default_values_t = [32usize, 64, 128, 256, 256])]
+    discriminator_channels: Vec<usize>,
+    /// Only cpu so far.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
 }
 
 /// The generator and how to run it.
@@ -206,6 +260,7 @@ pub fn run(cmd: Cp2ImageCommand) -> Result<()> {
         Cp2ImageCommand::Interpolate(a) => run_interpolate(a),
         Cp2ImageCommand::Standardize(a) => run_standardize(a),
         Cp2ImageCommand::InitWeights(a) => run_init_weights(a),
+        Cp2ImageCommand::Train(a) => run_train(a),
     }
 }
 
@@ -417,5 +472,57 @@ fn run_init_weights(a: InitWeightsArgs) -> Result<()> {
         a.output.display(),
         a.seed
     );
+    Ok(())
+}
+
+fn run_train(a: TrainArgs) -> Result<()> {
+    use cellmorph::apps::cp2image::features::{FeatureColumns, FeatureTable};
+    use cellmorph::apps::cp2image::sheets::CropSet;
+    use cellmorph::apps::cp2image::train::{train, TrainOptions, TrainPaths};
+    if a.device != Device::Cpu {
+        return Err(Error::invalid(format!(
+            "--device {}: cp2image train runs on the CPU so far; use --device cpu",
+            a.device
+        )));
+    }
+    let paths = TrainPaths::beside(&a.output);
+    let inputs = [
+        ("--features", a.features.as_path()),
+        ("--crops", a.crops.as_path()),
+    ];
+    for (role, path) in paths.all() {
+        cellmorph::io::check_output_is_not_an_input(role, path, &inputs)?;
+    }
+    let table = FeatureTable::read_csv(&a.features, FeatureColumns::AllButMetadata)?;
+    let crops = CropSet::read(&a.crops)?;
+    let opts = TrainOptions {
+        epochs: a.epochs,
+        batch: a.batch_size,
+        lr: a.lr,
+        betas: a.betas,
+        seed: a.seed,
+        val_fraction: a.val_fraction,
+        generator_channels: a.generator_channels,
+        discriminator_channels: a.discriminator_channels,
+        sheet_cells: 8,
+    };
+    let s = train(&table, &crops, a.resume.as_deref(), &opts, &paths, true)?;
+    if let Some(last) = s.rows.last() {
+        println!(
+            "epoch {}: loss G {:.5}, D {:.5}; held-out MSE {:.5} vs {:.5} for the mean training image",
+            last.epoch, last.loss_g, last.loss_d, last.val_mse, last.val_mse_mean_image
+        );
+    }
+    println!(
+        "trained {} epochs ({} this run, {:.2} steps/s) on {} cells, {} held out",
+        a.epochs,
+        a.epochs - s.resumed_from,
+        s.steps_per_s,
+        s.cells.0,
+        s.cells.1
+    );
+    for (role, path) in paths.all() {
+        println!("  {role}: {}", path.display());
+    }
     Ok(())
 }

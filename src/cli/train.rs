@@ -48,7 +48,7 @@ pub struct TrainStepArgs {
     precision: Precision,
 }
 
-fn parse_betas(s: &str) -> std::result::Result<(f64, f64), String> {
+pub(crate) fn parse_betas(s: &str) -> std::result::Result<(f64, f64), String> {
     let parts: Vec<&str> = s.split(',').map(str::trim).collect();
     let parse = |p: &str| {
         p.parse::<f64>()

@@ -795,6 +795,79 @@ pub fn random_generator_weights(config: &GeneratorConfig, seed: u64) -> Result<T
     Ok(w)
 }
 
+/// Seeded weights for a discriminator with `channels` (`c_0` = image
+/// channels, then one per block), as PyTorch initializes them: convolution
+/// and linear weights uniform in ±1/√fan_in (`kaiming_uniform_(a=√5)`),
+/// biases likewise, BatchNorm at (1, 0) with running (0, 1), and the
+/// spectral norm's `weight_u`, `weight_v` normalized N(0, 1) draws. The
+/// input side is `2 · 2^blocks`.
+pub fn random_discriminator_weights(channels: &[usize], seed: u64) -> Result<TensorWriter> {
+    if channels.len() < 2 || channels.contains(&0) {
+        return Err(Error::invalid(format!(
+            "a discriminator needs image channels and at least one block, all nonzero; got {channels:?}"
+        )));
+    }
+    let total = channels.windows(2).try_fold(0usize, |acc, c| {
+        acc.checked_add(c[0].checked_mul(c[1])?.checked_mul(9)?)
+    });
+    if total.is_none_or(|t| t > MAX_RANDOM_PARAMETERS) {
+        return Err(Error::invalid(format!(
+            "random discriminator weights for channels {channels:?} would hold more than {MAX_RANDOM_PARAMETERS} values"
+        )));
+    }
+    let mut rng = crate::rng::SplitMix64::new(seed ^ 0xD15C_0000);
+    let mut uniform = |n: usize, fan_in: usize| -> Vec<f32> {
+        let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+        (0..n).map(|_| rng.uniform(-bound, bound) as f32).collect()
+    };
+    let mut w = TensorWriter::new();
+    let mut unit = Vec::new();
+    for (i, c) in channels.windows(2).enumerate() {
+        let fan_in = c[0] * 9;
+        w.add_slice(
+            &format!("blocks.{i}.conv.weight_orig"),
+            &[c[1], c[0], 3, 3],
+            &uniform(c[1] * fan_in, fan_in),
+        )?;
+        w.add_slice(
+            &format!("blocks.{i}.conv.bias"),
+            &[c[1]],
+            &uniform(c[1], fan_in),
+        )?;
+        unit.push((format!("blocks.{i}.conv.weight_u"), c[1]));
+        unit.push((format!("blocks.{i}.conv.weight_v"), fan_in));
+        for (name, v) in [
+            ("weight", 1.0f32),
+            ("bias", 0.0),
+            ("running_mean", 0.0),
+            ("running_var", 1.0),
+        ] {
+            w.add_slice(&format!("blocks.{i}.bn.{name}"), &[c[1]], &vec![v; c[1]])?;
+        }
+        w.add_slice(&format!("blocks.{i}.bn.num_batches_tracked"), &[], &[0i64])?;
+    }
+    let last = channels[channels.len() - 1];
+    let area = DISCRIMINATOR_FINAL_SIZE * DISCRIMINATOR_FINAL_SIZE;
+    w.add_slice(
+        "fc.weight",
+        &[1, last * area],
+        &uniform(last * area, last * area),
+    )?;
+    w.add_slice("fc.bias", &[1], &uniform(1, last * area))?;
+    let mut normal = crate::rng::SplitMix64::new(seed ^ 0x5EC7_0000);
+    for (name, n) in unit {
+        let v: Vec<f64> = (0..n).map(|_| normal.normal()).collect();
+        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+        let v: Vec<f32> = v.iter().map(|x| (x / norm) as f32).collect();
+        w.add_slice(&name, &[n], &v)?;
+    }
+    w.set_metadata(
+        UNTRAINED_KEY,
+        &format!("seeded random discriminator weights (seed {seed}), not trained"),
+    );
+    Ok(w)
+}
+
 /// Metadata key marking weights written by [`random_generator_weights`].
 pub const UNTRAINED_KEY: &str = "cellmorph.untrained";
 

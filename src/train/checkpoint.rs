@@ -31,33 +31,66 @@ pub fn save(
     opt: &Optimizer,
     progress: &serde_json::Value,
 ) -> Result<()> {
+    save_parts(path, &[("", store, opt)], progress)
+}
+
+/// [`save`] for several networks trained together (a GAN's generator and
+/// discriminator): each `(prefix, store, optimizer)` under its prefix
+/// (e.g. `"G."`).
+pub fn save_parts(
+    path: &Path,
+    parts: &[(&str, &ParamStore, &Optimizer)],
+    progress: &serde_json::Value,
+) -> Result<()> {
     let mut w = TensorWriter::new();
-    store.write_values(&mut w, "")?;
-    let mut steps = Vec::with_capacity(opt.params().len());
-    for (i, info) in opt.params().iter().enumerate() {
-        let state = opt.state(i).cloned().unwrap_or_default();
-        for (key, v) in state.tensors() {
-            w.add_slice(
-                &format!("{OPTIMIZER_PREFIX}{}.{key}", info.name),
-                &[v.len()],
-                v,
-            )?;
+    for (prefix, store, opt) in parts {
+        store.write_values(&mut w, prefix)?;
+        let mut steps = Vec::with_capacity(opt.params().len());
+        for (i, info) in opt.params().iter().enumerate() {
+            let state = opt.state(i).cloned().unwrap_or_default();
+            for (key, v) in state.tensors() {
+                w.add_slice(
+                    &format!("{OPTIMIZER_PREFIX}{prefix}{}.{key}", info.name),
+                    &[v.len()],
+                    v,
+                )?;
+            }
+            steps.push(state.step);
         }
-        steps.push(state.step);
+        w.set_metadata(
+            &steps_key(prefix),
+            &serde_json::Value::from(steps).to_string(),
+        );
     }
     w.set_metadata(
         KIND_KEY,
         "training checkpoint (state_dict + optimizer state)",
     );
-    w.set_metadata(STEPS_KEY, &serde_json::Value::from(steps).to_string());
     w.set_metadata(PROGRESS_KEY, &progress.to_string());
     w.write(path)
+}
+
+fn steps_key(prefix: &str) -> String {
+    if prefix.is_empty() {
+        STEPS_KEY.to_string()
+    } else {
+        format!("{STEPS_KEY}.{prefix}")
+    }
 }
 
 /// Restores `store` and `opt` (registered over the same parameters as when
 /// saved) from the checkpoint at `path`; returns the saved progress.
 /// Nothing is changed unless the whole file checks out.
 pub fn load(path: &Path, store: &mut ParamStore, opt: &mut Optimizer) -> Result<serde_json::Value> {
+    load_parts(path, &mut [("", store, opt)])
+}
+
+/// [`load`] for a checkpoint written by [`save_parts`], with the same
+/// prefixes. Nothing is changed unless every part checks out.
+pub fn load_parts(
+    path: &Path,
+    parts: &mut [(&str, &mut ParamStore, &mut Optimizer)],
+) -> Result<serde_json::Value> {
     let file = TensorFile::open(path)?;
     let meta = file.metadata();
     let get = |key: &str| -> Result<&String> {
@@ -68,78 +101,81 @@ pub fn load(path: &Path, store: &mut ParamStore, opt: &mut Optimizer) -> Result<
             )
         })
     };
-    let steps: Vec<u64> = serde_json::from_str(get(STEPS_KEY)?)
-        .map_err(|e| Error::format(path, format!("{STEPS_KEY}: {e}")))?;
     let progress: serde_json::Value = serde_json::from_str(get(PROGRESS_KEY)?)
         .map_err(|e| Error::format(path, format!("{PROGRESS_KEY}: {e}")))?;
-    if steps.len() != opt.params().len() {
-        return Err(Error::format(
-            path,
-            format!(
-                "optimizer state for {} parameters, the model has {}",
-                steps.len(),
-                opt.params().len()
-            ),
-        ));
-    }
-
-    let mut values = Vec::with_capacity(store.params().len());
-    for p in store.params() {
-        let (shape, data) = file.f32(&p.name)?;
-        if shape != p.shape {
+    let mut restored = Vec::with_capacity(parts.len());
+    for (prefix, store, opt) in parts.iter() {
+        let key = steps_key(prefix);
+        let steps: Vec<u64> = serde_json::from_str(get(&key)?)
+            .map_err(|e| Error::format(path, format!("{key}: {e}")))?;
+        if steps.len() != opt.params().len() {
             return Err(Error::format(
                 path,
                 format!(
-                    "tensor {:?} has shape {shape:?}, the model {:?}",
-                    p.name, p.shape
+                    "optimizer state for {} parameters, the model has {}",
+                    steps.len(),
+                    opt.params().len()
                 ),
             ));
         }
-        if data.iter().any(|v| !v.is_finite()) {
-            return Err(Error::format(
-                path,
-                format!("tensor {:?} holds NaN or infinite values", p.name),
-            ));
-        }
-        values.push(data);
-    }
-    let mut states = Vec::with_capacity(steps.len());
-    for (info, &step) in opt.params().iter().zip(&steps) {
-        let read = |key: &str| -> Result<Option<Vec<f32>>> {
-            let name = format!("{OPTIMIZER_PREFIX}{}.{key}", info.name);
-            if !file.contains(&name) {
-                return Ok(None);
-            }
-            let (_, v) = file.f32(&name)?;
-            if v.len() != info.len {
+        let mut values = Vec::with_capacity(store.params().len());
+        for p in store.params() {
+            let name = format!("{prefix}{}", p.name);
+            let (shape, data) = file.f32(&name)?;
+            if shape != p.shape {
                 return Err(Error::format(
                     path,
                     format!(
-                        "tensor {name:?} has {} values, the parameter {}",
-                        v.len(),
-                        info.len
+                        "tensor {name:?} has shape {shape:?}, the model {:?}",
+                        p.shape
                     ),
                 ));
             }
-            Ok(Some(v))
-        };
-        states.push(ParamState {
-            step,
-            exp_avg: read("exp_avg")?,
-            exp_avg_sq: read("exp_avg_sq")?,
-            momentum_buffer: read("momentum_buffer")?,
-        });
+            if data.iter().any(|v| !v.is_finite()) {
+                return Err(Error::format(
+                    path,
+                    format!("tensor {name:?} holds NaN or infinite values"),
+                ));
+            }
+            values.push(data);
+        }
+        let mut trial = (*opt).clone();
+        for (i, (info, &step)) in opt.params().iter().zip(&steps).enumerate() {
+            let read = |key: &str| -> Result<Option<Vec<f32>>> {
+                let name = format!("{OPTIMIZER_PREFIX}{prefix}{}.{key}", info.name);
+                if !file.contains(&name) {
+                    return Ok(None);
+                }
+                let (_, v) = file.f32(&name)?;
+                if v.len() != info.len {
+                    return Err(Error::format(
+                        path,
+                        format!(
+                            "tensor {name:?} has {} values, the parameter {}",
+                            v.len(),
+                            info.len
+                        ),
+                    ));
+                }
+                Ok(Some(v))
+            };
+            let state = ParamState {
+                step,
+                exp_avg: read("exp_avg")?,
+                exp_avg_sq: read("exp_avg_sq")?,
+                momentum_buffer: read("momentum_buffer")?,
+            };
+            trial
+                .set_state(i, state)
+                .map_err(|e| Error::format(path, e.to_string()))?;
+        }
+        restored.push((values, trial));
     }
-    // Check every state before changing anything.
-    let mut trial = opt.clone();
-    for (i, s) in states.into_iter().enumerate() {
-        trial
-            .set_state(i, s)
-            .map_err(|e| Error::format(path, e.to_string()))?;
-    }
-    *opt = trial;
-    for (id, v) in values.into_iter().enumerate() {
-        store.get_mut(id).value = v;
+    for ((_, store, opt), (values, trial)) in parts.iter_mut().zip(restored) {
+        **opt = trial;
+        for (id, v) in values.into_iter().enumerate() {
+            store.get_mut(id).value = v;
+        }
     }
     Ok(progress)
 }

@@ -66,4 +66,5 @@ pub mod features;
 pub mod figures;
 pub mod generator;
 pub mod sheets;
+pub mod train;
 pub mod vectors;
