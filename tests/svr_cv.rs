@@ -477,3 +477,107 @@ fn cli_refuses_to_overwrite_inputs() {
     let e = err(&cv(&["--summary", out.to_str().unwrap()], &out));
     assert!(e.contains("--summary") && e.contains("--output"), "{e}");
 }
+
+// ---- expression evaluate: in-sample or held-out, and the model's warnings ----
+
+#[test]
+fn evaluate_labels_in_sample_and_held_out_data() {
+    let dir = tempdir("evaluate");
+    let model = dir.join("model.json");
+    // The low-C grid: scikit-learn picks C = 0.01, its upper edge, for most
+    // genes (grid_results.json), so the model must carry the edge warning.
+    let o = bin()
+        .args(["svr", "grid", "--features"])
+        .arg(fixture("grid_features.csv"))
+        .arg("--expression")
+        .arg(fixture("grid_expression.csv"))
+        .args([
+            "--c",
+            "1e-5,3e-5,1e-4,3e-4,1e-3,1e-2",
+            "--epsilon",
+            "0,0.05,0.2",
+            "--output",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap();
+    ok(&o);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("the chosen C sits on the edge"));
+    let json: Value = serde_json::from_slice(&std::fs::read(&model).unwrap()).unwrap();
+    assert_eq!(json["training"]["samples"].as_object().unwrap().len(), 29);
+    let warnings = json["training"]["warnings"].as_array().unwrap();
+    assert!(
+        warnings.iter().any(|w| w
+            .as_str()
+            .unwrap()
+            .contains("the chosen C sits on the edge")),
+        "{warnings:?}"
+    );
+
+    // The training samples with one feature value changed are new data.
+    let shifted = dir.join("shifted.csv");
+    let mut t = Table::read_csv(fixture("grid_features.csv")).unwrap();
+    for v in t.data.iter_mut() {
+        *v += 0.5;
+    }
+    t.write_csv(&shifted).unwrap();
+    let out = dir.join("eval.csv");
+    let ds = |name: &str, f: &Path, e: &Path| format!("{name}={},{}", f.display(), e.display());
+    let o = bin()
+        .args(["expression", "evaluate", "--model"])
+        .arg(&model)
+        .arg("--dataset")
+        .arg(ds(
+            "train",
+            &fixture("grid_features.csv"),
+            &fixture("grid_expression.csv"),
+        ))
+        .arg("--dataset")
+        .arg(ds(
+            "test",
+            &fixture("grid_test_features.csv"),
+            &fixture("grid_test_expression.csv"),
+        ))
+        .arg("--dataset")
+        .arg(ds("shifted", &shifted, &fixture("grid_expression.csv")))
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = ok(&o);
+    assert!(stdout.contains("data set train (in-sample)"), "{stdout}");
+    assert!(stdout.contains("data set test (held-out)"), "{stdout}");
+    assert!(stdout.contains("data set shifted (held-out)"), "{stdout}");
+    assert!(
+        stdout.contains("warning (from the model): the chosen C"),
+        "{stdout}"
+    );
+    let csv = std::fs::read_to_string(&out).unwrap();
+    let mut lines = csv.lines();
+    assert!(
+        lines.next().unwrap().starts_with("# warning: the chosen C"),
+        "{csv}"
+    );
+    let header = lines.find(|l| !l.starts_with('#')).unwrap();
+    assert!(header.starts_with("dataset,evaluated,gene,"), "{header}");
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 18);
+    assert!(rows[..6].iter().all(|r| r.starts_with("train,in-sample,")));
+    assert!(rows[6..].iter().all(|r| r.contains(",held-out,")));
+    // The table's name column fits the names: every row's n column starts
+    // where the header's does.
+    let table: Vec<&str> = stdout.lines().collect();
+    let h = table
+        .iter()
+        .position(|l| l.trim_start().starts_with("gene"))
+        .unwrap();
+    let n_at = table[h].find(" n ").unwrap() + 1;
+    for row in &table[h + 1..h + 4] {
+        let b = row.as_bytes();
+        assert!(
+            b[n_at - 1].is_ascii_digit() && b[n_at] == b'9' && b[n_at + 1] == b' ',
+            "{row:?} under {:?}",
+            table[h]
+        );
+    }
+}

@@ -93,6 +93,10 @@ pub struct EvaluateArgs {
     /// Folder for predicted-vs-measured scatter PNGs of the top genes.
     #[arg(long)]
     plots: Option<PathBuf>,
+    /// Units of the expression values, shown on the plots' axes (e.g.
+    /// "log2 CPM"); none by default.
+    #[arg(long)]
+    units: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -242,6 +246,7 @@ fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
         output: a.output.clone(),
         plots: a.plots,
         top: a.top,
+        units: a.units,
     })?;
     let eval = &s.evaluation;
     for sk in &eval.skipped {

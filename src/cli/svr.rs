@@ -297,13 +297,8 @@ fn grid(a: GridArgs) -> Result<()> {
             r.gene, r.c, r.epsilon, r.cv_score
         );
     }
-    let chosen: Vec<(&str, f64, f64)> = outcome
-        .results
-        .iter()
-        .map(|r| (r.gene.as_str(), r.c, r.epsilon))
-        .collect();
-    for w in grid_edge_warnings(&spec, &chosen) {
-        eprintln!("warning: {w}");
+    for w in &s.warnings {
+        eprintln!("warning: {w} (recorded in the model)");
     }
     eprintln!("model -> {}", a.output.display());
     Ok(())
