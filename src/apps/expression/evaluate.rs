@@ -506,7 +506,7 @@ mod tests {
         let col = lines[h].find(" n ").unwrap();
         // Both gene rows put their n (4) under the header's n.
         for row in &lines[h + 1..h + 3] {
-            assert_eq!(&row[col..col + 4], "   4", "{table}");
+            assert_eq!(&row[col..col + 2], " 4", "{table}");
         }
         let trained = model.with_training(&features, vec![]).unwrap();
         let e = evaluate(&trained, &[ds], 0.05).unwrap();
