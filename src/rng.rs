@@ -23,7 +23,7 @@ fn mix64(mut z: u64) -> u64 {
 }
 
 /// 64 random bits for element `index` of step `step` under `seed`: a
-/// stateless counter-based draw (each key mixed through [`mix64`], so any
+/// stateless counter-based draw (each key mixed through `mix64`, so any
 /// element can be drawn alone, in any order, on any device). The device
 /// kernels compute the same integer arithmetic; it is the source of every
 /// training-time random mask (dropout).

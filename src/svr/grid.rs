@@ -451,12 +451,10 @@ pub fn on_grid_edge(values: &[f64], v: f64) -> bool {
 /// when nothing is on an edge.
 pub fn grid_edge_warnings(spec: &GridSpec, chosen: &[(&str, f64, f64)]) -> Vec<String> {
     let mut out = Vec::new();
-    let picks: [(&str, &[f64], fn(&(&str, f64, f64)) -> f64); 2] =
-        [("C", &spec.c, |r| r.1), ("epsilon", &spec.epsilon, |r| r.2)];
-    for (what, values, pick) in picks {
+    for (what, values, index) in [("C", &spec.c, 0), ("epsilon", &spec.epsilon, 1)] {
         let on_edge: Vec<&str> = chosen
             .iter()
-            .filter(|r| on_grid_edge(values, pick(r)))
+            .filter(|r| on_grid_edge(values, if index == 0 { r.1 } else { r.2 }))
             .map(|r| r.0)
             .collect();
         if !on_edge.is_empty() {
