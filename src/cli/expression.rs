@@ -15,9 +15,17 @@ use cellmorph::{Device, Error, Precision, Result};
 
 #[derive(Args, Debug)]
 pub struct ProfileArgs {
-    /// Sample list CSV with the header `sample,image` (one line per image).
+    /// Sample list CSV, one line per image: a sample column and an image
+    /// path column (by default `sample` and `image` or `path`, any order);
+    /// other columns (batch, group, …) are allowed and ignored here.
     #[arg(long)]
     pub samples: PathBuf,
+    /// Name of the sample list's sample column [default: sample].
+    #[arg(long)]
+    pub sample_column: Option<String>,
+    /// Name of the sample list's image path column [default: image, else path].
+    #[arg(long)]
+    pub image_column: Option<String>,
     /// VQ-VAE-2 weights (safetensors, vq-vae-2-pytorch names).
     #[arg(long)]
     pub weights: PathBuf,
@@ -142,6 +150,10 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
         &be,
         &ProfileFilesOptions {
             samples: a.samples,
+            columns: cellmorph::imaging::SampleColumns {
+                sample: a.sample_column,
+                image: a.image_column,
+            },
             weights: a.weights,
             output: a.output.clone(),
             profile: ProfileOptions {
