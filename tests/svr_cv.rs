@@ -581,3 +581,27 @@ fn evaluate_labels_in_sample_and_held_out_data() {
         );
     }
 }
+
+/// The kernel solver on the emulated device gives the CPU's bytes (the
+/// device SMO is the CPU algorithm step for step), plain and nested.
+#[test]
+fn cli_emulated_device_matches_cpu() {
+    let dir = tempdir("device");
+    for (c, e) in [("1", "0.1"), ("1e-4,1e-2", "0,0.5")] {
+        let run = |device: &str| {
+            let out = dir.join(format!("{device}.csv"));
+            let o = bin()
+                .args(["svr", "cv", "--features"])
+                .arg(fixture("grid_features.csv"))
+                .arg("--expression")
+                .arg(fixture("grid_expression.csv"))
+                .args(["--c", c, "--epsilon", e, "--device", device, "--output"])
+                .arg(&out)
+                .output()
+                .unwrap();
+            ok(&o);
+            std::fs::read(out).unwrap()
+        };
+        assert_eq!(run("cpu"), run("emulated"), "C {c}, epsilon {e}");
+    }
+}
