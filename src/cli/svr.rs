@@ -290,10 +290,20 @@ fn grid(a: GridArgs) -> Result<()> {
         "{} problems ({} SMO solves) in {:.2} s",
         outcome.stats.problems, outcome.stats.smo_solves, s.seconds
     );
-    println!("{:<20} {:>8} {:>8} {:>10}", "gene", "C", "epsilon", "cv_R2");
+    let width = outcome
+        .results
+        .iter()
+        .map(|r| r.gene.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(4);
+    println!(
+        "{:<width$} {:>8} {:>8} {:>10}",
+        "gene", "C", "epsilon", "cv_R2"
+    );
     for r in &outcome.results {
         println!(
-            "{:<20} {:>8} {:>8} {:>10.4}",
+            "{:<width$} {:>8} {:>8} {:>10.4}",
             r.gene, r.c, r.epsilon, r.cv_score
         );
     }
