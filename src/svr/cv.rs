@@ -290,6 +290,11 @@ pub fn cross_validate_on(
         }
     } else {
         let mut dropped: Vec<(usize, String)> = Vec::new();
+        let index: std::collections::HashMap<String, usize> = genes
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (g.gene.clone(), i))
+            .collect();
         for (f, (test, train)) in folds.iter().zip(&trains).enumerate() {
             let names: Vec<&str> = train
                 .iter()
@@ -308,7 +313,7 @@ pub fn cross_validate_on(
             })?;
             unconverged += outcome.stats.unconverged;
             for sk in &outcome.skipped {
-                if let Some(gi) = genes.iter().position(|g| g.gene == sk.gene) {
+                if let Some(&gi) = index.get(&sk.gene) {
                     if !dropped.iter().any(|(d, _)| *d == gi) {
                         dropped.push((
                             gi,
@@ -321,7 +326,7 @@ pub fn cross_validate_on(
                 }
             }
             for r in &outcome.results {
-                let Some(gene) = genes.iter_mut().find(|g| g.gene == r.gene) else {
+                let Some(gene) = index.get(&r.gene).map(|&gi| &mut genes[gi]) else {
                     continue;
                 };
                 let model = LinearSvr {
