@@ -12,7 +12,7 @@
 //!   `batch` patches at a time, so a 5120×5120 image (1024 patches of 160) never
 //!   needs all its patches in memory at once; [`fill_patches`] is the same
 //!   operation for a caller-owned buffer.
-//! - [`read_sample_list`] / [`write_sample_list`]: the `sample,image` CSV that
+//! - [`read_sample_list`] / [`read_sample_list_with`] / [`write_sample_list`]: the `sample,image` CSV that
 //!   maps samples to their images.
 
 use std::fs::File;
@@ -568,32 +568,94 @@ pub struct SampleImage {
     pub path: PathBuf,
 }
 
-/// Reads a sample list: the header `sample,image`, then one line per image,
-/// `<sample>,<path>`, read as [`crate::csv`] reads CSV (quoted fields, `#`
-/// comment lines, blank lines skipped, a UTF-8 BOM dropped, surrounding
-/// blanks trimmed). A path may be quoted to hold commas; an unquoted path
-/// that holds commas is the rest of the line, as older lists wrote it. A
-/// sample may have many images.
+/// Which columns of a sample list hold the sample and the image path;
+/// `None` picks the default (`sample`; `image`, else `path`; case-insensitive).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SampleColumns {
+    /// Name of the sample column.
+    pub sample: Option<String>,
+    /// Name of the image-path column.
+    pub image: Option<String>,
+}
+
+/// Reads a sample list with the default columns: see [`read_sample_list_with`].
 ///
 /// # Errors
-/// Unreadable file, a wrong header, a line without a path, an empty sample
-/// or path, or no images at all; the message names the file and line.
+/// As [`read_sample_list_with`].
 pub fn read_sample_list(path: impl AsRef<Path>) -> Result<Vec<SampleImage>> {
+    read_sample_list_with(path, &SampleColumns::default())
+}
+
+/// Reads a sample list: a header naming at least the sample and image
+/// columns (chosen by `columns`; by default `sample` and `image` or `path`,
+/// case-insensitive, in any position), then one line per image. Other
+/// columns (batch, group, …) are allowed and ignored here; the same file
+/// can give `svr cv --groups` its groups. Read as [`crate::csv`] reads CSV
+/// (quoted fields, `#` comment lines, blank lines skipped, a UTF-8 BOM
+/// dropped, surrounding blanks trimmed). A path may be quoted to hold
+/// commas; when the image column is the last one, an unquoted path that
+/// holds commas is the rest of the line, as older lists wrote it. Relative
+/// paths are resolved against the list's directory. A sample may have many
+/// images.
+///
+/// # Errors
+/// Unreadable file, a missing column (naming the header), a line without a
+/// path, an empty sample or path, or no images at all; the message names the
+/// file and line.
+pub fn read_sample_list_with(
+    path: impl AsRef<Path>,
+    columns: &SampleColumns,
+) -> Result<Vec<SampleImage>> {
     let path = path.as_ref();
     let csv = CsvFile::read(path)?;
     let base = path.parent().unwrap_or(Path::new(""));
-    let header_ok = csv.header.len() == 2
-        && csv.header.get(0).eq_ignore_ascii_case("sample")
-        && csv.header.get(1).eq_ignore_ascii_case("image");
-    if !header_ok {
-        return Err(csv.line_error(csv.header.line, "the header must be `sample,image`"));
+    let find = |flag: &str, given: &Option<String>, defaults: &[&str]| -> Result<usize> {
+        let names: Vec<&str> = match given {
+            Some(name) => vec![name.as_str()],
+            None => defaults.to_vec(),
+        };
+        names
+            .iter()
+            .find_map(|n| csv.column_ignore_case(n))
+            .ok_or_else(|| {
+                csv.line_error(
+                    csv.header.line,
+                    format!(
+                        "no {} column in the header ({}); name it with {flag}",
+                        names
+                            .iter()
+                            .map(|n| format!("`{n}`"))
+                            .collect::<Vec<_>>()
+                            .join(" or "),
+                        csv.header.fields.join(",")
+                    ),
+                )
+            })
+    };
+    let sample_col = find("--sample-column", &columns.sample, &["sample"])?;
+    let image_col = find("--image-column", &columns.image, &["image", "path"])?;
+    if sample_col == image_col {
+        return Err(csv.line_error(csv.header.line, "the sample and image columns must differ"));
     }
+    let image_is_last = image_col + 1 == csv.header.len();
     let mut out = Vec::with_capacity(csv.rows.len());
     for row in &csv.rows {
-        let sample = row.get(0);
-        let image = row.fields.get(1..).unwrap_or_default().join(",");
+        let sample = row.get(sample_col);
+        let image = if image_is_last {
+            row.fields.get(image_col..).unwrap_or_default().join(",")
+        } else {
+            csv.check_width(row)?;
+            row.get(image_col).to_string()
+        };
         if sample.is_empty() || image.is_empty() {
-            return Err(csv.line_error(row.line, "expected `<sample>,<image path>`"));
+            return Err(csv.line_error(
+                row.line,
+                format!(
+                    "expected a sample ({}) and an image path ({})",
+                    csv.column_label(sample_col),
+                    csv.column_label(image_col)
+                ),
+            ));
         }
         out.push(SampleImage {
             sample: sample.to_string(),

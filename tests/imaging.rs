@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use cellmorph::imaging::{
-    fill_patches, read_dimensions, read_gray, read_sample_list, scale_pixel, write_sample_list,
-    BitDepth, GrayImage, PatchGrid, PatchStream, SampleImage, DEFAULT_PATCH,
+    fill_patches, read_dimensions, read_gray, read_sample_list, read_sample_list_with, scale_pixel,
+    write_sample_list, BitDepth, GrayImage, PatchGrid, PatchStream, SampleColumns, SampleImage,
+    DEFAULT_PATCH,
 };
 use cellmorph::Error;
 use image::{ImageBuffer, ImageFormat, Luma, LumaA, Rgb, Rgba};
@@ -364,6 +365,42 @@ fn sample_lists_round_trip_and_resolve_relative_paths() {
     std::fs::write(&path, "sample,image\ns1\n").unwrap();
     let msg = message_naming(read_sample_list(&path).unwrap_err(), &path);
     assert!(msg.contains("line 2"), "{msg}");
+
+    // Columns by name, in any order, extra columns ignored; `path` is the
+    // second default for the image column.
+    std::fs::write(
+        &path,
+        "batch,Path,Sample,note\nb1,x/a.png,s1,\"q, r\"\nb2,b.png,s2,\n",
+    )
+    .unwrap();
+    let back = read_sample_list(&path).unwrap();
+    assert_eq!(back[0].sample, "s1");
+    assert_eq!(back[0].path, dir.join("x/a.png"));
+    assert_eq!(back[1].sample, "s2");
+    std::fs::write(&path, "id,file,batch\ns1,a.png,b1\n").unwrap();
+    let msg = message_naming(read_sample_list(&path).unwrap_err(), &path);
+    assert!(
+        msg.contains("--sample-column") && msg.contains("id,file,batch"),
+        "{msg}"
+    );
+    let cols = SampleColumns {
+        sample: Some("id".into()),
+        image: Some("file".into()),
+    };
+    let back = read_sample_list_with(&path, &cols).unwrap();
+    assert_eq!(
+        (back[0].sample.as_str(), back[0].path.clone()),
+        ("s1", dir.join("a.png"))
+    );
+    let cols = SampleColumns {
+        sample: Some("id".into()),
+        image: Some("image".into()),
+    };
+    let msg = message_naming(read_sample_list_with(&path, &cols).unwrap_err(), &path);
+    assert!(
+        msg.contains("`image`") && msg.contains("--image-column"),
+        "{msg}"
+    );
 }
 
 /// The real images the tests read (tests/data, see its README).

@@ -15,9 +15,17 @@ use cellmorph::{Device, Error, Precision, Result};
 
 #[derive(Args, Debug)]
 pub struct ProfileArgs {
-    /// Sample list CSV with the header `sample,image` (one line per image).
+    /// Sample list CSV, one line per image: a sample column and an image
+    /// path column (by default `sample` and `image` or `path`, any order);
+    /// other columns (batch, group, …) are allowed and ignored here.
     #[arg(long)]
     pub samples: PathBuf,
+    /// Name of the sample list's sample column [default: sample].
+    #[arg(long)]
+    pub sample_column: Option<String>,
+    /// Name of the sample list's image path column [default: image, else path].
+    #[arg(long)]
+    pub image_column: Option<String>,
     /// VQ-VAE-2 weights (safetensors, vq-vae-2-pytorch names).
     #[arg(long)]
     pub weights: PathBuf,
@@ -93,6 +101,10 @@ pub struct EvaluateArgs {
     /// Folder for predicted-vs-measured scatter PNGs of the top genes.
     #[arg(long)]
     plots: Option<PathBuf>,
+    /// Units of the expression values, shown on the plots' axes (e.g.
+    /// "log2 CPM"); none by default.
+    #[arg(long)]
+    units: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -138,6 +150,10 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
         &be,
         &ProfileFilesOptions {
             samples: a.samples,
+            columns: cellmorph::imaging::SampleColumns {
+                sample: a.sample_column,
+                image: a.image_column,
+            },
             weights: a.weights,
             output: a.output.clone(),
             profile: ProfileOptions {
@@ -242,6 +258,7 @@ fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
         output: a.output.clone(),
         plots: a.plots,
         top: a.top,
+        units: a.units,
     })?;
     let eval = &s.evaluation;
     for sk in &eval.skipped {

@@ -1,13 +1,16 @@
-//! `cellmorph svr grid` and `cellmorph svr predict`.
+//! `cellmorph svr grid`, `cellmorph svr predict` and `cellmorph svr cv`.
 
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
+use cellmorph::apps::expression::cv::{
+    cross_validate, CrossValidateOptions, GroupFile, OuterFolds,
+};
 use cellmorph::apps::expression::gene_models::{
     fit_gene_models, predict_expression, FitGeneModelsOptions, PredictExpressionOptions,
 };
-use cellmorph::svr::GridSpec;
+use cellmorph::svr::{grid_edge_warnings, GridSpec};
 use cellmorph::{Device, Result};
 
 #[derive(Subcommand, Debug)]
@@ -17,6 +20,73 @@ pub enum SvrCommand {
     Grid(GridArgs),
     /// Predict expression from a feature table with a fitted model.
     Predict(PredictArgs),
+    /// Cross-validated (out-of-fold) predictions per gene, as scikit-learn's
+    /// cross_val_predict: plain K-fold for one C and one epsilon, nested
+    /// (the grid search inside each outer training fold) for lists.
+    Cv(CvArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CvArgs {
+    /// Feature table CSV: sample, then one column per feature (e.g. a profile CSV).
+    #[arg(long)]
+    features: PathBuf,
+    /// Expression table CSV: sample, then one column per gene (log2 CPM
+    /// unless --raw-counts). Its row order defines the contiguous folds.
+    #[arg(long)]
+    expression: PathBuf,
+    /// C values (one value: plain K-fold; a list or range: nested search),
+    /// same syntax as svr grid.
+    #[arg(long)]
+    c: String,
+    /// Epsilon values, same syntax.
+    #[arg(long)]
+    epsilon: String,
+    /// Outer folds [default: 5]. Without --shuffle or --groups: scikit-learn's
+    /// KFold(K), contiguous blocks in sample order, the first n % K one larger.
+    #[arg(long)]
+    folds: Option<usize>,
+    /// Inner folds of the nested grid search (contiguous KFold over each
+    /// outer training set, in sample order).
+    #[arg(long, default_value_t = 3)]
+    inner_folds: usize,
+    /// Shuffle before cutting the outer folds: a Fisher-Yates permutation
+    /// from cellmorph's SplitMix64 generator seeded with --seed, then
+    /// contiguous KFold blocks of the permuted order. Deterministic, but NOT
+    /// scikit-learn's KFold(shuffle=True, random_state) permutation (NumPy's
+    /// generator is not reproduced).
+    #[arg(long)]
+    shuffle: bool,
+    /// Seed of --shuffle.
+    #[arg(long, default_value_t = 0, requires = "shuffle")]
+    seed: u64,
+    /// CSV with a `sample` column and the --group-column: grouped outer folds
+    /// (scikit-learn's GroupKFold(K); no group in two folds). Every sample
+    /// of the expression table needs a group.
+    #[arg(long, requires = "group_column", conflicts_with = "shuffle")]
+    groups: Option<PathBuf>,
+    /// Column of --groups holding the group (e.g. batch).
+    #[arg(long, requires = "groups")]
+    group_column: Option<String>,
+    /// One outer fold per group (scikit-learn's LeaveOneGroupOut), groups
+    /// in sorted order; needs --groups, excludes --folds.
+    #[arg(long, requires = "groups", conflicts_with = "folds")]
+    leave_one_group_out: bool,
+    /// The expression table holds raw counts: normalize to log2(CPM + 1) first.
+    #[arg(long)]
+    raw_counts: bool,
+    /// Output CSV of the out-of-fold predictions: sample, one column per gene,
+    /// rows in the expression table's order.
+    #[arg(long)]
+    output: PathBuf,
+    /// Per-gene scores CSV: gene, n, pearson_r, R2, r2_score, p, q, and the
+    /// C and epsilon chosen in most outer folds with their counts.
+    #[arg(long)]
+    summary: Option<PathBuf>,
+    /// Where the solver runs: cpu, cuda, cuda:N or emulated (kernel devices
+    /// take training sets of at most 128 samples).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
 }
 
 #[derive(Args, Debug)]
@@ -65,7 +135,116 @@ pub fn run(cmd: SvrCommand) -> Result<()> {
     match cmd {
         SvrCommand::Grid(a) => grid(a),
         SvrCommand::Predict(a) => predict(a),
+        SvrCommand::Cv(a) => cv(a),
     }
+}
+
+fn cv(a: CvArgs) -> Result<()> {
+    let mut inputs: Vec<(&str, &std::path::Path)> =
+        vec![("--features", &a.features), ("--expression", &a.expression)];
+    if let Some(g) = &a.groups {
+        inputs.push(("--groups", g));
+    }
+    cellmorph::io::check_output_is_not_an_input("--output", &a.output, &inputs)?;
+    if let Some(summary) = &a.summary {
+        cellmorph::io::check_output_is_not_an_input("--summary", summary, &inputs)?;
+        if std::path::absolute(summary).ok() == std::path::absolute(&a.output).ok() {
+            return Err(cellmorph::Error::invalid(format!(
+                "--summary {} is also --output; give them different paths",
+                summary.display()
+            )));
+        }
+    }
+    let mut grid = GridSpec::parse(&a.c, &a.epsilon)?;
+    grid.folds = a.inner_folds;
+    let k = a.folds.unwrap_or(5);
+    let group_file = match (&a.groups, &a.group_column) {
+        (Some(path), Some(column)) => Some(GroupFile {
+            path: path.clone(),
+            column: column.clone(),
+        }),
+        _ => None,
+    };
+    let outer = match group_file {
+        Some(groups) if a.leave_one_group_out => OuterFolds::LeaveOneGroupOut(groups),
+        Some(groups) => OuterFolds::GroupKFold { k, groups },
+        None if a.shuffle => OuterFolds::Shuffled { k, seed: a.seed },
+        None => OuterFolds::KFold(k),
+    };
+    let be = super::open_device(a.device, cellmorph::Precision::F32)?;
+    let s = cross_validate(
+        &be,
+        &CrossValidateOptions {
+            features: a.features,
+            expression: a.expression,
+            raw_counts: a.raw_counts,
+            grid: grid.clone(),
+            outer,
+            output: a.output.clone(),
+            summary: a.summary.clone(),
+        },
+    )?;
+    let o = &s.outcome;
+    eprintln!(
+        "cv: {} genes on {} samples × {} features, {} in {:.2} s",
+        o.genes.len(),
+        o.samples.len(),
+        s.features,
+        if o.nested {
+            format!(
+                "nested: {} settings ({} C × {} ε), {} inner folds",
+                grid.n_settings(),
+                grid.c.len(),
+                grid.epsilon.len(),
+                grid.folds
+            )
+        } else {
+            format!("C = {}, ε = {}", grid.c[0], grid.epsilon[0])
+        },
+        s.seconds
+    );
+    for sk in &o.skipped {
+        eprintln!("skipped gene {}: {}", sk.gene, sk.reason);
+    }
+    if o.unconverged > 0 {
+        eprintln!(
+            "warning: {} SMO runs stopped at the iteration cap",
+            o.unconverged
+        );
+    }
+    if o.nested {
+        let chosen: Vec<(&str, f64, f64)> = s
+            .scores
+            .iter()
+            .map(|g| (g.gene.as_str(), g.c, g.epsilon))
+            .collect();
+        for w in grid_edge_warnings(&grid, &chosen) {
+            eprintln!("warning: {w} (most frequent choice over the outer folds)");
+        }
+    }
+    let width = s
+        .scores
+        .iter()
+        .map(|g| g.gene.chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!("cross-validated ({}): out-of-fold predictions", s.scheme);
+    println!(
+        "{:<width$} {:>8} {:>8} {:>10} {:>10} {:>10} {:>8} {:>8}",
+        "gene", "R2", "r2_score", "p", "q", "pearson_r", "C", "epsilon"
+    );
+    for g in &s.scores {
+        println!(
+            "{:<width$} {:>8.4} {:>8.4} {:>10.2e} {:>10.2e} {:>10.4} {:>8} {:>8}",
+            g.gene, g.r2, g.r2_score, g.p, g.q, g.pearson_r, g.c, g.epsilon
+        );
+    }
+    eprintln!("out-of-fold predictions -> {}", a.output.display());
+    if let Some(summary) = &a.summary {
+        eprintln!("scores -> {}", summary.display());
+    }
+    Ok(())
 }
 
 fn grid(a: GridArgs) -> Result<()> {
@@ -111,49 +290,28 @@ fn grid(a: GridArgs) -> Result<()> {
         "{} problems ({} SMO solves) in {:.2} s",
         outcome.stats.problems, outcome.stats.smo_solves, s.seconds
     );
-    println!("{:<20} {:>8} {:>8} {:>10}", "gene", "C", "epsilon", "cv_R2");
+    let width = outcome
+        .results
+        .iter()
+        .map(|r| r.gene.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(4);
+    println!(
+        "{:<width$} {:>8} {:>8} {:>10}",
+        "gene", "C", "epsilon", "cv_R2"
+    );
     for r in &outcome.results {
         println!(
-            "{:<20} {:>8} {:>8} {:>10.4}",
+            "{:<width$} {:>8} {:>8} {:>10.4}",
             r.gene, r.c, r.epsilon, r.cv_score
         );
     }
-    type Pick = fn(&cellmorph::svr::GridResult) -> f64;
-    let picks: [(&str, &[f64], Pick); 2] = [
-        ("C", &spec.c, |r| r.c),
-        ("epsilon", &spec.epsilon, |r| r.epsilon),
-    ];
-    for (what, values, pick) in picks {
-        let on_edge: Vec<&str> = outcome
-            .results
-            .iter()
-            .filter(|r| on_grid_edge(values, pick(r)))
-            .map(|r| r.gene.as_str())
-            .collect();
-        if !on_edge.is_empty() {
-            eprintln!(
-                "warning: the chosen {what} sits on the edge of the grid ({} … {}) for {} of {} genes (e.g. {}); the best value may lie outside it — widen the grid",
-                values.iter().copied().fold(f64::INFINITY, f64::min),
-                values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-                on_edge.len(),
-                outcome.results.len(),
-                on_edge[..on_edge.len().min(3)].join(", ")
-            );
-        }
+    for w in &s.warnings {
+        eprintln!("warning: {w} (recorded in the model)");
     }
     eprintln!("model -> {}", a.output.display());
     Ok(())
-}
-
-/// True when `v` is the smallest or largest of at least two grid values
-/// (a grid edge of 0 for epsilon is a natural bound, not an edge).
-fn on_grid_edge(values: &[f64], v: f64) -> bool {
-    if values.len() < 2 {
-        return false;
-    }
-    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    (v == lo && lo > 0.0) || v == hi
 }
 
 fn predict(a: PredictArgs) -> Result<()> {

@@ -433,6 +433,44 @@ pub fn grid_search(features: &Table, expression: &Table, spec: &GridSpec) -> Res
     })
 }
 
+/// True when `v` is the smallest or largest of at least two grid values:
+/// the best setting may then lie outside the grid. ε = 0 at the lower edge
+/// is a natural bound, not an edge.
+pub fn on_grid_edge(values: &[f64], v: f64) -> bool {
+    if values.len() < 2 {
+        return false;
+    }
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (v == lo && lo > 0.0) || v == hi
+}
+
+/// The grid-edge warnings for chosen (gene, C, ε): one line per
+/// hyper-parameter whose chosen value sits on the grid's edge
+/// ([`on_grid_edge`]) for some gene, naming up to three such genes. Empty
+/// when nothing is on an edge.
+pub fn grid_edge_warnings(spec: &GridSpec, chosen: &[(&str, f64, f64)]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (what, values, index) in [("C", &spec.c, 0), ("epsilon", &spec.epsilon, 1)] {
+        let on_edge: Vec<&str> = chosen
+            .iter()
+            .filter(|r| on_grid_edge(values, if index == 0 { r.1 } else { r.2 }))
+            .map(|r| r.0)
+            .collect();
+        if !on_edge.is_empty() {
+            out.push(format!(
+                "the chosen {what} sits on the edge of the grid ({} … {}) for {} of {} genes (e.g. {}); the best value may lie outside it — widen the grid",
+                values.iter().copied().fold(f64::INFINITY, f64::min),
+                values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                on_edge.len(),
+                chosen.len(),
+                on_edge[..on_edge.len().min(3)].join(", ")
+            ));
+        }
+    }
+    out
+}
+
 /// scikit-learn's choice: the highest mean score, the first on an exact tie;
 /// NaN scores rank below every number (index 0 if all are NaN).
 pub(crate) fn best_index(scores: &[f64]) -> usize {
@@ -589,6 +627,23 @@ mod tests {
         // 1 − 2/2 with SS_res = 1 + 1, SS_tot = 1 + 1.
         assert_eq!(r2_score(&[1.0, 3.0], &[2.0, 2.0]), 0.0);
         assert!((r2_score(&[1.0, 2.0, 3.0], &[1.5, 2.0, 2.5]) - 0.75).abs() < 1e-15);
+    }
+
+    #[test]
+    fn grid_edges() {
+        assert!(on_grid_edge(&[1.0, 2.0, 3.0], 1.0));
+        assert!(on_grid_edge(&[1.0, 2.0, 3.0], 3.0));
+        assert!(!on_grid_edge(&[1.0, 2.0, 3.0], 2.0));
+        assert!(!on_grid_edge(&[0.0, 0.1], 0.0));
+        assert!(!on_grid_edge(&[1.0], 1.0));
+        let spec = GridSpec::new(vec![1.0, 2.0], vec![0.0, 0.1, 0.2]).unwrap();
+        let w = grid_edge_warnings(&spec, &[("A", 1.0, 0.1), ("B", 1.5, 0.0)]);
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("chosen C") && w[0].contains("1 of 2 genes (e.g. A)"),
+            "{w:?}"
+        );
+        assert!(grid_edge_warnings(&spec, &[("A", 1.5, 0.0)]).is_empty());
     }
 
     #[test]

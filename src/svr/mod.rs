@@ -4,10 +4,12 @@
 //! [`smo::solve`] over a precomputed `f64` Gram matrix, one self-contained
 //! call per problem, many problems in parallel on rayon. [`grid`] runs
 //! `GridSearchCV(SVR(kernel="linear"), {"C", "epsilon"}, cv=KFold(k))` for
-//! many genes at once; [`model`] saves and applies the fitted models.
+//! many genes at once; [`cv`] gives cross-validated (out-of-fold)
+//! predictions, plain or nested; [`model`] saves and applies the fitted models.
 //!
 //! Matrices are passed as row-major `&[f64]` with an explicit column count.
 
+pub mod cv;
 pub mod device;
 pub mod grid;
 pub mod model;
@@ -15,8 +17,8 @@ pub mod smo;
 
 pub use device::{fit_batch_on, grid_search_on, solve_batch_on, DualSolution, DEVICE_MAX_ROWS};
 pub use grid::{
-    grid_search, kfold, parse_list, r2_score, GridOutcome, GridResult, GridSpec, GridStats,
-    SkippedGene,
+    grid_edge_warnings, grid_search, kfold, on_grid_edge, parse_list, r2_score, GridOutcome,
+    GridResult, GridSpec, GridStats, SkippedGene,
 };
 pub use model::{GeneModel, SvrModel};
 

@@ -1,7 +1,11 @@
 //! Fitted per-gene SVR models as JSON, and prediction on a feature table.
 //!
 //! Format: `{"features": [names], "genes": {gene: {"C", "epsilon",
-//! "cv_score", "w", "b"}}}`; genes keep their order in the file.
+//! "cv_score", "w", "b"}}, "training": {"samples": {name: fingerprint},
+//! "warnings": [text]}}`; genes keep their order in the file. `training`
+//! (optional; absent in older models) records which samples the model was
+//! fitted on, each with a fingerprint of its feature row, so an evaluation
+//! can tell in-sample from held-out data, and the grid search's warnings.
 
 use std::fmt;
 use std::path::Path;
@@ -30,6 +34,29 @@ pub struct GeneModel {
     pub b: f64,
 }
 
+/// What a model was fitted on.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Training {
+    /// Training samples in order, each with [`row_fingerprint`] of its
+    /// feature row (in the model's feature order).
+    #[serde(with = "ordered_map")]
+    pub samples: Vec<(String, String)>,
+    /// Warnings of the search that chose C and ε (e.g. a choice on the
+    /// grid's edge).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+/// A fingerprint of one feature row: FNV-1a (64 bits, hex) over the
+/// values' bit patterns, so only an identical row matches.
+pub fn row_fingerprint(row: &[f64]) -> String {
+    let text: Vec<String> = row
+        .iter()
+        .map(|v| format!("{:016x}", v.to_bits()))
+        .collect();
+    format!("{:016x}", crate::rng::fnv1a64(&text.join(",")))
+}
+
 /// Per-gene linear SVR models over one list of named features.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SvrModel {
@@ -38,6 +65,9 @@ pub struct SvrModel {
     /// Models by gene, in order.
     #[serde(with = "ordered_map")]
     pub genes: Vec<(String, GeneModel)>,
+    /// The training samples and the search's warnings, when recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<Training>,
 }
 
 impl SvrModel {
@@ -56,7 +86,44 @@ impl SvrModel {
                 (r.gene.clone(), model)
             })
             .collect();
-        SvrModel { features, genes }
+        SvrModel {
+            features,
+            genes,
+            training: None,
+        }
+    }
+
+    /// Records the training samples (the rows of `features`, any column
+    /// order with the model's feature columns) and the search's warnings.
+    pub fn with_training(mut self, features: &Table, warnings: Vec<String>) -> Result<SvrModel> {
+        let x = features.select_cols(&self.features)?;
+        let samples = (0..x.n_rows())
+            .map(|r| (x.row_names[r].clone(), row_fingerprint(x.row(r))))
+            .collect();
+        self.training = Some(Training { samples, warnings });
+        Ok(self)
+    }
+
+    /// How many rows of `features` are training samples (same name and
+    /// identical feature row); `None` when the model records no training
+    /// samples.
+    pub fn training_rows_in(&self, features: &Table) -> Result<Option<usize>> {
+        let Some(t) = &self.training else {
+            return Ok(None);
+        };
+        let known: std::collections::HashMap<&str, &str> = t
+            .samples
+            .iter()
+            .map(|(s, f)| (s.as_str(), f.as_str()))
+            .collect();
+        let x = features.select_cols(&self.features)?;
+        Ok(Some(
+            (0..x.n_rows())
+                .filter(|&r| {
+                    known.get(x.row_names[r].as_str()) == Some(&row_fingerprint(x.row(r)).as_str())
+                })
+                .count(),
+        ))
     }
 
     /// Checks unique names, `w` lengths and finite numbers.
@@ -177,7 +244,7 @@ mod ordered_map {
         impl<'de, V: Deserialize<'de>> Visitor<'de> for Ordered<V> {
             type Value = Vec<(String, V)>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object of genes")
+                f.write_str("a JSON object")
             }
             fn visit_map<A: MapAccess<'de>>(
                 self,
@@ -212,7 +279,32 @@ mod tests {
                 ("Z".into(), gene(vec![1.0, 2.0], 0.5)),
                 ("A".into(), gene(vec![-1.0, 0.0], 0.0)),
             ],
+            training: None,
         }
+    }
+
+    #[test]
+    fn training_samples_round_trip_and_match_by_row() {
+        let t = Table::new(
+            vec!["a".into(), "b".into()],
+            vec!["f2".into(), "f1".into()],
+            vec![1.0, 2.0, 3.0, 4.0],
+        )
+        .unwrap();
+        let m = model().with_training(&t, vec!["edge".into()]).unwrap();
+        let text = serde_json::to_string(&m).unwrap();
+        let back: SvrModel = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(back.training_rows_in(&t).unwrap(), Some(2));
+        // Same names, one row changed: only the other is a training row.
+        let mut other = t.clone();
+        other.data[0] = 1.5;
+        assert_eq!(back.training_rows_in(&other).unwrap(), Some(1));
+        // Older models without the record: unknown.
+        let old: SvrModel =
+            serde_json::from_str(&serde_json::to_string(&model()).unwrap()).unwrap();
+        assert!(!serde_json::to_string(&old).unwrap().contains("training"));
+        assert_eq!(old.training_rows_in(&t).unwrap(), None);
     }
 
     #[test]

@@ -258,7 +258,14 @@ pub fn run_demo(be: &Backend, cfg: &DemoConfig, dir: &Path) -> Result<DemoResult
         ),
     );
     let outcome = grid_search_on(be, &profiles[0], &expr_a, &cfg.grid)?;
-    let model = SvrModel::from_grid(profiles[0].col_names.clone(), &outcome.results);
+    let chosen: Vec<(&str, f64, f64)> = outcome
+        .results
+        .iter()
+        .map(|r| (r.gene.as_str(), r.c, r.epsilon))
+        .collect();
+    let warnings = crate::svr::grid_edge_warnings(&cfg.grid, &chosen);
+    let model = SvrModel::from_grid(profiles[0].col_names.clone(), &outcome.results)
+        .with_training(&profiles[0].select_rows(&expr_a.row_names)?, warnings)?;
     let model_path = dir.join("model.json");
     model.save(&model_path)?;
     files.push((model_path, "per-gene SVR models"));
@@ -298,7 +305,7 @@ pub fn run_demo(be: &Backend, cfg: &DemoConfig, dir: &Path) -> Result<DemoResult
 
     // Plots: the top genes' scatter plots, the map over its image.
     let plot_dir = dir.join("plots");
-    let plots = scatter_top(&evaluation, 3, &plot_dir)?;
+    let plots = scatter_top(&evaluation, 3, &plot_dir, Some("log2 CPM"))?;
     let mut map_file = None;
     if let Some(m) = &map {
         let img = data

@@ -4,6 +4,14 @@
 //! freedom), Benjamini–Hochberg q-values across the genes of the data set,
 //! significance at FDR < alpha, and scikit-learn's `r2_score` beside it.
 //! [`evaluate_gene_models`] is `cellmorph expression evaluate`.
+//!
+//! Each data set is labelled ([`DataRole`]) from the training samples the
+//! model records (name and feature-row fingerprint, [`SvrModel::training_rows_in`]):
+//! in-sample when every sample was used to fit the model — R², p and q then
+//! describe the fit, not how well it predicts new samples — held-out when
+//! none was, partly in-sample otherwise, and "not recorded" for models
+//! written before the record existed. The model's warnings (a chosen C or ε
+//! on the grid's edge) are repeated in the table and the CSV.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -65,6 +73,57 @@ pub struct GeneSkip {
     pub reason: String,
 }
 
+/// Whether a data set's samples were used to fit the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataRole {
+    /// Every sample is a training sample: the numbers describe the fit.
+    InSample,
+    /// No sample is a training sample.
+    HeldOut,
+    /// Some samples are training samples.
+    Partial {
+        /// Training samples among them.
+        in_training: usize,
+        /// Samples.
+        n: usize,
+    },
+    /// The model records no training samples.
+    NotRecorded,
+}
+
+impl DataRole {
+    /// From the number of training rows among `n` samples (`None`: not recorded).
+    pub fn from_count(in_training: Option<usize>, n: usize) -> DataRole {
+        match in_training {
+            None => DataRole::NotRecorded,
+            Some(0) => DataRole::HeldOut,
+            Some(k) if k == n => DataRole::InSample,
+            Some(k) => DataRole::Partial { in_training: k, n },
+        }
+    }
+
+    /// Short label for CSVs and titles: `in-sample`, `held-out`,
+    /// `partly in-sample`, `unknown`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            DataRole::InSample => "in-sample",
+            DataRole::HeldOut => "held-out",
+            DataRole::Partial { .. } => "partly in-sample",
+            DataRole::NotRecorded => "unknown",
+        }
+    }
+
+    /// A sentence for the table.
+    pub fn describe(&self) -> String {
+        match self {
+            DataRole::InSample => "in-sample: the model was fitted on these samples, so R², p and q describe the fit, not predictions for new samples (use `svr cv` for cross-validated numbers)".into(),
+            DataRole::HeldOut => "held-out: none of these samples was used to fit the model".into(),
+            DataRole::Partial { in_training, n } => format!("partly in-sample: {in_training} of {n} samples were used to fit the model"),
+            DataRole::NotRecorded => "in-sample or held-out unknown: the model does not record its training samples".into(),
+        }
+    }
+}
+
 /// All results of [`evaluate`].
 #[derive(Debug, Clone, Default)]
 pub struct Evaluation {
@@ -74,6 +133,10 @@ pub struct Evaluation {
     pub skipped: Vec<GeneSkip>,
     /// The FDR level used.
     pub alpha: f64,
+    /// Each data set's [`DataRole`], in the order given.
+    pub roles: Vec<(String, DataRole)>,
+    /// The model's warnings (e.g. a chosen C or ε on the grid's edge).
+    pub warnings: Vec<String>,
 }
 
 /// Evaluates every gene of `model` on every data set. Samples are matched by
@@ -89,6 +152,11 @@ pub fn evaluate(model: &SvrModel, datasets: &[Dataset], alpha: f64) -> Result<Ev
     }
     let mut eval = Evaluation {
         alpha,
+        warnings: model
+            .training
+            .as_ref()
+            .map(|t| t.warnings.clone())
+            .unwrap_or_default(),
         ..Evaluation::default()
     };
     for (i, ds) in datasets.iter().enumerate() {
@@ -115,6 +183,8 @@ pub fn evaluate(model: &SvrModel, datasets: &[Dataset], alpha: f64) -> Result<Ev
             ))
         })?;
         let predicted = model.predict(&features)?;
+        let role = DataRole::from_count(model.training_rows_in(&features)?, samples.len());
+        eval.roles.push((ds.name.clone(), role));
         let mut rows = Vec::new();
         for (g, (gene, _)) in model.genes.iter().enumerate() {
             let Some(col) = ds.expression.col_index(gene) else {
@@ -202,15 +272,30 @@ impl Evaluation {
         v
     }
 
-    /// CSV: dataset, gene, n, R2, pearson_r, p, q, r2_score, significant.
+    /// The [`DataRole`] of a data set ([`DataRole::NotRecorded`] for an
+    /// unknown name).
+    pub fn role(&self, dataset: &str) -> DataRole {
+        self.roles
+            .iter()
+            .find(|(d, _)| d == dataset)
+            .map_or(DataRole::NotRecorded, |(_, r)| *r)
+    }
+
+    /// CSV: `# warning: …` comment lines for the model's warnings, then
+    /// dataset, evaluated ([`DataRole::label`]), gene, n, R2, pearson_r, p,
+    /// q, r2_score, significant.
     pub fn to_csv(&self) -> String {
         self.to_csv_writer().into_string()
     }
 
     fn to_csv_writer(&self) -> CsvWriter {
         let mut w = CsvWriter::new();
+        for warning in &self.warnings {
+            w.comment(&format!("warning: {warning}"));
+        }
         w.record([
             "dataset",
+            "evaluated",
             "gene",
             "n",
             "R2",
@@ -223,6 +308,7 @@ impl Evaluation {
         for r in &self.results {
             w.record([
                 r.dataset.clone(),
+                self.role(&r.dataset).label().to_string(),
                 r.gene.clone(),
                 r.n.to_string(),
                 r.r2.to_string(),
@@ -241,28 +327,42 @@ impl Evaluation {
         self.to_csv_writer().write(path)
     }
 
-    /// A readable Table-3-style summary: per data set the number of genes
-    /// significant at FDR < alpha, then the top `k` genes.
+    /// A readable Table-3-style summary: the model's warnings, then per
+    /// data set whether it is in-sample or held-out, the number of genes
+    /// significant at FDR < alpha, and the top `k` genes.
     pub fn table(&self, k: usize) -> String {
         let mut s = String::new();
+        for warning in &self.warnings {
+            let _ = writeln!(s, "warning (from the model): {warning}");
+        }
         for ds in self.datasets() {
             let all: Vec<&GeneResult> = self.results.iter().filter(|r| r.dataset == ds).collect();
             let sig = all.iter().filter(|r| r.significant).count();
+            let role = self.role(&ds);
             let _ = writeln!(
                 s,
-                "data set {ds}: {sig} of {} genes significant at FDR < {}",
+                "data set {ds} ({}): {sig} of {} genes significant at FDR < {}",
+                role.label(),
                 all.len(),
                 self.alpha
             );
+            let _ = writeln!(s, "  {}", role.describe());
+            let top = self.top(&ds, k);
+            let width = top
+                .iter()
+                .map(|r| r.gene.chars().count())
+                .max()
+                .unwrap_or(0)
+                .max(4);
             let _ = writeln!(
                 s,
-                "  {:<16} {:>4} {:>7} {:>10} {:>10} {:>9}  FDR",
+                "  {:<width$} {:>4} {:>7} {:>10} {:>10} {:>9}  FDR",
                 "gene", "n", "R2", "p", "q", "r2_score"
             );
-            for r in self.top(&ds, k) {
+            for r in top {
                 let _ = writeln!(
                     s,
-                    "  {:<16} {:>4} {:>7.3} {:>10.2e} {:>10.2e} {:>9.3}  {}",
+                    "  {:<width$} {:>4} {:>7.3} {:>10.2e} {:>10.2e} {:>9.3}  {}",
                     r.gene,
                     r.n,
                     r.r2,
@@ -312,6 +412,8 @@ pub struct EvaluateGeneModelsOptions {
     pub plots: Option<PathBuf>,
     /// Genes plotted per data set.
     pub top: usize,
+    /// Units of the expression values for the plots' axes (e.g. "log2 CPM").
+    pub units: Option<String>,
 }
 
 /// What [`evaluate_gene_models`] did.
@@ -342,8 +444,74 @@ pub fn evaluate_gene_models(o: &EvaluateGeneModelsOptions) -> Result<EvaluateGen
     let evaluation = evaluate(&model, &datasets, o.fdr)?;
     evaluation.write_csv(&o.output)?;
     let plots = match &o.plots {
-        Some(dir) => scatter_top(&evaluation, o.top, dir)?,
+        Some(dir) => scatter_top(&evaluation, o.top, dir, o.units.as_deref())?,
         None => Vec::new(),
     };
     Ok(EvaluateGeneModelsSummary { evaluation, plots })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::svr::GeneModel;
+
+    #[test]
+    fn table_fits_long_names_and_labels_roles() {
+        let long = "A_GENE_NAME_LONGER_THAN_SIXTEEN";
+        let model = SvrModel {
+            features: vec!["f".into()],
+            genes: vec![
+                (
+                    long.into(),
+                    GeneModel {
+                        c: 1.0,
+                        epsilon: 0.1,
+                        cv_score: 0.0,
+                        w: vec![1.0],
+                        b: 0.0,
+                    },
+                ),
+                (
+                    "G".into(),
+                    GeneModel {
+                        c: 1.0,
+                        epsilon: 0.1,
+                        cv_score: 0.0,
+                        w: vec![-1.0],
+                        b: 0.0,
+                    },
+                ),
+            ],
+            training: None,
+        };
+        let names: Vec<String> = (0..4).map(|i| format!("s{i}")).collect();
+        let features =
+            Table::new(names.clone(), vec!["f".into()], vec![1.0, 2.0, 3.0, 5.0]).unwrap();
+        let expression = Table::new(
+            names,
+            vec![long.into(), "G".into()],
+            vec![1.0, 2.0, 2.5, 1.0, 2.0, 3.0, 5.5, 1.0],
+        )
+        .unwrap();
+        let ds = Dataset {
+            name: "A".into(),
+            features: features.clone(),
+            expression,
+        };
+        let e = evaluate(&model, std::slice::from_ref(&ds), 0.05).unwrap();
+        assert_eq!(e.role("A"), DataRole::NotRecorded);
+        let table = e.table(5);
+        let lines: Vec<&str> = table.lines().collect();
+        let h = lines.iter().position(|l| l.contains("r2_score")).unwrap();
+        let col = lines[h].find(" n ").unwrap();
+        // Both gene rows put their n (4) under the header's n.
+        for row in &lines[h + 1..h + 3] {
+            assert_eq!(&row[col..col + 2], " 4", "{table}");
+        }
+        let trained = model.with_training(&features, vec![]).unwrap();
+        let e = evaluate(&trained, &[ds], 0.05).unwrap();
+        assert_eq!(e.role("A"), DataRole::InSample);
+        assert!(e.table(5).contains("data set A (in-sample)"));
+        assert!(e.to_csv().contains("A,in-sample,G,4,"));
+    }
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use super::prepare::read_expression;
 use crate::backend::Backend;
-use crate::svr::{grid_search_on, GridOutcome, GridSpec, SvrModel};
+use crate::svr::{grid_edge_warnings, grid_search_on, GridOutcome, GridSpec, SvrModel};
 use crate::table::Table;
 use crate::{Error, Result};
 
@@ -44,6 +44,9 @@ pub struct FitGeneModelsSummary {
     pub outcome: GridOutcome,
     /// Seconds the search took.
     pub seconds: f64,
+    /// Warnings about the choices (a chosen C or ε on the grid's edge),
+    /// also stored in the model.
+    pub warnings: Vec<String>,
 }
 
 /// `cellmorph svr grid`: per-gene linear epsilon-SVR with a
@@ -70,7 +73,16 @@ pub fn fit_gene_models(be: &Backend, o: &FitGeneModelsOptions) -> Result<FitGene
             examples.join("; ")
         )));
     }
-    let model = SvrModel::from_grid(features.col_names.clone(), &outcome.results);
+    let chosen: Vec<(&str, f64, f64)> = outcome
+        .results
+        .iter()
+        .map(|r| (r.gene.as_str(), r.c, r.epsilon))
+        .collect();
+    let warnings = grid_edge_warnings(&o.grid, &chosen);
+    let model = SvrModel::from_grid(features.col_names.clone(), &outcome.results).with_training(
+        &features.select_rows(&expression.row_names)?,
+        warnings.clone(),
+    )?;
     model.save(&o.output)?;
     Ok(FitGeneModelsSummary {
         genes: expression.n_cols(),
@@ -78,6 +90,7 @@ pub fn fit_gene_models(be: &Backend, o: &FitGeneModelsOptions) -> Result<FitGene
         features: features.n_cols(),
         outcome,
         seconds,
+        warnings,
     })
 }
 

@@ -13,11 +13,13 @@
 //! - [`init`]: an untrained VQ-VAE-2 (seeded weights, k-means++ codebooks).
 //! - [`gene_models`]: the per-gene SVR grid search and prediction from files
 //!   (`cellmorph svr grid`, `cellmorph svr predict`).
+//! - [`cv`]: cross-validated predictions and their scores (`cellmorph svr cv`).
 //! - [`evaluate`]: the Table-3 evaluation (`cellmorph expression evaluate`).
 //! - [`map`]: patch-wise expression maps (`cellmorph map`).
 //! - [`plots`]: scatter plots of the best genes, maps over their images.
 //! - [`demo`]: the whole pipeline on synthetic data (`cellmorph demo`).
 
+pub mod cv;
 pub mod demo;
 pub mod evaluate;
 pub mod gene_models;

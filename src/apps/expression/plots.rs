@@ -23,17 +23,32 @@ fn safe(s: &str) -> String {
 }
 
 /// Predicted-vs-measured scatter PNGs of the top `k` genes of every data
-/// set, named `<data set>_<gene>.png` in `dir`; returns their paths.
-pub fn scatter_top(eval: &Evaluation, k: usize, dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+/// set, named `<data set>_<gene>.png` in `dir`; returns their paths. Titles
+/// say whether the data set is in-sample or held-out; axes are labelled
+/// with the gene and `units` when given.
+pub fn scatter_top(
+    eval: &Evaluation,
+    k: usize,
+    dir: &Path,
+    units: Option<&str>,
+) -> Result<Vec<std::path::PathBuf>> {
+    let unit = units.map_or(String::new(), |u| format!(" ({u})"));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut written = Vec::new();
     for ds in eval.datasets() {
         for r in eval.top(&ds, k) {
             let path = dir.join(format!("{}_{}.png", safe(&ds), safe(&r.gene)));
             let opts = PlotOptions {
-                title: format!("{} {}  R2 {:.3}  q {:.1e}", ds, r.gene, r.r2, r.q),
-                x_label: "measured log2 CPM".into(),
-                y_label: "predicted".into(),
+                title: format!(
+                    "{} ({})  {}  R2 {:.3}  q {:.1e}",
+                    ds,
+                    eval.role(&ds).label(),
+                    r.gene,
+                    r.r2,
+                    r.q
+                ),
+                x_label: format!("measured {}{unit}", r.gene),
+                y_label: format!("predicted {}{unit}", r.gene),
                 ..PlotOptions::default()
             };
             scatter_plot(&path, &r.measured, &r.predicted, &opts)?;

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::imaging::{read_gray, read_sample_list, PatchStream, SampleImage};
+use crate::imaging::{read_gray, read_sample_list_with, PatchStream, SampleColumns, SampleImage};
 use crate::io::TensorFile;
 use crate::models::vqvae2::{mse_8bit, profile, sum_histograms, VqVae2, VqVae2Config};
 use crate::table::Table;
@@ -279,8 +279,11 @@ pub fn patch_profiles(
 /// What [`profile_files`] reads and writes.
 #[derive(Clone, Debug)]
 pub struct ProfileFilesOptions {
-    /// Sample list CSV with the header `sample,image` (one line per image).
+    /// Sample list CSV (one line per image; see
+    /// [`crate::imaging::read_sample_list_with`]).
     pub samples: PathBuf,
+    /// Which columns of the sample list hold the sample and the image path.
+    pub columns: SampleColumns,
     /// VQ-VAE-2 weights (safetensors, vq-vae-2-pytorch names).
     pub weights: PathBuf,
     /// Output profile CSV: sample, top0..top{K-1}, bottom0..bottom{K-1}.
@@ -306,7 +309,7 @@ pub struct ProfileFilesSummary {
 /// `cellmorph profile`: every image of a sample list through the VQ-VAE-2
 /// on `be` ([`profile_samples`]); writes the profile CSV.
 pub fn profile_files(be: &Backend, o: &ProfileFilesOptions) -> Result<ProfileFilesSummary> {
-    let list = read_sample_list(&o.samples)?;
+    let list = read_sample_list_with(&o.samples, &o.columns)?;
     let model = VqVae2::load(be, &o.weights)?;
     if o.profile.mse && !model.has_decoder() {
         return Err(Error::invalid(format!(
