@@ -11,8 +11,10 @@
 //!   (conv forward, transposed-conv input gradient);
 //! - *scatter*: `big[cb, i·s + ky − p, j·s + kx − p] += Σ_cs w[cs, cb, ky, kx] · small[cs, i, j]`
 //!   (transposed-conv forward, conv input gradient);
-//! - `kernel_grad`: `dK[ky, kx] += Σ_{i, j} small[i, j] · big[i·s + ky − p, j·s + kx − p]`
-//!   (both weight gradients), a loop nest over one pair of planes.
+//! - *weight gradient*: `dw[cs, cb, ky, kx] = Σ_{n, i, j} small[n, cs, i, j] · big[n, cb, i·s + ky − p, j·s + kx − p]`
+//!   (both weight gradients), one GEMM per image with the big plane's taps
+//!   gathered straight into the packed B (`weight_grad`; specification
+//!   `reference::weight_grad_planes`).
 //!
 //! Correlate and scatter run as implicit GEMMs (`GemmConv`): the weights
 //! `[c_out, c_in·taps]` times patches `[c_in·taps, pixels]` that are gathered
@@ -690,29 +692,72 @@ fn write_out(
     }
 }
 
-/// `dK[ky, kx] += Σ_{i,j} small[i, j] · big[i·s + ky − p, j·s + kx − p]`.
-fn kernel_grad(win: &Window, small: &[f32], big: &[f32], dkernel: &mut [f32]) {
-    for ky in 0..win.kh {
-        for kx in 0..win.kw {
-            let cols = win.cols(kx);
-            if cols.is_empty() {
-                continue;
-            }
-            let b0 = cols.start * win.stride_w + kx - win.pad_w;
-            let mut acc = 0.0f32;
-            for i in win.rows(ky) {
-                let small_row = &small[i * win.small_w..][..win.small_w];
-                let big_row = &big[(i * win.stride_h + ky - win.pad_h) * win.big_w..][..win.big_w];
-                let s = &small_row[cols.clone()];
-                let span = &big_row[b0..=b0 + (s.len() - 1) * win.stride_w];
-                acc += s
-                    .iter()
-                    .enumerate()
-                    .map(|(t, &a)| a * span[t * win.stride_w])
-                    .sum::<f32>();
-            }
-            dkernel[ky * win.kw + kx] += acc;
-        }
+/// The weight gradient shared by conv2d and conv_transpose2d, as one GEMM
+/// per image: `dw[sc, (bc, ky, kx)] += Σ_p small[n, sc, p] ·
+/// big[n, bc, tap(p, ky, kx)]` (zero where the tap falls in the padding),
+/// with `small` the small plane's tensor `[n, small_c, P]` and `big` the
+/// big plane's `[n, big_c, ·]`. The big side is gathered straight into
+/// GEMM's packed B (no separate im2col), the small side packed as A per
+/// task of output rows. Each element sums image by image and, within an
+/// image, in increasing small-plane position, whatever the thread count,
+/// so the result is deterministic. Overwrites `dw` `[small_c, big_c, kh, kw]`.
+fn weight_grad(
+    win: &Window,
+    n_img: usize,
+    small_c: usize,
+    big_c: usize,
+    small: &[f32],
+    big: &[f32],
+    dw: &mut [f32],
+) {
+    let (p_len, big_plane, k_len) = (win.small_len(), win.big_len(), win.kernel_len());
+    let cols = big_c * k_len;
+    dw.fill(0.0);
+    if p_len == 0 || cols == 0 || small_c == 0 {
+        return;
+    }
+    // Valid small rows/columns per tap, computed once.
+    let rows: Vec<Range<usize>> = (0..win.kh).map(|ky| win.rows(ky)).collect();
+    let colr: Vec<Range<usize>> = (0..win.kw).map(|kx| win.cols(kx)).collect();
+    let mut b_packed = vec![0.0f32; packed_len(cols, NR, p_len)];
+    let rows_per_task = small_c
+        .div_ceil(TASKS_PER_THREAD * rayon::current_num_threads())
+        .next_multiple_of(MR);
+    for n in 0..n_img {
+        let big_n = &big[n * big_c * big_plane..][..big_c * big_plane];
+        // Pack B: strip s holds columns s·NR … s·NR + NR − 1, k-major.
+        b_packed
+            .par_chunks_mut(p_len * NR)
+            .enumerate()
+            .for_each(|(strip, out)| {
+                out.fill(0.0);
+                for l in 0..NR {
+                    let col = strip * NR + l;
+                    if col >= cols {
+                        break;
+                    }
+                    let (bc, tap) = (col / k_len, col % k_len);
+                    let (ky, kx) = (tap / win.kw, tap % win.kw);
+                    let plane = &big_n[bc * big_plane..][..big_plane];
+                    for i in rows[ky].clone() {
+                        let by = i * win.stride_h + ky - win.pad_h;
+                        for j in colr[kx].clone() {
+                            let bx = j * win.stride_w + kx - win.pad_w;
+                            out[(i * win.small_w + j) * NR + l] = plane[by * win.big_w + bx];
+                        }
+                    }
+                }
+            });
+        let small_n = &small[n * small_c * p_len..][..small_c * p_len];
+        dw.par_chunks_mut(rows_per_task * cols)
+            .enumerate()
+            .for_each(|(t, c_rows)| {
+                let m = c_rows.len() / cols;
+                let a_rows = &small_n[t * rows_per_task * p_len..][..m * p_len];
+                let mut a_packed = vec![0.0; packed_len(m, MR, p_len)];
+                pack_a(m, p_len, a_rows, p_len, &mut a_packed);
+                gemm(m, cols, p_len, &a_packed, &b_packed, c_rows, cols);
+            });
     }
 }
 
@@ -803,23 +848,13 @@ pub fn conv2d_backward(
     }
 
     let win = Window::conv(g);
-    let (x_plane, y_plane, k_len) = (win.big_len(), win.small_len(), win.kernel_len());
+    let y_plane = win.small_len();
 
     // dx[n, ci] = Σ_co dy[n, co] scattered through w[co, ci]: a transposed conv.
     GemmConv::scatter(&win, g.n, g.c_out, g.c_in, w, None).run(dy, dx);
 
-    // dw[co, ci] = Σ_n dy[n, co] ⋆ x[n, ci], one (co, ci) kernel per task.
-    dw.par_chunks_mut(chunk(k_len))
-        .enumerate()
-        .for_each(|(p, dw_k)| {
-            let (co, ci) = (p / g.c_in, p % g.c_in);
-            dw_k.fill(0.0);
-            for n in 0..g.n {
-                let dy_nc = &dy[(n * g.c_out + co) * y_plane..][..y_plane];
-                let x_nc = &x[(n * g.c_in + ci) * x_plane..][..x_plane];
-                kernel_grad(&win, dy_nc, x_nc, dw_k);
-            }
-        });
+    // dw[co, (ci, ky, kx)] = Σ_n Σ_p dy[n, co, p] · x[n, ci, tap(p, ky, kx)].
+    weight_grad(&win, g.n, g.c_out, g.c_in, dy, x, dw);
 
     if let Some(db) = db {
         bias_grad(g.n, g.c_out, y_plane, dy, db);
@@ -881,23 +916,13 @@ pub fn conv_transpose2d_backward(
     }
 
     let win = Window::transposed(g);
-    let (x_plane, y_plane, k_len) = (win.small_len(), win.big_len(), win.kernel_len());
+    let y_plane = win.big_len();
 
     // dx[n, ci] = Σ_co dy[n, co] ⋆ w[ci, co]: an ordinary strided convolution.
     GemmConv::correlate(&win, g.n, g.c_out, g.c_in, w, None).run(dy, dx);
 
-    // dw[ci, co] = Σ_n x[n, ci] paired with dy[n, co] through the window.
-    dw.par_chunks_mut(chunk(k_len))
-        .enumerate()
-        .for_each(|(p, dw_k)| {
-            let (ci, co) = (p / g.c_out, p % g.c_out);
-            dw_k.fill(0.0);
-            for n in 0..g.n {
-                let x_nc = &x[(n * g.c_in + ci) * x_plane..][..x_plane];
-                let dy_nc = &dy[(n * g.c_out + co) * y_plane..][..y_plane];
-                kernel_grad(&win, x_nc, dy_nc, dw_k);
-            }
-        });
+    // dw[ci, (co, ky, kx)] = Σ_n Σ_p x[n, ci, p] · dy[n, co, tap(p, ky, kx)].
+    weight_grad(&win, g.n, g.c_in, g.c_out, x, dy, dw);
 
     if let Some(db) = db {
         bias_grad(g.n, g.c_out, y_plane, dy, db);
@@ -1072,6 +1097,48 @@ pub mod reference {
                 }
             });
     }
+
+    /// The weight gradient of conv2d and conv_transpose2d, the specification
+    /// of their `dw`: `dw[sc, bc, ky, kx] = Σ_n Σ_{i, j} small[n, sc, i, j] ·
+    /// big[n, bc, i·sh + ky − ph, j·sw + kx − pw]` over the taps inside the
+    /// big plane, summed image by image, then row by row and column by
+    /// column, one multiply and one add at a time. For conv2d the small
+    /// plane is `dy` and the big one `x`; for the transposed conv, `x` and
+    /// `dy`. The GEMM path sums the same products in the same order (the
+    /// unit tests check it bit for bit; test builds only, as it takes the
+    /// module's private window type).
+    #[cfg(test)]
+    pub(super) fn weight_grad_planes(
+        win: &Window,
+        n_img: usize,
+        small_c: usize,
+        big_c: usize,
+        small: &[f32],
+        big: &[f32],
+        dw: &mut [f32],
+    ) {
+        let (p_len, big_plane, k_len) = (win.small_len(), win.big_len(), win.kernel_len());
+        dw.par_chunks_mut(k_len.max(1))
+            .enumerate()
+            .for_each(|(p, dk)| {
+                let (sc, bc) = (p / big_c, p % big_c);
+                dk.fill(0.0);
+                for (tap, d) in dk.iter_mut().enumerate() {
+                    let (ky, kx) = (tap / win.kw, tap % win.kw);
+                    for n in 0..n_img {
+                        let s_plane = &small[(n * small_c + sc) * p_len..][..p_len];
+                        let b_plane = &big[(n * big_c + bc) * big_plane..][..big_plane];
+                        for i in win.rows(ky) {
+                            let by = i * win.stride_h + ky - win.pad_h;
+                            for j in win.cols(kx) {
+                                let bx = j * win.stride_w + kx - win.pad_w;
+                                *d += s_plane[i * win.small_w + j] * b_plane[by * win.big_w + bx];
+                            }
+                        }
+                    }
+                }
+            });
+    }
 }
 
 #[cfg(test)]
@@ -1133,6 +1200,9 @@ mod tests {
         let (mut dx, mut dw) = (vec![f32::NAN; x.len()], vec![0.0; w.len()]);
         conv2d_backward(g, &x, &w, &dy, &mut dx, &mut dw, None).unwrap();
         assert_same(&format!("{what}: conv2d dx"), &dx, &want);
+        let mut want = vec![f32::NAN; w.len()];
+        reference::weight_grad_planes(&win, g.n, g.c_out, g.c_in, &dy, &x, &mut want);
+        assert_same(&format!("{what}: conv2d dw"), &dw, &want);
     }
 
     /// Transposed conv2d forward and input gradient, both against the loop nest.
@@ -1154,6 +1224,9 @@ mod tests {
         let (mut dx, mut dw) = (vec![f32::NAN; x.len()], vec![0.0; w.len()]);
         conv_transpose2d_backward(g, &x, &w, &dy, &mut dx, &mut dw, None).unwrap();
         assert_same(&format!("{what}: conv_transpose2d dx"), &dx, &want);
+        let mut want = vec![f32::NAN; w.len()];
+        reference::weight_grad_planes(&win, g.n, g.c_in, g.c_out, &x, &dy, &mut want);
+        assert_same(&format!("{what}: conv_transpose2d dw"), &dw, &want);
     }
 
     /// Random shapes: kernels 1–7, strides 1–3 (each axis), any padding,

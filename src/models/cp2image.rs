@@ -766,15 +766,7 @@ pub fn random_generator_weights(config: &GeneratorConfig, seed: u64) -> Result<T
             &[c[1]],
             &vec![0.0f32; c[1]],
         )?;
-        for (name, v) in [
-            ("weight", 1.0f32),
-            ("bias", 0.0),
-            ("running_mean", 0.0),
-            ("running_var", 1.0),
-        ] {
-            w.add_slice(&format!("blocks.{i}.bn.{name}"), &[c[1]], &vec![v; c[1]])?;
-        }
-        w.add_slice(&format!("blocks.{i}.bn.num_batches_tracked"), &[], &[0i64])?;
+        fresh_batchnorm(&mut w, &format!("blocks.{i}.bn"), c[1])?;
     }
     let c_last = ch[ch.len() - 1];
     let out_shape = [config.out_channels, c_last, 3, 3];
@@ -836,15 +828,7 @@ pub fn random_discriminator_weights(channels: &[usize], seed: u64) -> Result<Ten
         )?;
         unit.push((format!("blocks.{i}.conv.weight_u"), c[1]));
         unit.push((format!("blocks.{i}.conv.weight_v"), fan_in));
-        for (name, v) in [
-            ("weight", 1.0f32),
-            ("bias", 0.0),
-            ("running_mean", 0.0),
-            ("running_var", 1.0),
-        ] {
-            w.add_slice(&format!("blocks.{i}.bn.{name}"), &[c[1]], &vec![v; c[1]])?;
-        }
-        w.add_slice(&format!("blocks.{i}.bn.num_batches_tracked"), &[], &[0i64])?;
+        fresh_batchnorm(&mut w, &format!("blocks.{i}.bn"), c[1])?;
     }
     let last = channels[channels.len() - 1];
     let area = DISCRIMINATOR_FINAL_SIZE * DISCRIMINATOR_FINAL_SIZE;
@@ -866,6 +850,20 @@ pub fn random_discriminator_weights(channels: &[usize], seed: u64) -> Result<Ten
         &format!("seeded random discriminator weights (seed {seed}), not trained"),
     );
     Ok(w)
+}
+
+/// A BatchNorm as PyTorch creates it: weight 1, bias 0, running (0, 1), no
+/// batches tracked.
+fn fresh_batchnorm(w: &mut TensorWriter, prefix: &str, c: usize) -> Result<()> {
+    for (name, v) in [
+        ("weight", 1.0f32),
+        ("bias", 0.0),
+        ("running_mean", 0.0),
+        ("running_var", 1.0),
+    ] {
+        w.add_slice(&format!("{prefix}.{name}"), &[c], &vec![v; c])?;
+    }
+    w.add_slice(&format!("{prefix}.num_batches_tracked"), &[], &[0i64])
 }
 
 /// Metadata key marking weights written by [`random_generator_weights`].

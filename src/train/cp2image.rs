@@ -60,32 +60,7 @@ impl NetState {
     /// The tensors of `file` under `prefix` (e.g. `"G.before."`, or `""`),
     /// prefix removed. A missing `num_batches_tracked` counts as 0.
     pub fn from_file(file: &TensorFile, prefix: &str) -> Result<Self> {
-        let mut params = ParamStore::new();
-        let mut counters = BTreeMap::new();
-        for name in file.names() {
-            let Some(key) = name.strip_prefix(prefix) else {
-                continue;
-            };
-            if key.ends_with(".num_batches_tracked") {
-                let (_, v) = file.i64(&name)?;
-                let &[count] = v.as_slice() else {
-                    return Err(Error::format(
-                        file.path(),
-                        format!("tensor {name:?} has {} values, expected one", v.len()),
-                    ));
-                };
-                counters.insert(key.to_string(), count);
-            } else {
-                let (shape, v) = file.f32(&name)?;
-                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                    return Err(Error::format(
-                        file.path(),
-                        format!("tensor {name:?} holds a non-finite value at flat index {i}"),
-                    ));
-                }
-                params.insert(key, &shape, v, !is_buffer(key))?;
-            }
-        }
+        let (params, mut counters) = ParamStore::read_state_dict(file, prefix, is_buffer)?;
         let blocks = (0..)
             .take_while(|i| params.id(&format!("blocks.{i}.bn.weight")).is_ok())
             .count();

@@ -52,36 +52,11 @@ impl DenseNetState {
     /// `"before."`, or `""` for a plain `state_dict`), with the prefix
     /// removed. A missing `num_batches_tracked` counts as 0.
     pub fn from_file(file: &TensorFile, prefix: &str) -> Result<Self> {
-        let mut params = ParamStore::new();
-        let mut counters = BTreeMap::new();
+        let is_buffer = |k: &str| k.ends_with(".running_mean") || k.ends_with(".running_var");
+        let (params, mut counters) = ParamStore::read_state_dict(file, prefix, is_buffer)?;
+        // The config is read off the unprefixed names.
         let mut sub = TensorWriter::new();
-        for name in file.names() {
-            let Some(key) = name.strip_prefix(prefix) else {
-                continue;
-            };
-            if key.ends_with(".num_batches_tracked") {
-                let (shape, v) = file.i64(&name)?;
-                let &[count] = v.as_slice() else {
-                    return Err(Error::format(
-                        file.path(),
-                        format!("tensor {name:?} has {} values, expected one", v.len()),
-                    ));
-                };
-                counters.insert(key.to_string(), count);
-                sub.add_slice(key, &shape, &v)?;
-            } else {
-                let (shape, v) = file.f32(&name)?;
-                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                    return Err(Error::format(
-                        file.path(),
-                        format!("tensor {name:?} holds a non-finite value at flat index {i}"),
-                    ));
-                }
-                sub.add_slice(key, &shape, &v)?;
-                let buffer = key.ends_with(".running_mean") || key.ends_with(".running_var");
-                params.insert(key, &shape, v, !buffer)?;
-            }
-        }
+        params.write_values(&mut sub, "")?;
         let view = TensorFile::from_bytes(
             format!("{}[{prefix}*]", file.path().display()),
             sub.to_bytes()?,

@@ -7,7 +7,7 @@
 //! are stored alongside with `trainable = false` and no gradient, so that
 //! writing the store gives the whole `state_dict`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::io::{TensorFile, TensorWriter};
 use crate::train::checkpoint::OPTIMIZER_PREFIX;
@@ -102,6 +102,45 @@ impl ParamStore {
             store.insert(name, &shape, value, t)?;
         }
         Ok(store)
+    }
+
+    /// A `state_dict` under `prefix` in `file` (e.g. `"before."`, or `""`),
+    /// prefix removed: every f32 tensor into a store (`is_buffer(name)`
+    /// marks buffers: running statistics, spectral-norm vectors) and every
+    /// int64 `*.num_batches_tracked` scalar into the returned counters.
+    /// Non-finite values are an error naming the tensor.
+    pub fn read_state_dict(
+        file: &TensorFile,
+        prefix: &str,
+        is_buffer: impl Fn(&str) -> bool,
+    ) -> Result<(Self, BTreeMap<String, i64>)> {
+        let mut store = Self::new();
+        let mut counters = BTreeMap::new();
+        for name in file.names() {
+            let Some(key) = name.strip_prefix(prefix) else {
+                continue;
+            };
+            if key.ends_with(".num_batches_tracked") {
+                let (_, v) = file.i64(&name)?;
+                let &[count] = v.as_slice() else {
+                    return Err(Error::format(
+                        file.path(),
+                        format!("tensor {name:?} has {} values, expected one", v.len()),
+                    ));
+                };
+                counters.insert(key.to_string(), count);
+            } else {
+                let (shape, v) = file.f32(&name)?;
+                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                    return Err(Error::format(
+                        file.path(),
+                        format!("tensor {name:?} holds a non-finite value at flat index {i}"),
+                    ));
+                }
+                store.insert(key, &shape, v, !is_buffer(key))?;
+            }
+        }
+        Ok((store, counters))
     }
 
     /// The id of `name`, or an error naming it.
