@@ -583,9 +583,23 @@ fn cp2image_train_learns_resumes_exactly_and_writes_a_usable_generator() {
         .unwrap();
     ok(o);
 
+    // The adversarial term changes the training; a negative weight is refused.
+    ok(cp2image_train(
+        dir.path(),
+        "a.safetensors",
+        &["--epochs", "1", "--adversarial-weight", "0.5"],
+    ));
+    ok(cp2image_train(
+        dir.path(),
+        "b.safetensors",
+        &["--epochs", "1"],
+    ));
+    assert!(bytes("a.safetensors") != bytes("b.safetensors"));
+
     // Clear errors.
     for (extra, msg) in [
         (vec!["--batch-size", "1"], "--batch-size"),
+        (vec!["--adversarial-weight", "-1"], "--adversarial-weight"),
         (vec!["--device", "emulated"], "CPU"),
         (vec!["--val-fraction", "0.95"], "fewer than one batch"),
         (
@@ -605,6 +619,63 @@ fn cp2image_train_learns_resumes_exactly_and_writes_a_usable_generator() {
         assert!(
             !o.status.success() && e.contains(msg) && !e.contains("panicked"),
             "{extra:?}: {e}"
+        );
+    }
+}
+
+/// The adversarial term's gradient: the generator step's gradient of one
+/// output-layer weight against a central finite difference of `loss_g`
+/// (generator forward in training mode; the discriminator's spectral norm
+/// and BN statistics are restored between evaluations by cloning).
+#[test]
+fn the_adversarial_term_has_the_gradient_of_its_loss() {
+    use cellmorph::train::cp2image::{train_step_weighted, Batch, LossWeights, NetState};
+    let f = TensorFile::open(common::fixture_path("cp2image_train_step.safetensors")).unwrap();
+    let g0 = NetState::from_file(&f, "G.before.").unwrap();
+    let d0 = NetState::from_file(&f, "D.before.").unwrap();
+    let (shape, x) = f.f32("x").unwrap();
+    let (z, x_real) = (get(&f, "z"), get(&f, "x_real"));
+    let batch = Batch {
+        z: &z,
+        x: &x,
+        x_real: &x_real,
+        shape: shape.try_into().unwrap(),
+    };
+    let w = LossWeights {
+        mse: 0.0,
+        feature_matching: 0.0,
+        adversarial: 1.0,
+    };
+    // loss_g and the gradient at the given generator (lr 0: nothing moves).
+    let run = |g: &NetState| {
+        let (mut g, mut d) = (g.clone(), d0.clone());
+        let sgd = || Optimizer::new(Method::Adam(AdamConfig::default())).unwrap();
+        let (mut og, mut od) = (sgd(), sgd());
+        g.params.register(&mut og).unwrap();
+        d.params.register(&mut od).unwrap();
+        let l = train_step_weighted(&mut g, &mut d, &mut og, &mut od, 0.0, &batch, &w).unwrap();
+        (f64::from(l.loss_g), g)
+    };
+    let (_, after) = run(&g0);
+    let id = g0.params.id("out.weight").unwrap();
+    let grad = after.params.get(id).grad.clone();
+    assert!(
+        grad.iter().any(|v| v.abs() > 1e-4),
+        "the adversarial term moves the generator"
+    );
+    let h = 1e-2f32;
+    for i in [0usize, 7, 50] {
+        let mut plus = g0.clone();
+        plus.params.get_mut(id).value[i] += h;
+        let mut minus = g0.clone();
+        minus.params.get_mut(id).value[i] -= h;
+        let fd = (run(&plus).0 - run(&minus).0) / (2.0 * f64::from(h));
+        let g = f64::from(grad[i]);
+        // f32 forward passes: the difference quotient carries about
+        // 1e-7/h relative noise on a loss of order 1.
+        assert!(
+            (fd - g).abs() <= 2e-3 + 0.05 * g.abs(),
+            "out.weight[{i}]: fd {fd:e}, backward {g:e}"
         );
     }
 }

@@ -88,6 +88,16 @@ pub struct TrainArgs {
     /// Discriminator block channels.
     #[arg(long, value_delimiter = ',', default_values_t = [32usize, 64, 128, 256, 256])]
     discriminator_channels: Vec<usize>,
+    /// Weight of the generator's pixel MSE to the real cell.
+    #[arg(long, default_value_t = 1.0)]
+    mse_weight: f32,
+    /// Weight of the matching of the discriminator's hidden features.
+    #[arg(long, default_value_t = 1.0)]
+    feature_matching_weight: f32,
+    /// Weight of the adversarial term −mean log D(G(z)) (0: the objective of
+    /// docs/MODELS.md, MSE plus feature matching).
+    #[arg(long, default_value_t = 0.0)]
+    adversarial_weight: f32,
     /// Only cpu so far.
     #[arg(long, default_value = "cpu")]
     device: Device,
@@ -505,6 +515,11 @@ fn run_train(a: TrainArgs) -> Result<()> {
         generator_channels: a.generator_channels,
         discriminator_channels: a.discriminator_channels,
         sheet_cells: 8,
+        loss_weights: cellmorph::train::cp2image::LossWeights {
+            mse: a.mse_weight,
+            feature_matching: a.feature_matching_weight,
+            adversarial: a.adversarial_weight,
+        },
     };
     let s = train(&table, &crops, a.resume.as_deref(), &opts, &paths, true)?;
     if let Some(last) = s.rows.last() {

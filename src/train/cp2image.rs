@@ -583,10 +583,34 @@ pub struct StepLosses {
     pub loss_d: f32,
 }
 
+/// Weights of the generator's three loss terms.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LossWeights {
+    /// `MSE(G(z), x)`.
+    pub mse: f32,
+    /// `Σ_i MSE(h_i(G(z)), h_i(x))`.
+    pub feature_matching: f32,
+    /// The non-saturating adversarial term `−mean log D(G(z))`.
+    pub adversarial: f32,
+}
+
+impl Default for LossWeights {
+    /// `docs/MODELS.md` §3–4 and the golden: MSE and feature matching at
+    /// weight 1, no adversarial term.
+    fn default() -> Self {
+        LossWeights {
+            mse: 1.0,
+            feature_matching: 1.0,
+            adversarial: 0.0,
+        }
+    }
+}
+
 /// One generator update then one discriminator update (see the module
-/// documentation); `opt_g` and `opt_d` are registered over `g.params` and
-/// `d.params` ([`ParamStore::register`]). Afterwards `g` holds the
-/// generator step's gradients and `d` the discriminator step's.
+/// documentation) with the default [`LossWeights`]; `opt_g` and `opt_d`
+/// are registered over `g.params` and `d.params`
+/// ([`ParamStore::register`]). Afterwards `g` holds the generator step's
+/// gradients and `d` the discriminator step's.
 pub fn train_step(
     g: &mut NetState,
     d: &mut NetState,
@@ -594,6 +618,20 @@ pub fn train_step(
     opt_d: &mut Optimizer,
     lr: f64,
     batch: &Batch,
+) -> Result<StepLosses> {
+    train_step_weighted(g, d, opt_g, opt_d, lr, batch, &LossWeights::default())
+}
+
+/// [`train_step`] with the generator's loss terms weighted by `w`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_weighted(
+    g: &mut NetState,
+    d: &mut NetState,
+    opt_g: &mut Optimizer,
+    opt_d: &mut Optimizer,
+    lr: f64,
+    batch: &Batch,
+    w: &LossWeights,
 ) -> Result<StepLosses> {
     let n = batch.shape[0];
     let len: usize = batch.shape.iter().product();
@@ -617,16 +655,23 @@ pub fn train_step(
     }
     let df = discriminator_forward(d, &fake.image, batch.shape)?;
     let dr = discriminator_forward(d, batch.x, batch.shape)?;
-    let mut loss_g = loss::mse(&fake.image, batch.x)?;
+    let mut loss_g = w.mse * loss::mse(&fake.image, batch.x)?;
     let mut d_hidden = Vec::with_capacity(df.hidden.len());
     for (hf, hr) in df.hidden.iter().zip(&dr.hidden) {
-        loss_g += loss::mse(hf, hr)?;
-        d_hidden.push(loss::mse_backward(hf, hr, 1.0)?);
+        loss_g += w.feature_matching * loss::mse(hf, hr)?;
+        d_hidden.push(loss::mse_backward(hf, hr, w.feature_matching)?);
     }
-    let mut d_image = discriminator_backward(d, &df, &vec![0.0; n], &d_hidden, false)?;
+    let ones = vec![1.0; n];
+    let d_prob = if w.adversarial != 0.0 {
+        loss_g += w.adversarial * loss::bce(&df.prob, &ones)?;
+        loss::bce_backward(&df.prob, &ones, w.adversarial)?
+    } else {
+        vec![0.0; n]
+    };
+    let mut d_image = discriminator_backward(d, &df, &d_prob, &d_hidden, false)?;
     for (a, b) in d_image
         .iter_mut()
-        .zip(loss::mse_backward(&fake.image, batch.x, 1.0)?)
+        .zip(loss::mse_backward(&fake.image, batch.x, w.mse)?)
     {
         *a += b;
     }
@@ -638,7 +683,7 @@ pub fn train_step(
     let fake = generator_forward(g, batch.z, n)?;
     let pr = discriminator_forward(d, batch.x_real, batch.shape)?;
     let pf = discriminator_forward(d, &fake.image, batch.shape)?;
-    let (ones, zeros) = (vec![1.0; n], vec![0.0; n]);
+    let zeros = vec![0.0; n];
     let loss_d = loss::bce(&pr.prob, &ones)? + loss::bce(&pf.prob, &zeros)?;
     discriminator_backward(
         d,

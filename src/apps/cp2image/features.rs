@@ -18,10 +18,30 @@ use crate::{Error, Result};
 /// explicitly.
 pub const METADATA_COLUMNS: &[&str] = &["field", "centroid_y", "centroid_x"];
 
+/// Whether a column is an identifier or location rather than a
+/// measurement: [`METADATA_COLUMNS`], and the columns CellProfiler writes
+/// beside its measurements (`ImageNumber`, `ObjectNumber`, `Metadata_*`,
+/// `FileName_*`, `PathName_*`, `URL_*`, `Location_*`, and per object
+/// `<Object>_Location_*`, `<Object>_Number_Object_Number`,
+/// `<Object>_Parent_*`). Never features unless named explicitly.
+pub fn is_identifier_column(name: &str) -> bool {
+    METADATA_COLUMNS.contains(&name)
+        || name == "ImageNumber"
+        || name == "ObjectNumber"
+        || ["Metadata_", "FileName_", "PathName_", "URL_", "Location_"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        || name.contains("_Location_")
+        || name.ends_with("_Number_Object_Number")
+        || name.contains("_Parent_")
+}
+
 /// Which columns of a CSV are features.
 #[derive(Clone, Copy, Debug)]
 pub enum FeatureColumns<'a> {
-    /// Every column after the first except [`METADATA_COLUMNS`]; a
+    /// Every column after the first except identifiers
+    /// ([`is_identifier_column`]: [`METADATA_COLUMNS`] and CellProfiler's
+    /// `ImageNumber`, `ObjectNumber`, `Metadata_*`, `Location_*`, …); a
     /// non-numeric cell in any of them is an error.
     AllButMetadata,
     /// Exactly these, in this order (the CSV may order them differently and
@@ -68,7 +88,7 @@ impl FeatureTable {
             .collect();
         let feature_cols: Vec<usize> = match columns {
             FeatureColumns::AllButMetadata => (1..header.len())
-                .filter(|&i| !METADATA_COLUMNS.contains(&header[i].as_str()))
+                .filter(|&i| !is_identifier_column(&header[i]))
                 .collect(),
             FeatureColumns::Named(names) => {
                 let missing: Vec<&str> = names
@@ -100,19 +120,28 @@ impl FeatureTable {
         };
         let text_cols: Vec<usize> = (1..header.len()).filter(|&i| !is_feature[i]).collect();
 
+        // CellProfiler's per-object tables start with ImageNumber, which
+        // repeats: a cell is named `<ImageNumber>_<ObjectNumber>` there.
+        let object_col = (header.first().map(String::as_str) == Some("ImageNumber"))
+            .then(|| position.get("ObjectNumber").copied())
+            .flatten();
+        let row_id = |row: &crate::csv::Record| match object_col {
+            Some(c) => format!("{}_{}", row.get(0), row.get(c)),
+            None => row.get(0).to_string(),
+        };
         let mut ids = Vec::with_capacity(csv.rows.len());
         let mut values = Vec::with_capacity(csv.rows.len() * feature_cols.len());
         let mut text_values: Vec<Vec<String>> = vec![Vec::new(); text_cols.len()];
-        let mut first_line: std::collections::HashMap<&str, usize> =
+        let mut first_line: std::collections::HashMap<String, usize> =
             std::collections::HashMap::with_capacity(csv.rows.len());
         for row in &csv.rows {
             csv.check_width(row)?;
-            if let Some(prev) = first_line.insert(row.get(0), row.line) {
+            let id = row_id(row);
+            if let Some(prev) = first_line.insert(id.clone(), row.line) {
                 return Err(csv.line_error(
                     row.line,
                     format!(
-                        "row id {:?} was already given on line {prev}; row ids must be unique",
-                        row.get(0)
+                        "row id {id:?} was already given on line {prev}; row ids must be unique"
                     ),
                 ));
             }
@@ -122,7 +151,7 @@ impl FeatureTable {
             for (acc, &c) in text_values.iter_mut().zip(&text_cols) {
                 acc.push(row.get(c).to_string());
             }
-            ids.push(row.get(0).to_string());
+            ids.push(id);
         }
         if ids.is_empty() {
             return Err(csv.error("no data rows"));
@@ -438,4 +467,45 @@ pub fn standardize(o: &StandardizeOptions) -> Result<StandardizeSummary> {
         cells: n,
         constant,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cellprofiler_identifier_columns_are_not_features() {
+        let csv = "ImageNumber,ObjectNumber,Metadata_Well,FileName_DNA,PathName_DNA,\
+                   Nuclei_Location_Center_X,Nuclei_Number_Object_Number,Nuclei_Parent_Cells,\
+                   Nuclei_AreaShape_Area,Nuclei_Intensity_MeanIntensity_DNA\n\
+                   1,1,A01,a.tif,/d,10.5,1,1,313,0.25\n\
+                   1,2,A01,a.tif,/d,20.5,2,2,291,0.5\n";
+        let t = FeatureTable::parse_csv(csv, "cp.csv", FeatureColumns::AllButMetadata).unwrap();
+        assert_eq!(
+            t.names,
+            [
+                "Nuclei_AreaShape_Area",
+                "Nuclei_Intensity_MeanIntensity_DNA"
+            ]
+        );
+        assert_eq!(t.values, [313.0, 0.25, 291.0, 0.5]);
+        assert_eq!(
+            t.ids,
+            ["1_1", "1_2"],
+            "ImageNumber_ObjectNumber names a cell"
+        );
+        let kept: Vec<&str> = t.text_columns.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(kept.contains(&"Metadata_Well") && kept.contains(&"Nuclei_Location_Center_X"));
+        // Named explicitly, an identifier column is used as asked.
+        let named = ["Nuclei_Location_Center_X".to_string()];
+        let t = FeatureTable::parse_csv(csv, "cp.csv", FeatureColumns::Named(&named)).unwrap();
+        assert_eq!(t.values, [10.5, 20.5]);
+        for name in [
+            "Nuclei_AreaShape_Area",
+            "Cells_Texture_Contrast_DNA_3_00",
+            "area",
+        ] {
+            assert!(!is_identifier_column(name), "{name}");
+        }
+    }
 }

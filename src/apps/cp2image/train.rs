@@ -31,7 +31,7 @@ use crate::plot::{line_plot, PlotOptions, Series};
 use crate::rng::{counter_u64, fnv1a64};
 use crate::tensor::Tensor;
 use crate::train::checkpoint;
-use crate::train::cp2image::{train_step, Batch, NetState};
+use crate::train::cp2image::{train_step_weighted, Batch, LossWeights, NetState};
 use crate::train::{AdamConfig, Method, Optimizer};
 
 use super::features::{FeatureTable, Standardizer};
@@ -62,6 +62,8 @@ pub struct TrainOptions {
     pub discriminator_channels: Vec<usize>,
     /// Held-out cells shown on the sheet.
     pub sheet_cells: usize,
+    /// Weights of the generator's MSE, feature-matching and adversarial terms.
+    pub loss_weights: LossWeights,
 }
 
 /// Where `cp2image train` writes.
@@ -200,6 +202,16 @@ fn check_options(o: &TrainOptions) -> Result<()> {
     }
     if !(0.0..1.0).contains(&o.val_fraction) {
         return bad("--val-fraction", "must lie in [0, 1)");
+    }
+    let w = &o.loss_weights;
+    if [w.mse, w.feature_matching, w.adversarial]
+        .iter()
+        .any(|v| !(v.is_finite() && *v >= 0.0))
+    {
+        return bad(
+            "--mse-weight/--feature-matching-weight/--adversarial-weight",
+            "must be finite and ≥ 0",
+        );
     }
     if o.generator_channels.len() != 5 || o.discriminator_channels.len() != 5 {
         return bad(
@@ -369,7 +381,7 @@ pub fn train(
                 x.extend(cell(r)?);
                 x_real.extend(cell(train_rows[real[j]])?);
             }
-            let l = train_step(
+            let l = train_step_weighted(
                 &mut g,
                 &mut d,
                 &mut og,
@@ -381,6 +393,7 @@ pub fn train(
                     x_real: &x_real,
                     shape,
                 },
+                &opts.loss_weights,
             )?;
             if !(l.loss_g.is_finite() && l.loss_d.is_finite()) {
                 return Err(Error::invalid(format!(
@@ -493,13 +506,14 @@ fn generator_writer(g: &NetState, opts: &TrainOptions, s: &Standardizer) -> Resu
     w.set_metadata(
         "cellmorph",
         &format!(
-            "CP2Image generator trained by cellmorph cp2image train: {} epochs, batch {}, Adam lr {} betas {:?}, seed {}, {} features",
+            "CP2Image generator trained by cellmorph cp2image train: {} epochs, batch {}, Adam lr {} betas {:?}, seed {}, {} features, loss weights {:?}",
             opts.epochs,
             opts.batch,
             opts.lr,
             opts.betas,
             opts.seed,
-            s.len()
+            s.len(),
+            opts.loss_weights
         ),
     );
     Ok(w)
