@@ -34,6 +34,30 @@ pub const DEFAULT_PATCH: usize = 160;
 /// refuse images this project is meant to read.
 const MAX_DECODE_BYTES: u64 = 4 << 30;
 
+/// Most pixels an image may have before it is decoded (2²⁷ ≈ 134 million,
+/// e.g. 11585×11585): decoding takes up to 8 bytes a pixel (16-bit RGBA)
+/// and the grayscale copy 2 more, so about 1.3 GB at the limit. The
+/// environment variable `CELLMORPH_MAX_PIXELS` changes it.
+pub const DEFAULT_MAX_PIXELS: u64 = 1 << 27;
+
+/// The pixel limit in force: `CELLMORPH_MAX_PIXELS` if set (a positive
+/// integer), else [`DEFAULT_MAX_PIXELS`].
+pub fn max_pixels() -> Result<u64> {
+    match std::env::var("CELLMORPH_MAX_PIXELS") {
+        Err(_) => Ok(DEFAULT_MAX_PIXELS),
+        Ok(v) => v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "CELLMORPH_MAX_PIXELS={v:?} is not a positive integer"
+                ))
+            }),
+    }
+}
+
 /// Bits per pixel of a grayscale image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BitDepth {
@@ -288,10 +312,24 @@ pub fn read_dimensions(path: impl AsRef<Path>) -> Result<(usize, usize)> {
 ///
 /// # Errors
 /// Every error names `path`: unreadable file ([`Error::Io`]); not PNG/TIFF,
-/// corrupt or truncated data, 32-bit float pixels, or an empty image
-/// ([`Error::Format`]).
+/// corrupt or truncated data, 32-bit float pixels, an empty image, or one
+/// over the pixel limit ([`max_pixels`]), checked from the header before
+/// anything is decoded ([`Error::Format`]).
 pub fn read_gray(path: impl AsRef<Path>) -> Result<GrayImage> {
     let path = path.as_ref();
+    let (w, h) = read_dimensions(path)?;
+    let limit = max_pixels()?;
+    if (w as u64).saturating_mul(h as u64) > limit {
+        return Err(Error::format(
+            path,
+            format!(
+                "image is {w}×{h} = {} pixels, over the limit of {limit} \
+                 (about {} GB to decode); set CELLMORPH_MAX_PIXELS to allow it, or tile the image",
+                w as u64 * h as u64,
+                (w as u64 * h as u64 * 10).div_ceil(1_000_000_000)
+            ),
+        ));
+    }
     let decoded = open_reader(path)?
         .decode()
         .map_err(|e| decode_error(path, e))?;

@@ -771,3 +771,43 @@ fn hardening_cases_are_clear_errors() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Images over the pixel limit are refused from their header, naming the
+/// file and the variable that raises the limit; `screen predict` reports
+/// the image as unreadable instead of decoding it.
+#[test]
+fn images_over_the_pixel_limit_are_refused_before_decoding() {
+    let dir = tempdir("pixels");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let image = data.join("bbbc007/A9/A9_p5d.png"); // 450×450
+    let list = dir.join("s.csv");
+    std::fs::write(&list, format!("sample,image\na,{}\n", image.display())).unwrap();
+    let w = fixtures().join("vqvae2_small.weights.safetensors");
+    let run = |limit: &str| {
+        bin()
+            .env("CELLMORPH_MAX_PIXELS", limit)
+            .args(["profile", "--patch", "32", "--samples"])
+            .arg(&list)
+            .arg("--weights")
+            .arg(&w)
+            .arg("--output")
+            .arg(dir.join("p.csv"))
+            .output()
+            .unwrap()
+    };
+    let o = run("200000");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{e}");
+    assert!(
+        e.contains("A9_p5d.png")
+            && e.contains("202500 pixels")
+            && e.contains("CELLMORPH_MAX_PIXELS"),
+        "{e}"
+    );
+    assert!(
+        run("202500").status.success(),
+        "the limit itself is allowed"
+    );
+    let o = run("lots");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a positive integer"));
+}
