@@ -583,6 +583,49 @@ fn cp2image_train_learns_resumes_exactly_and_writes_a_usable_generator() {
         .unwrap();
     ok(o);
 
+    // `cp2image evaluate` on the held-out cells of the run's split.
+    let report = dir.path().join("report.json");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_cellmorph"))
+        .args(["cp2image", "evaluate", "--weights"])
+        .arg(dir.path().join("u.safetensors"))
+        .arg("--features")
+        .arg(data.join("features.csv"))
+        .arg("--crops")
+        .arg(data.join("cells.safetensors"))
+        .arg("--output")
+        .arg(&report)
+        .output()
+        .unwrap();
+    ok(o);
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let split = std::fs::read_to_string(dir.path().join("u.split.csv")).unwrap();
+    let held_out = split.lines().filter(|l| l.ends_with(",val")).count();
+    assert_eq!(r["cells"], held_out as u64);
+    assert_eq!(r["training_cells"], (64 - held_out) as u64);
+    // The last epoch's held-out MSE of training is the report's (same cells,
+    // same inference-mode generator).
+    assert!((r["mse"].as_f64().unwrap() - mse[5]).abs() < 1e-9, "{r}");
+    for key in ["ssim", "ssim_mean_image", "ssim_nearest_cell"] {
+        let v = r[key].as_f64().unwrap();
+        assert!(v > -1.0 && v <= 1.0, "{key} {v}");
+    }
+    assert!(r["mse_mean_image"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["fidelity"].as_array().unwrap().len(), 3 * 7);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_cellmorph"))
+        .args(["cp2image", "evaluate", "--weights"])
+        .arg(dir.path().join("u.safetensors"))
+        .arg("--features")
+        .arg(data.join("features.csv"))
+        .arg("--crops")
+        .arg(data.join("cells.safetensors"))
+        .arg("--split")
+        .arg(dir.path().join("missing.csv"))
+        .arg("--output")
+        .arg(dir.path().join("r2.json"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("missing.csv"));
+
     // The adversarial term changes the training; a negative weight is refused.
     ok(cp2image_train(
         dir.path(),

@@ -62,6 +62,7 @@
 //!     --output groups.png
 //! ```
 
+pub mod evaluate;
 pub mod features;
 pub mod figures;
 pub mod generator;

@@ -83,13 +83,16 @@ pub struct TrainPaths {
     pub sheet: PathBuf,
     /// The resumable checkpoint.
     pub checkpoint: PathBuf,
+    /// Which rows were trained on and which held out (`id,split`), read by
+    /// `cp2image evaluate`.
+    pub split: PathBuf,
 }
 
 impl TrainPaths {
     /// Everything beside the generator `G.safetensors`:
     /// `G.discriminator.safetensors`, `G.standardize.json`,
     /// `G.metrics.csv`, `G.curves.png`, `G.sheet.png`,
-    /// `G.checkpoint.safetensors`.
+    /// `G.checkpoint.safetensors`, `G.split.csv`.
     pub fn beside(generator: &Path) -> TrainPaths {
         let stem = generator
             .file_stem()
@@ -103,11 +106,12 @@ impl TrainPaths {
             curves: dir.join(format!("{stem}.curves.png")),
             sheet: dir.join(format!("{stem}.sheet.png")),
             checkpoint: dir.join(format!("{stem}.checkpoint.safetensors")),
+            split: dir.join(format!("{stem}.split.csv")),
         }
     }
 
     /// Every path with its role.
-    pub fn all(&self) -> [(&'static str, &Path); 7] {
+    pub fn all(&self) -> [(&'static str, &Path); 8] {
         [
             ("--output", &self.generator),
             ("--discriminator-output", &self.discriminator),
@@ -116,6 +120,7 @@ impl TrainPaths {
             ("curves PNG", &self.curves),
             ("sheet PNG", &self.sheet),
             ("checkpoint", &self.checkpoint),
+            ("split CSV", &self.split),
         ]
     }
 }
@@ -480,6 +485,17 @@ pub fn train(
     bar.finish_and_clear();
 
     standardizer.write(&paths.standardizer)?;
+    let mut split = crate::csv::CsvWriter::new();
+    split.record(["id", "split"]);
+    for (r, id) in table.ids.iter().enumerate() {
+        let which = if val_rows.binary_search(&r).is_ok() {
+            "val"
+        } else {
+            "train"
+        };
+        split.record([id.as_str(), which]);
+    }
+    split.write(&paths.split)?;
     generator_writer(&g, opts, &standardizer)?.write(&paths.generator)?;
     let mut dw = TensorWriter::new();
     d.write_values(&mut dw, "")?;
