@@ -811,3 +811,81 @@ fn images_over_the_pixel_limit_are_refused_before_decoding() {
     let o = run("lots");
     assert!(String::from_utf8_lossy(&o.stderr).contains("not a positive integer"));
 }
+
+/// `profile --counts` writes the integer code counts the profile is made
+/// from: per level they sum to patches × positions per patch, and the
+/// profile is `log2((c + 1) / Σ(c + 1))` of them.
+#[test]
+fn profile_counts_are_the_histograms_behind_the_profile() {
+    let dir = tempdir("counts");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let list = dir.join("s.csv");
+    std::fs::write(
+        &list,
+        format!(
+            "sample,image\na,{}\nb,{}\nb,{}\n",
+            data.join("bbbc007/A9/A9_p5d.png").display(),
+            data.join("stardist_dsb2018/img2d.png").display(),
+            data.join("bbbc007/A9/A9_p5d.png").display()
+        ),
+    )
+    .unwrap();
+    let w = fixtures().join("vqvae2_small.weights.safetensors");
+    let (prof, counts) = (dir.join("p.csv"), dir.join("c.csv"));
+    let o = bin()
+        .args(["profile", "--patch", "32", "--samples"])
+        .arg(&list)
+        .arg("--weights")
+        .arg(&w)
+        .arg("--output")
+        .arg(&prof)
+        .arg("--counts")
+        .arg(&counts)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let read = |p: &Path| -> Vec<Vec<String>> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| l.split(',').map(str::to_string).collect())
+            .collect()
+    };
+    let (c, p) = (read(&counts), read(&prof));
+    assert_eq!(&c[0][..3], ["sample", "images", "patches"]);
+    let k = (c[0].len() - 3) / 2;
+    assert_eq!(c.len(), 3, "a header and two samples");
+    for (row, prow) in c[1..].iter().zip(&p[1..]) {
+        assert_eq!(row[0], prow[0]);
+        let patches: u64 = row[2].parse().unwrap();
+        let v: Vec<u64> = row[3..].iter().map(|x| x.parse().unwrap()).collect();
+        // 32×32 patches: the top level is 4×4, the bottom 8×8 per patch.
+        assert_eq!(v[..k].iter().sum::<u64>(), patches * 16);
+        assert_eq!(v[k..].iter().sum::<u64>(), patches * 64);
+        for (level, counts) in [&v[..k], &v[k..]].into_iter().enumerate() {
+            let total: f64 = counts.iter().map(|&c| c as f64 + 1.0).sum();
+            for (j, &cnt) in counts.iter().enumerate() {
+                let want = ((cnt as f64 + 1.0) / total).log2();
+                let got: f64 = prow[1 + level * k + j].parse().unwrap();
+                assert!(
+                    (got - want).abs() < 1e-5,
+                    "{} level {level} code {j}",
+                    row[0]
+                );
+            }
+        }
+    }
+    assert_eq!(c[2][1], "2", "sample b has two images");
+    let o = bin()
+        .args(["profile", "--patch", "32", "--samples"])
+        .arg(&list)
+        .arg("--weights")
+        .arg(&w)
+        .arg("--output")
+        .arg(&prof)
+        .arg("--counts")
+        .arg(&prof)
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--counts"));
+}

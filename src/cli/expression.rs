@@ -32,6 +32,10 @@ pub struct ProfileArgs {
     /// Output profile CSV: sample, top0..top{K-1}, bottom0..bottom{K-1}.
     #[arg(long)]
     pub output: PathBuf,
+    /// Also write the raw code counts behind the profiles here (CSV:
+    /// sample, images, patches, top0.., bottom0..).
+    #[arg(long)]
+    pub counts: Option<PathBuf>,
     /// cpu, cuda, cuda:N or emulated.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
@@ -145,6 +149,17 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
         &a.output,
         &[("--samples", &a.samples), ("--weights", &a.weights)],
     )?;
+    if let Some(c) = &a.counts {
+        cellmorph::io::check_output_is_not_an_input(
+            "--counts",
+            c,
+            &[
+                ("--samples", &a.samples),
+                ("--weights", &a.weights),
+                ("--output", &a.output),
+            ],
+        )?;
+    }
     let be = super::open_device(a.device, a.precision)?;
     let s = profile_files(
         &be,
@@ -156,6 +171,7 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
             },
             weights: a.weights,
             output: a.output.clone(),
+            counts: a.counts.clone(),
             profile: ProfileOptions {
                 patch: a.patch,
                 batch: a.batch_size,

@@ -99,6 +99,33 @@ impl ProfileReport {
             .collect();
         Table::new(rows, cols, data)
     }
+
+    /// Writes the raw counts behind the profiles as CSV: `sample, images,
+    /// patches, top0..top{K-1}, bottom0..bottom{K-1}`, integers, one row per
+    /// sample in the profile's order (the profile is `log2((c + 1) / Σ(c +
+    /// 1))` of each level's counts).
+    pub fn write_counts(&self, path: &Path) -> Result<()> {
+        let k = self.n_embed;
+        let mut w = crate::csv::CsvWriter::new();
+        let header: Vec<String> = ["sample".to_string(), "images".into(), "patches".into()]
+            .into_iter()
+            .chain((0..k).map(|i| format!("top{i}")))
+            .chain((0..k).map(|i| format!("bottom{i}")))
+            .collect();
+        w.record(&header);
+        for s in &self.samples {
+            let row: Vec<String> = [
+                s.sample.clone(),
+                s.images.to_string(),
+                s.patches.to_string(),
+            ]
+            .into_iter()
+            .chain(s.counts_t.iter().chain(&s.counts_b).map(u64::to_string))
+            .collect();
+            w.record(&row);
+        }
+        w.write(path)
+    }
 }
 
 /// Runs every image of `list` through `model` and returns per-sample
@@ -288,6 +315,8 @@ pub struct ProfileFilesOptions {
     pub weights: PathBuf,
     /// Output profile CSV: sample, top0..top{K-1}, bottom0..bottom{K-1}.
     pub output: PathBuf,
+    /// Also the raw code counts ([`ProfileReport::write_counts`]).
+    pub counts: Option<PathBuf>,
     /// Patch and batch size, reconstruction MSE, progress bar.
     pub profile: ProfileOptions,
 }
@@ -324,6 +353,9 @@ pub fn profile_files(be: &Backend, o: &ProfileFilesOptions) -> Result<ProfileFil
     let report = profile_samples(be, &model, &list, o.profile)?;
     let seconds = t0.elapsed().as_secs_f64();
     report.to_table()?.write_csv(&o.output)?;
+    if let Some(path) = &o.counts {
+        report.write_counts(path)?;
+    }
     Ok(ProfileFilesSummary {
         model: *model.config(),
         untrained,
