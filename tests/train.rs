@@ -1,6 +1,6 @@
 //! The training core against PyTorch's goldens
-//! (`tests/fixtures/ops_backward.safetensors`, made by
-//! `scripts/fixtures/ops_backward.py`'s source in `../shared`; README there):
+//! (`tests/fixtures/ops_backward.safetensors` and the training-step
+//! fixtures, described in `tests/fixtures/README.md`):
 //! the losses and their gradients, and Adam with and without weight decay
 //! over three steps.
 //!

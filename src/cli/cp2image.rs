@@ -151,8 +151,8 @@ pub struct ModelArgs {
 #[derive(Args, Debug)]
 pub struct DisplayArgs {
     /// Real crops (safetensors with tensor `crops` u8 [N, C, S, S]; the
-    /// feature table's first column is the crop index), e.g.
-    /// ../shared/data/single_cells/cells.safetensors.
+    /// feature table's first column is the crop index), e.g. the
+    /// single-cell set's cells.safetensors (tests/data/single_cells).
     #[arg(long)]
     crops: Option<PathBuf>,
     /// Magnification of the tiles in contact sheets.
@@ -272,7 +272,7 @@ pub struct StandardizeArgs {
 
 #[derive(Args, Debug)]
 pub struct InitWeightsArgs {
-    /// Number of input features p (405 for ../shared/data/single_cells).
+    /// Number of input features p (405 for the ExampleFly single cells).
     #[arg(long)]
     features: usize,
     /// Output weights (safetensors).

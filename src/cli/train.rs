@@ -48,6 +48,17 @@ pub struct TrainStepArgs {
     precision: Precision,
 }
 
+impl TrainStepArgs {
+    /// A step's error, naming the weights and the batch it ran on.
+    fn step_error(&self, e: Error) -> Error {
+        Error::invalid(format!(
+            "{} on {}: {e}",
+            self.weights.display(),
+            self.batch.display()
+        ))
+    }
+}
+
 pub(crate) fn parse_betas(s: &str) -> std::result::Result<(f64, f64), String> {
     let parts: Vec<&str> = s.split(',').map(str::trim).collect();
     let parse = |p: &str| {
@@ -123,13 +134,7 @@ fn vqvae2_step(a: &TrainStepArgs, method: Method) -> Result<()> {
         &x,
         &StepConfig::default(),
     )
-    .map_err(|e| {
-        Error::invalid(format!(
-            "{} on {}: {e}",
-            a.weights.display(),
-            a.batch.display()
-        ))
-    })?;
+    .map_err(|e| a.step_error(e))?;
 
     let mut w = TensorWriter::new();
     w.set_metadata("model", "vqvae2");
@@ -194,13 +199,7 @@ fn densenet_step(a: &TrainStepArgs, method: Method) -> Result<()> {
         adam,
         a.lr,
     )
-    .map_err(|e| {
-        Error::invalid(format!(
-            "{} on {}: {e}",
-            a.weights.display(),
-            a.batch.display()
-        ))
-    })?;
+    .map_err(|e| a.step_error(e))?;
     let mut w = TensorWriter::new();
     w.set_metadata("model", "densenet");
     step.after.write_values(&mut w, "after.")?;
@@ -254,13 +253,7 @@ fn cp2image_step(a: &TrainStepArgs, method: Method) -> Result<()> {
             shape,
         },
     )
-    .map_err(|e| {
-        Error::invalid(format!(
-            "{} on {}: {e}",
-            a.weights.display(),
-            a.batch.display()
-        ))
-    })?;
+    .map_err(|e| a.step_error(e))?;
     let mut w = TensorWriter::new();
     w.set_metadata("model", "cp2image");
     g.write_values(&mut w, "G.after.")?;

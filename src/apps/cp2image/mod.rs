@@ -48,7 +48,7 @@
 //! so on stderr and in the contact sheet's title.
 //!
 //! ```text
-//! D=../shared/data/single_cells
+//! D=tests/data/single_cells
 //! cellmorph cp2image init-weights --features 405 --output g405.safetensors --seed 1
 //! cellmorph cp2image standardize --features $D/features.csv --weights g405.safetensors
 //! cellmorph cp2image generate --weights g405.safetensors --features $D/features.csv \

@@ -798,17 +798,18 @@ pub fn train(
         let whole = progress.step.is_multiple_of(opts.steps_per_epoch);
         if whole || progress.step == opts.steps {
             let keep = 8.min(opts.eval_patches);
-            let (train_m, _) = evaluate(&store, &cfg, &train_eval, opts, &step_cfg, 0)?;
+            // The sheet shows validation patches, or training ones without a
+            // validation split; each set is evaluated once.
             let shown = val_eval.as_ref().unwrap_or(&train_eval);
+            let train_keep = if val_eval.is_some() { 0 } else { keep };
+            let (train_m, train_recons) =
+                evaluate(&store, &cfg, &train_eval, opts, &step_cfg, train_keep)?;
             let (val_m, recons) = match &val_eval {
                 Some(v) => {
                     let (m, r) = evaluate(&store, &cfg, v, opts, &step_cfg, keep)?;
                     (Some(m), r)
                 }
-                None => (
-                    None,
-                    evaluate(&store, &cfg, &train_eval, opts, &step_cfg, keep)?.1,
-                ),
+                None => (None, train_recons),
             };
             let row = EpochRow {
                 epoch: progress.step.div_ceil(opts.steps_per_epoch),
