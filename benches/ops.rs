@@ -157,6 +157,22 @@ fn conv(c: &mut Criterion) {
                 })
             },
         );
+        // Its backward (input, weight and bias gradients): twice the FLOPs.
+        let dy = tensor(&be, &[256, 64], 8);
+        let mut dx = Tensor::zeros(&be, &[256, 1024]).expect("dx");
+        let mut dw = Tensor::zeros(&be, &[64, 1024]).expect("dw");
+        let mut db = Tensor::zeros(&be, &[64]).expect("db");
+        g.throughput(Throughput::Elements(4 * 256 * 1024 * 64));
+        g.bench_function(
+            BenchmarkId::new("linear_backward_256x1024x64", be.device()),
+            |bench| {
+                bench.iter(|| {
+                    ops::linear_backward_into(&be, &x, &w, &dy, &mut dx, &mut dw, Some(&mut db))
+                        .expect("linear_backward");
+                    be.synchronize().expect("sync");
+                })
+            },
+        );
     }
     g.finish();
 }
