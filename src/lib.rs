@@ -12,7 +12,8 @@
 //!   plain reference implementations, forward and backward.
 //! - [`models`]: models read off PyTorch `state_dict`s saved as safetensors
 //!   ([`io::TensorFile`]), every hyper-parameter taken from the weights.
-//! - [`svr`], [`stats`]: the batched SVR grid search and the statistics.
+//! - [`svr`], [`svm`], [`stats`]: the batched SVR grid search, the RBF SVM
+//!   classifier and the statistics.
 //! - [`apps`]: the three applications, one folder each — expression from
 //!   morphology, stem-cell line screening, CP2Image — with one library
 //!   function per `cellmorph` command.
@@ -66,6 +67,7 @@ pub mod precision;
 pub mod reference;
 pub mod rng;
 pub mod stats;
+pub mod svm;
 pub mod svr;
 pub mod table;
 pub mod tensor;

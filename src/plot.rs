@@ -1,6 +1,7 @@
 //! Minimal PNG plots with no plotting dependency: a scatter plot of
 //! predicted against measured values, a ROC curve, line charts (training
-//! curves), and a heat map of patch-wise values over an image. Text uses a built-in 5×7 bitmap font
+//! curves), a heat map of patch-wise values over an image, and a matrix
+//! heat map (a confusion matrix). Text uses a built-in 5×7 bitmap font
 //! (digits, upper- and lower-case letters and common symbols; anything
 //! else is drawn as `?`).
 //!
@@ -797,6 +798,156 @@ pub fn heatmap_overlay(
     save_png(path, &heatmap_image(image, grid, values, opts)?)
 }
 
+/// Title, axis labels and colour range of a [`matrix_heatmap`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MatrixHeatmapOptions {
+    /// Drawn in a band above the matrix.
+    pub title: String,
+    /// Drawn below the column labels.
+    pub x_label: String,
+    /// Drawn left of the row labels, reading upwards.
+    pub y_label: String,
+    /// Values mapped to the two ends of the colormap; `None` uses the
+    /// smallest and largest finite value.
+    pub range: Option<(f64, f64)>,
+}
+
+// Matrix heat-map layout: square cells, labels around them.
+const CELL: u32 = 44;
+
+/// A matrix as coloured cells (viridis, non-finite values grey) with a text
+/// in each cell (e.g. a count), row labels on the left, column labels below
+/// (reading upwards) and a colorbar on the right: a confusion matrix.
+/// `values` and `cells` are row-major, `row_labels.len() ×
+/// col_labels.len()`.
+///
+/// # Errors
+/// Lengths that do not match, an empty matrix, a range that is not finite
+/// and increasing, or no finite value when the range comes from the data.
+pub fn matrix_heatmap_image(
+    values: &[f64],
+    cells: &[String],
+    row_labels: &[String],
+    col_labels: &[String],
+    opts: &MatrixHeatmapOptions,
+) -> Result<RgbImage> {
+    const OP: &str = "matrix_heatmap";
+    let (nr, nc) = (row_labels.len(), col_labels.len());
+    if nr == 0 || nc == 0 || values.len() != nr * nc || cells.len() != nr * nc {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "{} values and {} cell texts for a {nr}×{nc} matrix",
+                values.len(),
+                cells.len()
+            ),
+        ));
+    }
+    let (lo, hi) = match opts.range {
+        Some((lo, hi)) if lo.is_finite() && hi.is_finite() && lo < hi => (lo, hi),
+        Some((lo, hi)) => {
+            return Err(Error::invalid(format!(
+                "{OP}: range ({lo}, {hi}) must be finite and increasing"
+            )))
+        }
+        None => values
+            .iter()
+            .filter(|v| v.is_finite())
+            .fold(None, |acc: Option<(f64, f64)>, &v| {
+                Some(acc.map_or((v, v), |(lo, hi)| (lo.min(v), hi.max(v))))
+            })
+            .ok_or_else(|| Error::invalid(format!("{OP}: no finite value to draw")))?,
+    };
+    let tone = |v: f64| if hi > lo { (v - lo) / (hi - lo) } else { 0.5 };
+    let widest = |labels: &[String]| labels.iter().map(|l| text_width(l, 1)).max().unwrap_or(0);
+    let left = 24 + widest(row_labels) + 8;
+    let below = 8 + widest(col_labels) + 24;
+    let (mw, mh) = (CELL * nc as u32, CELL * nr as u32);
+    let width = (left + mw + HEAT_BAR_PANEL).max(text_width(&opts.title, 1) + 8);
+    let height = HEAT_TITLE_BAND + mh.max(HEAT_MIN_HEIGHT) + below;
+    let mut c = Canvas::new(width, height);
+    let (x0, y0) = (i64::from(left), i64::from(HEAT_TITLE_BAND));
+    let cell = i64::from(CELL);
+    for r in 0..nr {
+        for col in 0..nc {
+            let v = values[r * nc + col];
+            let color = if v.is_finite() {
+                viridis(tone(v))
+            } else {
+                GREY
+            };
+            let (cx, cy) = (x0 + col as i64 * cell, y0 + r as i64 * cell);
+            c.fill_rect(cx, cy, cx + cell - 1, cy + cell - 1, color);
+            // Dark text on the light (yellow) end, white elsewhere.
+            let ink = if v.is_finite() && tone(v) > 0.6 {
+                BLACK
+            } else {
+                WHITE
+            };
+            let text = &cells[r * nc + col];
+            let w = i64::from(text_width(text, 1));
+            c.text(cx + (cell - w) / 2, cy + cell / 2 - 3, text, 1, ink);
+        }
+        let w = i64::from(text_width(&row_labels[r], 1));
+        let y = y0 + r as i64 * cell + cell / 2 - 3;
+        c.text(x0 - 8 - w, y, &row_labels[r], 1, BLACK);
+    }
+    for (col, label) in col_labels.iter().enumerate() {
+        let x = x0 + col as i64 * cell + cell / 2 - 3;
+        let bottom = y0 + i64::from(mh) + 8 + i64::from(text_width(label, 1));
+        c.text_up(x, bottom, label, 1, BLACK);
+    }
+    let xl = i64::from(text_width(&opts.x_label, 1));
+    c.text(
+        x0 + i64::from(mw) / 2 - xl / 2,
+        i64::from(height) - 14,
+        &opts.x_label,
+        1,
+        BLACK,
+    );
+    let yl = i64::from(text_width(&opts.y_label, 1));
+    c.text_up(6, y0 + i64::from(mh) / 2 + yl / 2, &opts.y_label, 1, BLACK);
+
+    let bar_x = x0 + i64::from(mw) + 12;
+    let (bar_top, bar_bottom) = (y0 + 4, y0 + i64::from(mh.max(HEAT_MIN_HEIGHT)) - 5);
+    for y in bar_top..=bar_bottom {
+        let t = (bar_bottom - y) as f64 / (bar_bottom - bar_top).max(1) as f64;
+        c.fill_rect(bar_x, y, bar_x + 14, y + 1, viridis(t));
+    }
+    let (_, decimals) = nice_ticks(lo, hi, 4);
+    for (t, y) in [
+        (1.0, bar_top),
+        (0.5, (bar_top + bar_bottom) / 2),
+        (0.0, bar_bottom),
+    ] {
+        c.line((bar_x + 14, y), (bar_x + 17, y), BLACK, 1, 0);
+        let label = format_tick(lo + t * (hi - lo), decimals + 1);
+        c.text(bar_x + 23, y - 3, &label, 1, BLACK);
+    }
+    c.title(
+        i64::from(width) / 2,
+        5,
+        &opts.title,
+        width.saturating_sub(4),
+    );
+    Ok(c.img)
+}
+
+/// [`matrix_heatmap_image`] written to `path` as PNG.
+pub fn matrix_heatmap(
+    path: impl AsRef<Path>,
+    values: &[f64],
+    cells: &[String],
+    row_labels: &[String],
+    col_labels: &[String],
+    opts: &MatrixHeatmapOptions,
+) -> Result<()> {
+    save_png(
+        path,
+        &matrix_heatmap_image(values, cells, row_labels, col_labels, opts)?,
+    )
+}
+
 /// Writes `img` to `path` as PNG, atomically.
 pub fn save_png(path: impl AsRef<Path>, img: &RgbImage) -> Result<()> {
     let path = path.as_ref();
@@ -1008,5 +1159,33 @@ mod tests {
             y: vec![f64::NAN],
         }];
         assert!(lines_image(&bad, &PlotOptions::default()).is_err());
+    }
+
+    #[test]
+    fn matrix_heatmap_colours_cells_and_rejects_bad_shapes() {
+        let labels: Vec<String> = vec!["good".into(), "poor".into()];
+        let cells: Vec<String> = ["9", "1", "2", "8"].map(String::from).to_vec();
+        let opts = MatrixHeatmapOptions {
+            title: "confusion".into(),
+            x_label: "predicted".into(),
+            y_label: "true".into(),
+            range: Some((0.0, 1.0)),
+        };
+        let img =
+            matrix_heatmap_image(&[0.9, 0.1, 0.2, 0.8], &cells, &labels, &labels, &opts).unwrap();
+        // The top-left cell's corner is 0.9 of viridis.
+        let left = 24 + text_width("good", 1) + 8;
+        let px = img.get_pixel(left + 2, HEAT_TITLE_BAND + 2).0;
+        assert_eq!(px, viridis(0.9));
+        let px = img.get_pixel(left + CELL + 2, HEAT_TITLE_BAND + 2).0;
+        assert_eq!(px, viridis(0.1));
+        assert!(matrix_heatmap_image(&[0.9], &cells, &labels, &labels, &opts).is_err());
+        let bad = MatrixHeatmapOptions {
+            range: Some((1.0, 0.0)),
+            ..opts
+        };
+        assert!(
+            matrix_heatmap_image(&[0.9, 0.1, 0.2, 0.8], &cells, &labels, &labels, &bad).is_err()
+        );
     }
 }

@@ -29,6 +29,8 @@
 //! | `map` | [`expression::map::map_image`]`(be, &MapImageOptions)` |
 //! | `svr grid` | [`expression::gene_models::fit_gene_models`]`(be, &FitGeneModelsOptions)` |
 //! | `svr predict` | [`expression::gene_models::predict_expression`]`(&PredictExpressionOptions)` |
+//! | `svm grid` | [`expression::categories::fit_categories`]`(&FitCategoriesOptions)` |
+//! | `svm predict` | [`expression::categories::predict_categories`]`(&PredictCategoriesOptions)` |
 //! | `screen predict` | [`screening::predict::screen_images`]`(be, &ScreenImagesOptions, progress)` |
 //! | `screen evaluate` | [`screening::report::evaluate_predictions`]`(&EvaluatePredictionsOptions)` |
 //! | `screen train` | [`screening::train::screen_train`]`(&ScreenTrainOptions, progress)` |

@@ -7,6 +7,7 @@ mod devices;
 mod expression;
 mod infer;
 mod screen;
+mod svm;
 mod svr;
 mod train;
 mod vqvae2;
@@ -48,6 +49,9 @@ enum Command {
     /// Per-gene linear SVR: grid search and prediction.
     #[command(subcommand)]
     Svr(svr::SvrCommand),
+    /// Sample categories with an RBF SVM: grid search, prediction.
+    #[command(subcommand)]
+    Svm(svm::SvmCommand),
     /// Stem-cell line screening with DenseNet (Kim et al. 2022): predict, evaluate.
     #[command(subcommand)]
     Screen(screen::ScreenCommand),
@@ -72,6 +76,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Infer(a) => infer::run(a),
         Command::Cp2Image(c) => cp2image::run(c),
         Command::Svr(c) => svr::run(c),
+        Command::Svm(c) => svm::run(c),
         Command::Screen(c) => screen::run(c),
         Command::Bench(a) => bench::run(a),
         Command::TrainStep(a) => train::run(a),

@@ -14,11 +14,14 @@
 //! - [`gene_models`]: the per-gene SVR grid search and prediction from files
 //!   (`cellmorph svr grid`, `cellmorph svr predict`).
 //! - [`cv`]: cross-validated predictions and their scores (`cellmorph svr cv`).
+//! - [`categories`]: sample categories with an RBF SVM (`cellmorph svm
+//!   grid`, `cellmorph svm predict`).
 //! - [`evaluate`]: the Table-3 evaluation (`cellmorph expression evaluate`).
 //! - [`map`]: patch-wise expression maps (`cellmorph map`).
 //! - [`plots`]: scatter plots of the best genes, maps over their images.
 //! - [`demo`]: the whole pipeline on synthetic data (`cellmorph demo`).
 
+pub mod categories;
 pub mod cv;
 pub mod demo;
 pub mod evaluate;

@@ -1,0 +1,204 @@
+//! scikit-learn's `GridSearchCV(SVC(kernel="rbf"), {"C": …, "gamma": …},
+//! cv=folds)` scored by accuracy, then the refit on every sample.
+//!
+//! Settings run in scikit-learn's `ParameterGrid` order (C outer, gamma
+//! inner); each fold's score is the held-out accuracy (correct / held out),
+//! a setting's score their mean; the best is the first setting with the
+//! highest mean, as `rank_test_score`. `gamma = "scale"` is resolved on
+//! each training set, as scikit-learn does inside each fit. The squared
+//! distances between all samples are computed once; every (setting, fold)
+//! fit reads them, in parallel on rayon (each fit is sequential, so the
+//! result does not depend on the thread count).
+
+use rayon::prelude::*;
+
+use super::{check_matrix, squared_distance, Gamma, Svc};
+use crate::svr::cv::Folds;
+use crate::{Error, Result};
+
+/// The grid: C values, gamma values and the SMO tolerance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SvmGridSpec {
+    /// C values (each finite and > 0).
+    pub c: Vec<f64>,
+    /// gamma values.
+    pub gamma: Vec<Gamma>,
+    /// SMO tolerance (scikit-learn's default 1e-3).
+    pub tol: f64,
+}
+
+impl SvmGridSpec {
+    /// A grid with scikit-learn's tolerance 1e-3.
+    pub fn new(c: Vec<f64>, gamma: Vec<Gamma>) -> SvmGridSpec {
+        SvmGridSpec {
+            c,
+            gamma,
+            tol: 1e-3,
+        }
+    }
+
+    /// The settings in `ParameterGrid` order: C outer, gamma inner.
+    pub fn settings(&self) -> Vec<(f64, Gamma)> {
+        self.c
+            .iter()
+            .flat_map(|&c| self.gamma.iter().map(move |&g| (c, g)))
+            .collect()
+    }
+}
+
+/// One setting's cross-validated accuracy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SettingScore {
+    /// C.
+    pub c: f64,
+    /// gamma as given.
+    pub gamma: Gamma,
+    /// Held-out accuracy of each fold.
+    pub fold_accuracy: Vec<f64>,
+    /// Their mean (scikit-learn's `mean_test_score`).
+    pub mean_accuracy: f64,
+}
+
+/// What [`grid_search`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SvmGridOutcome {
+    /// Every setting, in grid order.
+    pub scores: Vec<SettingScore>,
+    /// Index of the best setting in [`SvmGridOutcome::scores`].
+    pub best: usize,
+    /// Out-of-fold predicted class of every sample with the best setting.
+    pub oof_predicted: Vec<usize>,
+    /// The best setting refitted on every sample.
+    pub model: Svc,
+    /// SMO runs (over all pairs, folds, settings and the refit) that
+    /// stopped at the iteration cap.
+    pub unconverged: usize,
+}
+
+/// Runs the grid search on the rows of `x` (row-major, `n_features`
+/// columns) with class labels `y` (one per row) over `folds` (held-out
+/// indices), then refits the best setting on every row.
+///
+/// # Errors
+/// An empty grid, a bad matrix or label count, folds that are not a
+/// partition of the samples, a training set with a single class, or an
+/// invalid C or gamma.
+pub fn grid_search(
+    x: &[f64],
+    n_features: usize,
+    y: &[usize],
+    spec: &SvmGridSpec,
+    folds: &Folds,
+) -> Result<SvmGridOutcome> {
+    check_matrix(x, n_features)?;
+    let n = x.len() / n_features;
+    if y.len() != n {
+        return Err(Error::shape(
+            "svm::grid_search",
+            format!("{} labels for {n} samples", y.len()),
+        ));
+    }
+    let settings = spec.settings();
+    if settings.is_empty() {
+        return Err(Error::invalid("SVM grid: no C or no gamma value"));
+    }
+    let mut fold_of = vec![usize::MAX; n];
+    for (f, fold) in folds.iter().enumerate() {
+        for &i in fold {
+            if i >= n || fold_of[i] != usize::MAX {
+                return Err(Error::invalid(format!(
+                    "SVM grid: fold {f} holds sample {i}, out of range or in two folds"
+                )));
+            }
+            fold_of[i] = f;
+        }
+    }
+    if folds.len() < 2 || fold_of.contains(&usize::MAX) {
+        return Err(Error::invalid(
+            "SVM grid: the folds must be at least 2 and cover every sample",
+        ));
+    }
+    let row = |r: usize| &x[r * n_features..(r + 1) * n_features];
+    let d2: Vec<f64> = (0..n)
+        .into_par_iter()
+        .flat_map_iter(|a| (0..n).map(move |b| squared_distance(row(a), row(b))))
+        .collect();
+    let dist = |a: usize, b: usize| d2[a * n + b];
+    let train: Vec<Vec<usize>> = (0..folds.len())
+        .map(|f| (0..n).filter(|&i| fold_of[i] != f).collect())
+        .collect();
+    let jobs: Vec<(usize, usize)> = (0..settings.len())
+        .flat_map(|s| (0..folds.len()).map(move |f| (s, f)))
+        .collect();
+    // Each job: the held-out predictions and whether any SMO run hit the cap.
+    let results: Vec<(Vec<usize>, usize)> = jobs
+        .par_iter()
+        .map(|&(s, f)| -> Result<(Vec<usize>, usize)> {
+            let (c, gamma) = settings[s];
+            let rows = &train[f];
+            let labels: Vec<usize> = rows.iter().map(|&r| y[r]).collect();
+            let g = gamma.resolve(x, n_features, rows);
+            let m = Svc::fit_with(x, n_features, rows, &labels, c, g, spec.tol, &dist)
+                .map_err(|e| Error::invalid(format!("fold {f} (C = {c}, gamma = {gamma}): {e}")))?;
+            let predicted = folds[f]
+                .iter()
+                .map(|&i| {
+                    let kernel: Vec<f64> = m
+                        .support
+                        .iter()
+                        .map(|&p| (-m.gamma * dist(i, rows[p])).exp())
+                        .collect();
+                    m.classes[m.decide(&kernel).1]
+                })
+                .collect();
+            Ok((predicted, m.unconverged))
+        })
+        .collect::<Result<_>>()?;
+    let mut unconverged = 0;
+    let mut scores = Vec::with_capacity(settings.len());
+    for (s, &(c, gamma)) in settings.iter().enumerate() {
+        let fold_accuracy: Vec<f64> = (0..folds.len())
+            .map(|f| {
+                let (pred, unconv) = &results[s * folds.len() + f];
+                unconverged += unconv;
+                let correct = pred
+                    .iter()
+                    .zip(&folds[f])
+                    .filter(|(p, &i)| **p == y[i])
+                    .count();
+                correct as f64 / folds[f].len() as f64
+            })
+            .collect();
+        let mean_accuracy = fold_accuracy.iter().sum::<f64>() / folds.len() as f64;
+        scores.push(SettingScore {
+            c,
+            gamma,
+            fold_accuracy,
+            mean_accuracy,
+        });
+    }
+    let mut best = 0;
+    for (s, sc) in scores.iter().enumerate() {
+        if sc.mean_accuracy > scores[best].mean_accuracy {
+            best = s;
+        }
+    }
+    let mut oof_predicted = vec![0; n];
+    for (f, fold) in folds.iter().enumerate() {
+        for (&i, &p) in fold.iter().zip(&results[best * folds.len() + f].0) {
+            oof_predicted[i] = p;
+        }
+    }
+    let all: Vec<usize> = (0..n).collect();
+    let (c, gamma) = settings[best];
+    let g = gamma.resolve(x, n_features, &all);
+    let model = Svc::fit_with(x, n_features, &all, y, c, g, spec.tol, &dist)?;
+    unconverged += model.unconverged;
+    Ok(SvmGridOutcome {
+        scores,
+        best,
+        oof_predicted,
+        model,
+        unconverged,
+    })
+}
