@@ -460,3 +460,59 @@ fn command_errors() {
     assert!(e.contains("not an SVM model"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn edge_warning_contiguous_folds_and_missing_columns() {
+    let dir = tempdir("edge");
+    let model = dir.join("m.json");
+    let oof = dir.join("oof.csv");
+    // With two values of each, every choice is on the grid's edge.
+    let o = bin()
+        .args(["svm", "grid", "--features"])
+        .arg(fixture("features.csv"))
+        .arg("--labels")
+        .arg(fixture("labels.csv"))
+        .args([
+            "--label-column",
+            "quality",
+            "--c",
+            "1,10",
+            "--gamma",
+            "0.05,0.2",
+        ])
+        .args(["--folds", "4", "--contiguous", "--output"])
+        .arg(&model)
+        .arg("--predictions")
+        .arg(&oof)
+        .output()
+        .unwrap();
+    let out = ok(&o);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("is on the grid's edge"), "{stderr}");
+    assert!(out.contains("KFold(4), contiguous"), "{out}");
+    // Contiguous folds: samples 0..20 are fold 0, 20..40 fold 1, ….
+    let text = std::fs::read_to_string(&oof).unwrap();
+    let folds: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .skip(1)
+        .map(|l| l.rsplit(',').next().unwrap())
+        .collect();
+    assert_eq!(folds.len(), 80);
+    assert!(folds[..20].iter().all(|&f| f == "0") && folds[60..].iter().all(|&f| f == "3"));
+
+    // A feature column of the model missing from the table to predict.
+    let partial = dir.join("partial.csv");
+    std::fs::write(&partial, "sample,f01,f02\nt000,1,2\n").unwrap();
+    let e = err(&bin()
+        .args(["svm", "predict", "--model"])
+        .arg(&model)
+        .arg("--features")
+        .arg(&partial)
+        .arg("--output")
+        .arg(dir.join("p.csv"))
+        .output()
+        .unwrap());
+    assert!(e.contains("no column 'f03'"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
