@@ -75,6 +75,10 @@ pub struct SvmGridOutcome {
     pub unconverged: usize,
 }
 
+/// The most samples [`grid_search`] takes: its squared-distance matrix is
+/// `n²` f64 values (2 GiB at this bound).
+pub const MAX_GRID_SAMPLES: usize = 16_384;
+
 /// Runs the grid search on the rows of `x` (row-major, `n_features`
 /// columns) with class labels `y` (one per row) over `folds` (held-out
 /// indices), then refits the best setting on every row.
@@ -97,6 +101,13 @@ pub fn grid_search(
             "svm::grid_search",
             format!("{} labels for {n} samples", y.len()),
         ));
+    }
+    if n > MAX_GRID_SAMPLES {
+        return Err(Error::invalid(format!(
+            "SVM grid: {n} samples would need a {n}×{n} distance matrix ({:.1} GiB); \
+             at most {MAX_GRID_SAMPLES} samples are taken (subsample the table)",
+            (n as f64) * (n as f64) * 8.0 / (1u64 << 30) as f64
+        )));
     }
     let settings = spec.settings();
     if settings.is_empty() {
