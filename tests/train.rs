@@ -722,3 +722,111 @@ fn the_adversarial_term_has_the_gradient_of_its_loss() {
         );
     }
 }
+
+/// The single-cell table with missing values written into it: feature
+/// `Nuclei_AreaShape_Area` empty in row 3 and `nan` in row 10 (as
+/// CellProfiler writes undefined measurements).
+fn table_with_missing(dir: &std::path::Path) -> std::path::PathBuf {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/single_cells");
+    let text = std::fs::read_to_string(data.join("features.csv")).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let col = lines[0]
+        .split(',')
+        .position(|h| h == "Nuclei_AreaShape_Area")
+        .unwrap();
+    for (row, value) in [(3usize, ""), (10, "nan")] {
+        let mut f: Vec<String> = lines[row + 1].split(',').map(str::to_string).collect();
+        f[col] = value.to_string();
+        lines[row + 1] = f.join(",");
+    }
+    let path = dir.join("features_nan.csv");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+#[test]
+fn cp2image_nan_policies_refuse_drop_or_impute() {
+    let dir = tempfile::tempdir().unwrap();
+    let features = table_with_missing(dir.path());
+    let crops = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/single_cells/cells.safetensors");
+    let train = |out: &str, nan: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cellmorph"))
+            .args(["cp2image", "train", "--batch-size", "8", "--epochs", "1"])
+            .args(["--generator-channels", "32,16,8,8,8"])
+            .args(["--discriminator-channels", "8,8,16,16,16"])
+            .args(["--nan", nan])
+            .arg("--features")
+            .arg(&features)
+            .arg("--crops")
+            .arg(&crops)
+            .arg("--output")
+            .arg(dir.path().join(out))
+            .output()
+            .unwrap()
+    };
+    // Refused by default, naming the file, line and column.
+    let o = train("refused.safetensors", "refuse");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && !e.contains("panicked"));
+    assert!(
+        e.contains("features_nan.csv")
+            && e.contains("line 5")
+            && e.contains("Nuclei_AreaShape_Area"),
+        "{e}"
+    );
+    assert!(!dir.path().join("refused.safetensors").exists());
+
+    // drop-column: a generator with one input fewer, said on stderr.
+    let o = train("dropped.safetensors", "drop-column");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains("left out 1 features") && e.contains("Nuclei_AreaShape_Area"),
+        "{e}"
+    );
+    let std_json = std::fs::read_to_string(dir.path().join("dropped.standardize.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&std_json).unwrap();
+    let names: Vec<&str> = v["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 404, "405 features less the one with gaps");
+    assert!(!names.contains(&"Nuclei_AreaShape_Area"));
+
+    // impute: every feature kept; the generator then reads the gappy table
+    // only with --nan impute (the training mean).
+    let o = train("imputed.safetensors", "impute");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("filled 2 missing values in 1 features"), "{e}");
+    let generate = |nan: &str, out: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cellmorph"))
+            .args(["cp2image", "generate", "--nan", nan, "--rows", "3,10"])
+            .arg("--weights")
+            .arg(dir.path().join("imputed.safetensors"))
+            .arg("--features")
+            .arg(&features)
+            .arg("--output")
+            .arg(dir.path().join(out))
+            .output()
+            .unwrap()
+    };
+    let o = generate("refuse", "g1.png");
+    assert!(!o.status.success());
+    let o = generate("impute", "g2.png");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains("filled 2 missing values") && e.contains("training mean"),
+        "{e}"
+    );
+    let o = generate("drop-column", "g3.png");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("every feature it was trained on"),
+        "{e}"
+    );
+}

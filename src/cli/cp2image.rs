@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use cellmorph::apps::cp2image::features::{standardize, StandardizeOptions, Standardizer};
+use cellmorph::apps::cp2image::features::{
+    standardize, NanPolicy, StandardizeOptions, Standardizer,
+};
 use cellmorph::apps::cp2image::figures::{
     generate_images, interpolate, manipulate_feature, DisplayOptions, GenerateOptions,
     GeneratedOutput, InterpolateEnds, InterpolateOptions, ManipulateBase, ManipulateOptions,
@@ -71,6 +73,11 @@ pub struct TrainArgs {
     /// the crop file (cell_id); metadata columns are skipped.
     #[arg(long)]
     features: PathBuf,
+    /// Missing feature values (empty, nan, NA): refuse, drop-column (leave
+    /// out every feature with one; the generator gets fewer inputs), or
+    /// impute (the column's median over all rows).
+    #[arg(long, default_value = "refuse")]
+    nan: NanPolicy,
     /// Crops: a safetensors file with an integer tensor `crops` [N, C, 64, 64]
     /// (0 … 255), e.g. single_cells/cells.safetensors; C (1 or 3) sets the
     /// generator's output channels.
@@ -145,6 +152,10 @@ pub struct ModelArgs {
     /// Images per device batch.
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
+    /// Missing feature values (empty, nan, NA): refuse, or impute (the
+    /// feature's training mean, i.e. a standardized 0).
+    #[arg(long, default_value = "refuse")]
+    nan: NanPolicy,
 }
 
 /// Real crops to show beside the generated images, and the display size.
@@ -262,6 +273,10 @@ pub struct StandardizeArgs {
     /// centroid_y, centroid_x].
     #[arg(long)]
     feature_names: Option<PathBuf>,
+    /// Missing feature values (empty, nan, NA): refuse, drop-column (leave
+    /// out every feature with one), or impute (the column's median).
+    #[arg(long, default_value = "refuse")]
+    nan: NanPolicy,
     /// Where to write the JSON.
     #[arg(long, required_unless_present = "weights")]
     output: Option<PathBuf>,
@@ -304,6 +319,7 @@ impl ModelArgs {
             weights: self.weights.clone(),
             standardize: self.standardize.clone(),
             batch_size: self.batch_size,
+            nan: self.nan,
         }
     }
 }
@@ -475,11 +491,16 @@ fn run_standardize(a: StandardizeArgs) -> Result<()> {
         inputs.push(("--feature-names", f));
     }
     cellmorph::io::check_output_is_not_an_input("--output", &output, &inputs)?;
+    let features = a.features.clone();
     let s = standardize(&StandardizeOptions {
         features: a.features,
         feature_names: a.feature_names,
+        nan: a.nan,
         output: output.clone(),
     })?;
+    if let Some(line) = s.missing.describe() {
+        eprintln!("{}: {line}", features.display());
+    }
     println!(
         "wrote {}: {} features from {} cells{}",
         output.display(),
@@ -527,7 +548,11 @@ fn run_train(a: TrainArgs) -> Result<()> {
     for (role, path) in paths.all() {
         cellmorph::io::check_output_is_not_an_input(role, path, &inputs)?;
     }
-    let table = FeatureTable::read_csv(&a.features, FeatureColumns::AllButMetadata)?;
+    let (table, missing) =
+        FeatureTable::read_csv_with(&a.features, FeatureColumns::AllButMetadata, a.nan, None)?;
+    if let Some(line) = missing.describe() {
+        eprintln!("{}: {line}", a.features.display());
+    }
     let crops = CropSet::read(&a.crops)?;
     let opts = TrainOptions {
         epochs: a.epochs,

@@ -60,6 +60,30 @@ pub enum ExpressionCommand {
     Prepare(PrepareArgs),
     /// Table-3-style evaluation of a gene model on one or more data sets.
     Evaluate(EvaluateArgs),
+    /// Cut labelled images into tiles, one sample each, with targets from the
+    /// label masks (fractional nucleus count, foreground fraction, mean
+    /// intensity): real images with known answers for profile → svr cv.
+    Tiles(TilesArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TilesArgs {
+    /// CSV with an `image` column, optional `labels` (instance mask of the
+    /// same size: 0 background, one value per object) and `batch` columns;
+    /// relative paths resolved against its folder.
+    #[arg(long)]
+    images: PathBuf,
+    /// Tile side in pixels (one VQ-VAE-2 patch: 160).
+    #[arg(long, default_value_t = 160)]
+    size: usize,
+    /// Step between tile origins [default: --size, no overlap].
+    #[arg(long)]
+    stride: Option<usize>,
+    /// New or empty folder: tiles/*.png, samples.csv (sample, image, batch,
+    /// source, x, y) and, with labels, targets.csv (sample, nuclei,
+    /// foreground_fraction, mean_intensity).
+    #[arg(long)]
+    output_dir: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -210,7 +234,42 @@ pub fn run(cmd: ExpressionCommand) -> Result<()> {
     match cmd {
         ExpressionCommand::Prepare(a) => prepare(a),
         ExpressionCommand::Evaluate(a) => evaluate_cmd(a),
+        ExpressionCommand::Tiles(a) => tiles(a),
     }
+}
+
+fn tiles(a: TilesArgs) -> Result<()> {
+    cellmorph::io::check_output_is_not_an_input(
+        "--output-dir",
+        &a.output_dir,
+        &[("--images", &a.images)],
+    )?;
+    let s = cellmorph::apps::expression::tiles::cut_tiles(
+        &cellmorph::apps::expression::tiles::TileOptions {
+            list: a.images,
+            size: a.size,
+            stride: a.stride.unwrap_or(a.size),
+            output: a.output_dir.clone(),
+        },
+    )?;
+    let batches: Vec<String> = s
+        .per_batch
+        .iter()
+        .map(|(b, n)| format!("{}: {n}", if b.is_empty() { "(no batch)" } else { b }))
+        .collect();
+    eprintln!(
+        "{} tiles of {}×{} from {} images ({}) -> {}",
+        s.tiles,
+        a.size,
+        a.size,
+        s.images,
+        batches.join(", "),
+        a.output_dir.display()
+    );
+    if !s.targets {
+        eprintln!("no labels column: samples.csv only, no targets.csv");
+    }
+    Ok(())
 }
 
 fn prepare(a: PrepareArgs) -> Result<()> {

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
+use cellmorph::apps::expression::batch::{BatchCorrection, BatchFile};
 use cellmorph::apps::expression::cv::{
     cross_validate, CrossValidateOptions, GroupFile, OuterFolds,
 };
@@ -24,6 +25,59 @@ pub enum SvrCommand {
     /// cross_val_predict: plain K-fold for one C and one epsilon, nested
     /// (the grid search inside each outer training fold) for lists.
     Cv(CvArgs),
+}
+
+/// Per-batch correction of the features (svr grid and svr cv).
+#[derive(Args, Debug)]
+pub struct BatchArgs {
+    /// Correct the features within each batch before fitting: `center`
+    /// subtracts the batch's mean of every feature, `standardize` also divides
+    /// by the batch's standard deviation. Label-free: every batch, held out
+    /// or not, is corrected with its own statistics; `svr predict` then needs
+    /// --batches for the new samples. Needs --batches (svr cv: or --groups).
+    #[arg(long)]
+    batch_correct: Option<BatchCorrection>,
+    /// CSV with a `sample` column and the --batch-column naming each
+    /// sample's batch.
+    #[arg(long)]
+    batches: Option<PathBuf>,
+    /// Column of --batches holding the batch [default: batch; svr cv with
+    /// --groups and no --batches: the --group-column].
+    #[arg(long)]
+    batch_column: Option<String>,
+}
+
+impl BatchArgs {
+    /// The batch file to correct with, falling back on `groups` (svr cv).
+    fn resolve(&self, groups: Option<&GroupFile>) -> Result<Option<BatchFile>> {
+        let Some(mode) = self.batch_correct else {
+            if let Some(path) = &self.batches {
+                return Err(cellmorph::Error::invalid(format!(
+                    "--batches {} given without --batch-correct center|standardize",
+                    path.display()
+                )));
+            }
+            return Ok(None);
+        };
+        let (path, column) = match (&self.batches, groups) {
+            (Some(path), _) => (
+                path.clone(),
+                self.batch_column.clone().unwrap_or_else(|| "batch".into()),
+            ),
+            (None, Some(g)) => (
+                g.path.clone(),
+                self.batch_column
+                    .clone()
+                    .unwrap_or_else(|| g.column.clone()),
+            ),
+            (None, None) => {
+                return Err(cellmorph::Error::invalid(format!(
+                    "--batch-correct {mode} needs --batches FILE naming each sample's batch"
+                )))
+            }
+        };
+        Ok(Some(BatchFile { path, column, mode }))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -87,6 +141,8 @@ pub struct CvArgs {
     /// take training sets of at most 128 samples).
     #[arg(long, default_value = "cpu")]
     device: Device,
+    #[command(flatten)]
+    batch: BatchArgs,
 }
 
 #[derive(Args, Debug)]
@@ -116,6 +172,8 @@ pub struct GridArgs {
     /// take folds of at most 128 training samples).
     #[arg(long, default_value = "cpu")]
     device: Device,
+    #[command(flatten)]
+    batch: BatchArgs,
 }
 
 #[derive(Args, Debug)]
@@ -126,6 +184,14 @@ pub struct PredictArgs {
     /// Feature table CSV with the model's feature columns.
     #[arg(long)]
     features: PathBuf,
+    /// CSV with a `sample` column and the --batch-column: needed when the
+    /// model was fitted with --batch-correct; each batch of --features is
+    /// corrected with its own statistics.
+    #[arg(long)]
+    batches: Option<PathBuf>,
+    /// Column of --batches holding the batch.
+    #[arg(long, default_value = "batch", requires = "batches")]
+    batch_column: String,
     /// Output CSV: sample, one column per gene.
     #[arg(long)]
     output: PathBuf,
@@ -144,6 +210,9 @@ fn cv(a: CvArgs) -> Result<()> {
         vec![("--features", &a.features), ("--expression", &a.expression)];
     if let Some(g) = &a.groups {
         inputs.push(("--groups", g));
+    }
+    if let Some(b) = &a.batch.batches {
+        inputs.push(("--batches", b));
     }
     cellmorph::io::check_output_is_not_an_input("--output", &a.output, &inputs)?;
     if let Some(summary) = &a.summary {
@@ -165,6 +234,7 @@ fn cv(a: CvArgs) -> Result<()> {
         }),
         _ => None,
     };
+    let batches = a.batch.resolve(group_file.as_ref())?;
     let outer = match group_file {
         Some(groups) if a.leave_one_group_out => OuterFolds::LeaveOneGroupOut(groups),
         Some(groups) => OuterFolds::GroupKFold { k, groups },
@@ -182,6 +252,7 @@ fn cv(a: CvArgs) -> Result<()> {
             outer,
             output: a.output.clone(),
             summary: a.summary.clone(),
+            batches: batches.clone(),
         },
     )?;
     let o = &s.outcome;
@@ -229,7 +300,14 @@ fn cv(a: CvArgs) -> Result<()> {
         .max()
         .unwrap_or(4)
         .max(4);
-    println!("cross-validated ({}): out-of-fold predictions", s.scheme);
+    let correction = match &batches {
+        Some(b) => format!(", features corrected ({}) within each {}", b.mode, b.column),
+        None => String::new(),
+    };
+    println!(
+        "cross-validated ({}{correction}): out-of-fold predictions",
+        s.scheme
+    );
     println!(
         "{:<width$} {:>8} {:>8} {:>10} {:>10} {:>10} {:>8} {:>8}",
         "gene", "R2", "r2_score", "p", "q", "pearson_r", "C", "epsilon"
@@ -248,11 +326,13 @@ fn cv(a: CvArgs) -> Result<()> {
 }
 
 fn grid(a: GridArgs) -> Result<()> {
-    cellmorph::io::check_output_is_not_an_input(
-        "--output",
-        &a.output,
-        &[("--features", &a.features), ("--expression", &a.expression)],
-    )?;
+    let mut inputs: Vec<(&str, &std::path::Path)> =
+        vec![("--features", &a.features), ("--expression", &a.expression)];
+    if let Some(b) = &a.batch.batches {
+        inputs.push(("--batches", b));
+    }
+    cellmorph::io::check_output_is_not_an_input("--output", &a.output, &inputs)?;
+    let batches = a.batch.resolve(None)?;
     let mut spec = GridSpec::parse(&a.c, &a.epsilon)?;
     spec.folds = a.folds;
     let be = super::open_device(a.device, cellmorph::Precision::F32)?;
@@ -263,6 +343,7 @@ fn grid(a: GridArgs) -> Result<()> {
             expression: a.expression,
             raw_counts: a.raw_counts,
             grid: spec.clone(),
+            batches,
             output: a.output.clone(),
         },
     )?;
@@ -315,14 +396,16 @@ fn grid(a: GridArgs) -> Result<()> {
 }
 
 fn predict(a: PredictArgs) -> Result<()> {
-    cellmorph::io::check_output_is_not_an_input(
-        "--output",
-        &a.output,
-        &[("--model", &a.model), ("--features", &a.features)],
-    )?;
+    let mut inputs: Vec<(&str, &std::path::Path)> =
+        vec![("--model", &a.model), ("--features", &a.features)];
+    if let Some(b) = &a.batches {
+        inputs.push(("--batches", b));
+    }
+    cellmorph::io::check_output_is_not_an_input("--output", &a.output, &inputs)?;
     let predicted = predict_expression(&PredictExpressionOptions {
         model: a.model,
         features: a.features,
+        batches: a.batches.map(|p| (p, a.batch_column)),
         output: a.output.clone(),
     })?;
     eprintln!(

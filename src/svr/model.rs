@@ -68,6 +68,11 @@ pub struct SvrModel {
     /// The training samples and the search's warnings, when recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<Training>,
+    /// The per-batch correction the features were given before fitting
+    /// (`center`, `standardize`), when any: features to predict from need
+    /// the same correction, within their own batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_correction: Option<String>,
 }
 
 impl SvrModel {
@@ -90,6 +95,7 @@ impl SvrModel {
             features,
             genes,
             training: None,
+            batch_correction: None,
         }
     }
 
@@ -184,7 +190,22 @@ impl SvrModel {
 
     /// Predicted expression (samples × genes) for the rows of `features`,
     /// whose columns must be exactly the model's features (any order).
+    /// Refuses a model fitted on batch-corrected features, whose inputs must
+    /// be corrected first ([`SvrModel::predict_corrected`]).
     pub fn predict(&self, features: &Table) -> Result<Table> {
+        if let Some(mode) = &self.batch_correction {
+            return Err(Error::invalid(format!(
+                "this SVR model was fitted on batch-corrected features ({mode}); \
+                 predict with `cellmorph svr predict --batches FILE` so the features \
+                 are corrected the same way"
+            )));
+        }
+        self.predict_corrected(features)
+    }
+
+    /// [`SvrModel::predict`] on features already corrected as
+    /// `batch_correction` says (or uncorrected when it is `None`).
+    pub fn predict_corrected(&self, features: &Table) -> Result<Table> {
         if features.n_cols() != self.features.len() {
             return Err(Error::invalid(format!(
                 "SVR model expects {} features, the table has {}",
@@ -280,6 +301,7 @@ mod tests {
                 ("A".into(), gene(vec![-1.0, 0.0], 0.0)),
             ],
             training: None,
+            batch_correction: None,
         }
     }
 

@@ -36,6 +36,106 @@ pub fn is_identifier_column(name: &str) -> bool {
         || name.contains("_Parent_")
 }
 
+/// What to do with missing feature values (an empty cell, `nan`, `NaN`,
+/// `NA`, `N/A`; CellProfiler writes `nan` where a measurement is undefined).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NanPolicy {
+    /// Refuse the table, naming the file, line and column (the default).
+    #[default]
+    Refuse,
+    /// Leave out every feature column with a missing value (when fitting a
+    /// standardization or training; the generator then has fewer inputs).
+    DropColumn,
+    /// Replace each missing value by its column's median over the table's
+    /// rows when fitting or training; by the feature's training mean (a
+    /// standardized 0) when a trained generator reads the table.
+    Impute,
+}
+
+impl std::fmt::Display for NanPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NanPolicy::Refuse => "refuse",
+            NanPolicy::DropColumn => "drop-column",
+            NanPolicy::Impute => "impute",
+        })
+    }
+}
+
+impl std::str::FromStr for NanPolicy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<NanPolicy> {
+        match s {
+            "refuse" => Ok(NanPolicy::Refuse),
+            "drop-column" | "drop" => Ok(NanPolicy::DropColumn),
+            "impute" | "impute-median" => Ok(NanPolicy::Impute),
+            other => Err(Error::invalid(format!(
+                "unknown NaN policy '{other}' (expected refuse, drop-column or impute)"
+            ))),
+        }
+    }
+}
+
+/// What [`FeatureTable::resolve_missing`] did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MissingReport {
+    /// Feature columns left out.
+    pub dropped: Vec<String>,
+    /// Imputed features: (name, missing values, the value put in).
+    pub imputed: Vec<(String, usize, f64)>,
+}
+
+impl MissingReport {
+    /// One line for the user, or `None` when nothing was missing.
+    pub fn describe(&self) -> Option<String> {
+        if !self.dropped.is_empty() {
+            return Some(format!(
+                "--nan drop-column: left out {} features with missing values ({}{})",
+                self.dropped.len(),
+                self.dropped[..self.dropped.len().min(5)].join(", "),
+                if self.dropped.len() > 5 { ", …" } else { "" }
+            ));
+        }
+        if !self.imputed.is_empty() {
+            let values: usize = self.imputed.iter().map(|i| i.1).sum();
+            return Some(format!(
+                "--nan impute: filled {values} missing values in {} features ({}{})",
+                self.imputed.len(),
+                self.imputed[..self.imputed.len().min(5)]
+                    .iter()
+                    .map(|i| i.0.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if self.imputed.len() > 5 { ", …" } else { "" }
+            ));
+        }
+        None
+    }
+}
+
+/// A missing value as feature tables write it.
+fn is_missing(cell: &str) -> bool {
+    cell.is_empty()
+        || ["nan", "na", "n/a"]
+            .iter()
+            .any(|m| cell.eq_ignore_ascii_case(m))
+}
+
+/// The median of `v` (sorted in place; the mean of the middle two for an
+/// even count), `None` when empty.
+fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    })
+}
+
 /// Which columns of a CSV are features.
 #[derive(Clone, Copy, Debug)]
 pub enum FeatureColumns<'a> {
@@ -65,7 +165,28 @@ pub struct FeatureTable {
 impl FeatureTable {
     /// Reads a feature CSV (see the module documentation).
     pub fn read_csv(path: impl AsRef<Path>, columns: FeatureColumns<'_>) -> Result<Self> {
-        Self::from_csv(&CsvFile::read(path)?, columns)
+        Self::from_csv(&CsvFile::read(path)?, columns, false)
+    }
+
+    /// Reads a feature CSV and applies `policy` to its missing values (an
+    /// empty cell, `nan`, `NaN`, `NA`, `N/A`): refused with file, line and
+    /// column, or handled as [`FeatureTable::resolve_missing`] says. For a
+    /// table the generator reads (`FeatureColumns::Named`), `fill` gives the
+    /// value that replaces a missing one per named feature (the training
+    /// means: a standardized 0) and `drop-column` is refused.
+    pub fn read_csv_with(
+        path: impl AsRef<Path>,
+        columns: FeatureColumns<'_>,
+        policy: NanPolicy,
+        fill: Option<&[f64]>,
+    ) -> Result<(Self, MissingReport)> {
+        let path = path.as_ref();
+        let csv = CsvFile::read(path)?;
+        let mut table = Self::from_csv(&csv, columns, policy != NanPolicy::Refuse)?;
+        let report = table
+            .resolve_missing(policy, fill)
+            .map_err(|e| Error::format(path, e.to_string()))?;
+        Ok((table, report))
     }
 
     /// Parses CSV text; `origin` names the source in error messages.
@@ -74,10 +195,12 @@ impl FeatureTable {
         origin: impl AsRef<Path>,
         columns: FeatureColumns<'_>,
     ) -> Result<Self> {
-        Self::from_csv(&CsvFile::parse(text, origin)?, columns)
+        Self::from_csv(&CsvFile::parse(text, origin)?, columns, false)
     }
 
-    fn from_csv(csv: &CsvFile, columns: FeatureColumns<'_>) -> Result<Self> {
+    /// Builds the table; with `allow_missing` a missing value is read as
+    /// NaN (infinities and other text are still errors).
+    fn from_csv(csv: &CsvFile, columns: FeatureColumns<'_>, allow_missing: bool) -> Result<Self> {
         let header = &csv.header.fields;
         csv.check_unique_header(1)?;
         let position: HashMap<&str, usize> = header
@@ -146,7 +269,11 @@ impl FeatureTable {
                 ));
             }
             for &c in &feature_cols {
-                values.push(csv.number(row, c)?);
+                if allow_missing && is_missing(row.get(c)) {
+                    values.push(f64::NAN);
+                } else {
+                    values.push(csv.number(row, c)?);
+                }
             }
             for (acc, &c) in text_values.iter_mut().zip(&text_cols) {
                 acc.push(row.get(c).to_string());
@@ -166,6 +293,94 @@ impl FeatureTable {
                 .zip(text_values)
                 .collect(),
         })
+    }
+
+    /// Applies `policy` to the NaN values of the table (see [`NanPolicy`]);
+    /// `fill` (one value per feature) replaces them instead of the column
+    /// median when given. Fails when `Refuse` meets a NaN, when a column
+    /// has no value at all to take a median of, or when dropping would
+    /// leave no feature.
+    pub fn resolve_missing(
+        &mut self,
+        policy: NanPolicy,
+        fill: Option<&[f64]>,
+    ) -> Result<MissingReport> {
+        let (n, p) = (self.n_rows(), self.n_features());
+        let missing: Vec<usize> = (0..p)
+            .map(|c| (0..n).filter(|&r| self.values[r * p + c].is_nan()).count())
+            .collect();
+        let mut report = MissingReport::default();
+        if missing.iter().all(|&m| m == 0) {
+            return Ok(report);
+        }
+        let worst = (0..p).max_by_key(|&c| missing[c]).unwrap_or(0);
+        match policy {
+            NanPolicy::Refuse => Err(Error::invalid(format!(
+                "feature {:?} has {} missing values (and {} features have some); \
+                 choose --nan drop-column or --nan impute",
+                self.names[worst],
+                missing[worst],
+                missing.iter().filter(|&&m| m > 0).count()
+            ))),
+            NanPolicy::DropColumn => {
+                if fill.is_some() {
+                    return Err(Error::invalid(format!(
+                        "feature {:?} has missing values, and the generator needs every \
+                         feature it was trained on: use --nan impute (the training mean) \
+                         or fill the table",
+                        self.names[worst]
+                    )));
+                }
+                let keep: Vec<usize> = (0..p).filter(|&c| missing[c] == 0).collect();
+                if keep.is_empty() {
+                    return Err(Error::invalid(
+                        "every feature has a missing value: --nan drop-column leaves none",
+                    ));
+                }
+                report.dropped = (0..p)
+                    .filter(|&c| missing[c] > 0)
+                    .map(|c| self.names[c].clone())
+                    .collect();
+                let mut values = Vec::with_capacity(n * keep.len());
+                for r in 0..n {
+                    values.extend(keep.iter().map(|&c| self.values[r * p + c]));
+                }
+                self.values = values;
+                self.names = keep.iter().map(|&c| self.names[c].clone()).collect();
+                Ok(report)
+            }
+            NanPolicy::Impute => {
+                for c in (0..p).filter(|&c| missing[c] > 0) {
+                    let value = match fill {
+                        Some(f) => *f.get(c).ok_or_else(|| {
+                            Error::invalid(format!("no fill value for feature {:?}", self.names[c]))
+                        })?,
+                        None => {
+                            let mut col: Vec<f64> = (0..n)
+                                .map(|r| self.values[r * p + c])
+                                .filter(|v| !v.is_nan())
+                                .collect();
+                            median(&mut col).ok_or_else(|| {
+                                Error::invalid(format!(
+                                    "feature {:?} has no value in any row: nothing to impute from \
+                                     (use --nan drop-column)",
+                                    self.names[c]
+                                ))
+                            })?
+                        }
+                    };
+                    for r in 0..n {
+                        if self.values[r * p + c].is_nan() {
+                            self.values[r * p + c] = value;
+                        }
+                    }
+                    report
+                        .imputed
+                        .push((self.names[c].clone(), missing[c], value));
+                }
+                Ok(report)
+            }
+        }
     }
 
     /// Number of rows.
@@ -418,6 +633,9 @@ pub struct StandardizeOptions {
     /// Only these features (a file with one name per line); `None`: every
     /// column but the first and [`METADATA_COLUMNS`].
     pub feature_names: Option<PathBuf>,
+    /// Missing values: refused, or their columns dropped, or imputed by the
+    /// column median.
+    pub nan: NanPolicy,
     /// Where to write the JSON (e.g. [`Standardizer::default_path`] of the
     /// generator's weights).
     pub output: PathBuf,
@@ -432,6 +650,8 @@ pub struct StandardizeSummary {
     pub cells: usize,
     /// Features constant over the cells (given deviation 1).
     pub constant: usize,
+    /// What the NaN policy did.
+    pub missing: MissingReport,
 }
 
 /// `cellmorph cp2image standardize`: fits each feature's mean and standard
@@ -455,7 +675,7 @@ pub fn standardize(o: &StandardizeOptions) -> Result<StandardizeSummary> {
         Some(n) => FeatureColumns::Named(n),
         None => FeatureColumns::AllButMetadata,
     };
-    let table = FeatureTable::read_csv(&o.features, columns)?;
+    let (table, missing) = FeatureTable::read_csv_with(&o.features, columns, o.nan, None)?;
     let s = Standardizer::fit(&table)?;
     s.write(&o.output)?;
     let n = table.n_rows();
@@ -466,6 +686,7 @@ pub fn standardize(o: &StandardizeOptions) -> Result<StandardizeSummary> {
         standardizer: s,
         cells: n,
         constant,
+        missing,
     })
 }
 
@@ -506,6 +727,95 @@ mod tests {
             "area",
         ] {
             assert!(!is_identifier_column(name), "{name}");
+        }
+    }
+
+    const WITH_NAN: &str = "cell_id,a,b,c\n\
+                            0,1,nan,5\n\
+                            1,2,,NaN\n\
+                            2,4,7,NA\n\
+                            3,10,9,1\n";
+
+    #[test]
+    fn missing_values_are_refused_by_default_naming_the_cell() {
+        let e = FeatureTable::parse_csv(WITH_NAN, "f.csv", FeatureColumns::AllButMetadata)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("f.csv") && e.contains("line 2") && e.contains("nan"),
+            "{e}"
+        );
+    }
+
+    fn lenient() -> FeatureTable {
+        FeatureTable::from_csv(
+            &CsvFile::parse(WITH_NAN, "f.csv").unwrap(),
+            FeatureColumns::AllButMetadata,
+            true,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn drop_column_keeps_the_complete_features() {
+        let mut t = lenient();
+        let r = t.resolve_missing(NanPolicy::DropColumn, None).unwrap();
+        assert_eq!(t.names, ["a"]);
+        assert_eq!(t.values, [1.0, 2.0, 4.0, 10.0]);
+        assert_eq!(r.dropped, ["b", "c"]);
+        assert!(r.describe().unwrap().contains("left out 2 features"));
+    }
+
+    #[test]
+    fn impute_uses_the_column_median_or_the_given_fill() {
+        let mut t = lenient();
+        let r = t.resolve_missing(NanPolicy::Impute, None).unwrap();
+        // b: median of {7, 9} = 8 (even count: the mean of the middle two);
+        // c: median of {5, 1} = 3.
+        assert_eq!(
+            t.values,
+            [1.0, 8.0, 5.0, 2.0, 8.0, 3.0, 4.0, 7.0, 3.0, 10.0, 9.0, 1.0]
+        );
+        assert_eq!(r.imputed, [("b".into(), 2, 8.0), ("c".into(), 2, 3.0)]);
+        let mut t = lenient();
+        t.resolve_missing(NanPolicy::Impute, Some(&[0.0, -1.0, -2.0]))
+            .unwrap();
+        assert_eq!(t.values[1], -1.0);
+        assert_eq!(t.values[5], -2.0);
+        // A generator's table cannot lose columns.
+        let mut t = lenient();
+        let e = t
+            .resolve_missing(NanPolicy::DropColumn, Some(&[0.0; 3]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("every feature it was trained on"), "{e}");
+    }
+
+    #[test]
+    fn an_all_missing_column_cannot_be_imputed_and_infinity_is_still_refused() {
+        let csv = "cell_id,a,b\n0,1,nan\n1,2,\n";
+        let mut t = FeatureTable::from_csv(
+            &CsvFile::parse(csv, "f.csv").unwrap(),
+            FeatureColumns::AllButMetadata,
+            true,
+        )
+        .unwrap();
+        let e = t.resolve_missing(NanPolicy::Impute, None).unwrap_err();
+        assert!(e.to_string().contains("\"b\" has no value"), "{e}");
+        let csv = "cell_id,a\n0,inf\n";
+        assert!(FeatureTable::from_csv(
+            &CsvFile::parse(csv, "f.csv").unwrap(),
+            FeatureColumns::AllButMetadata,
+            true
+        )
+        .is_err());
+        for (text, want) in [
+            ("refuse", NanPolicy::Refuse),
+            ("drop-column", NanPolicy::DropColumn),
+            ("impute", NanPolicy::Impute),
+        ] {
+            assert_eq!(text.parse::<NanPolicy>().unwrap(), want);
+            assert_eq!(want.to_string(), text);
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::features::{FeatureColumns, FeatureTable, Standardizer};
+use super::features::{FeatureColumns, FeatureTable, NanPolicy, Standardizer};
 use crate::backend::Backend;
 use crate::io::TensorFile;
 use crate::models::cp2image::{is_untrained, random_generator_weights, Generator, GeneratorConfig};
@@ -22,6 +22,9 @@ pub struct GeneratorOptions {
     pub standardize: Option<PathBuf>,
     /// Images per device batch.
     pub batch_size: usize,
+    /// Missing feature values in the tables it reads: refused, or imputed by
+    /// the training mean (a standardized 0).
+    pub nan: NanPolicy,
 }
 
 /// What a command says about the generator it ran.
@@ -44,6 +47,8 @@ pub struct LoadedGenerator {
     pub untrained: Option<String>,
     /// Images per device batch.
     pub batch_size: usize,
+    /// Missing values in the tables it reads ([`GeneratorOptions::nan`]).
+    pub nan: NanPolicy,
 }
 
 impl LoadedGenerator {
@@ -76,12 +81,24 @@ impl LoadedGenerator {
             standardizer,
             untrained,
             batch_size: o.batch_size,
+            nan: o.nan,
         })
     }
 
-    /// Reads a feature table with the generator's features, in its order.
+    /// Reads a feature table with the generator's features, in its order;
+    /// missing values as [`LoadedGenerator::nan`] says (imputed ones are
+    /// reported on stderr).
     pub fn read_table(&self, path: &Path) -> Result<FeatureTable> {
-        FeatureTable::read_csv(path, FeatureColumns::Named(&self.standardizer.features))
+        let (table, missing) = FeatureTable::read_csv_with(
+            path,
+            FeatureColumns::Named(&self.standardizer.features),
+            self.nan,
+            Some(&self.standardizer.mean),
+        )?;
+        if let Some(line) = missing.describe() {
+            eprintln!("{}: {line} (the training mean)", path.display());
+        }
+        Ok(table)
     }
 
     /// Runs the generator on standardized vectors `z` ([`generate`]).

@@ -85,6 +85,10 @@ pub struct CrossValidateOptions {
     pub output: PathBuf,
     /// Optional per-gene score CSV.
     pub summary: Option<PathBuf>,
+    /// Per-batch correction of the features before the folds, when any
+    /// (label-free: each batch, held out or not, centred on its own
+    /// statistics).
+    pub batches: Option<super::batch::BatchFile>,
 }
 
 /// Scores of one gene's out-of-fold predictions.
@@ -136,6 +140,8 @@ pub struct CrossValidateSummary {
 pub fn cross_validate(be: &Backend, o: &CrossValidateOptions) -> Result<CrossValidateSummary> {
     let features = Table::read_csv(&o.features)?;
     let expression = read_expression(&o.expression, o.raw_counts)?;
+    let features =
+        super::gene_models::training_features(&features, &expression, o.batches.as_ref())?;
     let n = expression.n_rows();
     let folds: Folds = match &o.outer {
         OuterFolds::KFold(k) => kfold_folds(n, *k)?,

@@ -483,6 +483,7 @@ mod tests {
                 ),
             ],
             training: None,
+            batch_correction: None,
         };
         let names: Vec<String> = (0..4).map(|i| format!("s{i}")).collect();
         let features =

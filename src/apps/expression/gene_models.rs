@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use super::batch::BatchFile;
 use super::prepare::read_expression;
 use crate::backend::Backend;
 use crate::svr::{grid_edge_warnings, grid_search_on, GridOutcome, GridSpec, SvrModel};
@@ -27,6 +28,8 @@ pub struct FitGeneModelsOptions {
     pub raw_counts: bool,
     /// The (C, ε) grid, folds and tolerance.
     pub grid: GridSpec,
+    /// Per-batch correction of the features before the search, when any.
+    pub batches: Option<BatchFile>,
     /// Output model JSON.
     pub output: PathBuf,
 }
@@ -56,6 +59,7 @@ pub struct FitGeneModelsSummary {
 pub fn fit_gene_models(be: &Backend, o: &FitGeneModelsOptions) -> Result<FitGeneModelsSummary> {
     let features = Table::read_csv(&o.features)?;
     let expression = read_expression(&o.expression, o.raw_counts)?;
+    let features = training_features(&features, &expression, o.batches.as_ref())?;
     let t0 = Instant::now();
     let outcome = grid_search_on(be, &features, &expression, &o.grid)?;
     let seconds = t0.elapsed().as_secs_f64();
@@ -79,10 +83,9 @@ pub fn fit_gene_models(be: &Backend, o: &FitGeneModelsOptions) -> Result<FitGene
         .map(|r| (r.gene.as_str(), r.c, r.epsilon))
         .collect();
     let warnings = grid_edge_warnings(&o.grid, &chosen);
-    let model = SvrModel::from_grid(features.col_names.clone(), &outcome.results).with_training(
-        &features.select_rows(&expression.row_names)?,
-        warnings.clone(),
-    )?;
+    let mut model = SvrModel::from_grid(features.col_names.clone(), &outcome.results)
+        .with_training(&features, warnings.clone())?;
+    model.batch_correction = o.batches.as_ref().map(|b| b.mode.to_string());
     model.save(&o.output)?;
     Ok(FitGeneModelsSummary {
         genes: expression.n_cols(),
@@ -101,6 +104,10 @@ pub struct PredictExpressionOptions {
     pub model: PathBuf,
     /// Feature table CSV with the model's feature columns.
     pub features: PathBuf,
+    /// Each sample's batch, needed when the model was fitted on
+    /// batch-corrected features (the model's correction is applied within
+    /// each batch of this table); an error otherwise.
+    pub batches: Option<(PathBuf, String)>,
     /// Output CSV: sample, one column per gene.
     pub output: PathBuf,
 }
@@ -110,7 +117,48 @@ pub struct PredictExpressionOptions {
 pub fn predict_expression(o: &PredictExpressionOptions) -> Result<Table> {
     let model = SvrModel::load(&o.model)?;
     let features = Table::read_csv(&o.features)?;
-    let predicted = model.predict(&features)?;
+    let predicted = match (&model.batch_correction, &o.batches) {
+        (None, None) => model.predict(&features)?,
+        (Some(mode), Some((path, column))) => {
+            let batches = BatchFile {
+                path: path.clone(),
+                column: column.clone(),
+                mode: mode
+                    .parse()
+                    .map_err(|e| Error::format(&o.model, format!("{e}")))?,
+            };
+            model.predict_corrected(&batches.apply(&features)?)?
+        }
+        (Some(mode), None) => {
+            return Err(Error::invalid(format!(
+                "{} was fitted on batch-corrected features ({mode}); give --batches \
+                 so the features are corrected within their batches the same way",
+                o.model.display()
+            )))
+        }
+        (None, Some((path, _))) => {
+            return Err(Error::invalid(format!(
+                "--batches {} given, but {} was fitted without batch correction",
+                path.display(),
+                o.model.display()
+            )))
+        }
+    };
     predicted.write_csv(&o.output)?;
     Ok(predicted)
+}
+
+/// The rows of `features` that `expression` names, in its order, corrected
+/// within their batches when `batches` is given (the statistics of each
+/// batch come from these rows only).
+pub fn training_features(
+    features: &Table,
+    expression: &Table,
+    batches: Option<&BatchFile>,
+) -> Result<Table> {
+    let rows = features.select_rows(&expression.row_names)?;
+    match batches {
+        Some(b) => b.apply(&rows),
+        None => Ok(rows),
+    }
 }

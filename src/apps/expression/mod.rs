@@ -13,14 +13,18 @@
 //! - [`init`]: an untrained VQ-VAE-2 (seeded weights, k-means++ codebooks).
 //! - [`gene_models`]: the per-gene SVR grid search and prediction from files
 //!   (`cellmorph svr grid`, `cellmorph svr predict`).
+//! - [`batch`]: per-batch centring/scaling of feature tables (`--batch-correct`).
 //! - [`cv`]: cross-validated predictions and their scores (`cellmorph svr cv`).
 //! - [`categories`]: sample categories with an RBF SVM (`cellmorph svm
 //!   grid`, `cellmorph svm predict`).
 //! - [`evaluate`]: the Table-3 evaluation (`cellmorph expression evaluate`).
 //! - [`map`]: patch-wise expression maps (`cellmorph map`).
 //! - [`plots`]: scatter plots of the best genes, maps over their images.
+//! - [`tiles`]: labelled images → tiles with mask-derived targets
+//!   (`cellmorph expression tiles`).
 //! - [`demo`]: the whole pipeline on synthetic data (`cellmorph demo`).
 
+pub mod batch;
 pub mod categories;
 pub mod cv;
 pub mod demo;
@@ -32,6 +36,7 @@ pub mod plots;
 pub mod prepare;
 pub mod profile;
 pub mod synth;
+pub mod tiles;
 pub mod train;
 
 /// A progress bar on stderr (hidden when stderr is not a terminal, so logs

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The README's real-data example of the expression study, with cellmorph
+# alone: the real nucleus images of the shared data set (BBBC007, ExampleFly
+# DNA channel, DSB2018) cut into 160×160 tiles whose targets come from the
+# label masks (fractional nucleus count, foreground fraction, mean
+# intensity); a VQ-VAE-2 made by `vqvae2 init` (k-means++ codebooks, no
+# training) and the same network after `vqvae2 train`; profiles of every
+# tile; and out-of-fold R² of the per-target linear SVR:
+#   - pooled over the three data sets, folds grouped by source image;
+#   - leave one data set out, without and with per-batch correction.
+#
+#   scripts/real-data-example.sh [DATA_DIR [OUT_DIR]]
+#     DATA_DIR   the shared data folder   [default: ../shared/data]
+#     OUT_DIR    a new folder             [default: real-data-example]
+#   STEPS=N      training steps           [default: 300]
+#   BATCH=N      patches per step         [default: 16]
+#   CELLMORPH=…  the binary               [default: target/release/cellmorph, built if missing]
+#
+# Writes OUT_DIR/results.csv (weights, scheme, correction, target, pearson_r,
+# R2, r2_score) and prints it; every intermediate file stays in OUT_DIR.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+data="$(cd "${1:-$root/../shared/data}" && pwd)"
+out="${2:-real-data-example}"
+steps="${STEPS:-300}"
+batch="${BATCH:-16}"
+bin="${CELLMORPH:-$root/target/release/cellmorph}"
+if [ ! -x "$bin" ]; then
+    (cd "$root" && cargo build --release --bin cellmorph)
+fi
+if [ -e "$out" ] && [ -n "$(ls -A "$out")" ]; then
+    echo "$out is not empty; give a new folder" >&2
+    exit 2
+fi
+mkdir -p "$out"
+
+# 1. The tile list (image, mask, batch) and the full-image training list.
+{
+    echo "image,labels,batch"
+    for f in "$data"/bbbc007/*/*.png; do
+        case "$f" in *_labels.png) ;; *) echo "$f,${f%.png}_labels.png,bbbc007" ;; esac
+    done
+    for p in 002 076 218; do
+        echo "$data/examplefly/01_POS${p}_D.png,$data/examplefly/nuclei_labels/01_POS${p}_nuclei.png,examplefly"
+    done
+    echo "$data/stardist_dsb2018/img2d.png,$data/stardist_dsb2018/mask2d.png,dsb2018"
+} > "$out/images.csv"
+{
+    echo "sample,image"
+    tail -n +2 "$out/images.csv" | while IFS=, read -r img _ _; do
+        echo "$(basename "${img%.png}"),$img"
+    done
+} > "$out/train_images.csv"
+
+# 2. Tiles with mask targets.
+"$bin" expression tiles --images "$out/images.csv" --output-dir "$out/tiles"
+samples="$out/tiles/samples.csv"
+targets="$out/tiles/targets.csv"
+
+# 3. Weights: k-means-seeded (untrained), then trained from them.
+"$bin" vqvae2 init --samples "$out/train_images.csv" --output "$out/init.safetensors"
+"$bin" vqvae2 train --init "$out/init.safetensors" --samples "$out/train_images.csv" \
+    --steps "$steps" --batch-size "$batch" --steps-per-epoch 50 \
+    --output "$out/trained.safetensors"
+
+echo "weights,scheme,correction,target,pearson_r,R2,r2_score" > "$out/results.csv"
+grid=(--c 0.01,0.1,1,10 --epsilon 0.01,0.1)
+for w in init trained; do
+    # 4. Profiles (and reconstruction MSE) of every tile.
+    "$bin" profile --samples "$samples" --weights "$out/$w.safetensors" \
+        --output "$out/profiles_$w.csv" --mse 2>&1 | tee "$out/profile_$w.log"
+    # 5. Out-of-fold predictions: pooled with folds grouped by image; leave
+    #    one data set out without and with per-batch correction.
+    run_cv() { # name, correction, cv flags…
+        local name="$1" corr="$2"
+        shift 2
+        local extra=()
+        [ "$corr" = none ] || extra=(--batch-correct "$corr" --batches "$samples" --batch-column batch)
+        "$bin" svr cv --features "$out/profiles_$w.csv" --expression "$targets" "${grid[@]}" \
+            "$@" "${extra[@]}" --output "$out/oof_${w}_${name}_$corr.csv" \
+            --summary "$out/scores_${w}_${name}_$corr.csv" > /dev/null
+        tail -n +2 "$out/scores_${w}_${name}_$corr.csv" |
+            awk -F, -v w="$w" -v s="$name" -v c="$corr" \
+                '{ printf "%s,%s,%s,%s,%.4f,%.4f,%.4f\n", w, s, c, $1, $3, $4, $5 }' \
+                >> "$out/results.csv"
+    }
+    run_cv pooled_by_image none --groups "$samples" --group-column source --folds 5
+    for corr in none center standardize; do
+        run_cv leave_one_dataset_out "$corr" --groups "$samples" --group-column batch \
+            --leave-one-group-out
+    done
+done
+column -s, -t < "$out/results.csv"
