@@ -5,13 +5,17 @@
 //! one quadrant, a bright blob), the emulated device, and
 //! `screen predict --saliency`.
 //!
-//! Tolerances: Grad-CAM++ maps and weights within 2e-4 of the largest
-//! reference value and heat maps within 2e-4 absolute: the network's f32
-//! forward differs from PyTorch's by summation order (the small DenseNet's
-//! golden allows 1e-3 of the largest value; measured here: under 2e-5), and
-//! the Grad-CAM++ formula is smooth in the features (`w_k = relu(W_k) /
-//! (2 + pooled_k·W_k)` with `pooled·W ≥ 0` where `W > 0`). Hand-worked cases
-//! to 1e-6 (a few f64 operations rounded to f32).
+//! Tolerances: Grad-CAM++ maps and weights within 1e-5 of the largest
+//! reference value and heat maps within 1e-5 absolute: the network's f32
+//! forward differs from PyTorch's by summation order only, and the
+//! Grad-CAM++ formula is smooth in the features (`w_k = relu(W_k) / (2 +
+//! pooled_k·W_k)` with `pooled·W ≥ 0` where `W > 0`); measured: maps 6e-7,
+//! weights 3e-7 of the largest value, heat 5e-7, so the bound leaves a
+//! margin of about 15 for other CPUs' vector widths. The emulated device's
+//! averaged maps within 2e-5 of the CPU's largest value (summation order;
+//! measured 3e-6). Hand-worked cases to 1e-6 (a few f64 operations rounded
+//! to f32). The quadrant case asks for 85% of the heat in the quadrant
+//! (measured 93–96%: the receptive field leaks a little across).
 
 use std::path::{Path, PathBuf};
 
@@ -97,7 +101,7 @@ fn check_against_pytorch(be: &Backend, weights: &Path, tag: &str) {
                 &format!("{what} map"),
                 &g.values,
                 want,
-                2e-4 * max_abs(want),
+                1e-5 * max_abs(want),
             );
             let wat = (i * classes + k) * c;
             let wwant = &wref[wat..wat + c];
@@ -105,7 +109,7 @@ fn check_against_pytorch(be: &Backend, weights: &Path, tag: &str) {
                 &format!("{what} weights"),
                 &g.weights,
                 wwant,
-                2e-4 * max_abs(wwant),
+                1e-5 * max_abs(wwant),
             );
             if k as i64 == pred[i] {
                 let up = upsample_normalized(&g.values, (h, w), (64, 96)).unwrap();
@@ -113,7 +117,7 @@ fn check_against_pytorch(be: &Backend, weights: &Path, tag: &str) {
                     &format!("{what} heat"),
                     &up,
                     &heat[i * 64 * 96..(i + 1) * 64 * 96],
-                    2e-4,
+                    1e-5,
                 );
                 assert_eq!(max_abs(&up), 1.0);
             }
@@ -272,7 +276,7 @@ fn gradcampp_mass_sits_in_the_quadrant_of_the_evidence() {
         let peak = arg_max(&heat);
         assert_eq!(((peak / w) / 64, (peak % w) / 96), (qy, qx), "peak");
         assert!(
-            inside / total > 0.75,
+            inside / total > 0.85,
             "quadrant ({qy}, {qx}): {:.3} of the mass",
             inside / total
         );
@@ -382,7 +386,7 @@ fn visualbackprop_on_the_small_network_covers_the_input() {
                 "emulated layer",
                 &lb.values,
                 &la.values,
-                1e-4 * max_abs(&la.values),
+                2e-5 * max_abs(&la.values),
             );
         }
     }

@@ -19,7 +19,10 @@
 //! ```
 //!
 //! (no `eps` in the denominator: it is positive wherever `relu(g) > 0`
-//! because `A ≥ 0`). `A` is globally average-pooled, so `g_kij =
+//! because `A ≥ 0`). pytorch-grad-cam's hooks on `norm5` see the gradient
+//! with respect to `norm5`'s output, which is 0 where that output is ≤ 0;
+//! with respect to `A` it is not, so its weights differ from these by each
+//! channel's fraction of positive positions. `A` is globally average-pooled, so `g_kij =
 //! W_eff[c, k] / (h·w)` at every position, `W_eff` being the head's exact
 //! gradient at the image's pooled features (Linear, or Kim's
 //! Linear/ReLU/Dropout head in eval mode with its ReLU masks;
@@ -114,7 +117,7 @@ pub fn grad_cam_plus_plus_from_gradient(
     (h, w): (usize, usize),
 ) -> Result<GradCamPlusPlus> {
     let hw = h * w;
-    if hw == 0 || activated.is_empty() || activated.len() % hw != 0 {
+    if hw == 0 || activated.is_empty() || !activated.len().is_multiple_of(hw) {
         return Err(Error::shape(
             "grad_cam_plus_plus",
             format!("{} feature values for maps of {h}×{w}", activated.len()),
