@@ -407,11 +407,12 @@ impl BatchRunner<'_> {
                                 visual_back_prop(maps, size)?
                             }
                         };
+                        // Short enough for the 306-pixel-wide input.
                         let title = if s.method.has_class() {
-                            format!("{} class {class}, p = {:.3}", s.method.label(), row[class])
+                            format!("{} c{class}, p = {:.3}", s.method.label(), row[class])
                         } else {
                             let pc = self.options.positive_class;
-                            format!("{}, p{pc} = {:.3}", s.method.label(), row[pc])
+                            format!("{}, p{pc}={:.3}", s.method.label(), row[pc])
                         };
                         write_heat_png(overlay, &input_gray(x, p)?, &heat, size, &title)?;
                         write_map_png16(map, &heat, size)?;
