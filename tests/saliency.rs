@@ -432,10 +432,11 @@ fn command_line_writes_saliency_overlays_and_maps() {
         ("cam", &["--saliency-class", "2"][..]),
     ] {
         let out = run(method, extra);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{method}: {stderr}");
         assert!(
-            out.status.success(),
-            "{method}: {}",
-            String::from_utf8_lossy(&out.stderr)
+            stderr.contains(&format!("wrote 2 {method} overlays and maps")),
+            "{stderr}"
         );
         let mut names: Vec<String> = std::fs::read_dir(dir.join(method))
             .unwrap()

@@ -307,6 +307,19 @@ fn run_predict(a: PredictArgs) -> Result<()> {
         t.inference_images_per_second(),
         a.output.display()
     );
+    if let (Some(m), Some(dir)) = (a.saliency, &a.saliency_dir) {
+        let written = run
+            .predictions
+            .iter()
+            .filter(|p| p.outcome.as_ref().is_ok_and(|v| v.saliency.is_some()))
+            .count();
+        eprintln!(
+            "wrote {written} {} overlays and maps to {}",
+            m.to_possible_value()
+                .map_or_else(String::new, |v| v.get_name().to_string()),
+            dir.display()
+        );
+    }
     if t.images == 0 {
         return Err(Error::invalid(format!(
             "no image of {} could be predicted ({} skipped; the reasons are above and in {})",
