@@ -40,6 +40,7 @@ fn main() -> cellmorph::Result<()> {
         positive_class: 1,
         keep_features: false,
         cam_dir: None,
+        saliency: None,
     };
     let run = predict(&be, &model, &list.entries, &options, |_| {})?;
     for p in &run.predictions {

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand, ValueEnum};
 
-use cellmorph::apps::screening::predict::{screen_images, ScreenImagesOptions};
+use cellmorph::apps::screening::predict::{screen_images, SaliencyOptions, ScreenImagesOptions};
 use cellmorph::apps::screening::report::{evaluate_predictions, EvaluatePredictionsOptions};
+use cellmorph::apps::screening::saliency::SaliencyMethod;
 use cellmorph::apps::screening::train::{
     screen_train, EpochMetrics, HeadKind, HeadTrainOptions, Init, ScreenTrainOptions, TrainProgress,
 };
@@ -42,6 +43,18 @@ enum HeadArg {
     Kim,
     /// One Linear(C, 2) (no dropout).
     Linear,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum SaliencyArg {
+    /// Grad-CAM++ on the activated last feature map (relu(norm5)), the
+    /// gradient taken through the head on the host.
+    Gradcampp,
+    /// VisualBackProp: channel means of the stem and dense block outputs,
+    /// multiplied from the deepest up (forward only; no class).
+    Visualbackprop,
+    /// The class activation map (as --cam-dir, for the chosen class).
+    Cam,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -151,6 +164,18 @@ pub struct PredictArgs {
     /// Also write a class activation map overlay PNG per predicted image here.
     #[arg(long)]
     cam_dir: Option<PathBuf>,
+    /// Also write a saliency map per predicted image into --saliency-dir:
+    /// `<stem>.<method>.png` (the map over the gray input) and
+    /// `<stem>.<method>.map.png` (the map in [0, 1] as 16-bit gray).
+    #[arg(long, value_enum, requires = "saliency_dir")]
+    saliency: Option<SaliencyArg>,
+    /// Directory of the saliency maps.
+    #[arg(long, requires = "saliency")]
+    saliency_dir: Option<PathBuf>,
+    /// Class the CAM or Grad-CAM++ explains (default: each image's
+    /// predicted class).
+    #[arg(long, requires = "saliency")]
+    saliency_class: Option<usize>,
     /// Positive when the positive-class probability is at least this.
     #[arg(long, default_value_t = 0.5)]
     threshold: f64,
@@ -198,6 +223,27 @@ fn run_predict(a: PredictArgs) -> Result<()> {
             &[("--output", &a.output)],
         )?;
     }
+    let saliency = match (a.saliency, &a.saliency_dir) {
+        (Some(m), Some(dir)) => {
+            cellmorph::io::check_output_is_not_an_input("--saliency-dir", dir, &inputs)?;
+            let method = match m {
+                SaliencyArg::Gradcampp => SaliencyMethod::GradCamPlusPlus,
+                SaliencyArg::Visualbackprop => SaliencyMethod::VisualBackProp,
+                SaliencyArg::Cam => SaliencyMethod::Cam,
+            };
+            if a.saliency_class.is_some() && !method.has_class() {
+                return Err(Error::invalid(
+                    "--saliency-class: VisualBackProp explains no class (use gradcampp or cam)",
+                ));
+            }
+            Some(SaliencyOptions {
+                method,
+                dir: dir.clone(),
+                class: a.saliency_class,
+            })
+        }
+        _ => None,
+    };
     let be = super::open_device(a.device, a.precision)?;
     let bar = indicatif::ProgressBar::new(0);
     if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -214,6 +260,7 @@ fn run_predict(a: PredictArgs) -> Result<()> {
             output: a.output.clone(),
             features_out: a.features_out,
             cam_dir: a.cam_dir,
+            saliency,
             batch_size: a.batch_size,
             threshold: a.threshold,
             positive_class: a.positive_class,
@@ -260,6 +307,19 @@ fn run_predict(a: PredictArgs) -> Result<()> {
         t.inference_images_per_second(),
         a.output.display()
     );
+    if let (Some(m), Some(dir)) = (a.saliency, &a.saliency_dir) {
+        let written = run
+            .predictions
+            .iter()
+            .filter(|p| p.outcome.as_ref().is_ok_and(|v| v.saliency.is_some()))
+            .count();
+        eprintln!(
+            "wrote {written} {} overlays and maps to {}",
+            m.to_possible_value()
+                .map_or_else(String::new, |v| v.get_name().to_string()),
+            dir.display()
+        );
+    }
     if t.images == 0 {
         return Err(Error::invalid(format!(
             "no image of {} could be predicted ({} skipped; the reasons are above and in {})",

@@ -689,6 +689,18 @@ impl DenseNetWorkspace {
         (self.h, self.w)
     }
 
+    /// The stem's output `relu(norm0(conv0(x)))` `[n, F0, H/2, W/2]`.
+    pub fn stem(&self) -> &Tensor {
+        &self.stem
+    }
+
+    /// Each dense block's buffer after its last layer `[n, C_b, h_b, w_b]`:
+    /// the block's output (the concatenation, before the BatchNorm that
+    /// follows it, see [`DenseNet::block_norm`]).
+    pub fn block_outputs(&self) -> &[Tensor] {
+        &self.blocks
+    }
+
     /// `norm5` output `[n, C, h/32, w/32]` (before the last ReLU).
     pub fn features(&self) -> &Tensor {
         &self.features
@@ -831,6 +843,35 @@ impl DenseNet {
     /// The hyper-parameters read off the weights.
     pub fn config(&self) -> &DenseNetConfig {
         &self.config
+    }
+
+    /// The BatchNorm that follows dense block `b` (0-based) as per-channel
+    /// `(scale, shift)` on the host: transition `b`'s norm, or `norm5` after
+    /// the last block. `relu(scale·x + shift)` is what the next stage reads.
+    pub fn block_norm(&self, b: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        if let Some(t) = self.transitions.get(b) {
+            return Ok((t.norm.scale.to_vec()?, t.norm.shift.to_vec()?));
+        }
+        if b + 1 != self.blocks.len() {
+            return Err(Error::invalid(format!(
+                "densenet: block {b} does not exist ({} dense blocks)",
+                self.blocks.len()
+            )));
+        }
+        let [g, bt, m, v] = &self.norm5;
+        let (g, bt, m, v) = (g.to_vec()?, bt.to_vec()?, m.to_vec()?, v.to_vec()?);
+        let scale: Vec<f32> = g
+            .iter()
+            .zip(&v)
+            .map(|(&g, &v)| g / (v + BN_EPS).sqrt())
+            .collect();
+        let shift = bt
+            .iter()
+            .zip(&m)
+            .zip(&scale)
+            .map(|((&b, &m), &s)| b - m * s)
+            .collect();
+        Ok((scale, shift))
     }
 
     /// Allocates the activations for batches of `n` images of `h × w` on

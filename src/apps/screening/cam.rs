@@ -54,13 +54,7 @@ pub fn cam_overlay(
         ));
     }
     let map = model.class_activation_map(activated, feature_hw, class)?;
-    // Channel 0 of the input, undoing the optional normalization.
-    let (m, s) = if p.imagenet_normalize {
-        (IMAGENET_MEAN[0], IMAGENET_STD[0])
-    } else {
-        (0.0, 1.0)
-    };
-    let image: Vec<f32> = input[..plane].iter().map(|&v| v * s + m).collect();
+    let image = input_gray(input, p)?;
     let mut heat = resize(&map.values, feature_hw, (p.height, p.width))?;
     let max = heat.iter().fold(0.0f32, |a, &v| a.max(v));
     heat.iter_mut()
@@ -74,21 +68,72 @@ pub fn cam_overlay(
     })
 }
 
+/// The gray image in [0, 1] a network input `[channels, height, width]`
+/// made with `p` shows: its channel 0, the optional ImageNet normalization
+/// undone.
+pub fn input_gray(input: &[f32], p: &Preprocess) -> Result<Vec<f32>> {
+    let plane = p.height * p.width;
+    if input.len() != p.channels * plane || plane == 0 {
+        return Err(Error::shape(
+            "input_gray",
+            format!(
+                "{} input values for [{}, {}, {}]",
+                input.len(),
+                p.channels,
+                p.height,
+                p.width
+            ),
+        ));
+    }
+    let (m, s) = if p.imagenet_normalize {
+        (IMAGENET_MEAN[0], IMAGENET_STD[0])
+    } else {
+        (0.0, 1.0)
+    };
+    Ok(input[..plane].iter().map(|&v| v * s + m).collect())
+}
+
 /// Writes a CAM overlay PNG ([`crate::plot::heatmap_overlay`]): the
 /// normalized heat map in viridis at half opacity over the gray network
 /// input (stretched from its darkest to its brightest pixel), with `title`
 /// above and a 0–1 colorbar.
 pub fn write_cam_png(path: &Path, overlay: &CamOverlay, title: &str) -> Result<()> {
-    let (w, h) = (overlay.width, overlay.height);
-    let gray: Vec<u16> = overlay
-        .image
+    write_heat_png(
+        path,
+        &overlay.image,
+        &overlay.heat,
+        (overlay.height, overlay.width),
+        title,
+    )
+}
+
+/// Writes a heat map overlay PNG as [`write_cam_png`] does: `heat` (values
+/// in [0, 1]) over `image` (gray in [0, 1]), both `height × width`.
+pub fn write_heat_png(
+    path: &Path,
+    image: &[f32],
+    heat: &[f32],
+    (h, w): (usize, usize),
+    title: &str,
+) -> Result<()> {
+    if image.len() != h * w || heat.len() != h * w {
+        return Err(Error::shape(
+            "write_heat_png",
+            format!(
+                "{} image and {} heat values for {h}×{w}",
+                image.len(),
+                heat.len()
+            ),
+        ));
+    }
+    let gray: Vec<u16> = image
         .iter()
         .map(|&v| (v.clamp(0.0, 1.0) * 255.0).round() as u16)
         .collect();
     let image = GrayImage::new(w, h, BitDepth::Eight, gray)?;
     // One value per pixel: the heat is already at the image's resolution.
     let grid = PatchGrid::new(w, h, 1)?;
-    let values: Vec<f64> = overlay.heat.iter().map(|&v| f64::from(v)).collect();
+    let values: Vec<f64> = heat.iter().map(|&v| f64::from(v)).collect();
     let opts = HeatmapOptions {
         title: title.to_string(),
         alpha: 0.5,

@@ -12,6 +12,8 @@
 //!   in batches while the next batch is read; unreadable or excluded images
 //!   are skipped with a reason, never an error.
 //! - [`cam`]: class activation maps over the network input, as PNG.
+//! - [`saliency`]: Grad-CAM++ and VisualBackProp maps, as PNG overlays and
+//!   16-bit PNG maps.
 //! - [`files`]: the predictions CSV, which carries the run's timing in `#`
 //!   comment lines; the labels CSV; the pooled features (CSV or
 //!   safetensors).
@@ -26,4 +28,5 @@ pub mod images;
 pub mod predict;
 pub mod preprocess;
 pub mod report;
+pub mod saliency;
 pub mod train;

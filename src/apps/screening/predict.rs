@@ -12,10 +12,14 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::cam::{cam_overlay, write_cam_png};
+use super::cam::{cam_overlay, input_gray, write_cam_png, write_heat_png};
 use super::files::{write_features, write_predictions};
 use super::images::{list_images, prefetch, ImageEntry};
 use super::preprocess::{Prepared, Preprocess, SkipReason};
+use super::saliency::{
+    densenet_averaged_maps, grad_cam_plus_plus, upsample_normalized, visual_back_prop,
+    write_map_png16, SaliencyMethod,
+};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::TensorFile;
@@ -38,6 +42,24 @@ pub struct PredictOptions {
     /// Write each image's class activation map of the positive class as a
     /// PNG overlay into this directory ([`write_cam_png`]), as it goes.
     pub cam_dir: Option<PathBuf>,
+    /// Write each image's saliency map as an overlay PNG and a 16-bit PNG
+    /// map, as it goes.
+    pub saliency: Option<SaliencyOptions>,
+}
+
+/// Which saliency maps [`predict`] writes, and where.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SaliencyOptions {
+    /// The method.
+    pub method: SaliencyMethod,
+    /// Directory of `<stem>.<method>.png` (the map over the gray input, as
+    /// [`write_cam_png`]) and `<stem>.<method>.map.png` (the normalized map
+    /// at input resolution, 16-bit gray, [`write_map_png16`]).
+    pub dir: PathBuf,
+    /// The class explained (CAM, Grad-CAM++); `None`: each image's
+    /// predicted class (the arg max probability). VisualBackProp explains
+    /// no class.
+    pub class: Option<usize>,
 }
 
 impl Default for PredictOptions {
@@ -49,6 +71,7 @@ impl Default for PredictOptions {
             positive_class: 1,
             keep_features: false,
             cam_dir: None,
+            saliency: None,
         }
     }
 }
@@ -66,6 +89,8 @@ pub struct Verdict {
     pub features: Option<Vec<f32>>,
     /// The class activation map PNG written for the image, when asked for.
     pub cam: Option<PathBuf>,
+    /// The saliency overlay PNG written for the image, when asked for.
+    pub saliency: Option<PathBuf>,
 }
 
 /// The result for one image.
@@ -184,8 +209,20 @@ pub fn predict(
     let start = Instant::now();
     let mut outcomes: Vec<Option<std::result::Result<Verdict, SkipReason>>> =
         vec![None; images.len()];
+    if let Some(s) = &options.saliency {
+        if let Some(class) = s.class.filter(|&c| c >= cfg.num_classes()) {
+            return Err(Error::invalid(format!(
+                "--saliency-class {class}: the head has {} classes (0 to {})",
+                cfg.num_classes(),
+                cfg.num_classes() - 1
+            )));
+        }
+    }
     if let Some(dir) = &options.cam_dir {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    if let Some(s) = &options.saliency {
+        std::fs::create_dir_all(&s.dir).map_err(|e| Error::io(&s.dir, e))?;
     }
     let mut runner = BatchRunner {
         be,
@@ -195,6 +232,7 @@ pub fn predict(
         ws: None,
         inference_seconds: 0.0,
         cam_names: HashSet::new(),
+        saliency_names: HashSet::new(),
     };
     let mut done = 0;
     let bs = options.batch_size;
@@ -257,6 +295,7 @@ struct BatchRunner<'a> {
     ws: Option<DenseNetWorkspace>,
     inference_seconds: f64,
     cam_names: HashSet<String>,
+    saliency_names: HashSet<String>,
 }
 
 impl BatchRunner<'_> {
@@ -289,12 +328,21 @@ impl BatchRunner<'_> {
         } else {
             None
         };
-        let activated = if self.options.cam_dir.is_some() {
+        let method = self.options.saliency.as_ref().map(|s| s.method);
+        let activated = if self.options.cam_dir.is_some()
+            || method.is_some_and(|m| m != SaliencyMethod::VisualBackProp)
+        {
             Some(ws.activated().to_vec()?)
         } else {
             None
         };
         self.inference_seconds += t.elapsed().as_secs_f64();
+        // VisualBackProp reads the stem's and every block's output back.
+        let averaged = if method == Some(SaliencyMethod::VisualBackProp) {
+            Some(densenet_averaged_maps(self.model, ws)?)
+        } else {
+            None
+        };
         let cfg = self.model.config();
         let (classes, c) = (cfg.num_classes(), cfg.num_features);
         let [_, _, fh, fw] = cfg.features_shape(n, p.height, p.width)?;
@@ -321,7 +369,62 @@ impl BatchRunner<'_> {
             }
             _ => vec![None; n],
         };
-        for (k, ((i, _, mean_v), cam)) in batch.drain(..).zip(cams).enumerate() {
+        let saliency = match &self.options.saliency {
+            Some(s) => {
+                let targets: Vec<(PathBuf, PathBuf)> = batch
+                    .iter()
+                    .map(|(i, _, _)| self.saliency_paths(&s.dir, *i, s.method))
+                    .collect();
+                let per_image = (c * fh * fw).max(1);
+                let model = self.model;
+                let size = (p.height, p.width);
+                batch
+                    .par_iter()
+                    .zip(&targets)
+                    .enumerate()
+                    .map(|(k, ((_, x, _), (overlay, map)))| {
+                        let row = &probs[k * classes..(k + 1) * classes];
+                        let class = s.class.unwrap_or_else(|| arg_max(row));
+                        let features = || {
+                            activated
+                                .as_ref()
+                                .and_then(|a| a.get(k * per_image..(k + 1) * per_image))
+                                .ok_or_else(|| Error::invalid("saliency: no features read back"))
+                        };
+                        let heat = match s.method {
+                            SaliencyMethod::Cam => {
+                                cam_overlay(model, features()?, (fh, fw), x, p, class)?.heat
+                            }
+                            SaliencyMethod::GradCamPlusPlus => {
+                                let g = grad_cam_plus_plus(model, features()?, (fh, fw), class)?;
+                                upsample_normalized(&g.values, (fh, fw), size)?
+                            }
+                            SaliencyMethod::VisualBackProp => {
+                                let maps =
+                                    averaged.as_ref().and_then(|a| a.get(k)).ok_or_else(|| {
+                                        Error::invalid("saliency: no feature maps read back")
+                                    })?;
+                                visual_back_prop(maps, size)?
+                            }
+                        };
+                        // Short enough for the 306-pixel-wide input.
+                        let title = if s.method.has_class() {
+                            format!("{} c{class}, p = {:.3}", s.method.label(), row[class])
+                        } else {
+                            let pc = self.options.positive_class;
+                            format!("{}, p{pc}={:.3}", s.method.label(), row[pc])
+                        };
+                        write_heat_png(overlay, &input_gray(x, p)?, &heat, size, &title)?;
+                        write_map_png16(map, &heat, size)?;
+                        Ok(Some(overlay.clone()))
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            None => vec![None; n],
+        };
+        for (k, (((i, _, mean_v), cam), saliency)) in
+            batch.drain(..).zip(cams).zip(saliency).enumerate()
+        {
             let probability = probs[k * classes + self.options.positive_class];
             let features = pooled.as_ref().map(|v| v[k * c..(k + 1) * c].to_vec());
             outcomes[i] = Some(Ok(Verdict {
@@ -330,6 +433,7 @@ impl BatchRunner<'_> {
                 mean_v,
                 features,
                 cam,
+                saliency,
             }));
         }
         Ok(n)
@@ -338,17 +442,54 @@ impl BatchRunner<'_> {
     /// `<dir>/<file stem>.cam.png`, with `_<index>` added when two images
     /// share a stem.
     fn cam_path(&mut self, dir: &Path, index: usize) -> PathBuf {
-        let id = self.images.get(index).map_or("image", |e| e.id.as_str());
-        let stem = Path::new(id)
-            .file_stem()
-            .map_or_else(|| "image".to_string(), |s| s.to_string_lossy().into_owned());
-        let mut name = format!("{stem}.cam.png");
-        if !self.cam_names.insert(name.clone()) {
-            name = format!("{stem}_{index}.cam.png");
-            self.cam_names.insert(name.clone());
-        }
-        dir.join(name)
+        let stem = unique_stem(self.images, &mut self.cam_names, index);
+        dir.join(format!("{stem}.cam.png"))
     }
+
+    /// `<dir>/<file stem>.<method>.png` and `.<method>.map.png`, with
+    /// `_<index>` added to the stem when two images share one.
+    fn saliency_paths(
+        &mut self,
+        dir: &Path,
+        index: usize,
+        method: SaliencyMethod,
+    ) -> (PathBuf, PathBuf) {
+        let stem = unique_stem(self.images, &mut self.saliency_names, index);
+        let m = method.name();
+        (
+            dir.join(format!("{stem}.{m}.png")),
+            dir.join(format!("{stem}.{m}.map.png")),
+        )
+    }
+}
+
+/// The file stem of image `index`, or `<stem>_<index>` when `taken` holds
+/// the stem already; records what it returns in `taken`.
+fn unique_stem(images: &[ImageEntry], taken: &mut HashSet<String>, index: usize) -> String {
+    let id = images.get(index).map_or("image", |e| e.id.as_str());
+    let stem = Path::new(id)
+        .file_stem()
+        .map_or_else(|| "image".to_string(), |s| s.to_string_lossy().into_owned());
+    if taken.insert(stem.clone()) {
+        return stem;
+    }
+    let stem = format!("{stem}_{index}");
+    taken.insert(stem.clone());
+    stem
+}
+
+/// Index of the largest value (the first of ties).
+fn arg_max(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv {
+                (i, x)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
 }
 
 /// What [`screen_images`] reads and writes.
@@ -366,6 +507,8 @@ pub struct ScreenImagesOptions {
     pub features_out: Option<PathBuf>,
     /// Also write a class activation map overlay PNG per predicted image here.
     pub cam_dir: Option<PathBuf>,
+    /// Also write a saliency overlay and map per predicted image.
+    pub saliency: Option<SaliencyOptions>,
     /// Images per device batch (device memory grows linearly with it).
     pub batch_size: usize,
     /// Positive when the positive-class probability is at least this.
@@ -414,6 +557,7 @@ pub fn screen_images(
         positive_class: o.positive_class,
         keep_features: o.features_out.is_some(),
         cam_dir: o.cam_dir.clone(),
+        saliency: o.saliency.clone(),
     };
     let total = list.entries.len();
     progress(0, total);
