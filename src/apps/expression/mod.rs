@@ -18,7 +18,12 @@
 //! - [`map`]: patch-wise expression maps (`cellmorph map`).
 //! - [`plots`]: scatter plots of the best genes, maps over their images.
 //! - [`demo`]: the whole pipeline on synthetic data (`cellmorph demo`).
+//! - [`tsne`]: t-SNE of a feature table with a coloured scatter plot
+//!   (`cellmorph tsne`).
+//! - [`cluster`]: Ward clustering of samples or features, dendrogram and
+//!   heat map (`cellmorph cluster`).
 
+pub mod cluster;
 pub mod cv;
 pub mod demo;
 pub mod evaluate;
@@ -30,6 +35,7 @@ pub mod prepare;
 pub mod profile;
 pub mod synth;
 pub mod train;
+pub mod tsne;
 
 /// A progress bar on stderr (hidden when stderr is not a terminal, so logs
 /// stay clean).
