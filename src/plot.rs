@@ -951,7 +951,13 @@ pub fn colored_scatter_image(
             for (t, yy) in [(1.0, top), (0.5, (top + bottom) / 2), (0.0, bottom)] {
                 c.line((panel_x + 14, yy), (panel_x + 17, yy), BLACK, 1, 0);
                 let v = lo + t * (hi - lo);
-                c.text(panel_x + 21, yy - 3, &format_tick(v, decimals + 1), 1, BLACK);
+                c.text(
+                    panel_x + 21,
+                    yy - 3,
+                    &format_tick(v, decimals + 1),
+                    1,
+                    BLACK,
+                );
             }
         }
     }
@@ -959,30 +965,42 @@ pub fn colored_scatter_image(
     Ok(c.img)
 }
 
+/// How [`dendrogram_heatmap_image`] draws its heat map.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DendrogramHeatmapOptions {
+    /// Drawn centred above the image.
+    pub title: String,
+    /// Values mapped to the two ends of viridis (values outside are clamped).
+    pub range: (f64, f64),
+    /// Drawn above the colour bar.
+    pub value_label: String,
+    /// A flat cluster (1..) per row, shown as a strip of tab10 colours
+    /// between the dendrogram and the heat map.
+    pub groups: Option<Vec<usize>>,
+}
+
 /// Renders a dendrogram of `linkage` beside a heat map of `values` (one row
 /// per leaf of the linkage, `cols` columns, row-major in the items' order),
-/// the rows drawn in dendrogram leaf order, coloured in viridis over
-/// `range` (values outside are clamped), with a colour bar labelled
-/// `value_label`. Row and column names are written when the cells are at
-/// least 8 pixels.
+/// the rows drawn in dendrogram leaf order, with a colour bar. Row and
+/// column names are written when the cells are at least 8 pixels.
 ///
 /// # Errors
-/// Shapes that do not fit the linkage or the names, a non-finite value, or
-/// a range that is not finite and increasing.
-#[allow(clippy::too_many_arguments)]
+/// Shapes that do not fit the linkage, the names or the groups, a
+/// non-finite value, or a range that is not finite and increasing.
 pub fn dendrogram_heatmap_image(
     linkage: &crate::stats::cluster::Linkage,
     values: &[f64],
     cols: usize,
     row_names: &[String],
     col_names: &[String],
-    range: (f64, f64),
-    value_label: &str,
-    title: &str,
+    opts: &DendrogramHeatmapOptions,
 ) -> Result<RgbImage> {
     const OP: &str = "dendrogram_heatmap";
     let rows = linkage.n;
-    if cols == 0 || values.len() != rows * cols || row_names.len() != rows || col_names.len() != cols
+    if cols == 0
+        || values.len() != rows * cols
+        || row_names.len() != rows
+        || col_names.len() != cols
     {
         return Err(Error::shape(
             OP,
@@ -997,7 +1015,13 @@ pub fn dendrogram_heatmap_image(
     if values.iter().any(|v| !v.is_finite()) {
         return Err(Error::invalid(format!("{OP}: a value is not finite")));
     }
-    let (lo, hi) = range;
+    if opts.groups.as_ref().is_some_and(|g| g.len() != rows) {
+        return Err(Error::shape(
+            OP,
+            format!("groups for other than {rows} rows"),
+        ));
+    }
+    let (lo, hi) = opts.range;
     if !(lo.is_finite() && hi.is_finite() && lo < hi) {
         return Err(Error::invalid(format!(
             "{OP}: range ({lo}, {hi}) must be finite and increasing"
@@ -1010,7 +1034,12 @@ pub fn dendrogram_heatmap_image(
     let row_label_w = if cell_h >= 8 {
         row_names
             .iter()
-            .map(|s| i64::from(text_width(&s.chars().take(label_chars).collect::<String>(), 1)))
+            .map(|s| {
+                i64::from(text_width(
+                    &s.chars().take(label_chars).collect::<String>(),
+                    1,
+                ))
+            })
             .max()
             .unwrap_or(0)
             + 6
@@ -1020,7 +1049,12 @@ pub fn dendrogram_heatmap_image(
     let col_label_h = if cell_w >= 8 {
         col_names
             .iter()
-            .map(|s| i64::from(text_width(&s.chars().take(label_chars).collect::<String>(), 1)))
+            .map(|s| {
+                i64::from(text_width(
+                    &s.chars().take(label_chars).collect::<String>(),
+                    1,
+                ))
+            })
             .max()
             .unwrap_or(0)
             + 6
@@ -1028,7 +1062,8 @@ pub fn dendrogram_heatmap_image(
         0
     };
     let top = i64::from(HEAT_TITLE_BAND) + 4;
-    let heat_x = DENDRO + 8;
+    let strip = if opts.groups.is_some() { 10 } else { 0 };
+    let heat_x = DENDRO + 8 + strip;
     let heat_w = cell_w * cols as i64;
     let heat_h = cell_h * rows as i64;
     let bar_x = heat_x + heat_w + row_label_w + 12;
@@ -1046,6 +1081,10 @@ pub fn dendrogram_heatmap_image(
             let x0 = heat_x + col as i64 * cell_w;
             let color = viridis(tone(values[item * cols + col]));
             c.fill_rect(x0, y0, x0 + cell_w, y0 + cell_h, color);
+        }
+        if let Some(groups) = &opts.groups {
+            let color = CATEGORY[groups[item].saturating_sub(1) % CATEGORY.len()];
+            c.fill_rect(heat_x - strip, y0, heat_x - 2, y0 + cell_h, color);
         }
         if row_label_w > 0 {
             let name: String = row_names[item].chars().take(label_chars).collect();
@@ -1068,7 +1107,7 @@ pub fn dendrogram_heatmap_image(
         .map(|m| m.height)
         .fold(0.0f64, f64::max);
     let hmax = if hmax > 0.0 { hmax } else { 1.0 };
-    let right = heat_x - 3;
+    let right = heat_x - strip - 3;
     let x_of = |hgt: f64| right - ((hgt / hmax) * (DENDRO - 12) as f64).round() as i64;
     let mut ypos = vec![0f64; 2 * n - 1];
     let mut hpos = vec![0f64; 2 * n - 1];
@@ -1094,7 +1133,7 @@ pub fn dendrogram_heatmap_image(
     }
     // Colour bar.
     let (bar_top, bar_bottom) = (top + 14, top + 120);
-    c.text(bar_x, top, value_label, 1, BLACK);
+    c.text(bar_x, top, &opts.value_label, 1, BLACK);
     for yy in bar_top..=bar_bottom {
         let t = (bar_bottom - yy) as f64 / (bar_bottom - bar_top) as f64;
         c.fill_rect(bar_x, yy, bar_x + 14, yy + 1, viridis(t));
@@ -1114,7 +1153,7 @@ pub fn dendrogram_heatmap_image(
             BLACK,
         );
     }
-    c.title(width / 2, 6, title, w.saturating_sub(4));
+    c.title(width / 2, 6, &opts.title, w.saturating_sub(4));
     Ok(c.img)
 }
 
@@ -1303,6 +1342,36 @@ mod tests {
         assert!(heatmap_image(&img, &grid, &[f64::NAN; 6], &opts).is_err());
         let wide = PatchGrid::new(640, 330, 160).unwrap();
         assert!(heatmap_image(&img, &wide, &[0.0; 8], &opts).is_err());
+    }
+
+    #[test]
+    fn coloured_scatter_shows_categories_and_values() {
+        let x = [0.0, 1.0, 2.0, 3.0];
+        let y = [1.0, 0.0, 3.0, 2.0];
+        let cats = PointColors::Categories {
+            index: vec![0, 1, 1, 2],
+            names: vec!["a".into(), "b".into(), "c".into()],
+        };
+        let img = colored_scatter_image(&x, &y, &cats, &PlotOptions::default()).unwrap();
+        for color in &CATEGORY[..3] {
+            assert!(img.pixels().any(|p| p.0 == *color), "{color:?} missing");
+        }
+        let bad = PointColors::Categories {
+            index: vec![0, 1, 1, 3],
+            names: vec!["a".into(), "b".into(), "c".into()],
+        };
+        assert!(colored_scatter_image(&x, &y, &bad, &PlotOptions::default()).is_err());
+        let values = PointColors::Values {
+            values: vec![0.0, 1.0, 2.0, 3.0],
+            label: "score".into(),
+        };
+        let img = colored_scatter_image(&x, &y, &values, &PlotOptions::default()).unwrap();
+        assert!(img.pixels().any(|p| p.0 == viridis(1.0)));
+        let nan = PointColors::Values {
+            values: vec![0.0, f64::NAN, 2.0, 3.0],
+            label: "score".into(),
+        };
+        assert!(colored_scatter_image(&x, &y, &nan, &PlotOptions::default()).is_err());
     }
 
     #[test]

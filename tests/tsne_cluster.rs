@@ -59,9 +59,20 @@ fn knn5_agreement(y: &[f64], labels: &[String]) -> f64 {
             })
             .collect();
         d.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        total += d[..5].iter().filter(|(_, j)| labels[*j] == labels[i]).count() as f64 / 5.0;
+        total += d[..5]
+            .iter()
+            .filter(|(_, j)| labels[*j] == labels[i])
+            .count() as f64
+            / 5.0;
     }
     total / n as f64
+}
+
+fn worst_diff(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 fn max_abs(v: &[f64]) -> f64 {
@@ -77,6 +88,12 @@ fn joint_probabilities_match_scikit_learn() {
     // scikit-learn keeps the conditional probabilities in f32 and sums them
     // in f32 (NumPy's pairwise sum); the f32 values agree to a few ulps, the
     // normalizing sum to ~1e-7 relative: 1e-6 relative covers both.
+    let worst = p
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs() / b)
+        .fold(0.0, f64::max);
+    eprintln!("joint P: largest relative difference {worst:.2e}");
     for (k, (a, b)) in p.iter().zip(&want).enumerate() {
         assert!((a - b).abs() <= 1e-6 * b + 1e-15, "p[{k}]: {a} vs {b}");
     }
@@ -92,6 +109,10 @@ fn gradient_and_ten_steps_match_scikit_learn() {
     let want = floats(&g["grad0"]);
     // Same formula in f64; only the summation order differs (BLAS dot).
     let scale = max_abs(&want);
+    eprintln!(
+        "gradient: largest difference {:.2e} of the largest component",
+        worst_diff(&grad, &want) / scale
+    );
     for (k, (a, b)) in grad.iter().zip(&want).enumerate() {
         assert!((a - b).abs() <= 1e-9 * scale, "grad[{k}]: {a} vs {b}");
     }
@@ -110,6 +131,10 @@ fn gradient_and_ten_steps_match_scikit_learn() {
     // sizes are ~1e-3 of the coordinates' scale, so 1e-9 relative to the
     // largest coordinate still checks every update exactly.
     let scale = max_abs(&want);
+    eprintln!(
+        "after 10 steps: largest difference {:.2e} of the largest coordinate",
+        worst_diff(&y, &want) / scale
+    );
     for (k, (a, b)) in y.iter().zip(&want).enumerate() {
         assert!((a - b).abs() <= 1e-9 * scale, "y10[{k}]: {a} vs {b}");
     }
@@ -145,6 +170,10 @@ fn pca_init_matches_scikit_learn() {
     let want = floats(&g["pca_init"]);
     // Power iteration converged to 1e-13 against LAPACK's eigenvectors.
     let scale = max_abs(&want);
+    eprintln!(
+        "PCA init: largest difference {:.2e} of the largest coordinate",
+        worst_diff(&y, &want) / scale
+    );
     for (k, (a, b)) in y.iter().zip(&want).enumerate() {
         assert!((a - b).abs() <= 1e-9 * scale, "pca[{k}]: {a} vs {b}");
     }
@@ -176,6 +205,13 @@ fn check_ward(x: &[f64], n: usize, d: usize, g: &Value) {
     let z = ward_linkage(x, n, d).unwrap();
     let want = g["linkage"].as_array().unwrap();
     assert_eq!(z.merges.len(), want.len());
+    let worst = z
+        .merges
+        .iter()
+        .zip(want)
+        .map(|(m, w)| (m.height - floats(w)[2]).abs() / floats(w)[2])
+        .fold(0.0, f64::max);
+    eprintln!("Ward heights: largest relative difference {worst:.2e}");
     for (i, (m, w)) in z.merges.iter().zip(want).enumerate() {
         let w = floats(w);
         assert_eq!(
@@ -299,8 +335,20 @@ fn tsne_command_writes_coordinates_and_plots() {
     }
     // Colouring by a column of the feature table itself.
     ok(&run(
-        &["tsne", "--iterations", "250", "--color-by", "f00", "--init", "random"],
-        &[("--features", &features), ("--output", &out), ("--plot", &plot)],
+        &[
+            "tsne",
+            "--iterations",
+            "250",
+            "--color-by",
+            "f00",
+            "--init",
+            "random",
+        ],
+        &[
+            ("--features", &features),
+            ("--output", &out),
+            ("--plot", &plot),
+        ],
     ));
 
     fails_with(
@@ -316,7 +364,10 @@ fn tsne_command_writes_coordinates_and_plots() {
         "no column \"batch\"",
     );
     fails_with(
-        &run(&["tsne"], &[("--features", &features), ("--output", &features)]),
+        &run(
+            &["tsne"],
+            &[("--features", &features), ("--output", &features)],
+        ),
         "would destroy the input",
     );
     fails_with(
@@ -366,7 +417,11 @@ fn cluster_command_writes_assignments_linkage_and_plot() {
 
     ok(&run(
         &["cluster", "--k", "4", "--genes"],
-        &[("--features", &features), ("--output", &out), ("--plot", &plot)],
+        &[
+            ("--features", &features),
+            ("--output", &out),
+            ("--plot", &plot),
+        ],
     ));
     let labels = Table::read_csv(&out).unwrap();
     assert_eq!(labels.row_names, data().col_names);
@@ -382,7 +437,11 @@ fn cluster_command_writes_assignments_linkage_and_plot() {
     fails_with(
         &run(
             &["cluster", "--k", "2"],
-            &[("--features", &features), ("--output", &out), ("--linkage", &out)],
+            &[
+                ("--features", &features),
+                ("--output", &out),
+                ("--linkage", &out),
+            ],
         ),
         "is also --output",
     );

@@ -475,11 +475,7 @@ pub fn pca_init(x: &[f64], n: usize, d: usize) -> Result<Vec<f64>> {
     let mean: Vec<f64> = (0..d)
         .map(|c| (0..n).map(|r| x[r * d + c]).sum::<f64>() / n as f64)
         .collect();
-    let xc: Vec<f64> = x
-        .iter()
-        .enumerate()
-        .map(|(i, v)| v - mean[i % d])
-        .collect();
+    let xc: Vec<f64> = x.iter().enumerate().map(|(i, v)| v - mean[i % d]).collect();
     let components = top_components(&xc, n, d, 2);
     let mut y = vec![0f64; 2 * n];
     for r in 0..n {
@@ -511,7 +507,13 @@ fn top_components(xc: &[f64], n: usize, d: usize, k: usize) -> Vec<Vec<f64>> {
     // Applies XᵀX to a vector.
     let apply = |u: &[f64]| -> Vec<f64> {
         let xu: Vec<f64> = (0..n)
-            .map(|r| xc[r * d..(r + 1) * d].iter().zip(u).map(|(a, b)| a * b).sum())
+            .map(|r| {
+                xc[r * d..(r + 1) * d]
+                    .iter()
+                    .zip(u)
+                    .map(|(a, b)| a * b)
+                    .sum()
+            })
             .collect();
         (0..d)
             .map(|c| (0..n).map(|r| xc[r * d + c] * xu[r]).sum())
@@ -711,8 +713,26 @@ mod tests {
         let m = (0..n).map(|r| y[2 * r]).sum::<f64>() / n as f64;
         let sd = ((0..n).map(|r| (y[2 * r] - m).powi(2)).sum::<f64>() / n as f64).sqrt();
         assert!((sd - 1e-4).abs() < 1e-12, "{sd}");
-        let a = tsne(&x, n, 3, &TsneOptions { perplexity: 5.0, ..TsneOptions::default() }).unwrap();
-        let b = tsne(&x, n, 3, &TsneOptions { perplexity: 5.0, ..TsneOptions::default() }).unwrap();
+        let a = tsne(
+            &x,
+            n,
+            3,
+            &TsneOptions {
+                perplexity: 5.0,
+                ..TsneOptions::default()
+            },
+        )
+        .unwrap();
+        let b = tsne(
+            &x,
+            n,
+            3,
+            &TsneOptions {
+                perplexity: 5.0,
+                ..TsneOptions::default()
+            },
+        )
+        .unwrap();
         assert_eq!(a, b);
         assert!(a.kl_divergence.is_finite() && a.kl_divergence >= 0.0);
         assert!(pca_init(&vec![1.0; 2 * n], n, 2).is_err());

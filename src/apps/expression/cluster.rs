@@ -1,13 +1,14 @@
 //! Ward clustering of a feature table (`cellmorph cluster`): of its samples
 //! (rows) or of its feature columns, cut into k flat clusters; the
 //! assignments, the SciPy linkage matrix, and a dendrogram beside a heat
-//! map of the z-scored table.
+//! map of the z-scored table (each feature over the samples), the clusters
+//! marked by a colour strip.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::csv::CsvWriter;
-use crate::plot::{dendrogram_heatmap_image, save_png};
+use crate::plot::{dendrogram_heatmap_image, save_png, DendrogramHeatmapOptions};
 use crate::stats::cluster::{ward_linkage, Linkage};
 use crate::table::Table;
 use crate::{Error, Result};
@@ -78,7 +79,14 @@ pub fn cluster_file(o: &ClusterFileOptions) -> Result<ClusterFileSummary> {
             transpose(&z, rows, cols),
         )
     } else {
-        ("samples", table.row_names.clone(), rows, cols, table.data.clone(), z)
+        (
+            "samples",
+            table.row_names.clone(),
+            rows,
+            cols,
+            table.data.clone(),
+            z,
+        )
     };
     if o.k == 0 || o.k > items {
         return Err(Error::invalid(format!(
@@ -125,9 +133,12 @@ pub fn cluster_file(o: &ClusterFileOptions) -> Result<ClusterFileSummary> {
             dims,
             row_names,
             col_names,
-            (-3.0, 3.0),
-            "z-score",
-            &format!("Ward clustering of {items} {what}, k = {}", o.k),
+            &DendrogramHeatmapOptions {
+                title: format!("Ward clustering of {items} {what}, k = {}", o.k),
+                range: (-3.0, 3.0),
+                value_label: "z-score".into(),
+                groups: Some(labels.clone()),
+            },
         )?;
         save_png(path, &img)?;
     }
