@@ -116,8 +116,8 @@ fn nn_chain_ward(mut dist: Vec<f64>, n: usize) -> Linkage {
                 Some(p) => (p, dist[condensed_index(n, x, p)]),
                 None => (x, f64::INFINITY),
             };
-            for i in 0..n {
-                if size[i] == 0 || i == x {
+            for (i, &si) in size.iter().enumerate() {
+                if si == 0 || i == x {
                     continue;
                 }
                 let d = dist[condensed_index(n, x, i)];
@@ -138,8 +138,7 @@ fn nn_chain_ward(mut dist: Vec<f64>, n: usize) -> Linkage {
         raw.push((x, y, d_xy));
         size[x] = 0;
         size[y] = nx + ny;
-        for i in 0..n {
-            let ni = size[i];
+        for (i, &ni) in size.iter().enumerate() {
             if ni == 0 || i == y {
                 continue;
             }
