@@ -101,7 +101,9 @@ impl Default for TsneOptions {
 pub struct TsneResult {
     /// Row-major n × 2 coordinates.
     pub embedding: Vec<f64>,
-    /// KL(P‖Q) at the last iteration (scikit-learn's `kl_divergence_`).
+    /// KL(P‖Q) at the last iteration (scikit-learn's `kl_divergence_`; with
+    /// exactly 250 iterations, where scikit-learn reports `f64::MAX`, the KL
+    /// of the final embedding).
     pub kl_divergence: f64,
     /// Gradient steps taken (scikit-learn's `n_iter_` + 1).
     pub iterations: usize,
@@ -418,7 +420,7 @@ pub fn tsne_from(p: &[f64], n: usize, y0: Vec<f64>, opts: &TsneOptions) -> Resul
     let mut y = y0;
     // scikit-learn scales P in place and back, which rounds; so do we.
     let mut p: Vec<f64> = p.iter().map(|v| v * ex).collect();
-    let (mut kl, mut it) = gradient_descent(
+    let (_, it) = gradient_descent(
         &p,
         &mut y,
         n,
@@ -429,8 +431,8 @@ pub fn tsne_from(p: &[f64], n: usize, y0: Vec<f64>, opts: &TsneOptions) -> Resul
         EXPLORATION_ITER,
     );
     p.iter_mut().for_each(|v| *v /= ex);
-    if it < EXPLORATION_ITER || opts.max_iter > EXPLORATION_ITER {
-        (kl, it) = gradient_descent(
+    let (kl, iterations) = if it + 1 < opts.max_iter {
+        let (kl, last) = gradient_descent(
             &p,
             &mut y,
             n,
@@ -440,11 +442,17 @@ pub fn tsne_from(p: &[f64], n: usize, y0: Vec<f64>, opts: &TsneOptions) -> Resul
             lr,
             N_ITER_WITHOUT_PROGRESS,
         );
-    }
+        (kl, last + 1)
+    } else {
+        // No second phase (250 iterations in all): the last error used the
+        // exaggerated P (scikit-learn then reports f64::MAX); report the KL
+        // of the final embedding instead.
+        (kl_divergence_gradient(&p, &y, n, true).0, it + 1)
+    };
     Ok(TsneResult {
         embedding: y,
         kl_divergence: kl,
-        iterations: it + 1,
+        iterations,
         learning_rate: lr,
     })
 }
@@ -735,6 +743,14 @@ mod tests {
         .unwrap();
         assert_eq!(a, b);
         assert!(a.kl_divergence.is_finite() && a.kl_divergence >= 0.0);
+        let short = TsneOptions {
+            perplexity: 5.0,
+            max_iter: EXPLORATION_ITER,
+            ..TsneOptions::default()
+        };
+        let c = tsne(&x, n, 3, &short).unwrap();
+        assert_eq!(c.iterations, EXPLORATION_ITER);
+        assert!(c.kl_divergence.is_finite() && c.kl_divergence >= 0.0);
         assert!(pca_init(&vec![1.0; 2 * n], n, 2).is_err());
     }
 }
