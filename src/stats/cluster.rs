@@ -6,9 +6,10 @@
 //!
 //! Ties: the chain algorithm here makes the same choices as SciPy's
 //! (first minimum in index order, the chain's previous element preferred),
-//! so equal distances merge as SciPy merges them; distances that differ by
-//! rounding only (SciPy's `pdist` may sum in another order) can still
-//! resolve differently.
+//! so equal distances merge as SciPy merges them (tested on integer grid
+//! points full of duplicates); distances that differ by rounding only
+//! (SciPy's `pdist` may sum in another order) could still resolve
+//! differently.
 //!
 //! Memory is the condensed distance matrix, 4·n² bytes: inputs above
 //! [`MAX_ITEMS`] are refused.
