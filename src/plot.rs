@@ -1,7 +1,9 @@
 //! Minimal PNG plots with no plotting dependency: a scatter plot of
-//! predicted against measured values, a ROC curve, line charts (training
-//! curves), a heat map of patch-wise values over an image, and a matrix
-//! heat map (a confusion matrix). Text uses a built-in 5×7 bitmap font
+//! predicted against measured values, a scatter plot coloured by category
+//! or value (t-SNE), a ROC curve, line charts (training curves), a heat map
+//! of patch-wise values over an image, a matrix heat map (a confusion
+//! matrix), and a dendrogram beside a heat map (Ward clustering). Text uses
+//! a built-in 5×7 bitmap font
 //! (digits, upper- and lower-case letters and common symbols; anything
 //! else is drawn as `?`).
 //!
@@ -957,6 +959,364 @@ pub fn save_png(path: impl AsRef<Path>, img: &RgbImage) -> Result<()> {
     write_atomic(path, bytes.get_ref())
 }
 
+/// Colours of categories (matplotlib's tab10), repeating after ten.
+const CATEGORY: [[u8; 3]; 10] = [
+    BLUE,
+    [255, 127, 14],
+    [44, 160, 44],
+    RED,
+    [148, 103, 189],
+    [140, 86, 75],
+    [227, 119, 194],
+    [127, 127, 127],
+    [188, 189, 34],
+    [23, 190, 207],
+];
+
+/// Width of the legend or colour-bar panel right of a coloured scatter plot.
+const SIDE_PANEL: u32 = 120;
+
+/// How [`colored_scatter_image`] colours its points.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PointColors {
+    /// Every point in one colour, no legend.
+    Single,
+    /// A category per point (`index[i]` into `names`), tab10 colours
+    /// (repeating after ten) with a legend.
+    Categories {
+        /// Category of each point.
+        index: Vec<usize>,
+        /// Category names, in legend order.
+        names: Vec<String>,
+    },
+    /// A number per point in viridis, with a colour bar.
+    Values {
+        /// Value of each point.
+        values: Vec<f64>,
+        /// Drawn above the colour bar.
+        label: String,
+    },
+}
+
+/// Renders points (`x[i]`, `y[i]`) on axes fitted to each coordinate's
+/// extent (padded 5 %), coloured by `colors`, with a legend or colour bar
+/// in a 120-pixel panel on the right (none for [`PointColors::Single`]).
+///
+/// # Errors
+/// Lengths differ, no points, a non-finite coordinate or value, a category
+/// index out of range, or a size below the minimum (plus the panel).
+pub fn colored_scatter_image(
+    x: &[f64],
+    y: &[f64],
+    colors: &PointColors,
+    opts: &PlotOptions,
+) -> Result<RgbImage> {
+    const OP: &str = "scatter_plot";
+    check_points(OP, x, y)?;
+    let panel = match colors {
+        PointColors::Single => 0,
+        PointColors::Categories { index, names } => {
+            if index.len() != x.len() {
+                return Err(Error::shape(
+                    OP,
+                    format!("{} categories for {} points", index.len(), x.len()),
+                ));
+            }
+            if let Some(i) = index.iter().position(|&c| c >= names.len()) {
+                return Err(Error::invalid(format!(
+                    "{OP}: point {i} has category {} of {}",
+                    index[i],
+                    names.len()
+                )));
+            }
+            SIDE_PANEL
+        }
+        PointColors::Values { values, .. } => {
+            check_points(OP, x, values)?;
+            SIDE_PANEL
+        }
+    };
+    let extent = |v: &[f64]| {
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &a| {
+                (lo.min(a), hi.max(a))
+            });
+        let pad = if hi > lo {
+            0.05 * (hi - lo)
+        } else {
+            0.5f64.max(lo.abs() * 0.1)
+        };
+        (lo - pad, hi + pad)
+    };
+    let narrowed = PlotOptions {
+        width: opts.width.saturating_sub(panel),
+        ..opts.clone()
+    };
+    let ax = axes(&narrowed, extent(x), extent(y))?;
+    let mut c = Canvas::new(opts.width, opts.height);
+    let value_range = match colors {
+        PointColors::Values { values, .. } => {
+            let (lo, hi) = values
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &a| {
+                    (lo.min(a), hi.max(a))
+                });
+            Some((lo, hi))
+        }
+        _ => None,
+    };
+    for i in 0..x.len() {
+        let color = match colors {
+            PointColors::Single => BLUE,
+            PointColors::Categories { index, .. } => CATEGORY[index[i] % CATEGORY.len()],
+            PointColors::Values { values, .. } => {
+                let (lo, hi) = value_range.unwrap_or((0.0, 1.0));
+                viridis(if hi > lo {
+                    (values[i] - lo) / (hi - lo)
+                } else {
+                    0.5
+                })
+            }
+        };
+        let (px, py) = ax.px(x[i], y[i]);
+        c.disc(px, py, 3, color, 0.8);
+    }
+    let panel_x = i64::from(opts.width - panel) + 6;
+    match colors {
+        PointColors::Single => {}
+        PointColors::Categories { names, .. } => {
+            let rows = ((ax.bottom - ax.top - 8) / 12).max(1) as usize;
+            for (k, name) in names.iter().enumerate() {
+                let yk = ax.top + 4 + 12 * k as i64;
+                if k + 1 == rows && names.len() > rows {
+                    c.text(panel_x, yk, &format!("+{} more", names.len() - k), 1, BLACK);
+                    break;
+                }
+                c.disc(panel_x + 3, yk + 3, 3, CATEGORY[k % CATEGORY.len()], 1.0);
+                let shown: String = name.chars().take(17).collect();
+                c.text(panel_x + 10, yk, &shown, 1, BLACK);
+            }
+        }
+        PointColors::Values { label, .. } => {
+            let (lo, hi) = value_range.unwrap_or((0.0, 1.0));
+            let shown: String = label.chars().take(18).collect();
+            c.text(panel_x, ax.top, &shown, 1, BLACK);
+            let (top, bottom) = (ax.top + 14, ax.bottom);
+            for yy in top..=bottom {
+                let t = (bottom - yy) as f64 / (bottom - top).max(1) as f64;
+                c.fill_rect(panel_x, yy, panel_x + 14, yy + 1, viridis(t));
+            }
+            let (_, decimals) = nice_ticks(lo, hi, 4);
+            for (t, yy) in [(1.0, top), (0.5, (top + bottom) / 2), (0.0, bottom)] {
+                c.line((panel_x + 14, yy), (panel_x + 17, yy), BLACK, 1, 0);
+                let v = lo + t * (hi - lo);
+                c.text(
+                    panel_x + 21,
+                    yy - 3,
+                    &format_tick(v, decimals + 1),
+                    1,
+                    BLACK,
+                );
+            }
+        }
+    }
+    ax.draw_frame(&mut c, &narrowed);
+    Ok(c.img)
+}
+
+/// How [`dendrogram_heatmap_image`] draws its heat map.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DendrogramHeatmapOptions {
+    /// Drawn centred above the image.
+    pub title: String,
+    /// Values mapped to the two ends of viridis (values outside are clamped).
+    pub range: (f64, f64),
+    /// Drawn above the colour bar.
+    pub value_label: String,
+    /// A flat cluster (1..) per row, shown as a strip of tab10 colours
+    /// between the dendrogram and the heat map.
+    pub groups: Option<Vec<usize>>,
+}
+
+/// Renders a dendrogram of `linkage` beside a heat map of `values` (one row
+/// per leaf of the linkage, `cols` columns, row-major in the items' order),
+/// the rows drawn in dendrogram leaf order, with a colour bar. Row and
+/// column names are written when the cells are at least 8 pixels.
+///
+/// # Errors
+/// Shapes that do not fit the linkage, the names or the groups, a
+/// non-finite value, or a range that is not finite and increasing.
+pub fn dendrogram_heatmap_image(
+    linkage: &crate::stats::cluster::Linkage,
+    values: &[f64],
+    cols: usize,
+    row_names: &[String],
+    col_names: &[String],
+    opts: &DendrogramHeatmapOptions,
+) -> Result<RgbImage> {
+    const OP: &str = "dendrogram_heatmap";
+    let rows = linkage.n;
+    if cols == 0
+        || values.len() != rows * cols
+        || row_names.len() != rows
+        || col_names.len() != cols
+    {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "{} values, {} row names and {} column names for {rows} rows × {cols} columns",
+                values.len(),
+                row_names.len(),
+                col_names.len()
+            ),
+        ));
+    }
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(Error::invalid(format!("{OP}: a value is not finite")));
+    }
+    if opts.groups.as_ref().is_some_and(|g| g.len() != rows) {
+        return Err(Error::shape(
+            OP,
+            format!("groups for other than {rows} rows"),
+        ));
+    }
+    let (lo, hi) = opts.range;
+    if !(lo.is_finite() && hi.is_finite() && lo < hi) {
+        return Err(Error::invalid(format!(
+            "{OP}: range ({lo}, {hi}) must be finite and increasing"
+        )));
+    }
+    const DENDRO: i64 = 160;
+    let cell_w = (600 / cols).clamp(1, 24) as i64;
+    let cell_h = (600 / rows).clamp(1, 16) as i64;
+    let label_chars = 20;
+    let row_label_w = if cell_h >= 8 {
+        row_names
+            .iter()
+            .map(|s| {
+                i64::from(text_width(
+                    &s.chars().take(label_chars).collect::<String>(),
+                    1,
+                ))
+            })
+            .max()
+            .unwrap_or(0)
+            + 6
+    } else {
+        0
+    };
+    let col_label_h = if cell_w >= 8 {
+        col_names
+            .iter()
+            .map(|s| {
+                i64::from(text_width(
+                    &s.chars().take(label_chars).collect::<String>(),
+                    1,
+                ))
+            })
+            .max()
+            .unwrap_or(0)
+            + 6
+    } else {
+        0
+    };
+    let top = i64::from(HEAT_TITLE_BAND) + 4;
+    let strip = if opts.groups.is_some() { 10 } else { 0 };
+    let heat_x = DENDRO + 8 + strip;
+    let heat_w = cell_w * cols as i64;
+    let heat_h = cell_h * rows as i64;
+    let bar_x = heat_x + heat_w + row_label_w + 12;
+    let width = bar_x + 90;
+    let height = (top + heat_h + col_label_h + 8).max(top + 130);
+    let (Ok(w), Ok(h)) = (u32::try_from(width), u32::try_from(height)) else {
+        return Err(Error::invalid(format!("{OP}: image too large")));
+    };
+    let mut c = Canvas::new(w, h);
+    let leaves = linkage.leaves();
+    let tone = |v: f64| ((v - lo) / (hi - lo)).clamp(0.0, 1.0);
+    for (pos, &item) in leaves.iter().enumerate() {
+        let y0 = top + pos as i64 * cell_h;
+        for col in 0..cols {
+            let x0 = heat_x + col as i64 * cell_w;
+            let color = viridis(tone(values[item * cols + col]));
+            c.fill_rect(x0, y0, x0 + cell_w, y0 + cell_h, color);
+        }
+        if let Some(groups) = &opts.groups {
+            let color = CATEGORY[groups[item].saturating_sub(1) % CATEGORY.len()];
+            c.fill_rect(heat_x - strip, y0, heat_x - 2, y0 + cell_h, color);
+        }
+        if row_label_w > 0 {
+            let name: String = row_names[item].chars().take(label_chars).collect();
+            c.text(heat_x + heat_w + 4, y0 + (cell_h - 7) / 2, &name, 1, BLACK);
+        }
+    }
+    if col_label_h > 0 {
+        for (col, name) in col_names.iter().enumerate() {
+            let name: String = name.chars().take(label_chars).collect();
+            let x0 = heat_x + col as i64 * cell_w + (cell_w - 7) / 2;
+            let len = i64::from(text_width(&name, 1));
+            c.text_up(x0, top + heat_h + 4 + len, &name, 1, BLACK);
+        }
+    }
+    // Dendrogram: leaves at the heat map's edge, height growing leftwards.
+    let n = rows;
+    let hmax = linkage
+        .merges
+        .iter()
+        .map(|m| m.height)
+        .fold(0.0f64, f64::max);
+    let hmax = if hmax > 0.0 { hmax } else { 1.0 };
+    let right = heat_x - strip - 3;
+    let x_of = |hgt: f64| right - ((hgt / hmax) * (DENDRO - 12) as f64).round() as i64;
+    let mut ypos = vec![0f64; 2 * n - 1];
+    let mut hpos = vec![0f64; 2 * n - 1];
+    for (pos, &item) in leaves.iter().enumerate() {
+        ypos[item] = (top + pos as i64 * cell_h) as f64 + cell_h as f64 / 2.0;
+    }
+    for (i, m) in linkage.merges.iter().enumerate() {
+        let node = n + i;
+        ypos[node] = (ypos[m.a] + ypos[m.b]) / 2.0;
+        hpos[node] = m.height;
+        let xn = x_of(m.height);
+        for child in [m.a, m.b] {
+            let yc = ypos[child].round() as i64;
+            c.line((x_of(hpos[child]), yc), (xn, yc), BLACK, 1, 0);
+        }
+        c.line(
+            (xn, ypos[m.a].round() as i64),
+            (xn, ypos[m.b].round() as i64),
+            BLACK,
+            1,
+            0,
+        );
+    }
+    // Colour bar.
+    let (bar_top, bar_bottom) = (top + 14, top + 120);
+    c.text(bar_x, top, &opts.value_label, 1, BLACK);
+    for yy in bar_top..=bar_bottom {
+        let t = (bar_bottom - yy) as f64 / (bar_bottom - bar_top) as f64;
+        c.fill_rect(bar_x, yy, bar_x + 14, yy + 1, viridis(t));
+    }
+    let (_, decimals) = nice_ticks(lo, hi, 4);
+    for (t, yy) in [
+        (1.0, bar_top),
+        (0.5, (bar_top + bar_bottom) / 2),
+        (0.0, bar_bottom),
+    ] {
+        c.line((bar_x + 14, yy), (bar_x + 17, yy), BLACK, 1, 0);
+        c.text(
+            bar_x + 21,
+            yy - 3,
+            &format_tick(lo + t * (hi - lo), decimals),
+            1,
+            BLACK,
+        );
+    }
+    c.title(width / 2, 6, &opts.title, w.saturating_sub(4));
+    Ok(c.img)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1187,5 +1547,34 @@ mod tests {
         assert!(
             matrix_heatmap_image(&[0.9, 0.1, 0.2, 0.8], &cells, &labels, &labels, &bad).is_err()
         );
+    }
+    #[test]
+    fn coloured_scatter_shows_categories_and_values() {
+        let x = [0.0, 1.0, 2.0, 3.0];
+        let y = [1.0, 0.0, 3.0, 2.0];
+        let cats = PointColors::Categories {
+            index: vec![0, 1, 1, 2],
+            names: vec!["a".into(), "b".into(), "c".into()],
+        };
+        let img = colored_scatter_image(&x, &y, &cats, &PlotOptions::default()).unwrap();
+        for color in &CATEGORY[..3] {
+            assert!(img.pixels().any(|p| p.0 == *color), "{color:?} missing");
+        }
+        let bad = PointColors::Categories {
+            index: vec![0, 1, 1, 3],
+            names: vec!["a".into(), "b".into(), "c".into()],
+        };
+        assert!(colored_scatter_image(&x, &y, &bad, &PlotOptions::default()).is_err());
+        let values = PointColors::Values {
+            values: vec![0.0, 1.0, 2.0, 3.0],
+            label: "score".into(),
+        };
+        let img = colored_scatter_image(&x, &y, &values, &PlotOptions::default()).unwrap();
+        assert!(img.pixels().any(|p| p.0 == viridis(1.0)));
+        let nan = PointColors::Values {
+            values: vec![0.0, f64::NAN, 2.0, 3.0],
+            label: "score".into(),
+        };
+        assert!(colored_scatter_image(&x, &y, &nan, &PlotOptions::default()).is_err());
     }
 }

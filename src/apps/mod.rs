@@ -28,6 +28,8 @@
 //! | `expression evaluate` | [`expression::evaluate::evaluate_gene_models`]`(&EvaluateGeneModelsOptions)` |
 //! | `map` | [`expression::map::map_image`]`(be, &MapImageOptions)` |
 //! | `svr grid` | [`expression::gene_models::fit_gene_models`]`(be, &FitGeneModelsOptions)` |
+//! | `tsne` | [`expression::tsne::tsne_file`]`(&TsneFileOptions)` |
+//! | `cluster` | [`expression::cluster::cluster_file`]`(&ClusterFileOptions)` |
 //! | `svr predict` | [`expression::gene_models::predict_expression`]`(&PredictExpressionOptions)` |
 //! | `svm grid` | [`expression::categories::fit_categories`]`(&FitCategoriesOptions)` |
 //! | `svm predict` | [`expression::categories::predict_categories`]`(&PredictCategoriesOptions)` |

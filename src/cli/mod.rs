@@ -1,5 +1,6 @@
 //! Command-line interface: one file per command family.
 
+mod analysis;
 mod bench;
 mod cp2image;
 mod demo;
@@ -62,6 +63,12 @@ enum Command {
     /// VQ-VAE-2 weights from images: init (k-means++ codebooks), train.
     #[command(subcommand, name = "vqvae2")]
     Vqvae2(vqvae2::Vqvae2Command),
+    /// Exact t-SNE of a feature table (as scikit-learn's), coordinates as
+    /// CSV and a scatter plot coloured by a column.
+    Tsne(analysis::TsneArgs),
+    /// Ward clustering of the samples (or feature columns) of a table (as
+    /// SciPy's), k flat clusters, linkage, dendrogram + heat map.
+    Cluster(analysis::ClusterArgs),
 }
 
 /// Runs the parsed command.
@@ -81,6 +88,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::TrainStep(a) => train::run(a),
         Command::Vqvae2(c) => vqvae2::run(c),
+        Command::Tsne(a) => analysis::tsne(a),
+        Command::Cluster(a) => analysis::cluster(a),
     }
 }
 

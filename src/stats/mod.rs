@@ -9,15 +9,20 @@
 //! - [`fdr`]: Benjamini–Hochberg q-values.
 //! - [`classification`]: ROC curve and AUC, confusion matrix at a threshold
 //!   and the rates derived from it.
+//! - [`tsne`]: exact t-SNE as scikit-learn's `TSNE(method="exact")`.
+//! - [`cluster`]: Ward linkage, flat clusters and dendrogram order as SciPy's
+//!   `linkage(X, "ward")`, `fcluster(Z, k, "maxclust")`, `dendrogram`.
 //!
 //! Every function validates its input and returns an error, never a panic,
 //! on empty input, mismatched lengths, non-finite values, or data for which
 //! the quantity is undefined (each function documents which).
 
 pub mod classification;
+pub mod cluster;
 pub mod fdr;
 pub mod regression;
 pub mod special;
+pub mod tsne;
 
 pub use classification::{
     binary_metrics, roc_auc, roc_curve, BinaryMetrics, ConfusionMatrix, RocCurve,

@@ -23,9 +23,14 @@
 //! - [`tiles`]: labelled images → tiles with mask-derived targets
 //!   (`cellmorph expression tiles`).
 //! - [`demo`]: the whole pipeline on synthetic data (`cellmorph demo`).
+//! - [`tsne`]: t-SNE of a feature table with a coloured scatter plot
+//!   (`cellmorph tsne`).
+//! - [`cluster`]: Ward clustering of samples or features, dendrogram and
+//!   heat map (`cellmorph cluster`).
 
 pub mod batch;
 pub mod categories;
+pub mod cluster;
 pub mod cv;
 pub mod demo;
 pub mod evaluate;
@@ -38,6 +43,7 @@ pub mod profile;
 pub mod synth;
 pub mod tiles;
 pub mod train;
+pub mod tsne;
 
 /// A progress bar on stderr (hidden when stderr is not a terminal, so logs
 /// stay clean).
