@@ -127,8 +127,8 @@ pub struct PredictArgs {
     /// DenseNet weights (torchvision state_dict names, safetensors).
     #[arg(long)]
     weights: PathBuf,
-    /// A directory of PNG/TIFF images, or a CSV whose header has an `image`
-    /// column (paths relative to the CSV).
+    /// A directory of PNG/TIFF images, one such image, or a CSV whose header
+    /// has an `image` column (paths relative to the CSV).
     #[arg(long)]
     images: PathBuf,
     /// Output CSV: image, status, prob_positive, prediction, mean_v, reason;
@@ -160,6 +160,9 @@ pub struct PredictArgs {
     /// Normalize inputs with the ImageNet mean and std (torchvision-pretrained backbones).
     #[arg(long)]
     imagenet_norm: bool,
+    /// Write into --cam-dir even when it holds files of another run.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -198,6 +201,13 @@ fn run_predict(a: PredictArgs) -> Result<()> {
             &[("--output", &a.output)],
         )?;
     }
+    let cams = a
+        .cam_dir
+        .as_deref()
+        .map(|d| {
+            cellmorph::io::OutputFolder::claim("--cam-dir", d, &super::run_description(), a.force)
+        })
+        .transpose()?;
     let be = super::open_device(a.device, a.precision)?;
     let bar = indicatif::ProgressBar::new(0);
     if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -226,6 +236,9 @@ fn run_predict(a: PredictArgs) -> Result<()> {
     );
     bar.finish_and_clear();
     let s = result?;
+    if let Some(c) = cams {
+        c.finish()?;
+    }
     eprintln!("{}", s.model);
     if !s.ignored.is_empty() {
         eprintln!(

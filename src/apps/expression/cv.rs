@@ -136,6 +136,7 @@ pub struct CrossValidateSummary {
 pub fn cross_validate(be: &Backend, o: &CrossValidateOptions) -> Result<CrossValidateSummary> {
     let features = Table::read_csv(&o.features)?;
     let expression = read_expression(&o.expression, o.raw_counts)?;
+    features.require_rows(&o.features, &expression.row_names, &o.expression)?;
     let n = expression.n_rows();
     let folds: Folds = match &o.outer {
         OuterFolds::KFold(k) => kfold_folds(n, *k)?,

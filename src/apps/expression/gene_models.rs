@@ -56,6 +56,7 @@ pub struct FitGeneModelsSummary {
 pub fn fit_gene_models(be: &Backend, o: &FitGeneModelsOptions) -> Result<FitGeneModelsSummary> {
     let features = Table::read_csv(&o.features)?;
     let expression = read_expression(&o.expression, o.raw_counts)?;
+    features.require_rows(&o.features, &expression.row_names, &o.expression)?;
     let t0 = Instant::now();
     let outcome = grid_search_on(be, &features, &expression, &o.grid)?;
     let seconds = t0.elapsed().as_secs_f64();
@@ -110,7 +111,12 @@ pub struct PredictExpressionOptions {
 pub fn predict_expression(o: &PredictExpressionOptions) -> Result<Table> {
     let model = SvrModel::load(&o.model)?;
     let features = Table::read_csv(&o.features)?;
-    let predicted = model.predict(&features)?;
+    let predicted = model.predict(&features).map_err(|e| {
+        Error::format(
+            &o.features,
+            format!("for the model {}: {e}", o.model.display()),
+        )
+    })?;
     predicted.write_csv(&o.output)?;
     Ok(predicted)
 }
