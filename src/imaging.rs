@@ -259,7 +259,8 @@ fn open_reader(path: &Path) -> Result<ImageReader<BufReader<File>>> {
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?;
     match reader.format() {
-        Some(ImageFormat::Png | ImageFormat::Tiff) => {}
+        Some(ImageFormat::Png) => {}
+        Some(ImageFormat::Tiff) => check_tiff_tags(path, len)?,
         Some(other) => {
             return Err(Error::format(
                 path,
@@ -277,6 +278,96 @@ fn open_reader(path: &Path) -> Result<ImageReader<BufReader<File>>> {
     limits.max_alloc = Some(MAX_DECODE_BYTES);
     reader.limits(limits);
     Ok(reader)
+}
+
+/// Checks that no tag of a TIFF's first directory claims more values than
+/// the file holds. The decoder reads a tag's values into memory before it
+/// finds the file too short (about 32 bytes per value: a 222-byte file
+/// claiming two million values cost 64 MiB), so a corrupt count is refused
+/// here. Classic and BigTIFF; what this does not look at (an unreadable
+/// header, a directory past the end) is left to the decoder's own errors.
+fn check_tiff_tags(path: &Path, len: u64) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut head = [0u8; 16];
+    let n = f.read(&mut head).map_err(|e| Error::io(path, e))?;
+    let le = match &head[..2] {
+        b"II" => true,
+        b"MM" => false,
+        _ => return Ok(()),
+    };
+    let u16_at = |b: &[u8]| -> u64 {
+        let a = [b[0], b[1]];
+        u64::from(if le {
+            u16::from_le_bytes(a)
+        } else {
+            u16::from_be_bytes(a)
+        })
+    };
+    let u32_at = |b: &[u8]| -> u64 {
+        let a = [b[0], b[1], b[2], b[3]];
+        u64::from(if le {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        })
+    };
+    let u64_at = |b: &[u8]| -> u64 {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[..8]);
+        if le {
+            u64::from_le_bytes(a)
+        } else {
+            u64::from_be_bytes(a)
+        }
+    };
+    // (directory offset, bytes of the entry count, entry size, inline bytes)
+    let (ifd, count_len, entry_len, inline) = match (u16_at(&head[2..4]), n) {
+        (42, 8..) => (u32_at(&head[4..8]), 2u64, 12u64, 4u64),
+        (43, 16..) => (u64_at(&head[8..16]), 8, 20, 8),
+        _ => return Ok(()),
+    };
+    if ifd.saturating_add(count_len) > len {
+        return Ok(());
+    }
+    f.seek(SeekFrom::Start(ifd))
+        .map_err(|e| Error::io(path, e))?;
+    let mut buf = vec![0u8; count_len as usize];
+    f.read_exact(&mut buf).map_err(|e| Error::io(path, e))?;
+    let entries = if count_len == 2 {
+        u16_at(&buf)
+    } else {
+        u64_at(&buf)
+    };
+    // Only the entries the file holds; a short directory is the decoder's error.
+    let entries = entries.min((len - ifd - count_len) / entry_len);
+    let mut dir = vec![0u8; (entries * entry_len) as usize];
+    f.read_exact(&mut dir).map_err(|e| Error::io(path, e))?;
+    for e in dir.chunks_exact(entry_len as usize) {
+        let tag = u16_at(&e[0..2]);
+        let size = match u16_at(&e[2..4]) {
+            1 | 2 | 6 | 7 => 1u64,
+            3 | 8 => 2,
+            4 | 9 | 11 | 13 => 4,
+            5 | 10 | 12 | 16..=18 => 8,
+            _ => continue,
+        };
+        let count = if inline == 4 {
+            u32_at(&e[4..8])
+        } else {
+            u64_at(&e[4..12])
+        };
+        let bytes = count.saturating_mul(size);
+        if bytes > inline && bytes > len {
+            return Err(Error::format(
+                path,
+                format!(
+                    "corrupt TIFF: tag {tag} claims {count} values ({bytes} bytes) but the file has {len} bytes"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Turns a decoder error into an error naming the file and the problem.

@@ -372,15 +372,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// not exist yet is resolved through its folder), and on unix also by
 /// device and inode, so a hard link or another spelling of an input is
 /// caught too. Inputs that do not exist are skipped (reading them fails
-/// later with their own error).
+/// later with their own error). Commands call it before any work, so it
+/// also fails fast when the folder that would hold `output` does not exist
+/// (see [`check_output_folder`]).
 ///
 /// # Errors
-/// [`Error::Invalid`] naming both flags and paths.
+/// [`Error::Invalid`] naming both flags and paths, or the missing folder.
 pub fn check_output_is_not_an_input(
     output_flag: &str,
     output: &Path,
     inputs: &[(&str, &Path)],
 ) -> Result<()> {
+    check_output_folder(output_flag, output)?;
     let out = resolve_for_writing(output);
     let out_id = file_id(output);
     for (flag, input) in inputs {
@@ -397,6 +400,197 @@ pub fn check_output_is_not_an_input(
         }
     }
     Ok(())
+}
+
+/// Fails fast, before any long work, when the folder that would hold the
+/// output file `output` (given as `output_flag`) does not exist or is not
+/// a folder.
+///
+/// # Errors
+/// [`Error::Invalid`] naming the flag, the output and the folder.
+pub fn check_output_folder(output_flag: &str, output: &Path) -> Result<()> {
+    let dir = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        let what = if dir.exists() {
+            "is not a folder"
+        } else {
+            "does not exist (create it first)"
+        };
+        return Err(Error::invalid(format!(
+            "{output_flag} {}: the folder {} {what}",
+            output.display(),
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The marker file that [`OutputFolder`] keeps in a folder it writes.
+pub const RUN_MARKER: &str = ".cellmorph-run.json";
+
+/// What [`RUN_MARKER`] records: the run's description (command and the
+/// options that decide its files) and whether it finished.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct RunMarker {
+    run: String,
+    complete: bool,
+}
+
+/// A folder that one run of a command writes several files into (`demo
+/// --out`, `synth --out`, `--plots`, `--cam-dir`, a folder of images).
+///
+/// [`OutputFolder::claim`] refuses a non-empty folder written by another
+/// run (or by no cellmorph run at all) unless forced, and records the run in
+/// the folder's [`RUN_MARKER`] as incomplete; [`OutputFolder::finish`] marks
+/// it complete. So a killed run leaves its folder marked incomplete, the
+/// same run may be repeated into its own folder (it resumes by overwriting),
+/// and two different runs never both succeed into one folder leaving a mix.
+/// A forced run replaces files of the same names and leaves others alone;
+/// the marker then names the forced run. A folder holding nothing but a
+/// marker counts as empty. A run that fails with an error before writing
+/// any file removes its marker again (and the folder, if it created it).
+#[derive(Debug)]
+pub struct OutputFolder {
+    path: PathBuf,
+    flag: String,
+    run: String,
+    created: bool,
+    finished: bool,
+}
+
+impl OutputFolder {
+    /// Creates `dir` (given as flag `flag`) if needed and claims it for the
+    /// run described by `run`.
+    ///
+    /// # Errors
+    /// `dir` is an existing file; the folder holds files and its marker
+    /// names another run or is missing (unless `force`); the folder or the
+    /// marker cannot be written. Every error names the flag and the path.
+    pub fn claim(flag: &str, dir: &Path, run: &str, force: bool) -> Result<OutputFolder> {
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::invalid(format!(
+                "{flag} {}: exists and is not a folder; give a folder path (it is created if missing)",
+                dir.display()
+            )));
+        }
+        let created = !dir.exists();
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::invalid(format!(
+                "{flag} {}: cannot create the folder: {e}",
+                dir.display()
+            ))
+        })?;
+        let mut folder = OutputFolder {
+            path: dir.to_path_buf(),
+            flag: flag.to_string(),
+            run: run.to_string(),
+            created,
+            finished: true,
+        };
+        let marker = dir.join(RUN_MARKER);
+        let others = folder.files_besides_marker()?;
+        let mine = RunMarker {
+            run: run.to_string(),
+            complete: false,
+        };
+        if others == 0 && !marker.exists() {
+            // An empty folder: claim it with a marker created exclusively, so
+            // of two runs started together only one gets it.
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&marker)
+            {
+                Ok(mut f) => {
+                    use std::io::Write as _;
+                    folder.finished = false;
+                    f.write_all(folder.marker_text(&mine)?.as_bytes())
+                        .map_err(|e| Error::io(&marker, e))?;
+                    return Ok(folder);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io(&marker, e)),
+            }
+        }
+        let previous: Option<RunMarker> = std::fs::read_to_string(&marker)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        match previous {
+            _ if others == 0 => {}
+            Some(p) if p.run == run => {}
+            _ if force => {}
+            Some(p) => {
+                return Err(Error::invalid(format!(
+                    "{flag} {} holds the files of another run ({}: {}); pass --force to write into it anyway, or choose a new or empty folder",
+                    dir.display(),
+                    if p.complete { "complete" } else { "incomplete" },
+                    p.run
+                )))
+            }
+            None => {
+                return Err(Error::invalid(format!(
+                    "{flag} {} is not empty and was not written by this command (no readable {RUN_MARKER}); pass --force to write into it anyway, or choose a new or empty folder",
+                    dir.display()
+                )))
+            }
+        }
+        write_atomic(&marker, folder.marker_text(&mine)?.as_bytes())?;
+        folder.finished = false;
+        Ok(folder)
+    }
+
+    /// Entries of the folder other than the marker.
+    fn files_besides_marker(&self) -> Result<usize> {
+        Ok(std::fs::read_dir(&self.path)
+            .map_err(|e| Error::io(&self.path, e))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name() != RUN_MARKER)
+            .count())
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Marks the run complete in the folder's marker.
+    ///
+    /// # Errors
+    /// The marker cannot be written (the error names it).
+    pub fn finish(mut self) -> Result<()> {
+        let done = RunMarker {
+            run: self.run.clone(),
+            complete: true,
+        };
+        self.finished = true;
+        write_atomic(
+            &self.path.join(RUN_MARKER),
+            self.marker_text(&done)?.as_bytes(),
+        )
+    }
+
+    fn marker_text(&self, m: &RunMarker) -> Result<String> {
+        serde_json::to_string_pretty(m)
+            .map_err(|e| Error::invalid(format!("{} marker: {e}", self.flag)))
+    }
+}
+
+impl Drop for OutputFolder {
+    /// A run that ends without [`OutputFolder::finish`] and wrote nothing
+    /// takes its marker (and the folder it created) away again; one that
+    /// wrote files leaves them marked incomplete.
+    fn drop(&mut self) {
+        if self.finished || !matches!(self.files_besides_marker(), Ok(0)) {
+            return;
+        }
+        let _ = std::fs::remove_file(self.path.join(RUN_MARKER));
+        if self.created {
+            let _ = std::fs::remove_dir(&self.path);
+        }
+    }
 }
 
 /// `path` with its folder resolved (the file itself need not exist).

@@ -189,6 +189,38 @@ impl Table {
         Table::new(row_names, self.col_names.clone(), data)
     }
 
+    /// Checks that every sample of `names` (the rows of the table read from
+    /// `names_from`) is a row of this table, read from `path`.
+    ///
+    /// # Errors
+    /// [`Error::Format`] naming `path`, `names_from`, the first missing
+    /// sample and how many are missing.
+    pub fn require_rows<S: AsRef<str>>(
+        &self,
+        path: &Path,
+        names: &[S],
+        names_from: &Path,
+    ) -> Result<()> {
+        let index = name_index(&self.row_names);
+        let missing: Vec<&str> = names
+            .iter()
+            .map(AsRef::as_ref)
+            .filter(|n| !index.contains_key(n))
+            .collect();
+        match missing.first() {
+            None => Ok(()),
+            Some(first) => Err(Error::format(
+                path,
+                format!(
+                    "sample {first:?} of {} is not a row of this table ({} of its {} samples are missing)",
+                    names_from.display(),
+                    missing.len(),
+                    names.len()
+                ),
+            )),
+        }
+    }
+
     /// A new table with the named columns, in the order given; an error
     /// names the first column that is missing.
     pub fn select_cols<S: AsRef<str>>(&self, names: &[S]) -> Result<Table> {

@@ -795,7 +795,14 @@ fn command_line_predict_and_evaluate() {
     let preds = read_predictions(&dir.join("pred.csv")).unwrap();
     assert_eq!(preds.rows.len(), 5);
     assert_eq!(preds.images, Some(4));
-    assert_eq!(std::fs::read_dir(dir.join("cams")).unwrap().count(), 4);
+    // One overlay per predicted image, beside the folder's run marker.
+    let cams: Vec<_> = std::fs::read_dir(dir.join("cams"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != cellmorph::io::RUN_MARKER)
+        .collect();
+    assert_eq!(cams.len(), 4, "{cams:?}");
+    assert!(dir.join("cams").join(cellmorph::io::RUN_MARKER).is_file());
     assert_eq!(
         std::fs::read_to_string(dir.join("features.csv"))
             .unwrap()

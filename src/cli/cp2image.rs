@@ -192,6 +192,9 @@ pub struct GenerateArgs {
     columns: usize,
     #[command(flatten)]
     display: DisplayArgs,
+    /// Write into an --output folder even when it holds files of another run.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -367,6 +370,20 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     inputs.push(("--features", &a.features));
     a.display.inputs(&mut inputs);
     cellmorph::io::check_output_is_not_an_input("--output", &a.output, &inputs)?;
+    let sheet = a
+        .output
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    let folder = if sheet {
+        None
+    } else {
+        Some(cellmorph::io::OutputFolder::claim(
+            "--output",
+            &a.output,
+            &super::run_description(),
+            a.force,
+        )?)
+    };
     let be = open_device(a.model.device, a.model.precision)?;
     let s = generate_images(
         &be,
@@ -380,6 +397,9 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             display: a.display.options(),
         },
     )?;
+    if let Some(f) = folder {
+        f.finish()?;
+    }
     say_generator(&a.model, &s.generator);
     match s.output {
         GeneratedOutput::Directory => println!(

@@ -6,6 +6,7 @@ use clap::Args;
 
 use cellmorph::apps::expression::demo::{run_demo, DemoConfig};
 use cellmorph::apps::expression::synth::{generate, SynthConfig, SynthFormat};
+use cellmorph::io::OutputFolder;
 use cellmorph::{Device, Precision, Result};
 
 #[derive(Args, Debug)]
@@ -29,6 +30,9 @@ pub struct DemoArgs {
     /// Use a small grid (C 1,10,100 × ε 0,0.1,0.2) instead of the paper's 1,100 settings.
     #[arg(long)]
     quick: bool,
+    /// Write into --out even when it holds files of another run.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -57,6 +61,9 @@ pub struct SynthArgs {
     /// Seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Write into --out even when it holds files of another run.
+    #[arg(long)]
+    force: bool,
 }
 
 pub fn synth(a: SynthArgs) -> Result<()> {
@@ -75,7 +82,9 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         },
         ..SynthConfig::default()
     };
+    let folder = OutputFolder::claim("--out", &a.out, &super::run_description(), a.force)?;
     let out = generate(&cfg, &a.out)?;
+    folder.finish()?;
     eprintln!(
         "{} samples, {} images -> {}\n  {}\n  {}\n  {}",
         cfg.samples,
@@ -89,6 +98,7 @@ pub fn synth(a: SynthArgs) -> Result<()> {
 }
 
 pub fn demo(a: DemoArgs) -> Result<()> {
+    let folder = OutputFolder::claim("--out", &a.out, &super::run_description(), a.force)?;
     let be = super::open_device(a.device, a.precision)?;
     let mut cfg = DemoConfig::default();
     cfg.synth.samples = a.samples;
@@ -105,6 +115,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     println!("      pass your own weights to `cellmorph profile` for real work.");
     let t0 = std::time::Instant::now();
     let res = run_demo(&be, &cfg, &a.out)?;
+    folder.finish()?;
     let secs = t0.elapsed().as_secs_f64();
     println!();
     print!("{}", res.evaluation.table(10));

@@ -133,6 +133,9 @@ pub struct EvaluateArgs {
     /// "log2 CPM"); none by default.
     #[arg(long)]
     units: Option<String>,
+    /// Write into --plots even when it holds files of another run.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -325,6 +328,13 @@ fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
         inputs.push(("--dataset", &d.expression));
     }
     cellmorph::io::check_output_is_not_an_input("--output", &a.output, &inputs)?;
+    let plots = a
+        .plots
+        .as_deref()
+        .map(|p| {
+            cellmorph::io::OutputFolder::claim("--plots", p, &super::run_description(), a.force)
+        })
+        .transpose()?;
     let s = evaluate_gene_models(&EvaluateGeneModelsOptions {
         model: a.model,
         datasets,
@@ -335,6 +345,9 @@ fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
         top: a.top,
         units: a.units,
     })?;
+    if let Some(p) = plots {
+        p.finish()?;
+    }
     let eval = &s.evaluation;
     for sk in &eval.skipped {
         eprintln!("skipped {} on {}: {}", sk.gene, sk.dataset, sk.reason);

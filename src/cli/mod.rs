@@ -93,6 +93,18 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The command line as given, without `--force`: the run description that
+/// [`cellmorph::io::OutputFolder`] records in an output folder, so the
+/// same command repeated (resumed) into its folder is recognised.
+pub(crate) fn run_description() -> String {
+    std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .filter(|a| a != "--force")
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Opens the device named on the command line, saying which one was opened.
 pub(crate) fn open_device(device: Device, precision: Precision) -> Result<Backend> {
     let be = Backend::new(device)?.with_precision(precision);

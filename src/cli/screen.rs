@@ -140,8 +140,8 @@ pub struct PredictArgs {
     /// DenseNet weights (torchvision state_dict names, safetensors).
     #[arg(long)]
     weights: PathBuf,
-    /// A directory of PNG/TIFF images, or a CSV whose header has an `image`
-    /// column (paths relative to the CSV).
+    /// A directory of PNG/TIFF images, one such image, or a CSV whose header
+    /// has an `image` column (paths relative to the CSV).
     #[arg(long)]
     images: PathBuf,
     /// Output CSV: image, status, prob_positive, prediction, mean_v, reason;
@@ -185,6 +185,9 @@ pub struct PredictArgs {
     /// Normalize inputs with the ImageNet mean and std (torchvision-pretrained backbones).
     #[arg(long)]
     imagenet_norm: bool,
+    /// Write into --cam-dir even when it holds files of another run.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -223,6 +226,13 @@ fn run_predict(a: PredictArgs) -> Result<()> {
             &[("--output", &a.output)],
         )?;
     }
+    let cams = a
+        .cam_dir
+        .as_deref()
+        .map(|d| {
+            cellmorph::io::OutputFolder::claim("--cam-dir", d, &super::run_description(), a.force)
+        })
+        .transpose()?;
     let saliency = match (a.saliency, &a.saliency_dir) {
         (Some(m), Some(dir)) => {
             cellmorph::io::check_output_is_not_an_input("--saliency-dir", dir, &inputs)?;
@@ -242,6 +252,16 @@ fn run_predict(a: PredictArgs) -> Result<()> {
                 class: a.saliency_class,
             })
         }
+        _ => None,
+    };
+    // The saliency folder is claimed like --cam-dir (unless it is that folder).
+    let saliency_folder = match (&saliency, a.cam_dir.as_deref()) {
+        (Some(o), cam) if cam != Some(o.dir.as_path()) => Some(cellmorph::io::OutputFolder::claim(
+            "--saliency-dir",
+            &o.dir,
+            &super::run_description(),
+            a.force,
+        )?),
         _ => None,
     };
     let be = super::open_device(a.device, a.precision)?;
@@ -273,6 +293,9 @@ fn run_predict(a: PredictArgs) -> Result<()> {
     );
     bar.finish_and_clear();
     let s = result?;
+    for c in [cams, saliency_folder].into_iter().flatten() {
+        c.finish()?;
+    }
     eprintln!("{}", s.model);
     if !s.ignored.is_empty() {
         eprintln!(

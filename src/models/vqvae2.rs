@@ -661,6 +661,21 @@ fn mean_error(out: &VqOutput, dim: usize) -> Result<f64> {
     Ok(total / (err.len() * dim).max(1) as f64)
 }
 
+/// Checks a patch side for the VQ-VAE-2: the encoders halve the input three
+/// times (bottom map 1/4, top map 1/8), so a patch must be at least 8×8
+/// pixels with a side divisible by 8.
+///
+/// # Errors
+/// [`Error::Invalid`] naming `--patch`, in pixels.
+pub fn check_patch(patch: usize) -> Result<()> {
+    if patch < 8 || !patch.is_multiple_of(8) {
+        return Err(Error::invalid(format!(
+            "--patch {patch}: the VQ-VAE-2 needs square patches of at least 8×8 pixels with a side divisible by 8 (its top code map is 1/8 of the patch), e.g. 160"
+        )));
+    }
+    Ok(())
+}
+
 /// Column sums of histograms `[rows, n_embed]`: the counts of a sample made
 /// of all the rows (images or patches).
 pub fn sum_histograms(hist: &Tensor<i32>) -> Result<Vec<u64>> {

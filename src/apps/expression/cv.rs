@@ -140,6 +140,7 @@ pub struct CrossValidateSummary {
 pub fn cross_validate(be: &Backend, o: &CrossValidateOptions) -> Result<CrossValidateSummary> {
     let features = Table::read_csv(&o.features)?;
     let expression = read_expression(&o.expression, o.raw_counts)?;
+    features.require_rows(&o.features, &expression.row_names, &o.expression)?;
     let features =
         super::gene_models::training_features(&features, &expression, o.batches.as_ref())?;
     let n = expression.n_rows();

@@ -59,6 +59,7 @@ pub struct FitGeneModelsSummary {
 pub fn fit_gene_models(be: &Backend, o: &FitGeneModelsOptions) -> Result<FitGeneModelsSummary> {
     let features = Table::read_csv(&o.features)?;
     let expression = read_expression(&o.expression, o.raw_counts)?;
+    features.require_rows(&o.features, &expression.row_names, &o.expression)?;
     let features = training_features(&features, &expression, o.batches.as_ref())?;
     let t0 = Instant::now();
     let outcome = grid_search_on(be, &features, &expression, &o.grid)?;
@@ -117,8 +118,14 @@ pub struct PredictExpressionOptions {
 pub fn predict_expression(o: &PredictExpressionOptions) -> Result<Table> {
     let model = SvrModel::load(&o.model)?;
     let features = Table::read_csv(&o.features)?;
+    let in_context = |e: Error| {
+        Error::format(
+            &o.features,
+            format!("for the model {}: {e}", o.model.display()),
+        )
+    };
     let predicted = match (&model.batch_correction, &o.batches) {
-        (None, None) => model.predict(&features)?,
+        (None, None) => model.predict(&features).map_err(in_context)?,
         (Some(mode), Some((path, column))) => {
             let batches = BatchFile {
                 path: path.clone(),
@@ -127,7 +134,9 @@ pub fn predict_expression(o: &PredictExpressionOptions) -> Result<Table> {
                     .parse()
                     .map_err(|e| Error::format(&o.model, format!("{e}")))?,
             };
-            model.predict_corrected(&batches.apply(&features)?)?
+            model
+                .predict_corrected(&batches.apply(&features)?)
+                .map_err(in_context)?
         }
         (Some(mode), None) => {
             return Err(Error::invalid(format!(

@@ -12,7 +12,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::imaging::{read_gray, read_sample_list_with, PatchStream, SampleColumns, SampleImage};
 use crate::io::TensorFile;
-use crate::models::vqvae2::{mse_8bit, profile, sum_histograms, VqVae2, VqVae2Config};
+use crate::models::vqvae2::{check_patch, mse_8bit, profile, sum_histograms, VqVae2, VqVae2Config};
 use crate::table::Table;
 use crate::tensor::Tensor;
 
@@ -138,11 +138,10 @@ pub fn profile_samples(
     list: &[SampleImage],
     opts: ProfileOptions,
 ) -> Result<ProfileReport> {
-    if opts.batch == 0 || opts.patch == 0 {
-        return Err(Error::invalid(
-            "patch size and batch size must be at least 1",
-        ));
+    if opts.batch == 0 {
+        return Err(Error::invalid("--batch-size must be at least 1"));
     }
+    check_patch(opts.patch)?;
     if opts.mse && !model.has_decoder() {
         return Err(Error::invalid(
             "the reconstruction MSE needs the decoder (upsample_t.*, dec.*), which these weights do not have",
@@ -275,8 +274,10 @@ pub fn patch_profiles(
     patch: usize,
     batch: usize,
 ) -> Result<PatchProfiles> {
+    check_patch(patch)?;
     let img = read_gray(image)?;
-    let mut stream = PatchStream::new(&img, patch, batch)?;
+    let mut stream =
+        PatchStream::new(&img, patch, batch).map_err(|e| Error::format(image, e.to_string()))?;
     let (rows, cols) = (stream.grid().rows(), stream.grid().cols());
     let k = model.config().n_embed;
     let mut out = Vec::with_capacity(stream.grid().len());

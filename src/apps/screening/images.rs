@@ -32,7 +32,8 @@ pub struct ImageList {
 }
 
 /// The images named by `source`: a directory (its `.png`, `.tif` and
-/// `.tiff` files, any case, not recursive, sorted by name) or a CSV file
+/// `.tiff` files, any case, not recursive, sorted by name), one such image
+/// file, or a CSV file
 /// with a header holding an `image` column (other columns, e.g. `label`,
 /// are ignored, so a labels file serves as a list; relative paths are
 /// resolved against the CSV's directory).
@@ -59,12 +60,11 @@ pub fn list_images(source: &Path) -> Result<ImageList> {
         }
         files.sort();
         for path in files {
-            let ext = path
-                .extension()
-                .and_then(|e| e.to_str())
-                .map(str::to_ascii_lowercase);
-            match (ext.as_deref(), path.file_name().and_then(|n| n.to_str())) {
-                (Some("png" | "tif" | "tiff"), Some(name)) => list.entries.push(ImageEntry {
+            match (
+                is_image_name(&path),
+                path.file_name().and_then(|n| n.to_str()),
+            ) {
+                (true, Some(name)) => list.entries.push(ImageEntry {
                     id: name.to_string(),
                     path: path.clone(),
                 }),
@@ -72,6 +72,16 @@ pub fn list_images(source: &Path) -> Result<ImageList> {
             }
         }
         list
+    } else if is_image_name(source) {
+        ImageList {
+            entries: vec![ImageEntry {
+                id: source
+                    .file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+                path: source.to_path_buf(),
+            }],
+            ignored: Vec::new(),
+        }
     } else {
         let table = read_csv(source)?;
         let col = table
@@ -112,6 +122,14 @@ pub fn list_images(source: &Path) -> Result<ImageList> {
         ));
     }
     Ok(list)
+}
+
+/// True for a `.png`, `.tif` or `.tiff` name, any case.
+fn is_image_name(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .is_some_and(|e| matches!(e.as_str(), "png" | "tif" | "tiff"))
 }
 
 /// Reads and pre-processes one image; decoding failures become skips.

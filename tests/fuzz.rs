@@ -1,0 +1,513 @@
+//! Parsers fed arbitrary and mutated bytes: the safetensors reader and the
+//! model loaders behind it, CSV tables (numeric tables, expression tables,
+//! CP2Image feature tables, sample lists, screening labels and
+//! predictions), model JSON (SVR models, CP2Image standardization) and
+//! image decoding (PNG and TIFF, including headers that claim huge sizes).
+//!
+//! Property: every input gives `Ok` or `Err`, never a panic (proptest
+//! reports a panic as a failure), and no case allocates more than a fixed
+//! budget beyond its input ([`ALLOC_BUDGET`], tracked per thread by the
+//! counting allocator below). Mutations of valid seed files: truncation, bit
+//! flips, byte overwrites, little- and big-endian length fields set huge,
+//! random splices and insertions; plus plain arbitrary bytes.
+//!
+//! CI runs 256 cases per parser (a few seconds each). For a longer run:
+//! `PROPTEST_CASES=100000 cargo test --release --test fuzz`.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use proptest::prelude::*;
+
+use cellmorph::apps::cp2image::features::{FeatureColumns, FeatureTable, Standardizer};
+use cellmorph::apps::expression::prepare::read_expression;
+use cellmorph::apps::screening::files::{read_labels, read_predictions};
+use cellmorph::csv::CsvFile;
+use cellmorph::imaging::{read_gray, read_sample_list, BitDepth, GrayImage};
+use cellmorph::io::TensorFile;
+use cellmorph::models::cp2image::Generator;
+use cellmorph::models::densenet::DenseNet;
+use cellmorph::models::vqvae2::VqVae2;
+use cellmorph::svr::SvrModel;
+use cellmorph::table::Table;
+use cellmorph::Backend;
+
+/// Counts the live bytes of each thread and their peak, so a case can check
+/// how much it allocated. The parsers run on the case's thread, so their
+/// count is exact; work they hand to other threads (rayon inside a model
+/// loader) is not counted.
+struct Counting;
+
+thread_local! {
+    static LIVE: Cell<usize> = const { Cell::new(0) };
+    static PEAK: Cell<usize> = const { Cell::new(0) };
+}
+
+fn add(n: usize) {
+    let _ = LIVE.try_with(|l| {
+        let v = l.get().saturating_add(n);
+        l.set(v);
+        let _ = PEAK.try_with(|p| p.set(p.get().max(v)));
+    });
+}
+
+fn sub(n: usize) {
+    let _ = LIVE.try_with(|l| l.set(l.get().saturating_sub(n)));
+}
+
+// SAFETY: every call forwards to the system allocator unchanged; the
+// counters are plain thread-local cells that never allocate.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        add(layout.size());
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        add(layout.size());
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        sub(layout.size());
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        add(new_size);
+        sub(layout.size());
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Most bytes one case may allocate beyond 16 × its input: the images are
+/// read under a pixel limit of 2²⁰ (set below), which decodes in at most
+/// 8 MiB plus the grayscale copy; everything else is proportional to the
+/// input.
+const ALLOC_BUDGET: usize = 64 << 20;
+
+/// Pixel limit for the image cases (the default, 2²⁷, would allow a 1 GB
+/// decode per case from a header alone; that cap is tested in tests/cli.rs).
+const FUZZ_MAX_PIXELS: &str = "1048576";
+
+/// Runs `f` and fails the case when it allocated more than the budget.
+fn bounded<T>(input_len: usize, what: &str, f: impl FnOnce() -> T) -> T {
+    let start = LIVE.with(Cell::get);
+    PEAK.with(|p| p.set(start));
+    let out = f();
+    let peak = PEAK.with(Cell::get) - start;
+    let budget = ALLOC_BUDGET + 16 * input_len;
+    assert!(
+        peak <= budget,
+        "{what}: a {input_len}-byte input allocated {peak} bytes at peak (budget {budget})"
+    );
+    out
+}
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
+}
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        cases: cases(),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// A scratch file per test (tests run in parallel threads, so each test
+/// passes its own tag).
+fn scratch(tag: &str, ext: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cellmorph-fuzz-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("{tag}.{ext}"))
+}
+
+/// A scratch file no other call gets.
+fn unique_scratch(ext: &str) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    scratch(
+        &format!("seed-{}", NEXT.fetch_add(1, Ordering::Relaxed)),
+        ext,
+    )
+}
+
+/// One change to a seed file; positions are taken modulo its length.
+#[derive(Clone, Debug)]
+enum Mutation {
+    Truncate(usize),
+    FlipBit(usize, u8),
+    SetByte(usize, u8),
+    /// A little-endian u64 (safetensors' header length) set huge.
+    HugeU64Le(usize, u64),
+    /// A big-endian u32 (PNG chunk lengths, dimensions) set huge.
+    HugeU32Be(usize, u32),
+    /// A little-endian u32 (TIFF offsets and counts) set huge.
+    HugeU32Le(usize, u32),
+    /// Bytes `from..from + len` copied over `at`.
+    Splice {
+        at: usize,
+        from: usize,
+        len: usize,
+    },
+    Insert(usize, Vec<u8>),
+}
+
+fn huge_u64() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        Just(u64::MAX),
+        Just(1u64 << 40),
+        Just(u32::MAX as u64),
+        any::<u64>()
+    ]
+}
+
+fn huge_u32() -> impl Strategy<Value = u32> {
+    prop_oneof![
+        Just(u32::MAX),
+        Just(1u32 << 31),
+        Just(100_000),
+        any::<u32>()
+    ]
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        any::<usize>().prop_map(Mutation::Truncate),
+        (any::<usize>(), 0u8..8).prop_map(|(i, b)| Mutation::FlipBit(i, b)),
+        (any::<usize>(), any::<u8>()).prop_map(|(i, v)| Mutation::SetByte(i, v)),
+        (any::<usize>(), huge_u64()).prop_map(|(i, v)| Mutation::HugeU64Le(i, v)),
+        (any::<usize>(), huge_u32()).prop_map(|(i, v)| Mutation::HugeU32Be(i, v)),
+        (any::<usize>(), huge_u32()).prop_map(|(i, v)| Mutation::HugeU32Le(i, v)),
+        (any::<usize>(), any::<usize>(), 1usize..64).prop_map(|(at, from, len)| Mutation::Splice {
+            at,
+            from,
+            len
+        }),
+        (any::<usize>(), prop::collection::vec(any::<u8>(), 1..16))
+            .prop_map(|(i, b)| Mutation::Insert(i, b)),
+    ]
+}
+
+/// Where a mutation lands: half the time in the first 256 bytes (headers),
+/// else anywhere.
+fn position(i: usize, len: usize) -> usize {
+    if len == 0 {
+        return 0;
+    }
+    if i.is_multiple_of(2) {
+        (i / 2) % len.min(256)
+    } else {
+        (i / 2) % len
+    }
+}
+
+fn put(bytes: &mut [u8], at: usize, v: &[u8]) {
+    for (k, b) in v.iter().enumerate() {
+        if let Some(slot) = bytes.get_mut(at + k) {
+            *slot = *b;
+        }
+    }
+}
+
+fn mutate(seed: &[u8], muts: &[Mutation]) -> Vec<u8> {
+    let mut b = seed.to_vec();
+    for m in muts {
+        let len = b.len();
+        match m {
+            Mutation::Truncate(i) => b.truncate(if len == 0 { 0 } else { i % len }),
+            Mutation::FlipBit(i, bit) if len > 0 => b[position(*i, len)] ^= 1 << bit,
+            Mutation::SetByte(i, v) if len > 0 => b[position(*i, len)] = *v,
+            Mutation::HugeU64Le(i, v) => put(&mut b, position(*i, len), &v.to_le_bytes()),
+            Mutation::HugeU32Be(i, v) => put(&mut b, position(*i, len), &v.to_be_bytes()),
+            Mutation::HugeU32Le(i, v) => put(&mut b, position(*i, len), &v.to_le_bytes()),
+            Mutation::Splice { at, from, len: n } if len > 0 => {
+                let from = position(*from, len);
+                let piece: Vec<u8> = b[from..(from + n).min(len)].to_vec();
+                put(&mut b, position(*at, len), &piece);
+            }
+            Mutation::Insert(i, v) => {
+                let at = position(*i, len + 1).min(len);
+                b.splice(at..at, v.iter().copied());
+            }
+            _ => {}
+        }
+    }
+    b
+}
+
+/// A mutated copy of one of `seeds` (1 to 4 mutations), or arbitrary bytes.
+fn input(seeds: Vec<Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
+    let n = seeds.len();
+    prop_oneof![
+        4 => (0..n, prop::collection::vec(mutation(), 1..5))
+            .prop_map(move |(s, m)| mutate(&seeds[s], &m)),
+        1 => prop::collection::vec(any::<u8>(), 0..512),
+    ]
+}
+
+/// Text seeds as bytes.
+fn texts(seeds: &[&str]) -> Vec<Vec<u8>> {
+    seeds.iter().map(|s| s.as_bytes().to_vec()).collect()
+}
+
+/// Every tensor of a file that parsed, read as f32 and i64, then each model
+/// built from it (all three may fail; none may panic).
+fn exercise_tensors(bytes: Vec<u8>) {
+    let len = bytes.len();
+    bounded(len, "safetensors", || {
+        let Ok(file) = TensorFile::from_bytes("fuzz.safetensors", bytes) else {
+            return;
+        };
+        for name in file.names() {
+            let _ = file.f32(&name);
+            let _ = file.i64(&name);
+        }
+        let be = Backend::cpu();
+        let _ = VqVae2::from_file(&be, &file);
+        let _ = DenseNet::from_file(&be, &file);
+        let _ = Generator::from_file(&be, &file);
+    });
+}
+
+const TABLE: &str = "sample,f1,f2,f3\ns01,1,2.5,-3e2\ns02,0.1,\"4\",5\n# comment\ns03,7,8,9\n";
+const COUNTS: &str = "sample,g1,g2\ns01,10,0\ns02,3,7\ns03,0,12\n";
+const FEATURES: &str = "cell_id,ImageNumber,Metadata_Well,AreaShape_Area,Intensity_Mean\n0,1,A01,120.5,0.3\n1,1,A02,98,0.25\n2,2,A01,130,0.4\n";
+const SAMPLES: &str = "\u{feff}sample,image\ns01,a.png\ns02,sub/b,with comma.tif\n";
+const LABELS: &str = "image,label\na.png,1\nb.png,low\nc.png,true\n";
+const PREDICTIONS: &str = "# cellmorph screen predict\n# images: 2\nimage,status,prob_positive,prediction,mean_v,reason\na.png,ok,0.75,1,0.5,\nb.png,skipped,,,,unreadable\n";
+const SVR_MODEL: &str = r#"{"features":["f1","f2"],"genes":{"g1":{"C":1.0,"epsilon":0.1,"cv_score":0.5,"w":[0.95,-0.03],"b":0.2}},"training":{"samples":{"s01":"302cc99babacbed6"},"warnings":[]}}"#;
+const STANDARDIZER: &str =
+    r#"{"features":["a","b"],"mean":[2.0,2.6666666666666665],"std":[0.8164965809,0.9428090415]}"#;
+
+/// Writes `bytes` to the test's scratch file and returns its path.
+fn as_file(tag: &str, ext: &str, bytes: &[u8]) -> PathBuf {
+    let p = scratch(tag, ext);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// A small image saved by the library, as PNG or TIFF bytes.
+fn image_seed(ext: &str, depth: BitDepth, w: usize, h: usize) -> Vec<u8> {
+    let max = depth.max_value() as usize;
+    let data = (0..w * h).map(|i| ((i * 37) % (max + 1)) as u16).collect();
+    let img = GrayImage::new(w, h, depth, data).unwrap();
+    let p = unique_scratch(ext);
+    img.save(&p).unwrap();
+    std::fs::read(&p).unwrap()
+}
+
+/// CRC-32 (IEEE) as PNG chunks use it.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in bytes {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 == 1 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+/// `png` with its IHDR width and height replaced and the chunk's CRC
+/// fixed, so the decoder trusts the claimed size.
+fn png_with_size(png: &[u8], w: u32, h: u32) -> Vec<u8> {
+    let mut b = png.to_vec();
+    // Signature (8), IHDR length (4) and type (4), then width and height.
+    b[16..20].copy_from_slice(&w.to_be_bytes());
+    b[20..24].copy_from_slice(&h.to_be_bytes());
+    let crc = crc32(&b[12..29]);
+    b[29..33].copy_from_slice(&crc.to_be_bytes());
+    b
+}
+
+fn limit_pixels() {
+    std::env::set_var("CELLMORPH_MAX_PIXELS", FUZZ_MAX_PIXELS);
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn safetensors_and_model_loaders(bytes in input(vec![
+        fixture("vqvae2_small.weights.safetensors"),
+        fixture("densenet_small.weights.safetensors"),
+        fixture("cp2image_small.generator.weights.safetensors"),
+        fixture("vqvae2_small.cases.safetensors"),
+    ])) {
+        exercise_tensors(bytes);
+    }
+
+    #[test]
+    fn csv_tables(bytes in input(texts(&[TABLE, COUNTS, FEATURES, SAMPLES]))) {
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        bounded(bytes.len(), "csv text", || {
+            let _ = CsvFile::parse(&text, "fuzz.csv");
+            let _ = Table::parse_csv(&text, "fuzz.csv");
+            let _ = FeatureTable::parse_csv(&text, "fuzz.csv", FeatureColumns::AllButMetadata);
+            let names = ["AreaShape_Area".to_string(), "f1".to_string()];
+            let _ = FeatureTable::parse_csv(&text, "fuzz.csv", FeatureColumns::Named(&names));
+        });
+        // The file readers also see the raw bytes (invalid UTF-8, BOMs).
+        let p = as_file("table", "csv", &bytes);
+        bounded(bytes.len(), "csv files", || {
+            let _ = CsvFile::read(&p);
+            let _ = read_expression(&p, true);
+            let _ = read_expression(&p, false);
+        });
+    }
+
+    #[test]
+    fn sample_lists_labels_predictions(bytes in input(texts(&[SAMPLES, LABELS, PREDICTIONS]))) {
+        let p = as_file("lists", "csv", &bytes);
+        bounded(bytes.len(), "lists", || {
+            let _ = read_sample_list(&p);
+            let _ = read_labels(&p);
+            let _ = read_predictions(&p);
+        });
+    }
+
+    #[test]
+    fn model_json(bytes in input(texts(&[SVR_MODEL, STANDARDIZER]))) {
+        let p = as_file("model", "json", &bytes);
+        bounded(bytes.len(), "model json", || {
+            if let Ok(m) = SvrModel::load(&p) {
+                let t = Table::parse_csv("sample,f1,f2\ns01,1,2\ns02,3,4\n", "x.csv");
+                if let Ok(t) = t {
+                    let _ = m.predict(&t);
+                }
+            }
+            if let Ok(s) = Standardizer::read(&p) {
+                let _ = s.apply(&[1.0, 2.0]);
+            }
+        });
+    }
+
+    #[test]
+    fn png_and_tiff(bytes in input(vec![
+        image_seed("png", BitDepth::Eight, 13, 7),
+        image_seed("png", BitDepth::Sixteen, 5, 9),
+        image_seed("tif", BitDepth::Eight, 6, 4),
+        image_seed("tif", BitDepth::Sixteen, 3, 11),
+    ])) {
+        limit_pixels();
+        for ext in ["png", "tif"] {
+            let p = as_file("image", ext, &bytes);
+            bounded(bytes.len(), "image", || {
+                let _ = read_gray(&p);
+            });
+        }
+    }
+
+    #[test]
+    fn png_claiming_huge_sizes(
+        w in prop_oneof![Just(0u32), 1u32..64, Just(1 << 16), Just(u32::MAX >> 1), any::<u32>()],
+        h in prop_oneof![Just(0u32), 1u32..64, Just(1 << 16), Just(u32::MAX >> 1), any::<u32>()],
+        sixteen in any::<bool>(),
+    ) {
+        limit_pixels();
+        let depth = if sixteen { BitDepth::Sixteen } else { BitDepth::Eight };
+        let bytes = png_with_size(&image_seed("png", depth, 8, 8), w, h);
+        let p = as_file("huge", "png", &bytes);
+        let r = bounded(bytes.len(), "png header", || read_gray(&p));
+        if let Err(e) = r {
+            prop_assert!(e.to_string().contains("huge.png"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn seeds_are_valid() {
+    // The mutations start from files the parsers accept.
+    exercise_tensors(fixture("vqvae2_small.weights.safetensors"));
+    let be = Backend::cpu();
+    let f = TensorFile::from_bytes("v", fixture("vqvae2_small.weights.safetensors")).unwrap();
+    VqVae2::from_file(&be, &f).unwrap();
+    Table::parse_csv(TABLE, "t.csv").unwrap();
+    FeatureTable::parse_csv(FEATURES, "f.csv", FeatureColumns::AllButMetadata).unwrap();
+    let p = as_file("seed-samples", "csv", SAMPLES.as_bytes());
+    assert_eq!(read_sample_list(&p).unwrap().len(), 2);
+    let p = as_file("seed-labels", "csv", LABELS.as_bytes());
+    assert_eq!(read_labels(&p).unwrap().len(), 3);
+    let p = as_file("seed-predictions", "csv", PREDICTIONS.as_bytes());
+    read_predictions(&p).unwrap();
+    let p = as_file("seed-model", "json", SVR_MODEL.as_bytes());
+    SvrModel::load(&p).unwrap();
+    let p = as_file("seed-standardizer", "json", STANDARDIZER.as_bytes());
+    Standardizer::read(&p).unwrap();
+    for (ext, depth) in [("png", BitDepth::Eight), ("tif", BitDepth::Sixteen)] {
+        let p = as_file(
+            &format!("seed-image-{ext}"),
+            ext,
+            &image_seed(ext, depth, 13, 7),
+        );
+        let img = read_gray(&p).unwrap();
+        assert_eq!((img.width(), img.height()), (13, 7));
+    }
+    let p = as_file(
+        "seed-resized",
+        "png",
+        &png_with_size(&image_seed("png", BitDepth::Eight, 8, 8), 8, 8),
+    );
+    assert_eq!(read_gray(&p).unwrap().width(), 8);
+}
+
+#[test]
+fn a_png_header_over_the_pixel_limit_is_refused_before_decoding() {
+    limit_pixels();
+    let bytes = png_with_size(&image_seed("png", BitDepth::Sixteen, 8, 8), 40_000, 40_000);
+    let p = as_file("over-limit", "png", &bytes);
+    let e = bounded(bytes.len(), "over limit", || read_gray(&p)).unwrap_err();
+    assert!(e.to_string().contains("over the limit"), "{e}");
+}
+
+#[test]
+#[should_panic(expected = "allocated")]
+fn the_allocation_bound_catches_an_allocation_over_budget() {
+    bounded(0, "over budget", || vec![1u8; ALLOC_BUDGET + 1].len());
+}
+
+/// Found by this fuzzer: a 222-byte TIFF whose ImageLength tag claims
+/// 2,097,153 values, which the decoder read into memory (64 MiB) before
+/// finding the file too short.
+const TIFF_HUGE_TAG_COUNT: &str = "49492a00300000000100000001000000010000000100000000254a6f94b9de03284d7297bce1062b50759abfe4092e530e0000010400010000000600000001010400010020000400000002010300010000000800000003010300010000000100000006010300010000000100000011010400010000001800000015010300010000000100000016010400010000000b8b02001701040001000000180000001a01050001000000080000001b01050001000000100000002801030001000000010000003d010300010000000100000053010300010000000100000000000000";
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_tiff_tag_claiming_millions_of_values_is_refused_without_allocating_them() {
+    limit_pixels();
+    let bytes = unhex(TIFF_HUGE_TAG_COUNT);
+    let p = as_file("huge-count", "tif", &bytes);
+    let d = bounded(bytes.len(), "tiff dimensions", || {
+        cellmorph::imaging::read_dimensions(&p)
+    });
+    let e = d.unwrap_err().to_string();
+    assert!(
+        e.contains("huge-count.tif") && e.contains("tag 257 claims 2097153 values"),
+        "{e}"
+    );
+    let r = bounded(bytes.len(), "tiff decode", || read_gray(&p));
+    assert!(r.is_err());
+}
