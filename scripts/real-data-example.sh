@@ -20,7 +20,8 @@
 # R2, r2_score), OUT_DIR/codes.csv (weights, reconstruction MSE in 8-bit
 # units over every tile, live codes per level over every tile) and
 # OUT_DIR/categories.csv (weights, folds, accuracy of an RBF SVM on
-# sparse/medium/dense tiles, nucleus-count tertiles); prints them. Every
+# sparse/medium/dense tiles, nucleus-count tertiles), t-SNE and Ward plots
+# of the profiles (tsne_*.png, clusters_*.png); prints the tables. Every
 # intermediate file stays in OUT_DIR.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -102,10 +103,15 @@ for w in init trained; do
         }' "$out/counts_$w.csv" >> "$out/codes.csv"
     # Sparse/medium/dense tiles by an RBF SVM, stratified 5-fold accuracy.
     acc=$("$bin" svm grid --features "$out/profiles_$w.csv" --labels "$out/density.csv" \
-        --c 0.1,1,10,100 --gamma scale,0.001,0.01 --folds 5 --output "$out/svm_$w.json" \
+        --c 0.1,1,10,100 --gamma scale,0.001,0.01,0.1,1 --folds 5 --output "$out/svm_$w.json" \
         --confusion "$out/confusion_$w.csv" --plot "$out/confusion_$w.png" 2>&1 |
         tee "$out/svm_$w.log" | grep -o 'mean cv accuracy [0-9.]*' | grep -o '[0-9.]*$' | tail -n 1)
     echo "$w,5,${acc:-NA}" >> "$out/categories.csv"
+    # t-SNE of the profiles coloured by data set; Ward clusters of the tiles.
+    "$bin" tsne --features "$out/profiles_$w.csv" --output "$out/tsne_$w.csv" \
+        --plot "$out/tsne_$w.png" --color-by batch --labels "$samples" > /dev/null
+    "$bin" cluster --features "$out/profiles_$w.csv" --k 3 --output "$out/clusters_$w.csv" \
+        --plot "$out/clusters_$w.png" > /dev/null
     # 5. Out-of-fold predictions: pooled with folds grouped by image; leave
     #    one data set out without and with per-batch correction.
     run_cv() { # name, correction, cv flags…
