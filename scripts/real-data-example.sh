@@ -7,6 +7,7 @@
 # training) and the same network after `vqvae2 train`; profiles of every
 # tile; and out-of-fold R² of the per-target linear SVR:
 #   - pooled over the three data sets, folds grouped by source image;
+#   - within BBBC007 and within ExampleFly, shuffled folds over the tiles;
 #   - leave one data set out, without and with per-batch correction.
 #
 #   scripts/real-data-example.sh [DATA_DIR [OUT_DIR]]
@@ -84,7 +85,7 @@ t1=$(sed -n "$((n_tiles / 3 + 1))p" "$out/nuclei_sorted.txt")
 t2=$(sed -n "$((2 * n_tiles / 3 + 1))p" "$out/nuclei_sorted.txt")
 awk -F, -v a="$t1" -v b="$t2" 'NR == 1 { print "sample,label"; next }
     { print $1 "," ($2 < a ? "sparse" : ($2 < b ? "medium" : "dense")) }' "$targets" > "$out/density.csv"
-grid=(--c 0.01,0.1,1,10 --epsilon 0.01,0.1)
+grid=(--c 0.001,0.01,0.1,1,10 --epsilon 0.01,0.1)
 for w in init trained; do
     # 4. Profiles (and reconstruction MSE) of every tile.
     "$bin" profile --samples "$samples" --weights "$out/$w.safetensors" \
@@ -128,6 +129,16 @@ for w in init trained; do
                 >> "$out/results.csv"
     }
     run_cv pooled_by_image none --groups "$samples" --group-column source --folds 5
+    # Within one data set: shuffled 5-fold CV over its tiles (the usual
+    # within-batch number; tiles of one image fall on both sides).
+    for b in bbbc007 examplefly; do
+        awk -F, -v b="$b" 'NR == FNR { if ($3 == b) keep[$1] = 1; next }
+            FNR == 1 || keep[$1]' "$samples" "$targets" > "$out/targets_$b.csv"
+        targets_all="$targets"
+        targets="$out/targets_$b.csv"
+        run_cv "within_$b" none --shuffle --seed 0 --folds 5
+        targets="$targets_all"
+    done
     for corr in none center standardize; do
         run_cv leave_one_dataset_out "$corr" --groups "$samples" --group-column batch \
             --leave-one-group-out
