@@ -24,6 +24,39 @@
 //! Augmentation (flips, rotations) does not apply here: with cached
 //! features every epoch sees the same inputs. Everything is deterministic:
 //! the same inputs and seed give the same bytes.
+//!
+//! **Stage 2** ([`FineTuneOptions`], `--unfreeze`) starts from stage 1's
+//! best network and trains part of the backbone with the head, on the
+//! training images, at a lower learning rate (default stage 1's / 10),
+//! with AdamW (a fresh optimizer state), stage 1's class weights, dropout
+//! and batch size, through [`DenseNetTrainer`]:
+//! - `Unfreeze::Last`: the last dense block and `norm5` (with the head)
+//!   are trained; their BatchNorms (every `norm1`/`norm2` of the last
+//!   block, and `norm5`) run in **training mode** (batch statistics, running
+//!   statistics updated, counters advanced). Everything before the block
+//!   (stem, `norm0`, earlier blocks, transitions) is frozen with its
+//!   BatchNorms in eval mode, as a PyTorch model whose frozen part is in
+//!   `eval()`; its output, the last block's input, is computed once per
+//!   image and cached: `images × C × H × W × 4` bytes (DenseNet-121 at
+//!   226 × 306: 512 × 7 × 9, 129 KB an image). A cache above
+//!   `max_cache_bytes` ([`DEFAULT_MAX_CACHE_BYTES`], `--max-cache-gib 8`)
+//!   is refused before it is built. Frozen tensors are written unchanged,
+//!   bit for bit.
+//! - `Unfreeze::All`: every layer is trained, every BatchNorm in training
+//!   mode; nothing is cached: each epoch reads and pre-processes the images
+//!   batch by batch (activations live for one batch). Each training image
+//!   is flipped left–right and/or top–bottom (both: a 180° rotation; 90°
+//!   rotations would change the 226 × 306 shape) by bits 0 and 1 of
+//!   [`counter_u64`](crate::rng::counter_u64)`(seed, epoch, image row)`.
+//!   The cached `Last` activations are not augmented (a flip does not
+//!   commute with the frozen convolutions).
+//!
+//! Validation runs the network in eval mode each epoch; stage-2 epochs are
+//! numbered after stage 1's, appended to the same metrics CSV (`stage` 2)
+//! and curves. Early stopping (stage 1's patience) and the best epoch work
+//! as in stage 1, with stage 1's best as the bar: when no stage-2 epoch
+//! beats it (higher validation AUC, or equal AUC and lower loss), stage 1's
+//! network is written.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
