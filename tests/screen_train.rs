@@ -721,6 +721,7 @@ fn stage2_bad_flags_are_clear_errors() {
         "invalid value 'middle' for '--unfreeze",
     );
     fail(&["--unfreeze-lr", "0.001"], "need --unfreeze last|all");
+    fail(&["--resume", "x.safetensors"], "need --unfreeze last|all");
     fail(
         &["--unfreeze", "all", "--unfreeze-lr", "-1"],
         "--unfreeze-lr -1",
@@ -864,5 +865,40 @@ fn last_block_step_gradients_match_finite_differences() {
             }
         }
         assert!(checked >= 15, "{checked}");
+    }
+}
+
+/// A stage 2 cut after 2 epochs and resumed from its checkpoint writes the
+/// same bytes (weights, metrics) as the unbroken run, for `last` and `all`;
+/// a checkpoint resumed with other options is refused.
+#[test]
+fn stage2_resume_equals_the_unbroken_run() {
+    let dir = tmp("ft-resume");
+    data_set(&dir, 6);
+    for (unfreeze, tag) in [(Unfreeze::Last, "last"), (Unfreeze::All, "all")] {
+        let epochs = if unfreeze == Unfreeze::All { 3 } else { 5 };
+        let mut o = stage2_options(&dir, &format!("{tag}-full.safetensors"), unfreeze, 3);
+        o.fine_tune.as_mut().unwrap().epochs = epochs;
+        screen_train(&o, |_| {}).unwrap();
+        let mut cut = stage2_options(&dir, &format!("{tag}-cut.safetensors"), unfreeze, 3);
+        cut.fine_tune.as_mut().unwrap().epochs = 2;
+        screen_train(&cut, |_| {}).unwrap();
+        let ck = dir.join(format!("{tag}-cut.checkpoint.safetensors"));
+        assert!(ck.exists());
+        let mut resumed = stage2_options(&dir, &format!("{tag}-resumed.safetensors"), unfreeze, 3);
+        let ft = resumed.fine_tune.as_mut().unwrap();
+        ft.epochs = epochs;
+        ft.resume = Some(ck.clone());
+        let s = screen_train(&resumed, |_| {}).unwrap();
+        assert_eq!(s.stage2.unwrap().epochs.len(), epochs);
+        let read = |name: &str| std::fs::read(dir.join(format!("{tag}-{name}"))).unwrap();
+        assert!(
+            read("full.safetensors") == read("resumed.safetensors"),
+            "{tag}: the resumed run differs from the unbroken one"
+        );
+        assert_eq!(read("full.metrics.csv"), read("resumed.metrics.csv"));
+        resumed.fine_tune.as_mut().unwrap().lr = Some(5e-4);
+        let e = screen_train(&resumed, |_| {}).unwrap_err().to_string();
+        assert!(e.contains("only --unfreeze-epochs may change"), "{e}");
     }
 }

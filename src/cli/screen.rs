@@ -145,6 +145,15 @@ pub struct TrainArgs {
     /// 4 bytes at the last block's input) above this many GiB.
     #[arg(long, default_value_t = 8.0)]
     max_cache_gib: f64,
+    /// Stage-2 checkpoint, written after each stage-2 epoch (default:
+    /// <output stem>.checkpoint.safetensors beside the output).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Resume stage 2 from this checkpoint (stage 1 runs again, as it is
+    /// deterministic); only --unfreeze-epochs may differ from the run that
+    /// wrote it, and the result equals the unbroken run's.
+    #[arg(long)]
+    resume: Option<PathBuf>,
     /// Training runs on the CPU so far; other devices are refused.
     #[arg(long, default_value = "cpu")]
     device: Device,
@@ -364,9 +373,14 @@ fn run_train(a: TrainArgs) -> Result<()> {
             a.device
         )));
     }
-    if a.unfreeze.is_none() && (a.unfreeze_lr.is_some() || a.unfreeze_epochs != 5) {
+    if a.unfreeze.is_none()
+        && (a.unfreeze_lr.is_some()
+            || a.unfreeze_epochs != 5
+            || a.checkpoint.is_some()
+            || a.resume.is_some())
+    {
         return Err(Error::invalid(
-            "--unfreeze-epochs and --unfreeze-lr need --unfreeze last|all",
+            "--unfreeze-epochs, --unfreeze-lr, --checkpoint and --resume need --unfreeze last|all",
         ));
     }
     if !(a.max_cache_gib > 0.0 && a.max_cache_gib.is_finite()) {
@@ -383,6 +397,8 @@ fn run_train(a: TrainArgs) -> Result<()> {
         epochs: a.unfreeze_epochs,
         lr: a.unfreeze_lr,
         max_cache_bytes: (a.max_cache_gib * f64::from(1u32 << 30)) as u64,
+        checkpoint: a.checkpoint.clone(),
+        resume: a.resume.clone(),
     });
     let head = match a.head {
         HeadArg::Kim => HeadKind::Kim { hidden: a.hidden },

@@ -239,6 +239,11 @@ impl DenseNetTrainer {
         &self.opt
     }
 
+    /// The state and the optimizer, mutable (to restore a checkpoint).
+    pub fn parts_mut(&mut self) -> (&mut DenseNetState, &mut Optimizer) {
+        (&mut self.state, &mut self.opt)
+    }
+
     /// Gives the state back.
     pub fn into_state(self) -> DenseNetState {
         self.state

@@ -61,7 +61,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::files::read_labels;
 use super::images::{list_images, prefetch, ImageEntry};
@@ -75,6 +75,7 @@ use crate::models::densenet::{random_backbone, DenseNet, DenseNetArch, DenseNetC
 use crate::plot::{line_plot, PlotOptions, Series};
 use crate::rng::{dropout_keep, SplitMix64};
 use crate::stats::classification::binary_metrics;
+use crate::train::checkpoint;
 use crate::train::densenet::{Batch, DenseNetState, DenseNetTrainer, StepSettings};
 use crate::train::loss::{cross_entropy, cross_entropy_backward};
 use crate::train::optim::{AdamConfig, Method, Optimizer};
@@ -98,7 +99,7 @@ const STREAM_FT_FLIPS: u64 = 7;
 pub const DEFAULT_MAX_CACHE_BYTES: u64 = 8 << 30;
 
 /// What stage 2 trains together with the head.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Unfreeze {
     /// The last dense block and `norm5`, on the cached activations at the
     /// last block's input.
@@ -108,7 +109,7 @@ pub enum Unfreeze {
 }
 
 /// Settings of stage 2 (fine-tuning, [`screen_train`]).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FineTuneOptions {
     /// What is unfrozen.
     pub unfreeze: Unfreeze,
@@ -118,6 +119,14 @@ pub struct FineTuneOptions {
     pub lr: Option<f64>,
     /// `Unfreeze::Last`: refuse an activation cache larger than this.
     pub max_cache_bytes: u64,
+    /// Checkpoint written after each stage-2 epoch (`None`:
+    /// `<output stem>.checkpoint.safetensors`).
+    #[serde(skip)]
+    pub checkpoint: Option<PathBuf>,
+    /// Resume stage 2 from this checkpoint (stage 1 is run again: it is
+    /// deterministic); the result equals the unbroken run's.
+    #[serde(skip)]
+    pub resume: Option<PathBuf>,
 }
 
 impl Default for FineTuneOptions {
@@ -127,6 +136,8 @@ impl Default for FineTuneOptions {
             epochs: 5,
             lr: None,
             max_cache_bytes: DEFAULT_MAX_CACHE_BYTES,
+            checkpoint: None,
+            resume: None,
         }
     }
 }
@@ -449,7 +460,7 @@ pub fn stratified_split(labels: &[bool], val_fraction: f64, seed: u64) -> Result
 }
 
 /// Settings of [`train_head`].
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HeadTrainOptions {
     /// Most epochs.
     pub epochs: usize,
@@ -487,7 +498,7 @@ impl Default for HeadTrainOptions {
 }
 
 /// One epoch's metrics.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EpochMetrics {
     /// 1-based.
     pub epoch: usize,
@@ -1008,6 +1019,15 @@ pub fn screen_train(
     check_output_is_not_an_input("--metrics", &metrics_path, &inputs)?;
     inputs.push(("--metrics", &metrics_path));
     check_output_is_not_an_input("--plot", &plot_path, &inputs)?;
+    let checkpoint_path = o.fine_tune.as_ref().map(|ft| {
+        ft.checkpoint
+            .clone()
+            .unwrap_or_else(|| beside(&o.output, ".checkpoint.safetensors"))
+    });
+    if let Some(ck) = &checkpoint_path {
+        inputs.push(("--plot", &plot_path));
+        check_output_is_not_an_input("--checkpoint", ck, &inputs)?;
+    }
 
     let labels = read_labels(&o.labels)?;
     let list = list_images(&o.images)?;
@@ -1141,12 +1161,16 @@ pub fn screen_train(
             preprocess: pre,
         };
         let t2 = Instant::now();
+        let ck = checkpoint_path
+            .as_deref()
+            .ok_or_else(|| Error::invalid("stage 2 without a checkpoint path"))?;
         let (state, mut summary) = fine_tune(
             &stage1,
             &data,
             &o.train,
             ft,
             (best, result.epochs.len()),
+            ck,
             &mut progress,
         )?;
         summary.seconds = t2.elapsed().as_secs_f64();
@@ -1289,6 +1313,23 @@ fn flip(img: &mut [f32], c: usize, h: usize, w: usize, key: u64) {
     }
 }
 
+/// Stage 2's progress in its checkpoint.
+#[derive(Serialize, Deserialize)]
+struct Stage2Progress {
+    train: HeadTrainOptions,
+    fine_tune: FineTuneOptions,
+    rows: usize,
+    step: u64,
+    epochs: Vec<EpochMetrics>,
+    best_auc: f64,
+    best_loss: f64,
+    /// 0: stage 1 is still the best.
+    best_k: usize,
+    stopped_early: bool,
+    counters: std::collections::BTreeMap<String, i64>,
+    best_counters: std::collections::BTreeMap<String, i64>,
+}
+
 /// Stage 2 (see the module docs) from the stage-1 network `stage1`;
 /// `baseline` is stage 1's best epoch and its epoch count. Returns the
 /// state of stage 2's best epoch (`None` when none beat stage 1).
@@ -1298,6 +1339,7 @@ fn fine_tune(
     o: &HeadTrainOptions,
     ft: &FineTuneOptions,
     baseline: (&EpochMetrics, usize),
+    checkpoint_path: &Path,
     progress: &mut impl FnMut(TrainProgress),
 ) -> Result<(Option<DenseNetState>, FineTuneSummary)> {
     let lr = ft.lr.unwrap_or(o.lr / 10.0);
@@ -1375,8 +1417,57 @@ fn fine_tune(
     let mut epochs = Vec::new();
     let mut step = 0u64;
     let mut stopped_early = false;
-    for k in 1..=ft.epochs {
+    let mut done = 0;
+    // The best state rides in the checkpoint under `best.` (the current
+    // state while stage 1 is still the best), with an empty optimizer.
+    let no_opt = Optimizer::new(Method::AdamW(adam))?;
+    if let Some(ck) = &ft.resume {
+        let mut best_params = trainer.state().params.clone();
+        let (state, opt) = trainer.parts_mut();
+        let saved = checkpoint::load_parts(
+            ck,
+            &mut [
+                ("", &mut state.params, opt),
+                ("best.", &mut best_params, &mut no_opt.clone()),
+            ],
+        )?;
+        let saved: Stage2Progress = serde_json::from_value(saved)
+            .map_err(|e| Error::format(ck, format!("checkpoint progress: {e}")))?;
+        let same = FineTuneOptions {
+            epochs: ft.epochs,
+            checkpoint: ft.checkpoint.clone(),
+            resume: ft.resume.clone(),
+            ..saved.fine_tune.clone()
+        };
+        if saved.train != *o || same != *ft || saved.rows != n {
+            return Err(Error::format(
+                ck,
+                format!(
+                    "the checkpoint was made with other options or images ({:?}, {:?}, {} images); only --unfreeze-epochs may change on resume",
+                    saved.train, saved.fine_tune, saved.rows
+                ),
+            ));
+        }
+        state.num_batches_tracked = saved.counters;
+        if saved.best_k > 0 {
+            let mut b = state.clone();
+            b.params = best_params;
+            b.num_batches_tracked = saved.best_counters;
+            best = (saved.best_auc, saved.best_loss, saved.best_k, Some(b));
+        }
+        done = saved.epochs.len();
+        step = saved.step;
+        stopped_early = saved.stopped_early;
+        epochs = saved.epochs;
+    }
+    for k in (done + 1)..=ft.epochs {
+        if stopped_early {
+            break;
+        }
         let epoch = stage1_epochs + k;
+        // Each epoch's order depends on its number only (a resumed run
+        // shuffles as the unbroken one).
+        order.copy_from_slice(&data.split.train);
         shuffle(&mut order, &mut root.fork(STREAM_FT_SHUFFLE).fork(k as u64));
         let mut loss_sum = 0.0f64;
         let mut run = |rows: &[usize], x: &[f32], shape: [usize; 4]| -> Result<()> {
@@ -1452,8 +1543,31 @@ fn fine_tune(
         epochs.push(metrics);
         if o.patience > 0 && k - best.2 >= o.patience && k < ft.epochs {
             stopped_early = true;
-            break;
         }
+        let best_state = best.3.as_ref().unwrap_or(trainer.state());
+        let saved = Stage2Progress {
+            train: o.clone(),
+            fine_tune: ft.clone(),
+            rows: n,
+            step,
+            epochs: epochs.clone(),
+            best_auc: best.0,
+            best_loss: best.1,
+            best_k: best.2,
+            stopped_early,
+            counters: trainer.state().num_batches_tracked.clone(),
+            best_counters: best_state.num_batches_tracked.clone(),
+        };
+        let value = serde_json::to_value(&saved)
+            .map_err(|e| Error::invalid(format!("checkpoint progress: {e}")))?;
+        checkpoint::save_parts(
+            checkpoint_path,
+            &[
+                ("", &trainer.state().params, trainer.optimizer()),
+                ("best.", &best_state.params, &no_opt),
+            ],
+            &value,
+        )?;
     }
     let (_, _, best_k, state) = best;
     let summary = FineTuneSummary {
