@@ -57,6 +57,14 @@
 //! as in stage 1, with stage 1's best as the bar: when no stage-2 epoch
 //! beats it (higher validation AUC, or equal AUC and lower loss), stage 1's
 //! network is written.
+//!
+//! After each stage-2 epoch a checkpoint ([`crate::train::checkpoint`]:
+//! the state, AdamW's moments, the best epoch's state under `best.`, the
+//! BatchNorm counters and the metrics so far) is written atomically;
+//! resuming from it runs stage 1 again (deterministic, on cached
+//! features) and continues stage 2 to the same bytes as the unbroken run
+//! (each epoch's shuffle, dropout and flips depend only on the seed, the
+//! epoch and the step).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
