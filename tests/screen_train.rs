@@ -4,7 +4,8 @@
 //! checkerboard texture (a difference that survives the mean-V
 //! normalization of the pre-processing), at the paper's input size, through the small DenseNet
 //! fixture (`tests/fixtures/densenet_small.weights.safetensors`, whose
-//! 5-class head is replaced by a fresh 2-class one).
+//! 5-class head is replaced by a fresh 2-class one). Stage 2
+//! (`--unfreeze`) runs on the same data.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -12,8 +13,8 @@ use std::process::{Command, Output};
 use cellmorph::apps::screening::images::ImageEntry;
 use cellmorph::apps::screening::predict::{predict, PredictOptions};
 use cellmorph::apps::screening::train::{
-    screen_train, stratified_split, train_head, FeatureSet, Head, HeadKind, HeadTrainOptions, Init,
-    ScreenTrainOptions, TRAIN_METADATA_KEY,
+    screen_train, stratified_split, train_head, FeatureSet, FineTuneOptions, Head, HeadKind,
+    HeadTrainOptions, Init, ScreenTrainOptions, Unfreeze, TRAIN_METADATA_KEY,
 };
 use cellmorph::imaging::{BitDepth, GrayImage};
 use cellmorph::io::TensorFile;
@@ -125,6 +126,7 @@ fn options(
         imagenet_normalize: false,
         metrics: None,
         plot: None,
+        fine_tune: None,
     }
 }
 
@@ -493,4 +495,410 @@ fn early_stopping_keeps_the_best_epoch() {
     let w = r.class_weights.unwrap();
     let loss = cellmorph::train::loss::cross_entropy(&logits, 2, &t, Some(&w)).unwrap();
     assert_eq!(f64::from(loss), best.val_loss);
+}
+
+/// The metrics CSV's rows as numbers (an empty F1 is NaN).
+fn metric_rows(path: &Path) -> Vec<Vec<f64>> {
+    let csv = std::fs::read_to_string(path).unwrap();
+    assert!(csv.starts_with("epoch,train_loss,val_loss,val_auc,val_f1,val_accuracy,best,stage\n"));
+    csv.lines()
+        .skip(1)
+        .map(|l| {
+            l.split(',')
+                .map(|v| v.parse().unwrap_or(f64::NAN))
+                .collect()
+        })
+        .collect()
+}
+
+fn stage2_options(dir: &Path, out: &str, unfreeze: Unfreeze, seed: u64) -> ScreenTrainOptions {
+    let (imgs, labels) = (dir.join("images"), dir.join("labels.csv"));
+    let mut o = options(
+        &imgs,
+        &labels,
+        &dir.join(out),
+        Init::File(small_weights()),
+        HeadKind::Kim { hidden: 16 },
+    );
+    // A short stage 1 leaves stage 2 something to improve; half the
+    // images validate (a 4-image validation set makes the AUC jumpy).
+    o.train.epochs = 2;
+    o.val_fraction = 0.5;
+    o.train.seed = seed;
+    o.train.patience = 0;
+    o.train.dropout = 0.2;
+    o.fine_tune = Some(FineTuneOptions {
+        unfreeze,
+        epochs: 10,
+        lr: Some(1e-3),
+        ..FineTuneOptions::default()
+    });
+    o
+}
+
+/// `--unfreeze last`: only the last dense block, norm5 and the head
+/// change (every other tensor, running statistics and counters included,
+/// is the input's bit for bit); the unfrozen BatchNorms ran in training
+/// mode (their counters advanced by the number of steps); the metrics CSV
+/// continues with stage-2 rows; the training loss falls; the written best
+/// epoch is no worse on validation AUC than stage 1's best, and `screen
+/// predict` loads the output and separates the classes.
+#[test]
+fn stage2_last_trains_only_the_last_block_and_norm5() {
+    let dir = tmp("ft-last");
+    data_set(&dir, 8);
+    let o = stage2_options(&dir, "last.safetensors", Unfreeze::Last, 5);
+    let mut stage2_epochs = 0;
+    let s = screen_train(&o, |p| {
+        if let cellmorph::apps::screening::train::TrainProgress::Stage2Epoch(_) = p {
+            stage2_epochs += 1
+        }
+    })
+    .unwrap();
+    let s2 = s.stage2.as_ref().unwrap();
+    assert_eq!(stage2_epochs, 10);
+    assert_eq!(s2.epochs.len(), 10);
+    assert_eq!(s2.epochs[0].epoch, 3);
+    // 16 images of 3 × 226 × 306: block 3's input is 16 + 3·8 = 40 → 20
+    // channels (the transition halves) at 14 × 19.
+    assert_eq!(s2.cache_bytes, 16 * 20 * 14 * 19 * 4);
+    // The first stage-2 epoch's loss is above stage 1's: the fixture's
+    // running statistics (torchvision's initial 0 and 1) are far from the
+    // batch statistics that train-mode BatchNorm uses.
+    let first = s2.epochs[0].train_loss;
+    let last = s2.epochs[9].train_loss;
+    assert!(
+        last < first,
+        "stage-2 training loss did not fall: {:?}",
+        s2.epochs
+    );
+    let stage1_best = s.result.best().unwrap().val_auc;
+    let best = if s2.improved {
+        s2.epochs
+            .iter()
+            .find(|e| e.epoch == s2.best_epoch)
+            .unwrap()
+            .val_auc
+    } else {
+        stage1_best
+    };
+    assert!(best >= stage1_best, "{best} < {stage1_best}");
+
+    let rows = metric_rows(&dir.join("last.metrics.csv"));
+    assert_eq!(rows.len(), 12);
+    let stages: Vec<f64> = rows.iter().map(|r| r[7]).collect();
+    assert_eq!(stages[..3], [1.0, 1.0, 2.0]);
+    assert_eq!(stages[11], 2.0);
+    assert!(image::open(dir.join("last.curves.png")).is_ok());
+
+    assert!(
+        s2.improved,
+        "no stage-2 epoch beat stage 1: {:?}",
+        s2.epochs
+    );
+    let (a, b) = (
+        TensorFile::open(small_weights()).unwrap(),
+        TensorFile::open(dir.join("last.safetensors")).unwrap(),
+    );
+    let unfrozen =
+        |n: &str| n.starts_with("features.denseblock3.") || n.starts_with("features.norm5.");
+    let (mut frozen, mut changed) = (0, 0);
+    // Stage-2 epochs up to the written one.
+    let k = (s2.best_epoch - 2) as i64;
+    for name in a.names().iter().filter(|n| n.starts_with("features.")) {
+        if name.ends_with("num_batches_tracked") {
+            let (x, y) = (a.i64(name).unwrap().1[0], b.i64(name).unwrap().1[0]);
+            if unfrozen(name) {
+                // 8 training images in batches of 8: 1 step an epoch.
+                assert_eq!(y, x + k, "{name}");
+            } else {
+                assert_eq!(x, y, "{name}");
+            }
+            continue;
+        }
+        let (x, y) = (a.f32(name).unwrap(), b.f32(name).unwrap());
+        if unfrozen(name) {
+            changed += usize::from(x != y);
+        } else {
+            assert!(x == y, "frozen tensor {name} changed");
+            frozen += 1;
+        }
+    }
+    assert!(frozen > 20);
+    // conv1, conv2, norm1, norm2 (weight, bias, running mean, var) of
+    // both layers of block 3, and norm5's four.
+    assert_eq!(changed, 2 * 10 + 4);
+    let meta: serde_json::Value =
+        serde_json::from_str(&b.metadata().unwrap()[TRAIN_METADATA_KEY]).unwrap();
+    assert_eq!(meta["stage2"]["unfreeze"], "Last");
+
+    // `screen predict` loads it and separates the classes.
+    let pred = dir.join("pred.csv");
+    let o = cellmorph(&[
+        "screen".as_ref(),
+        "predict".as_ref(),
+        "--weights".as_ref(),
+        dir.join("last.safetensors").as_os_str(),
+        "--images".as_ref(),
+        dir.join("images").as_os_str(),
+        "--output".as_ref(),
+        pred.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let preds = cellmorph::apps::screening::files::read_predictions(&pred).unwrap();
+    assert_eq!(preds.rows.len(), 16);
+}
+
+/// Same seed, same bytes (weights and metrics) for `last` and `all`;
+/// another seed, other bytes. `all` changes the stem too and its training
+/// loss falls.
+#[test]
+fn stage2_is_deterministic() {
+    let dir = tmp("ft-det");
+    data_set(&dir, 6);
+    for (unfreeze, tag) in [(Unfreeze::Last, "last"), (Unfreeze::All, "all")] {
+        let run = |name: &str, seed: u64| {
+            let mut o = stage2_options(&dir, name, unfreeze, seed);
+            if unfreeze == Unfreeze::All {
+                o.fine_tune.as_mut().unwrap().epochs = 3;
+            }
+            let s = screen_train(&o, |_| {}).unwrap();
+            (std::fs::read(dir.join(name)).unwrap(), s)
+        };
+        let (a, sa) = run(&format!("{tag}-a.safetensors"), 7);
+        let (b, _) = run(&format!("{tag}-b.safetensors"), 7);
+        let (c, _) = run(&format!("{tag}-c.safetensors"), 8);
+        assert!(a == b, "{tag}: same seed, different bytes");
+        assert!(a != c, "{tag}: another seed gave the same bytes");
+        assert_eq!(
+            std::fs::read(dir.join(format!("{tag}-a.metrics.csv"))).unwrap(),
+            std::fs::read(dir.join(format!("{tag}-b.metrics.csv"))).unwrap()
+        );
+        if unfreeze == Unfreeze::All {
+            let s2 = sa.stage2.unwrap();
+            assert_eq!(s2.cache_bytes, 0);
+            let e = &s2.epochs;
+            assert!(e[e.len() - 1].train_loss < e[0].train_loss, "{e:?}");
+            if s2.improved {
+                let init = TensorFile::open(small_weights()).unwrap();
+                let out = TensorFile::from_bytes("all", a).unwrap();
+                let name = "features.conv0.weight";
+                assert!(init.f32(name).unwrap() != out.f32(name).unwrap());
+                assert!(
+                    init.i64("features.norm0.num_batches_tracked").unwrap()
+                        != out.i64("features.norm0.num_batches_tracked").unwrap()
+                );
+            }
+        }
+    }
+}
+
+/// Stage-2 flags: an unknown --unfreeze value, stage-2 flags without
+/// --unfreeze, a bad learning rate and an activation cache over the bound
+/// are clear errors.
+#[test]
+fn stage2_bad_flags_are_clear_errors() {
+    let dir = tmp("ft-errors");
+    let (imgs, labels) = data_set(&dir, 2);
+    let out = dir.join("o.safetensors");
+    let init = small_weights();
+    let fail = |extra: &[&str], want: &str| {
+        let mut args = train_args(&imgs, &labels, &out, extra);
+        args.extend([
+            "--init".as_ref(),
+            init.as_os_str(),
+            "--epochs".as_ref(),
+            "1".as_ref(),
+        ]);
+        let o = cellmorph(&args);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "succeeded: {stderr}");
+        assert!(stderr.contains(want), "expected {want:?} in: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    };
+    fail(
+        &["--unfreeze", "middle"],
+        "invalid value 'middle' for '--unfreeze",
+    );
+    fail(&["--unfreeze-lr", "0.001"], "need --unfreeze last|all");
+    fail(&["--resume", "x.safetensors"], "need --unfreeze last|all");
+    fail(
+        &["--unfreeze", "all", "--unfreeze-lr", "-1"],
+        "--unfreeze-lr -1",
+    );
+    fail(
+        &["--unfreeze", "last", "--unfreeze-epochs", "0"],
+        "--unfreeze-epochs must be at least 1",
+    );
+    fail(
+        &["--unfreeze", "last", "--max-cache-gib", "0.000001"],
+        "4 images × 20 × 14 × 19 × 4 bytes",
+    );
+    assert!(!out.exists());
+}
+
+/// The trainer's eval-mode forward is the inference network: on the
+/// PyTorch fixture's input it gives the fixture's logits (tolerance 1e-3
+/// as the fixture's), and running it in two parts through the cached
+/// block input gives the same bits as in one.
+#[test]
+fn eval_forward_matches_the_fixture_and_splits_at_a_block() {
+    use cellmorph::train::densenet::{DenseNetState, DenseNetTrainer};
+    let weights = TensorFile::open(small_weights()).unwrap();
+    let cases = TensorFile::open(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/densenet_small.cases.safetensors"),
+    )
+    .unwrap();
+    let (shape, input) = cases.f32("input").unwrap();
+    let (_, logits) = cases.f32("logits").unwrap();
+    let shape: [usize; 4] = shape.try_into().unwrap();
+    let state = DenseNetState::from_file(&weights, "").unwrap();
+    let t = DenseNetTrainer::new(state, Default::default()).unwrap();
+    let nb = t.blocks();
+    let (got, gshape) = t.eval_forward(&input, shape, 0, nb).unwrap();
+    assert_eq!(gshape, [2, 5, 1, 1]);
+    for (a, b) in got.iter().zip(&logits) {
+        assert!((a - b).abs() <= 1e-3, "{got:?} vs {logits:?}");
+    }
+    let (mid, mshape) = t.eval_forward(&input, shape, 0, nb - 1).unwrap();
+    assert_eq!(
+        mshape,
+        t.block_input_shape(2, shape[2], shape[3], nb - 1).unwrap()
+    );
+    let (two, _) = t.eval_forward(&mid, mshape, nb - 1, nb).unwrap();
+    assert!(two == got);
+}
+
+/// The backward of a step that enters at the last block, with class
+/// weights, and with Kim's head with dropout (stage 2's `--unfreeze last`
+/// step), against
+/// central differences of the same training-mode loss. Tolerance: the
+/// loss is f32, so a quotient over ±1e-2 carries an error near
+/// 1e-6/1e-2 = 1e-4 plus the curvature term; 2e-3 absolute and 5 %
+/// relative cover both.
+#[test]
+fn last_block_step_gradients_match_finite_differences() {
+    use cellmorph::train::densenet::{Batch, DenseNetState, DenseNetTrainer, StepSettings};
+    let weights = TensorFile::open(small_weights()).unwrap();
+    // The fixture with Kim's head (36 → 6, ReLU, dropout, 6 → 2).
+    let mut kim = cellmorph::io::TensorWriter::new();
+    for name in weights
+        .names()
+        .iter()
+        .filter(|n| n.starts_with("features."))
+    {
+        if name.ends_with("num_batches_tracked") {
+            let (shape, v) = weights.i64(name).unwrap();
+            kim.add_slice(name, &shape, &v).unwrap();
+        } else {
+            let (shape, v) = weights.f32(name).unwrap();
+            kim.add_slice(name, &shape, &v).unwrap();
+        }
+    }
+    for (name, shape, seed) in [
+        ("classifier.0.weight", vec![6, 36], 1),
+        ("classifier.0.bias", vec![6], 2),
+        ("classifier.3.weight", vec![2, 6], 3),
+        ("classifier.3.bias", vec![2], 4),
+    ] {
+        let v: Vec<f32> = cellmorph::rng::signed_unit_vec(seed, shape.iter().product())
+            .iter()
+            .map(|x| x * 0.5)
+            .collect();
+        kim.add_slice(name, &shape, &v).unwrap();
+    }
+    let kim = TensorFile::from_bytes("kim", kim.to_bytes().unwrap()).unwrap();
+    for (file, classes) in [(&weights, 5usize), (&kim, 2)] {
+        let state = DenseNetState::from_file(file, "").unwrap();
+        let mut t = DenseNetTrainer::new(state, Default::default()).unwrap();
+        let nb = t.blocks();
+        let shape = t.block_input_shape(3, 24, 32, nb - 1).unwrap();
+        let input = cellmorph::rng::signed_unit_vec(8, shape.iter().product());
+        let labels = [0usize, classes - 1, 1];
+        let batch = Batch {
+            input: &input,
+            shape,
+            labels: &labels,
+        };
+        let w = [0.5f32, 1.5, 1.0, 0.8, 1.2];
+        let settings = StepSettings {
+            first_block: nb - 1,
+            class_weights: Some(&w[..classes]),
+            dropout: Some((3, 1, 0.3)),
+        };
+        t.forward_backward_with(&batch, &settings).unwrap();
+        let before = t.state().clone();
+        let conv0 = before.params.by_name("features.conv0.weight").unwrap();
+        assert!(
+            conv0.grad.iter().all(|&g| g == 0.0),
+            "a frozen layer got a gradient"
+        );
+        let names = [
+            "features.denseblock3.denselayer1.conv1.weight",
+            "features.denseblock3.denselayer2.norm1.weight",
+            "features.norm5.bias",
+            "classifier.weight",
+            "classifier.0.weight",
+            "classifier.3.weight",
+        ];
+        let mut checked = 0;
+        for name in names {
+            let Ok(p) = before.params.by_name(name) else {
+                continue;
+            };
+            for k in (0..p.value.len()).step_by((p.value.len() / 5).max(1)) {
+                let v = p.value[k];
+                let eps = 1e-2f32;
+                t.set_value(name, k, v + eps).unwrap();
+                let up = f64::from(t.loss_with(&batch, &settings).unwrap());
+                t.set_value(name, k, v - eps).unwrap();
+                let down = f64::from(t.loss_with(&batch, &settings).unwrap());
+                t.set_value(name, k, v).unwrap();
+                let fd = (up - down) / (2.0 * f64::from(eps));
+                let g = f64::from(p.grad[k]);
+                assert!(
+                    (fd - g).abs() <= 2e-3 + 0.05 * g.abs(),
+                    "{name}[{k}]: finite difference {fd}, backward {g}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 15, "{checked}");
+    }
+}
+
+/// A stage 2 cut after 2 epochs and resumed from its checkpoint writes the
+/// same bytes (weights, metrics) as the unbroken run, for `last` and `all`;
+/// a checkpoint resumed with other options is refused.
+#[test]
+fn stage2_resume_equals_the_unbroken_run() {
+    let dir = tmp("ft-resume");
+    data_set(&dir, 6);
+    for (unfreeze, tag) in [(Unfreeze::Last, "last"), (Unfreeze::All, "all")] {
+        let epochs = if unfreeze == Unfreeze::All { 3 } else { 5 };
+        let mut o = stage2_options(&dir, &format!("{tag}-full.safetensors"), unfreeze, 3);
+        o.fine_tune.as_mut().unwrap().epochs = epochs;
+        screen_train(&o, |_| {}).unwrap();
+        let mut cut = stage2_options(&dir, &format!("{tag}-cut.safetensors"), unfreeze, 3);
+        cut.fine_tune.as_mut().unwrap().epochs = 2;
+        screen_train(&cut, |_| {}).unwrap();
+        let ck = dir.join(format!("{tag}-cut.checkpoint.safetensors"));
+        assert!(ck.exists());
+        let mut resumed = stage2_options(&dir, &format!("{tag}-resumed.safetensors"), unfreeze, 3);
+        let ft = resumed.fine_tune.as_mut().unwrap();
+        ft.epochs = epochs;
+        ft.resume = Some(ck.clone());
+        let s = screen_train(&resumed, |_| {}).unwrap();
+        assert_eq!(s.stage2.unwrap().epochs.len(), epochs);
+        let read = |name: &str| std::fs::read(dir.join(format!("{tag}-{name}"))).unwrap();
+        assert!(
+            read("full.safetensors") == read("resumed.safetensors"),
+            "{tag}: the resumed run differs from the unbroken one"
+        );
+        assert_eq!(read("full.metrics.csv"), read("resumed.metrics.csv"));
+        resumed.fine_tune.as_mut().unwrap().lr = Some(5e-4);
+        let e = screen_train(&resumed, |_| {}).unwrap_err().to_string();
+        assert!(e.contains("only --unfreeze-epochs may change"), "{e}");
+    }
 }

@@ -9,7 +9,8 @@ use cellmorph::apps::screening::predict::{screen_images, SaliencyOptions, Screen
 use cellmorph::apps::screening::report::{evaluate_predictions, EvaluatePredictionsOptions};
 use cellmorph::apps::screening::saliency::SaliencyMethod;
 use cellmorph::apps::screening::train::{
-    screen_train, EpochMetrics, HeadKind, HeadTrainOptions, Init, ScreenTrainOptions, TrainProgress,
+    screen_train, EpochMetrics, FineTuneOptions, HeadKind, HeadTrainOptions, Init,
+    ScreenTrainOptions, TrainProgress, Unfreeze,
 };
 use cellmorph::models::densenet::DenseNetArch;
 use cellmorph::{Device, Error, Precision, Result};
@@ -33,7 +34,11 @@ pub enum ScreenCommand {
     /// whole network with the best epoch's head (loadable by `screen
     /// predict`), the metrics CSV and a curves PNG. Augmentation (flips,
     /// rotations) has no place here: cached features are the same every
-    /// epoch. Runs on the CPU.
+    /// epoch. With --unfreeze, stage 2 follows: the last dense block and
+    /// norm5 (`last`, on cached activations at the block's input) or every
+    /// layer (`all`, on flipped images) fine-tuned with the head at a lower
+    /// learning rate, BatchNorm in training mode in the unfrozen part; the
+    /// best epoch of both stages is written. Runs on the CPU.
     Train(TrainArgs),
 }
 
@@ -55,6 +60,15 @@ enum SaliencyArg {
     Visualbackprop,
     /// The class activation map (as --cam-dir, for the chosen class).
     Cam,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum UnfreezeArg {
+    /// The last dense block and norm5 (the rest frozen, its output cached
+    /// once in eval mode).
+    Last,
+    /// Every layer (images read each epoch, random flips).
+    All,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -130,6 +144,29 @@ pub struct TrainArgs {
     /// Training curves PNG (default: <output stem>.curves.png beside the output).
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Stage 2 after the head: fine-tune the last dense block and norm5
+    /// (`last`) or every layer (`all`) together with the head.
+    #[arg(long, value_enum)]
+    unfreeze: Option<UnfreezeArg>,
+    /// Most epochs of stage 2 (early stopping with --patience).
+    #[arg(long, default_value_t = 5)]
+    unfreeze_epochs: usize,
+    /// Learning rate of stage 2 (default: --lr / 10).
+    #[arg(long)]
+    unfreeze_lr: Option<f64>,
+    /// `--unfreeze last`: refuse an activation cache (images × C × H × W ×
+    /// 4 bytes at the last block's input) above this many GiB.
+    #[arg(long, default_value_t = 8.0)]
+    max_cache_gib: f64,
+    /// Stage-2 checkpoint, written after each stage-2 epoch (default:
+    /// <output stem>.checkpoint.safetensors beside the output).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Resume stage 2 from this checkpoint (stage 1 runs again, as it is
+    /// deterministic); only --unfreeze-epochs may differ from the run that
+    /// wrote it, and the result equals the unbroken run's.
+    #[arg(long)]
+    resume: Option<PathBuf>,
     /// Training runs on the CPU so far; other devices are refused.
     #[arg(long, default_value = "cpu")]
     device: Device,
@@ -419,6 +456,33 @@ fn run_train(a: TrainArgs) -> Result<()> {
             a.device
         )));
     }
+    if a.unfreeze.is_none()
+        && (a.unfreeze_lr.is_some()
+            || a.unfreeze_epochs != 5
+            || a.checkpoint.is_some()
+            || a.resume.is_some())
+    {
+        return Err(Error::invalid(
+            "--unfreeze-epochs, --unfreeze-lr, --checkpoint and --resume need --unfreeze last|all",
+        ));
+    }
+    if !(a.max_cache_gib > 0.0 && a.max_cache_gib.is_finite()) {
+        return Err(Error::invalid(format!(
+            "--max-cache-gib {}: must be a positive number",
+            a.max_cache_gib
+        )));
+    }
+    let fine_tune = a.unfreeze.map(|u| FineTuneOptions {
+        unfreeze: match u {
+            UnfreezeArg::Last => Unfreeze::Last,
+            UnfreezeArg::All => Unfreeze::All,
+        },
+        epochs: a.unfreeze_epochs,
+        lr: a.unfreeze_lr,
+        max_cache_bytes: (a.max_cache_gib * f64::from(1u32 << 30)) as u64,
+        checkpoint: a.checkpoint.clone(),
+        resume: a.resume.clone(),
+    });
     let head = match a.head {
         HeadArg::Kim => HeadKind::Kim { hidden: a.hidden },
         HeadArg::Linear => HeadKind::Linear,
@@ -453,6 +517,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
             imagenet_normalize: a.imagenet_norm,
             metrics: a.metrics,
             plot: a.plot,
+            fine_tune,
         },
         |p| match p {
             TrainProgress::Features { done, total } => {
@@ -463,6 +528,17 @@ fn run_train(a: TrainArgs) -> Result<()> {
                 bar.finish_and_clear();
                 println!("{}", epoch_line(&m));
             }
+            TrainProgress::Stage2 { cache_bytes } => {
+                if cache_bytes > 0 {
+                    println!(
+                        "stage 2: cached {:.1} MiB of activations at the last block's input",
+                        cache_bytes as f64 / f64::from(1u32 << 20)
+                    );
+                } else {
+                    println!("stage 2: every layer unfrozen");
+                }
+            }
+            TrainProgress::Stage2Epoch(m) => println!("stage 2 {}", epoch_line(&m)),
         },
     );
     bar.finish_and_clear();
@@ -493,6 +569,28 @@ fn run_train(a: TrainArgs) -> Result<()> {
         if r.stopped_early { " (stopped early)" } else { "" },
         r.best_epoch
     );
+    if let Some(s2) = &s.stage2 {
+        eprintln!(
+            "stage 2 ({:?}, lr {}): {} epochs{} in {:.2} s; {}",
+            s2.unfreeze,
+            s2.lr,
+            s2.epochs.len(),
+            if s2.stopped_early {
+                " (stopped early)"
+            } else {
+                ""
+            },
+            s2.seconds,
+            if s2.improved {
+                format!("best epoch {} written", s2.best_epoch)
+            } else {
+                format!(
+                    "no epoch beat stage 1: stage 1's epoch {} written",
+                    s2.best_epoch
+                )
+            }
+        );
+    }
     eprintln!(
         "wrote {}, {} and {}",
         a.output.display(),

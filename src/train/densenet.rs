@@ -23,6 +23,7 @@ use crate::cpu;
 use crate::geometry::{Conv2dGeom, Conv2dParams, Pool2dGeom, Pool2dParams};
 use crate::io::{TensorFile, TensorWriter};
 use crate::models::densenet::{DenseNetConfig, BN_EPS};
+use crate::rng::dropout_keep;
 use crate::train::loss;
 use crate::train::optim::{AdamConfig, Method, Optimizer};
 use crate::train::store::ParamStore;
@@ -135,6 +136,23 @@ pub struct TrainStep {
     pub output: StepOutput,
 }
 
+/// Options of [`DenseNetTrainer::step_with`] beyond the plain step.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepSettings<'a> {
+    /// The dense block (0-based) the batch enters: 0, the batch holds
+    /// images; `b > 0`, it holds block `b`'s input `[n, C_b, h, w]` and
+    /// nothing before block `b` runs (its BatchNorms keep their statistics
+    /// and counters, its parameters get no gradient).
+    pub first_block: usize,
+    /// Per-class weights of the cross-entropy (PyTorch's `weight=`:
+    /// the weighted mean over the batch).
+    pub class_weights: Option<&'a [f32]>,
+    /// Dropout after each ReLU of the head, as `(seed, step, p)`: element
+    /// `k` of the layer's `[n, out]` output is kept (and scaled by
+    /// `1/(1−p)`) when [`dropout_keep`]`(seed, step, k, p)`.
+    pub dropout: Option<(u64, u64, f32)>,
+}
+
 /// A DenseNet with an optimizer, stepping on batches.
 #[derive(Clone, Debug)]
 pub struct DenseNetTrainer {
@@ -147,10 +165,68 @@ impl DenseNetTrainer {
     /// A trainer with a fresh Adam (`torch.optim.Adam`) over every trainable
     /// parameter.
     pub fn new(state: DenseNetState, adam: AdamConfig) -> Result<Self> {
+        Self::with_method(state, Method::Adam(adam))
+    }
+
+    /// A trainer with a fresh optimizer `method` over the parameters marked
+    /// trainable (freeze a parameter by clearing its `trainable` first).
+    pub fn with_method(state: DenseNetState, method: Method) -> Result<Self> {
         let plan = Plan::new(&state.config, &state.params)?;
-        let mut opt = Optimizer::new(Method::Adam(adam))?;
+        let mut opt = Optimizer::new(method)?;
         state.params.register(&mut opt)?;
         Ok(DenseNetTrainer { state, plan, opt })
+    }
+
+    /// Number of dense blocks.
+    pub fn blocks(&self) -> usize {
+        self.plan.blocks.len()
+    }
+
+    /// The shape `[n, C, h, w]` of dense block `block`'s input for images
+    /// of `h × w`.
+    pub fn block_input_shape(
+        &self,
+        n: usize,
+        h: usize,
+        w: usize,
+        block: usize,
+    ) -> Result<[usize; 4]> {
+        let c = *self.plan.block_in.get(block).ok_or_else(|| {
+            Error::invalid(format!(
+                "{OP}: block {block} of a network of {} blocks",
+                self.plan.blocks.len()
+            ))
+        })?;
+        if h < 4 || w < 4 {
+            return Err(Error::shape(OP, format!("input {h}×{w} is too small")));
+        }
+        // conv0 7×7/2 pad 3, max pool 3×3/2 pad 1, then one 2×2/2 average
+        // pool per transition.
+        let stem = |x: usize| ((x - 1) / 2) / 2 + 1;
+        let (h, w) = (stem(h) >> block, stem(w) >> block);
+        if h == 0 || w == 0 {
+            return Err(Error::shape(
+                OP,
+                format!("block {block}'s input would be empty"),
+            ));
+        }
+        Ok([n, c, h, w])
+    }
+
+    /// Eval-mode forward (BatchNorm with the running statistics, no
+    /// dropout) from block `first` (0: `input` is images `[n, c, h, w]`;
+    /// otherwise block `first`'s input) up to block `stop`: for `stop` <
+    /// the number of blocks, block `stop`'s input and its shape; for `stop`
+    /// = the number of blocks, the logits `[n, classes]` (shape `[n,
+    /// classes, 1, 1]`). Changes nothing.
+    pub fn eval_forward(
+        &self,
+        input: &[f32],
+        shape: [usize; 4],
+        first: usize,
+        stop: usize,
+    ) -> Result<(Vec<f32>, [usize; 4])> {
+        eval_forward(&self.plan, &self.state.params, input, shape, first, stop)
     }
 
     /// The current state (gradients of the last step included).
@@ -163,6 +239,11 @@ impl DenseNetTrainer {
         &self.opt
     }
 
+    /// The state and the optimizer, mutable (to restore a checkpoint).
+    pub fn parts_mut(&mut self) -> (&mut DenseNetState, &mut Optimizer) {
+        (&mut self.state, &mut self.opt)
+    }
+
     /// Gives the state back.
     pub fn into_state(self) -> DenseNetState {
         self.state
@@ -172,10 +253,21 @@ impl DenseNetTrainer {
     /// previous ones, the running statistics and counters advance; the
     /// parameters are not updated.
     pub fn forward_backward(&mut self, batch: &Batch) -> Result<StepOutput> {
+        self.forward_backward_with(batch, &StepSettings::default())
+    }
+
+    /// [`DenseNetTrainer::forward_backward`] with `settings`: only the
+    /// BatchNorms from block `settings.first_block` on run (in training
+    /// mode) and count the batch.
+    pub fn forward_backward_with(
+        &mut self,
+        batch: &Batch,
+        settings: &StepSettings,
+    ) -> Result<StepOutput> {
         self.state.params.zero_grads();
-        let (fwd, output) = forward(&self.plan, &mut self.state.params, batch)?;
-        backward(&self.plan, &mut self.state.params, batch, &fwd)?;
-        for bn in self.plan.norms() {
+        let (fwd, output) = forward(&self.plan, &mut self.state.params, batch, settings)?;
+        backward(&self.plan, &mut self.state.params, batch, &fwd, settings)?;
+        for bn in self.plan.norms_from(settings.first_block) {
             let key = format!("{}.num_batches_tracked", bn.name);
             let c = self.state.num_batches_tracked.entry(key).or_insert(0);
             *c = c.saturating_add(1);
@@ -186,7 +278,18 @@ impl DenseNetTrainer {
     /// One step: [`DenseNetTrainer::forward_backward`], then the optimizer
     /// at learning rate `lr`.
     pub fn step(&mut self, batch: &Batch, lr: f64) -> Result<StepOutput> {
-        let out = self.forward_backward(batch)?;
+        self.step_with(batch, &StepSettings::default(), lr)
+    }
+
+    /// One step with `settings` ([`DenseNetTrainer::forward_backward_with`],
+    /// then the optimizer over the trainable parameters).
+    pub fn step_with(
+        &mut self,
+        batch: &Batch,
+        settings: &StepSettings,
+        lr: f64,
+    ) -> Result<StepOutput> {
+        let out = self.forward_backward_with(batch, settings)?;
         self.state.params.step(&mut self.opt, lr)?;
         Ok(out)
     }
@@ -196,7 +299,17 @@ impl DenseNetTrainer {
     /// finite-difference check differentiates.
     pub fn loss(&self, batch: &Batch) -> Result<f32> {
         let mut params = self.state.params.clone();
-        Ok(forward(&self.plan, &mut params, batch)?.1.loss)
+        Ok(
+            forward(&self.plan, &mut params, batch, &StepSettings::default())?
+                .1
+                .loss,
+        )
+    }
+
+    /// [`DenseNetTrainer::loss`] with `settings`.
+    pub fn loss_with(&self, batch: &Batch, settings: &StepSettings) -> Result<f32> {
+        let mut params = self.state.params.clone();
+        Ok(forward(&self.plan, &mut params, batch, settings)?.1.loss)
     }
 
     /// Sets element `index` of parameter `name` (for finite differences).
@@ -403,13 +516,26 @@ impl Plan {
 
     /// Every BatchNorm, in network order.
     fn norms(&self) -> impl Iterator<Item = &Bn> {
-        std::iter::once(&self.norm0)
-            .chain(self.blocks.iter().enumerate().flat_map(move |(b, layers)| {
-                layers
+        self.norms_from(0)
+    }
+
+    /// The BatchNorms from block `first` on (norm0 only when `first` is 0).
+    fn norms_from(&self, first: usize) -> impl Iterator<Item = &Bn> {
+        (first == 0)
+            .then_some(&self.norm0)
+            .into_iter()
+            .chain(
+                self.blocks
                     .iter()
-                    .flat_map(|l| [&l.norm1, &l.norm2])
-                    .chain(self.transitions.get(b).map(|t| &t.norm))
-            }))
+                    .enumerate()
+                    .skip(first)
+                    .flat_map(move |(b, layers)| {
+                        layers
+                            .iter()
+                            .flat_map(|l| [&l.norm1, &l.norm2])
+                            .chain(self.transitions.get(b).map(|t| &t.norm))
+                    }),
+            )
             .chain(std::iter::once(&self.norm5))
     }
 }
@@ -590,7 +716,7 @@ struct TransitionSaved {
     hw_conv: (usize, usize),
 }
 
-struct Forward {
+struct StemSaved {
     /// conv0's output (norm0's input).
     c0: Vec<f32>,
     g0: Conv2dGeom,
@@ -598,28 +724,46 @@ struct Forward {
     /// relu(norm0(c0)): the max pool's input.
     r0: Vec<f32>,
     pool0: Pool2dGeom,
-    /// Spatial size of each block.
+}
+
+struct Forward {
+    /// The stem (none when the batch enters a later block).
+    stem: Option<StemSaved>,
+    /// Spatial size of each block (`(0, 0)` for blocks not run).
     sizes: Vec<(usize, usize)>,
-    /// Each block's full buffer.
+    /// Each block's full buffer (empty for blocks not run).
     buffers: Vec<Vec<f32>>,
     layers: Vec<Vec<LayerSaved>>,
+    /// The transitions run: after block `first`, `first + 1`, ...
     transitions: Vec<TransitionSaved>,
     bn5: BnSaved,
     /// relu(norm5(last buffer)).
     a5: Vec<f32>,
     /// The input of every head Linear (`pooled` first).
     head_in: Vec<Vec<f32>>,
+    /// Per head Linear with dropout after its ReLU: the scale of each
+    /// output (0 where dropped or clamped by the ReLU).
+    head_scale: Vec<Option<Vec<f32>>>,
     logits: Vec<f32>,
 }
 
-fn check_batch(plan: &Plan, batch: &Batch) -> Result<()> {
+fn check_batch(plan: &Plan, batch: &Batch, first: usize) -> Result<()> {
     let [n, c, h, w] = batch.shape;
-    if c != plan.in_channels || n == 0 || h == 0 || w == 0 {
+    let want = match first {
+        0 => plan.in_channels,
+        b => *plan.block_in.get(b).ok_or_else(|| {
+            Error::invalid(format!(
+                "{OP}: first block {b} of a network of {} blocks",
+                plan.blocks.len()
+            ))
+        })?,
+    };
+    if c != want || n == 0 || h == 0 || w == 0 {
         return Err(Error::shape(
             OP,
             format!(
-                "input shape {:?}: need a non-empty batch of {} channels",
-                batch.shape, plan.in_channels
+                "input shape {:?}: need a non-empty batch of {want} channels",
+                batch.shape
             ),
         ));
     }
@@ -642,26 +786,44 @@ fn check_batch(plan: &Plan, batch: &Batch) -> Result<()> {
     Ok(())
 }
 
-fn forward(plan: &Plan, store: &mut ParamStore, batch: &Batch) -> Result<(Forward, StepOutput)> {
-    check_batch(plan, batch)?;
+fn forward(
+    plan: &Plan,
+    store: &mut ParamStore,
+    batch: &Batch,
+    s: &StepSettings,
+) -> Result<(Forward, StepOutput)> {
+    let first = s.first_block;
+    check_batch(plan, batch, first)?;
     let n = batch.shape[0];
     let g = plan.growth;
 
-    // Stem: conv0 7×7/2, norm0, ReLU, max pool 3×3/2 pad 1.
-    let g0 = conv_geom(store, plan.conv0, batch.shape, 2, 3)?;
-    let c0 = conv_forward(store, plan.conv0, &g0, batch.input)?;
-    let (n0, bn0) = bn_forward(store, &plan.norm0, n, g0.oh * g0.ow, &c0)?;
-    let r0 = relu(&n0)?;
-    let pool0 = Pool2dGeom::new(OP, &[n, plan.f0, g0.oh, g0.ow], Pool2dParams::new(3, 2, 1))?;
-    let mut p0 = vec![0.0; n * plan.f0 * pool0.oh * pool0.ow];
-    cpu::max_pool2d_forward(&pool0, &r0, &mut p0)?;
-
-    let mut sizes = vec![(pool0.oh, pool0.ow)];
-    let mut buffers: Vec<Vec<f32>> = Vec::new();
-    let mut layers = Vec::new();
+    let (stem, mut sizes, mut block_input) = if first == 0 {
+        // Stem: conv0 7×7/2, norm0, ReLU, max pool 3×3/2 pad 1.
+        let g0 = conv_geom(store, plan.conv0, batch.shape, 2, 3)?;
+        let c0 = conv_forward(store, plan.conv0, &g0, batch.input)?;
+        let (n0, bn0) = bn_forward(store, &plan.norm0, n, g0.oh * g0.ow, &c0)?;
+        let r0 = relu(&n0)?;
+        let pool0 = Pool2dGeom::new(OP, &[n, plan.f0, g0.oh, g0.ow], Pool2dParams::new(3, 2, 1))?;
+        let mut p0 = vec![0.0; n * plan.f0 * pool0.oh * pool0.ow];
+        cpu::max_pool2d_forward(&pool0, &r0, &mut p0)?;
+        let size = (pool0.oh, pool0.ow);
+        let stem = StemSaved {
+            c0,
+            g0,
+            bn0,
+            r0,
+            pool0,
+        };
+        (Some(stem), vec![size], p0)
+    } else {
+        let mut sizes = vec![(0, 0); first];
+        sizes.push((batch.shape[2], batch.shape[3]));
+        (None, sizes, batch.input.to_vec())
+    };
+    let mut buffers: Vec<Vec<f32>> = vec![Vec::new(); first];
+    let mut layers: Vec<Vec<LayerSaved>> = (0..first).map(|_| Vec::new()).collect();
     let mut transitions = Vec::new();
-    let mut block_input = p0;
-    for (b, block) in plan.blocks.iter().enumerate() {
+    for (b, block) in plan.blocks.iter().enumerate().skip(first) {
         let (h, w) = sizes[b];
         let hw = h * w;
         let width = plan.block_width[b];
@@ -718,6 +880,7 @@ fn forward(plan: &Plan, store: &mut ParamStore, batch: &Batch) -> Result<(Forwar
     let mut pooled = vec![0.0; n * c5];
     cpu::global_avg_pool_forward(n, c5, h * w, &a5, &mut pooled)?;
     let mut head_in = vec![pooled];
+    let mut head_scale = Vec::new();
     let mut logits = Vec::new();
     for (i, l) in plan.head.iter().enumerate() {
         let mut y = vec![0.0; n * l.out_f];
@@ -734,22 +897,44 @@ fn forward(plan: &Plan, store: &mut ParamStore, batch: &Batch) -> Result<(Forwar
         .map_err(|e| named(&wp.name, e))?;
         if i + 1 == plan.head.len() {
             logits = y;
+        } else if l.relu_after {
+            let mut r = relu(&y)?;
+            let scale = match s.dropout {
+                Some((seed, step, p)) if p > 0.0 => {
+                    let keep = 1.0 / (1.0 - p);
+                    let scale: Vec<f32> = r
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &v)| {
+                            if v > 0.0 && dropout_keep(seed, step, k as u64, p) {
+                                keep
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    for (v, m) in r.iter_mut().zip(&scale) {
+                        *v *= m;
+                    }
+                    Some(scale)
+                }
+                _ => None,
+            };
+            head_scale.push(scale);
+            head_in.push(r);
         } else {
-            head_in.push(if l.relu_after { relu(&y)? } else { y });
+            head_scale.push(None);
+            head_in.push(y);
         }
     }
-    let loss = loss::cross_entropy(&logits, plan.classes, batch.labels, None)?;
+    let loss = loss::cross_entropy(&logits, plan.classes, batch.labels, s.class_weights)?;
     let output = StepOutput {
         logits: logits.clone(),
         loss,
     };
     Ok((
         Forward {
-            c0,
-            g0,
-            bn0,
-            r0,
-            pool0,
+            stem,
             sizes,
             buffers,
             layers,
@@ -757,6 +942,7 @@ fn forward(plan: &Plan, store: &mut ParamStore, batch: &Batch) -> Result<(Forwar
             bn5,
             a5,
             head_in,
+            head_scale,
             logits,
         },
         output,
@@ -766,12 +952,20 @@ fn forward(plan: &Plan, store: &mut ParamStore, batch: &Batch) -> Result<(Forwar
 // ---------------------------------------------------------------------------
 // Backward, layer by layer in reverse.
 
-fn backward(plan: &Plan, store: &mut ParamStore, batch: &Batch, f: &Forward) -> Result<()> {
+fn backward(
+    plan: &Plan,
+    store: &mut ParamStore,
+    batch: &Batch,
+    f: &Forward,
+    s: &StepSettings,
+) -> Result<()> {
     let n = batch.shape[0];
     let g = plan.growth;
+    let first = s.first_block;
 
     // Loss and head.
-    let mut dy = loss::cross_entropy_backward(&f.logits, plan.classes, batch.labels, None, 1.0)?;
+    let mut dy =
+        loss::cross_entropy_backward(&f.logits, plan.classes, batch.labels, s.class_weights, 1.0)?;
     for (i, l) in plan.head.iter().enumerate().rev() {
         let x = &f.head_in[i];
         let mut dx = vec![0.0; x.len()];
@@ -792,9 +986,13 @@ fn backward(plan: &Plan, store: &mut ParamStore, batch: &Batch, f: &Forward) -> 
         .map_err(|e| named(&wp.name, e))?;
         store.accumulate(l.w, &dw)?;
         store.accumulate(l.b, &db)?;
-        dy = match i.checked_sub(1).map(|j| &plan.head[j]) {
-            Some(prev) if prev.relu_after => relu_backward(x, &dx)?,
-            _ => dx,
+        dy = match i.checked_sub(1) {
+            Some(j) => match &f.head_scale[j] {
+                Some(scale) => dx.iter().zip(scale).map(|(d, m)| d * m).collect(),
+                None if plan.head[j].relu_after => relu_backward(x, &dx)?,
+                None => dx,
+            },
+            None => dx,
         };
     }
 
@@ -817,7 +1015,7 @@ fn backward(plan: &Plan, store: &mut ParamStore, batch: &Batch, f: &Forward) -> 
 
     // Blocks and transitions, last to first; `dbuf` is the gradient of the
     // current block's buffer.
-    for b in (0..nb).rev() {
+    for b in (first..nb).rev() {
         let (h, w) = f.sizes[b];
         let hw = h * w;
         let width = plan.block_width[b];
@@ -835,12 +1033,12 @@ fn backward(plan: &Plan, store: &mut ParamStore, batch: &Batch, f: &Forward) -> 
             let dx = bn_backward(store, &layer.norm1, n, hw, &x, &s.bn1, &da1)?;
             add_leading_channels(&dx, &mut dbuf, n, width, hw);
         }
-        if b == 0 {
+        if b == first {
             break;
         }
         // The block's input came from transition b−1: avg pool ← conv ← ReLU ← norm.
         let t = &plan.transitions[b - 1];
-        let ts = &f.transitions[b - 1];
+        let ts = &f.transitions[b - 1 - first];
         let c_in = plan.block_in[b];
         let dpooled = channels(&dbuf, n, width, hw, 0, c_in)?;
         let (ch, cw) = ts.hw_conv;
@@ -856,13 +1054,130 @@ fn backward(plan: &Plan, store: &mut ParamStore, batch: &Batch, f: &Forward) -> 
     }
 
     // Stem: max pool ← ReLU ← norm0 ← conv0.
+    let Some(st) = &f.stem else {
+        return Ok(());
+    };
     let (h, w) = f.sizes[0];
     let dp0 = channels(&dbuf, n, plan.block_width[0], h * w, 0, plan.f0)?;
-    let mut dr0 = vec![0.0; f.r0.len()];
-    cpu::max_pool2d_backward(&f.pool0, &f.r0, &dp0, &mut dr0)?;
-    let dn0 = relu_backward(&f.r0, &dr0)?;
-    let hw0 = f.g0.oh * f.g0.ow;
-    let dc0 = bn_backward(store, &plan.norm0, n, hw0, &f.c0, &f.bn0, &dn0)?;
-    conv_backward(store, plan.conv0, &f.g0, batch.input, &dc0)?;
+    let mut dr0 = vec![0.0; st.r0.len()];
+    cpu::max_pool2d_backward(&st.pool0, &st.r0, &dp0, &mut dr0)?;
+    let dn0 = relu_backward(&st.r0, &dr0)?;
+    let hw0 = st.g0.oh * st.g0.ow;
+    let dc0 = bn_backward(store, &plan.norm0, n, hw0, &st.c0, &st.bn0, &dn0)?;
+    conv_backward(store, plan.conv0, &st.g0, batch.input, &dc0)?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Eval-mode forward (running statistics, nothing kept).
+
+fn bn_eval(store: &ParamStore, bn: &Bn, n: usize, hw: usize, x: &[f32]) -> Result<Vec<f32>> {
+    let mut y = vec![0.0; x.len()];
+    cpu::norm::batchnorm_forward(
+        n,
+        bn.c,
+        hw,
+        x,
+        &store.get(bn.gamma).value,
+        &store.get(bn.beta).value,
+        &store.get(bn.mean).value,
+        &store.get(bn.var).value,
+        BN_EPS,
+        &mut y,
+    )
+    .map_err(|e| named(&bn.name, e))?;
+    Ok(y)
+}
+
+fn eval_forward(
+    plan: &Plan,
+    store: &ParamStore,
+    input: &[f32],
+    shape: [usize; 4],
+    first: usize,
+    stop: usize,
+) -> Result<(Vec<f32>, [usize; 4])> {
+    let nb = plan.blocks.len();
+    if first > stop || stop > nb {
+        return Err(Error::invalid(format!(
+            "{OP}: eval from block {first} to block {stop} of a network of {nb} blocks"
+        )));
+    }
+    let labels = vec![0usize; shape[0]];
+    check_batch(
+        plan,
+        &Batch {
+            input,
+            shape,
+            labels: &labels,
+        },
+        first,
+    )?;
+    let n = shape[0];
+    let (mut x, mut size) = if first == 0 {
+        let g0 = conv_geom(store, plan.conv0, shape, 2, 3)?;
+        let c0 = conv_forward(store, plan.conv0, &g0, input)?;
+        let r0 = relu(&bn_eval(store, &plan.norm0, n, g0.oh * g0.ow, &c0)?)?;
+        let pool0 = Pool2dGeom::new(OP, &[n, plan.f0, g0.oh, g0.ow], Pool2dParams::new(3, 2, 1))?;
+        let mut p0 = vec![0.0; n * plan.f0 * pool0.oh * pool0.ow];
+        cpu::max_pool2d_forward(&pool0, &r0, &mut p0)?;
+        (p0, (pool0.oh, pool0.ow))
+    } else {
+        (input.to_vec(), (shape[2], shape[3]))
+    };
+    for b in first..stop {
+        let (h, w) = size;
+        let hw = h * w;
+        let width = plan.block_width[b];
+        let mut buf = vec![0.0; n * width * hw];
+        cpu::copy_channels(n, plan.block_in[b], hw, &x, width, 0, &mut buf)?;
+        for layer in &plan.blocks[b] {
+            let xin = channels(&buf, n, width, hw, 0, layer.c_in)?;
+            let r1 = relu(&bn_eval(store, &layer.norm1, n, hw, &xin)?)?;
+            let g1 = conv_geom(store, layer.conv1, [n, layer.c_in, h, w], 1, 0)?;
+            let b1 = conv_forward(store, layer.conv1, &g1, &r1)?;
+            let r2 = relu(&bn_eval(store, &layer.norm2, n, hw, &b1)?)?;
+            let g2 = conv_geom(store, layer.conv2, [n, plan.bottleneck, h, w], 1, 1)?;
+            let out = conv_forward(store, layer.conv2, &g2, &r2)?;
+            cpu::copy_channels(n, plan.growth, hw, &out, width, layer.c_in, &mut buf)?;
+        }
+        match plan.transitions.get(b) {
+            Some(t) => {
+                let r = relu(&bn_eval(store, &t.norm, n, hw, &buf)?)?;
+                let gt = conv_geom(store, t.conv, [n, width, h, w], 1, 0)?;
+                let conv = conv_forward(store, t.conv, &gt, &r)?;
+                let pg =
+                    Pool2dGeom::new(OP, &[n, gt.c_out, gt.oh, gt.ow], Pool2dParams::new(2, 2, 0))?;
+                let mut pooled = vec![0.0; n * gt.c_out * pg.oh * pg.ow];
+                cpu::avg_pool2d_forward(&pg, &conv, &mut pooled)?;
+                x = pooled;
+                size = (pg.oh, pg.ow);
+            }
+            None => x = buf,
+        }
+    }
+    if stop < nb {
+        return Ok((x, [n, plan.block_in[stop], size.0, size.1]));
+    }
+    let (h, w) = size;
+    let c5 = plan.norm5.c;
+    let a5 = relu(&bn_eval(store, &plan.norm5, n, h * w, &x)?)?;
+    let mut h_in = vec![0.0; n * c5];
+    cpu::global_avg_pool_forward(n, c5, h * w, &a5, &mut h_in)?;
+    for l in &plan.head {
+        let mut y = vec![0.0; n * l.out_f];
+        let (wp, bp) = (store.get(l.w), store.get(l.b));
+        cpu::linear_forward(
+            n,
+            l.in_f,
+            l.out_f,
+            &h_in,
+            &wp.value,
+            Some(&bp.value),
+            &mut y,
+        )
+        .map_err(|e| named(&wp.name, e))?;
+        h_in = if l.relu_after { relu(&y)? } else { y };
+    }
+    Ok((h_in, [n, plan.classes, 1, 1]))
 }

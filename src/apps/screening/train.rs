@@ -24,16 +24,57 @@
 //! Augmentation (flips, rotations) does not apply here: with cached
 //! features every epoch sees the same inputs. Everything is deterministic:
 //! the same inputs and seed give the same bytes.
+//!
+//! **Stage 2** ([`FineTuneOptions`], `--unfreeze`) starts from stage 1's
+//! best network and trains part of the backbone with the head, on the
+//! training images, at a lower learning rate (default stage 1's / 10),
+//! with AdamW (a fresh optimizer state), stage 1's class weights, dropout
+//! and batch size, through [`DenseNetTrainer`]:
+//! - `Unfreeze::Last`: the last dense block and `norm5` (with the head)
+//!   are trained; their BatchNorms (every `norm1`/`norm2` of the last
+//!   block, and `norm5`) run in **training mode** (batch statistics, running
+//!   statistics updated, counters advanced). Everything before the block
+//!   (stem, `norm0`, earlier blocks, transitions) is frozen with its
+//!   BatchNorms in eval mode, as a PyTorch model whose frozen part is in
+//!   `eval()`; its output, the last block's input, is computed once per
+//!   image and cached: `images × C × H × W × 4` bytes (DenseNet-121 at
+//!   226 × 306: 512 × 7 × 9, 129 KB an image). A cache above
+//!   `max_cache_bytes` ([`DEFAULT_MAX_CACHE_BYTES`], `--max-cache-gib 8`)
+//!   is refused before it is built. Frozen tensors are written unchanged,
+//!   bit for bit.
+//! - `Unfreeze::All`: every layer is trained, every BatchNorm in training
+//!   mode; nothing is cached: each epoch reads and pre-processes the images
+//!   batch by batch (activations live for one batch). Each training image
+//!   is flipped left–right and/or top–bottom (both: a 180° rotation; 90°
+//!   rotations would change the 226 × 306 shape) by bits 0 and 1 of
+//!   [`counter_u64`](crate::rng::counter_u64)`(seed, epoch, image row)`.
+//!   The cached `Last` activations are not augmented (a flip does not
+//!   commute with the frozen convolutions).
+//!
+//! Validation runs the network in eval mode each epoch; stage-2 epochs are
+//! numbered after stage 1's, appended to the same metrics CSV (`stage` 2)
+//! and curves. Early stopping (stage 1's patience) and the best epoch work
+//! as in stage 1, with stage 1's best as the bar: when no stage-2 epoch
+//! beats it (higher validation AUC, or equal AUC and lower loss), stage 1's
+//! network is written.
+//!
+//! After each stage-2 epoch a checkpoint ([`crate::train::checkpoint`]:
+//! the state, AdamW's moments, the best epoch's state under `best.`, the
+//! BatchNorm counters and the metrics so far) is written atomically;
+//! resuming from it runs stage 1 again (deterministic, on cached
+//! features) and continues stage 2 to the same bytes as the unbroken run
+//! (each epoch's shuffle, dropout and flips depend only on the seed, the
+//! epoch and the step).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::files::read_labels;
-use super::images::{list_images, ImageEntry};
+use super::images::{list_images, prefetch, ImageEntry};
 use super::predict::{predict, PredictOptions};
-use super::preprocess::{Preprocess, SkipReason};
+use super::preprocess::{Prepared, Preprocess, SkipReason};
 use crate::backend::Backend;
 use crate::csv::CsvWriter;
 use crate::error::{Error, Result};
@@ -42,6 +83,8 @@ use crate::models::densenet::{random_backbone, DenseNet, DenseNetArch, DenseNetC
 use crate::plot::{line_plot, PlotOptions, Series};
 use crate::rng::{dropout_keep, SplitMix64};
 use crate::stats::classification::binary_metrics;
+use crate::train::checkpoint;
+use crate::train::densenet::{Batch, DenseNetState, DenseNetTrainer, StepSettings};
 use crate::train::loss::{cross_entropy, cross_entropy_backward};
 use crate::train::optim::{AdamConfig, Method, Optimizer};
 use crate::train::store::ParamStore;
@@ -56,6 +99,56 @@ const STREAM_HEAD: u64 = 1;
 const STREAM_SPLIT: u64 = 2;
 const STREAM_SHUFFLE: u64 = 3;
 const STREAM_DROPOUT: u64 = 4;
+const STREAM_FT_SHUFFLE: u64 = 5;
+const STREAM_FT_DROPOUT: u64 = 6;
+const STREAM_FT_FLIPS: u64 = 7;
+
+/// Default bound of the stage-2 activation cache (`--unfreeze last`).
+pub const DEFAULT_MAX_CACHE_BYTES: u64 = 8 << 30;
+
+/// What stage 2 trains together with the head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Unfreeze {
+    /// The last dense block and `norm5`, on the cached activations at the
+    /// last block's input.
+    Last,
+    /// Every layer, on the images (flipped at random).
+    All,
+}
+
+/// Settings of stage 2 (fine-tuning, [`screen_train`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FineTuneOptions {
+    /// What is unfrozen.
+    pub unfreeze: Unfreeze,
+    /// Most epochs of stage 2 (early stopping with stage 1's patience).
+    pub epochs: usize,
+    /// Learning rate (`None`: stage 1's divided by 10).
+    pub lr: Option<f64>,
+    /// `Unfreeze::Last`: refuse an activation cache larger than this.
+    pub max_cache_bytes: u64,
+    /// Checkpoint written after each stage-2 epoch (`None`:
+    /// `<output stem>.checkpoint.safetensors`).
+    #[serde(skip)]
+    pub checkpoint: Option<PathBuf>,
+    /// Resume stage 2 from this checkpoint (stage 1 is run again: it is
+    /// deterministic); the result equals the unbroken run's.
+    #[serde(skip)]
+    pub resume: Option<PathBuf>,
+}
+
+impl Default for FineTuneOptions {
+    fn default() -> Self {
+        FineTuneOptions {
+            unfreeze: Unfreeze::Last,
+            epochs: 5,
+            lr: None,
+            max_cache_bytes: DEFAULT_MAX_CACHE_BYTES,
+            checkpoint: None,
+            resume: None,
+        }
+    }
+}
 
 /// The classifier put on the pooled features.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -375,7 +468,7 @@ pub fn stratified_split(labels: &[bool], val_fraction: f64, seed: u64) -> Result
 }
 
 /// Settings of [`train_head`].
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HeadTrainOptions {
     /// Most epochs.
     pub epochs: usize,
@@ -413,7 +506,7 @@ impl Default for HeadTrainOptions {
 }
 
 /// One epoch's metrics.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EpochMetrics {
     /// 1-based.
     pub epoch: usize,
@@ -585,16 +678,7 @@ pub fn train_head(
             step += 1;
         }
         let logits = head.logits(&val_x, split.val.len())?;
-        let val_loss = f64::from(cross_entropy(&logits, CLASSES, &val_t, weights)?);
-        let probs: Vec<f64> = logits
-            .chunks_exact(CLASSES)
-            .map(|l| {
-                let m = l[0].max(l[1]);
-                let (e0, e1) = (f64::from(l[0] - m).exp(), f64::from(l[1] - m).exp());
-                e1 / (e0 + e1)
-            })
-            .collect();
-        let m = binary_metrics(&val_labels, &probs, 0.5)?;
+        let (val_loss, m) = validation_metrics(&logits, &val_t, &val_labels, weights)?;
         let auc = m.auc.unwrap_or(f64::NAN);
         let improved = match &best {
             None => true,
@@ -633,10 +717,31 @@ pub fn train_head(
     })
 }
 
+/// The validation loss and metrics (threshold 0.5 on the positive-class
+/// softmax probability) of `logits` `[n, 2]`.
+fn validation_metrics(
+    logits: &[f32],
+    targets: &[usize],
+    labels: &[bool],
+    weights: Option<&[f32]>,
+) -> Result<(f64, crate::stats::classification::BinaryMetrics)> {
+    let val_loss = f64::from(cross_entropy(logits, CLASSES, targets, weights)?);
+    let probs: Vec<f64> = logits
+        .chunks_exact(CLASSES)
+        .map(|l| {
+            let m = l[0].max(l[1]);
+            let (e0, e1) = (f64::from(l[0] - m).exp(), f64::from(l[1] - m).exp());
+            e1 / (e0 + e1)
+        })
+        .collect();
+    Ok((val_loss, binary_metrics(labels, &probs, 0.5)?))
+}
+
 /// Writes the per-epoch metrics CSV: `epoch,train_loss,val_loss,val_auc,
-/// val_f1,val_accuracy,best` (`best` is 1 on the epochs that improved;
-/// an undefined F1 is empty).
-pub fn write_metrics(path: &Path, epochs: &[EpochMetrics]) -> Result<()> {
+/// val_f1,val_accuracy,best,stage` (`best` is 1 on the epochs that
+/// improved; an undefined F1 is empty; `stage` is 1 for `epochs`, 2 for
+/// `stage2`, whose epochs continue the numbering).
+pub fn write_metrics(path: &Path, epochs: &[EpochMetrics], stage2: &[EpochMetrics]) -> Result<()> {
     let mut w = CsvWriter::new();
     w.record([
         "epoch",
@@ -646,8 +751,13 @@ pub fn write_metrics(path: &Path, epochs: &[EpochMetrics]) -> Result<()> {
         "val_f1",
         "val_accuracy",
         "best",
+        "stage",
     ]);
-    for e in epochs {
+    let staged = epochs
+        .iter()
+        .map(|e| (1u8, e))
+        .chain(stage2.iter().map(|e| (2u8, e)));
+    for (stage, e) in staged {
         w.record([
             e.epoch.to_string(),
             format!("{:.6}", e.train_loss),
@@ -656,6 +766,7 @@ pub fn write_metrics(path: &Path, epochs: &[EpochMetrics]) -> Result<()> {
             e.val_f1.map_or_else(String::new, |v| format!("{v:.6}")),
             format!("{:.6}", e.val_accuracy),
             u8::from(e.best).to_string(),
+            stage.to_string(),
         ]);
     }
     w.write(path)
@@ -734,6 +845,8 @@ pub struct ScreenTrainOptions {
     pub metrics: Option<PathBuf>,
     /// Curves PNG ([`plot_curves`]); default `<output stem>.curves.png`.
     pub plot: Option<PathBuf>,
+    /// Stage 2 after the head training (`None`: stage 1 only).
+    pub fine_tune: Option<FineTuneOptions>,
 }
 
 /// Progress of [`screen_train`].
@@ -748,6 +861,14 @@ pub enum TrainProgress {
     },
     /// An epoch ended.
     Epoch(EpochMetrics),
+    /// Stage 2 began; with `--unfreeze last`, after caching this many
+    /// bytes of activations.
+    Stage2 {
+        /// Bytes of the activation cache (0 for `--unfreeze all`).
+        cache_bytes: u64,
+    },
+    /// A stage-2 epoch ended (epochs continue stage 1's numbering).
+    Stage2Epoch(EpochMetrics),
 }
 
 /// What [`screen_train`] did.
@@ -777,6 +898,32 @@ pub struct ScreenTrainSummary {
     pub metrics: PathBuf,
     /// The curves PNG written.
     pub plot: PathBuf,
+    /// Stage 2, when it ran.
+    pub stage2: Option<FineTuneSummary>,
+}
+
+/// What stage 2 did.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FineTuneSummary {
+    /// What was unfrozen.
+    pub unfreeze: Unfreeze,
+    /// The learning rate used.
+    pub lr: f64,
+    /// Every stage-2 epoch (numbered after stage 1's).
+    pub epochs: Vec<EpochMetrics>,
+    /// The epoch whose weights were written (stage 1's best epoch when no
+    /// stage-2 epoch beat it).
+    pub best_epoch: usize,
+    /// Whether the written weights are stage 2's.
+    pub improved: bool,
+    /// Whether early stopping ended stage 2.
+    pub stopped_early: bool,
+    /// Bytes of the cached activations (0 for `Unfreeze::All`).
+    pub cache_bytes: u64,
+    /// Seconds of stage 2 (caching included; not in the written record,
+    /// which must not depend on timing).
+    #[serde(skip)]
+    pub seconds: f64,
 }
 
 /// `<dir>/<output stem><suffix>`.
@@ -837,6 +984,8 @@ struct Record<'a> {
     epochs_run: usize,
     best_epoch: usize,
     best: Option<&'a EpochMetrics>,
+    fine_tune: Option<&'a FineTuneOptions>,
+    stage2: Option<&'a FineTuneSummary>,
 }
 
 /// `cellmorph screen train`, stage 1 (see the module docs). `progress`
@@ -852,6 +1001,9 @@ pub fn screen_train(
     mut progress: impl FnMut(TrainProgress),
 ) -> Result<ScreenTrainSummary> {
     check_head_options(&o.train)?;
+    if let Some(ft) = &o.fine_tune {
+        check_fine_tune(ft, o.train.lr)?;
+    }
     if !(o.val_fraction > 0.0 && o.val_fraction < 1.0) {
         return Err(Error::invalid(format!(
             "--val-fraction {}: must lie strictly between 0 and 1 (the validation set picks the best epoch)",
@@ -875,6 +1027,15 @@ pub fn screen_train(
     check_output_is_not_an_input("--metrics", &metrics_path, &inputs)?;
     inputs.push(("--metrics", &metrics_path));
     check_output_is_not_an_input("--plot", &plot_path, &inputs)?;
+    let checkpoint_path = o.fine_tune.as_ref().map(|ft| {
+        ft.checkpoint
+            .clone()
+            .unwrap_or_else(|| beside(&o.output, ".checkpoint.safetensors"))
+    });
+    if let Some(ck) = &checkpoint_path {
+        inputs.push(("--plot", &plot_path));
+        check_output_is_not_an_input("--checkpoint", ck, &inputs)?;
+    }
 
     let labels = read_labels(&o.labels)?;
     let list = list_images(&o.images)?;
@@ -928,6 +1089,11 @@ pub fn screen_train(
     let model = DenseNet::from_file(&be, &model_file)?;
     drop(model_file);
 
+    let pre = Preprocess {
+        channels: model.config().in_channels,
+        imagenet_normalize: o.imagenet_normalize,
+        ..Preprocess::default()
+    };
     let t0 = Instant::now();
     let total = entries.len();
     progress(TrainProgress::Features { done: 0, total });
@@ -937,11 +1103,7 @@ pub fn screen_train(
         &entries,
         &PredictOptions {
             batch_size: o.train.batch_size,
-            preprocess: Preprocess {
-                channels: model.config().in_channels,
-                imagenet_normalize: o.imagenet_normalize,
-                ..Preprocess::default()
-            },
+            preprocess: pre,
             keep_features: true,
             ..PredictOptions::default()
         },
@@ -950,6 +1112,7 @@ pub fn screen_train(
     let feature_seconds = t0.elapsed().as_secs_f64();
     let mut features = Vec::with_capacity(total * dim);
     let mut kept_labels = Vec::with_capacity(total);
+    let mut kept_entries = Vec::with_capacity(total);
     let mut excluded = Vec::new();
     for ((p, entry), &label) in run.predictions.into_iter().zip(&entries).zip(&wanted) {
         match p.outcome {
@@ -959,6 +1122,7 @@ pub fn screen_train(
                 })?;
                 features.extend_from_slice(&f);
                 kept_labels.push(label);
+                kept_entries.push(entry.clone());
             }
             Err(SkipReason::Unreadable(msg)) => {
                 return Err(Error::format(
@@ -991,8 +1155,45 @@ pub fn screen_train(
     let train_seconds = t1.elapsed().as_secs_f64();
 
     let mut out = assemble(&backbone, &result.head)?;
+    let mut stage2 = None;
+    if let Some(ft) = &o.fine_tune {
+        let stage1 = TensorFile::from_bytes(&origin, out.to_bytes()?)?;
+        let best = result
+            .best()
+            .ok_or_else(|| Error::invalid("stage 1 ran no epoch"))?;
+        let data = Stage2Data {
+            entries: &kept_entries,
+            labels: &kept_labels,
+            split: &split,
+            class_weights: result.class_weights,
+            preprocess: pre,
+        };
+        let t2 = Instant::now();
+        let ck = checkpoint_path
+            .as_deref()
+            .ok_or_else(|| Error::invalid("stage 2 without a checkpoint path"))?;
+        let (state, mut summary) = fine_tune(
+            &stage1,
+            &data,
+            &o.train,
+            ft,
+            (best, result.epochs.len()),
+            ck,
+            &mut progress,
+        )?;
+        summary.seconds = t2.elapsed().as_secs_f64();
+        if let Some(state) = state {
+            out = TensorWriter::new();
+            state.write_values(&mut out, "")?;
+        }
+        stage2 = Some(summary);
+    }
     let record = Record {
-        stage: "1: backbone frozen, head trained on cached pooled features",
+        stage: match (&o.fine_tune, &stage2) {
+            (None, _) => "1: backbone frozen, head trained on cached pooled features",
+            (Some(_), Some(s)) if s.improved => "2: fine-tuned after stage 1 (the weights are stage 2's best epoch)",
+            _ => "2: fine-tuned after stage 1 (no stage-2 epoch beat stage 1: the weights are stage 1's)",
+        },
         init: &origin,
         head: o.head,
         head_from_init,
@@ -1007,6 +1208,8 @@ pub fn screen_train(
         epochs_run: result.epochs.len(),
         best_epoch: result.best_epoch,
         best: result.best(),
+        fine_tune: o.fine_tune.as_ref(),
+        stage2: stage2.as_ref(),
     };
     let json = serde_json::to_string(&record)
         .map_err(|e| Error::invalid(format!("training record to JSON: {e}")))?;
@@ -1016,12 +1219,19 @@ pub fn screen_train(
     // What is written must load as the network `screen predict` runs.
     let written = DenseNet::from_file(&be, &TensorFile::from_bytes(&o.output, bytes.clone())?)?;
     write_atomic(&o.output, &bytes)?;
-    write_metrics(&metrics_path, &result.epochs)?;
-    plot_curves(
-        &plot_path,
-        &result.epochs,
-        &format!("screen train (best epoch {})", result.best_epoch),
-    )?;
+    let stage2_epochs = stage2.as_ref().map_or(&[][..], |s| &s.epochs[..]);
+    write_metrics(&metrics_path, &result.epochs, stage2_epochs)?;
+    let all_epochs: Vec<EpochMetrics> =
+        result.epochs.iter().chain(stage2_epochs).cloned().collect();
+    let title = match &stage2 {
+        None => format!("screen train (best epoch {})", result.best_epoch),
+        Some(s) => format!(
+            "screen train (stage 2 from epoch {}, best epoch {})",
+            result.epochs.len() + 1,
+            s.best_epoch
+        ),
+    };
+    plot_curves(&plot_path, &all_epochs, &title)?;
     Ok(ScreenTrainSummary {
         model: written.config().clone(),
         head_from_init,
@@ -1035,7 +1245,354 @@ pub fn screen_train(
         result,
         metrics: metrics_path,
         plot: plot_path,
+        stage2,
     })
+}
+
+fn check_fine_tune(ft: &FineTuneOptions, stage1_lr: f64) -> Result<()> {
+    if ft.epochs == 0 {
+        return Err(Error::invalid("--unfreeze-epochs must be at least 1"));
+    }
+    let lr = ft.lr.unwrap_or(stage1_lr / 10.0);
+    if !(lr > 0.0 && lr.is_finite()) {
+        return Err(Error::invalid(format!(
+            "--unfreeze-lr {lr}: must be a positive number"
+        )));
+    }
+    Ok(())
+}
+
+/// The images stage 2 trains on (rows as in stage 1's split).
+struct Stage2Data<'a> {
+    entries: &'a [ImageEntry],
+    labels: &'a [bool],
+    split: &'a Split,
+    class_weights: Option<[f32; 2]>,
+    preprocess: Preprocess,
+}
+
+/// Reads and pre-processes the images of `rows` (in that order), `bs` at a
+/// time, handing each batch (its rows, `[n, c, h, w]` values, shape) to `f`.
+fn image_batches(
+    data: &Stage2Data,
+    rows: &[usize],
+    bs: usize,
+    mut f: impl FnMut(&[usize], Vec<f32>, [usize; 4]) -> Result<()>,
+) -> Result<()> {
+    let p = data.preprocess;
+    let list: Vec<ImageEntry> = rows.iter().map(|&r| data.entries[r].clone()).collect();
+    prefetch(&list, bs, &p, |rx| {
+        for chunk in rx {
+            let mut x = Vec::with_capacity(chunk.len() * p.channels * p.height * p.width);
+            let mut idx = Vec::with_capacity(chunk.len());
+            for (i, prepared) in chunk {
+                match prepared? {
+                    Prepared::Image { data: d, .. } => x.extend_from_slice(&d),
+                    Prepared::Skipped(r) => {
+                        return Err(Error::format(
+                            &list[i].path,
+                            format!("image {:?} was usable in stage 1 but now: {r}", list[i].id),
+                        ))
+                    }
+                }
+                idx.push(rows[i]);
+            }
+            f(&idx, x, [idx.len(), p.channels, p.height, p.width])?;
+        }
+        Ok(())
+    })
+}
+
+/// Flips image `[c, h, w]` in place: left–right when bit 0 of `key` is set,
+/// top–bottom when bit 1 is (both: a 180° rotation).
+fn flip(img: &mut [f32], c: usize, h: usize, w: usize, key: u64) {
+    for plane in img.chunks_exact_mut(h * w).take(c) {
+        if key & 1 == 1 {
+            for row in plane.chunks_exact_mut(w) {
+                row.reverse();
+            }
+        }
+        if key & 2 == 2 {
+            for y in 0..h / 2 {
+                let (top, bottom) = plane.split_at_mut((h - 1 - y) * w);
+                top[y * w..(y + 1) * w].swap_with_slice(&mut bottom[..w]);
+            }
+        }
+    }
+}
+
+/// Stage 2's progress in its checkpoint.
+#[derive(Serialize, Deserialize)]
+struct Stage2Progress {
+    train: HeadTrainOptions,
+    fine_tune: FineTuneOptions,
+    rows: usize,
+    step: u64,
+    epochs: Vec<EpochMetrics>,
+    best_auc: f64,
+    best_loss: f64,
+    /// 0: stage 1 is still the best.
+    best_k: usize,
+    stopped_early: bool,
+    counters: std::collections::BTreeMap<String, i64>,
+    best_counters: std::collections::BTreeMap<String, i64>,
+}
+
+/// Stage 2 (see the module docs) from the stage-1 network `stage1`;
+/// `baseline` is stage 1's best epoch and its epoch count. Returns the
+/// state of stage 2's best epoch (`None` when none beat stage 1).
+fn fine_tune(
+    stage1: &TensorFile,
+    data: &Stage2Data,
+    o: &HeadTrainOptions,
+    ft: &FineTuneOptions,
+    baseline: (&EpochMetrics, usize),
+    checkpoint_path: &Path,
+    progress: &mut impl FnMut(TrainProgress),
+) -> Result<(Option<DenseNetState>, FineTuneSummary)> {
+    let lr = ft.lr.unwrap_or(o.lr / 10.0);
+    let mut state = DenseNetState::from_file(stage1, "")?;
+    let nb = state.config.block_config.len();
+    let first = match ft.unfreeze {
+        Unfreeze::Last => nb - 1,
+        Unfreeze::All => 0,
+    };
+    let last_block = format!("features.denseblock{nb}.");
+    for id in 0..state.params.params().len() {
+        let p = state.params.get_mut(id);
+        let buffer = p.name.ends_with(".running_mean") || p.name.ends_with(".running_var");
+        p.trainable = !buffer
+            && (first == 0
+                || p.name.starts_with(&last_block)
+                || p.name.starts_with("features.norm5.")
+                || p.name.starts_with("classifier."));
+    }
+    let adam = AdamConfig {
+        weight_decay: o.weight_decay,
+        ..AdamConfig::default()
+    };
+    let mut trainer = DenseNetTrainer::with_method(state, Method::AdamW(adam))?;
+    let bs = o.batch_size;
+    let n = data.labels.len();
+    let p = data.preprocess;
+
+    // `last`: the frozen part's eval-mode output for every image, once.
+    let mut cache: Option<(Vec<f32>, [usize; 3])> = None;
+    if ft.unfreeze == Unfreeze::Last {
+        let [_, c, h, w] = trainer.block_input_shape(1, p.height, p.width, first)?;
+        let per = c * h * w;
+        let bytes = (n as u64) * (per as u64) * 4;
+        if bytes > ft.max_cache_bytes {
+            return Err(Error::invalid(format!(
+                "--unfreeze last caches the input of the last dense block for every image: {n} images × {c} × {h} × {w} × 4 bytes = {:.2} GiB, above --max-cache-gib {:.2}; raise the bound, or use --unfreeze all, which reads the images batch by batch and caches nothing",
+                bytes as f64 / f64::from(1u32 << 30),
+                ft.max_cache_bytes as f64 / f64::from(1u32 << 30)
+            )));
+        }
+        let mut values = vec![0.0f32; n * per];
+        let all: Vec<usize> = (0..n).collect();
+        image_batches(data, &all, bs, |rows, x, shape| {
+            let (act, _) = trainer.eval_forward(&x, shape, 0, first)?;
+            for (k, &r) in rows.iter().enumerate() {
+                values[r * per..(r + 1) * per].copy_from_slice(&act[k * per..(k + 1) * per]);
+            }
+            Ok(())
+        })?;
+        cache = Some((values, [c, h, w]));
+        progress(TrainProgress::Stage2 { cache_bytes: bytes });
+    } else {
+        progress(TrainProgress::Stage2 { cache_bytes: 0 });
+    }
+    let gather = |values: &[f32], per: usize, rows: &[usize]| -> Vec<f32> {
+        let mut x = Vec::with_capacity(rows.len() * per);
+        for &r in rows {
+            x.extend_from_slice(&values[r * per..(r + 1) * per]);
+        }
+        x
+    };
+
+    let weights_arr = data.class_weights;
+    let weights = weights_arr.as_ref().map(|w| &w[..]);
+    let root = SplitMix64::new(o.seed);
+    let dropout_seed = root.fork(STREAM_FT_DROPOUT).next_u64();
+    let flip_seed = root.fork(STREAM_FT_FLIPS).next_u64();
+    let val_labels: Vec<bool> = data.split.val.iter().map(|&r| data.labels[r]).collect();
+    let val_t: Vec<usize> = val_labels.iter().map(|&l| usize::from(l)).collect();
+    let (stage1_best, stage1_epochs) = baseline;
+    let mut best: (f64, f64, usize, Option<DenseNetState>) =
+        (stage1_best.val_auc, stage1_best.val_loss, 0, None);
+    let mut order = data.split.train.clone();
+    let mut epochs = Vec::new();
+    let mut step = 0u64;
+    let mut stopped_early = false;
+    let mut done = 0;
+    // The best state rides in the checkpoint under `best.` (the current
+    // state while stage 1 is still the best), with an empty optimizer.
+    let no_opt = Optimizer::new(Method::AdamW(adam))?;
+    if let Some(ck) = &ft.resume {
+        let mut best_params = trainer.state().params.clone();
+        let (state, opt) = trainer.parts_mut();
+        let saved = checkpoint::load_parts(
+            ck,
+            &mut [
+                ("", &mut state.params, opt),
+                ("best.", &mut best_params, &mut no_opt.clone()),
+            ],
+        )?;
+        let saved: Stage2Progress = serde_json::from_value(saved)
+            .map_err(|e| Error::format(ck, format!("checkpoint progress: {e}")))?;
+        let same = FineTuneOptions {
+            epochs: ft.epochs,
+            checkpoint: ft.checkpoint.clone(),
+            resume: ft.resume.clone(),
+            ..saved.fine_tune.clone()
+        };
+        if saved.train != *o || same != *ft || saved.rows != n {
+            return Err(Error::format(
+                ck,
+                format!(
+                    "the checkpoint was made with other options or images ({:?}, {:?}, {} images); only --unfreeze-epochs may change on resume",
+                    saved.train, saved.fine_tune, saved.rows
+                ),
+            ));
+        }
+        state.num_batches_tracked = saved.counters;
+        if saved.best_k > 0 {
+            let mut b = state.clone();
+            b.params = best_params;
+            b.num_batches_tracked = saved.best_counters;
+            best = (saved.best_auc, saved.best_loss, saved.best_k, Some(b));
+        }
+        done = saved.epochs.len();
+        step = saved.step;
+        stopped_early = saved.stopped_early;
+        epochs = saved.epochs;
+    }
+    for k in (done + 1)..=ft.epochs {
+        if stopped_early {
+            break;
+        }
+        let epoch = stage1_epochs + k;
+        // Each epoch's order depends on its number only (a resumed run
+        // shuffles as the unbroken one).
+        order.copy_from_slice(&data.split.train);
+        shuffle(&mut order, &mut root.fork(STREAM_FT_SHUFFLE).fork(k as u64));
+        let mut loss_sum = 0.0f64;
+        let mut run = |rows: &[usize], x: &[f32], shape: [usize; 4]| -> Result<()> {
+            let t: Vec<usize> = rows.iter().map(|&r| usize::from(data.labels[r])).collect();
+            let settings = StepSettings {
+                first_block: first,
+                class_weights: weights,
+                dropout: Some((dropout_seed, step, o.dropout)),
+            };
+            let batch = Batch {
+                input: x,
+                shape,
+                labels: &t,
+            };
+            let out = trainer.step_with(&batch, &settings, lr)?;
+            if !out.loss.is_finite() {
+                return Err(Error::invalid(format!(
+                    "stage 2 diverged at epoch {epoch}: the loss is {} (try a lower --unfreeze-lr)",
+                    out.loss
+                )));
+            }
+            loss_sum += f64::from(out.loss) * rows.len() as f64;
+            step += 1;
+            Ok(())
+        };
+        match &cache {
+            Some((values, [c, h, w])) => {
+                for rows in order.chunks(bs) {
+                    let x = gather(values, c * h * w, rows);
+                    run(rows, &x, [rows.len(), *c, *h, *w])?;
+                }
+            }
+            None => image_batches(data, &order, bs, |rows, mut x, shape| {
+                let per = p.channels * p.height * p.width;
+                for (img, &r) in x.chunks_exact_mut(per).zip(rows) {
+                    let key = crate::rng::counter_u64(flip_seed, k as u64, r as u64);
+                    flip(img, p.channels, p.height, p.width, key);
+                }
+                run(rows, &x, shape)
+            })?,
+        }
+        let mut logits = Vec::with_capacity(data.split.val.len() * CLASSES);
+        match &cache {
+            Some((values, [c, h, w])) => {
+                for rows in data.split.val.chunks(bs) {
+                    let x = gather(values, c * h * w, rows);
+                    let (l, _) = trainer.eval_forward(&x, [rows.len(), *c, *h, *w], first, nb)?;
+                    logits.extend_from_slice(&l);
+                }
+            }
+            None => image_batches(data, &data.split.val, bs, |_, x, shape| {
+                let (l, _) = trainer.eval_forward(&x, shape, 0, nb)?;
+                logits.extend_from_slice(&l);
+                Ok(())
+            })?,
+        }
+        let (val_loss, m) = validation_metrics(&logits, &val_t, &val_labels, weights)?;
+        let auc = m.auc.unwrap_or(f64::NAN);
+        let improved = auc > best.0 || (auc == best.0 && val_loss < best.1);
+        if improved {
+            best = (auc, val_loss, k, Some(trainer.state().clone()));
+        }
+        let metrics = EpochMetrics {
+            epoch,
+            train_loss: loss_sum / order.len() as f64,
+            val_loss,
+            val_auc: auc,
+            val_f1: m.f1,
+            val_accuracy: m.accuracy.unwrap_or(f64::NAN),
+            best: improved,
+        };
+        progress(TrainProgress::Stage2Epoch(metrics.clone()));
+        epochs.push(metrics);
+        if o.patience > 0 && k - best.2 >= o.patience && k < ft.epochs {
+            stopped_early = true;
+        }
+        let best_state = best.3.as_ref().unwrap_or(trainer.state());
+        let saved = Stage2Progress {
+            train: o.clone(),
+            fine_tune: ft.clone(),
+            rows: n,
+            step,
+            epochs: epochs.clone(),
+            best_auc: best.0,
+            best_loss: best.1,
+            best_k: best.2,
+            stopped_early,
+            counters: trainer.state().num_batches_tracked.clone(),
+            best_counters: best_state.num_batches_tracked.clone(),
+        };
+        let value = serde_json::to_value(&saved)
+            .map_err(|e| Error::invalid(format!("checkpoint progress: {e}")))?;
+        checkpoint::save_parts(
+            checkpoint_path,
+            &[
+                ("", &trainer.state().params, trainer.optimizer()),
+                ("best.", &best_state.params, &no_opt),
+            ],
+            &value,
+        )?;
+    }
+    let (_, _, best_k, state) = best;
+    let summary = FineTuneSummary {
+        unfreeze: ft.unfreeze,
+        lr,
+        epochs,
+        best_epoch: if best_k == 0 {
+            stage1_best.epoch
+        } else {
+            stage1_epochs + best_k
+        },
+        improved: state.is_some(),
+        stopped_early,
+        cache_bytes: cache.as_ref().map_or(0, |(v, _)| v.len() as u64 * 4),
+        seconds: 0.0,
+    };
+    Ok((state, summary))
 }
 
 #[cfg(test)]
