@@ -528,19 +528,28 @@ fn vqvae2_train_lowers_the_reconstruction_error_on_real_images_and_writes_its_re
         assert!(img.width() > 100 && img.height() > 60, "{png}");
     }
 
-    // The trained weights are a state_dict `profile` reads.
+    // The trained weights are a state_dict `profile` reads, and it does not
+    // call them untrained (the init weights it does).
     let prof = dir.path().join("p.csv");
-    ok(
+    let profile = |weights: &Path| {
         cellmorph(
             &["profile", "--patch", "32"],
             &[
                 ("--samples", &list),
-                ("--weights", &out),
+                ("--weights", weights),
                 ("--output", &prof),
             ],
-        ),
-        "profile on trained weights",
-    );
+        )
+    };
+    let o = profile(&out);
+    let said = String::from_utf8_lossy(&o.stderr).into_owned();
+    ok(o, "profile on trained weights");
+    assert!(!said.contains("UNTRAINED"), "{said}");
+    let o = profile(&w0);
+    let said = String::from_utf8_lossy(&o.stderr).into_owned();
+    ok(o, "profile on init weights");
+    assert!(said.contains("UNTRAINED"), "{said}");
+    ok(profile(&out), "profile on trained weights");
     let t = std::fs::read_to_string(&prof).unwrap();
     assert_eq!(t.lines().count(), 4, "{t}");
 }

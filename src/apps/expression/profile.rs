@@ -347,9 +347,12 @@ pub fn profile_files(be: &Backend, o: &ProfileFilesOptions) -> Result<ProfileFil
             o.weights.display()
         )));
     }
+    // `vqvae2 init` and the demo write a note starting "untrained"; trained
+    // weights carry a note too, saying how they were trained.
     let untrained = TensorFile::open(&o.weights)?
         .metadata()
-        .and_then(|m| m.get("cellmorph").cloned());
+        .and_then(|m| m.get("cellmorph").cloned())
+        .filter(|note| note.starts_with("untrained"));
     let t0 = Instant::now();
     let report = profile_samples(be, &model, &list, o.profile)?;
     let seconds = t0.elapsed().as_secs_f64();
