@@ -416,8 +416,8 @@ pub fn read_gray(path: impl AsRef<Path>) -> Result<GrayImage> {
             format!(
                 "image is {w}×{h} = {} pixels, over the limit of {limit} \
                  (about {} GB to decode); set CELLMORPH_MAX_PIXELS to allow it, or tile the image",
-                w as u64 * h as u64,
-                (w as u64 * h as u64 * 10).div_ceil(1_000_000_000)
+                w as u128 * h as u128,
+                (w as u128 * h as u128 * 10).div_ceil(1_000_000_000)
             ),
         ));
     }

@@ -12,7 +12,7 @@
 //! random splices and insertions; plus plain arbitrary bytes.
 //!
 //! CI runs 256 cases per parser (a few seconds each). For a longer run:
-//! `PROPTEST_CASES=100000 cargo test --release --test fuzz`.
+//! `PROPTEST_CASES=100000 cargo test --release --test fuzz` (add `PROPTEST_RNG_SEED=N` for other inputs than the fixed seed CI draws).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -113,10 +113,17 @@ fn cases() -> u32 {
         .unwrap_or(256)
 }
 
+/// The cases are drawn from a fixed seed, so CI runs the same inputs every
+/// time (`PROPTEST_RNG_SEED=N` explores others).
 fn config() -> ProptestConfig {
+    let seed = std::env::var("PROPTEST_RNG_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     ProptestConfig {
         cases: cases(),
         failure_persistence: None,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(seed),
         ..ProptestConfig::default()
     }
 }
@@ -429,6 +436,25 @@ proptest! {
         let r = bounded(bytes.len(), "png header", || read_gray(&p));
         if let Err(e) = r {
             prop_assert!(e.to_string().contains("huge.png"), "{e}");
+        }
+    }
+}
+
+/// Every pair of the extreme sizes the property above draws from (it once
+/// met 2³¹−1 × 2³¹−1, whose size in bytes overflowed a u64 in the error
+/// message).
+#[test]
+fn png_headers_with_every_pair_of_extreme_sizes() {
+    limit_pixels();
+    let seed = image_seed("png", BitDepth::Eight, 8, 8);
+    let sizes = [0u32, 1, 1 << 16, u32::MAX >> 1, u32::MAX];
+    for w in sizes {
+        for h in sizes {
+            let bytes = png_with_size(&seed, w, h);
+            let p = as_file("extreme", "png", &bytes);
+            if let Err(e) = bounded(bytes.len(), "png header", || read_gray(&p)) {
+                assert!(e.to_string().contains("extreme.png"), "{w}×{h}: {e}");
+            }
         }
     }
 }
