@@ -706,21 +706,7 @@ pub fn heatmap_image(
             opts.alpha
         )));
     }
-    let (lo, hi) = match opts.range {
-        Some((lo, hi)) if lo.is_finite() && hi.is_finite() && lo < hi => (lo, hi),
-        Some((lo, hi)) => {
-            return Err(Error::invalid(format!(
-                "{OP}: range ({lo}, {hi}) must be finite and increasing"
-            )))
-        }
-        None => values
-            .iter()
-            .filter(|v| v.is_finite())
-            .fold(None, |acc: Option<(f64, f64)>, &v| {
-                Some(acc.map_or((v, v), |(lo, hi)| (lo.min(v), hi.max(v))))
-            })
-            .ok_or_else(|| Error::invalid(format!("{OP}: no finite value to draw")))?,
-    };
+    let (lo, hi) = color_range(OP, opts.range, values)?;
     let tone = |v: f64| if hi > lo { (v - lo) / (hi - lo) } else { 0.5 };
 
     let s = shrink_factor(w, h, opts.max_side);
@@ -845,21 +831,7 @@ pub fn matrix_heatmap_image(
             ),
         ));
     }
-    let (lo, hi) = match opts.range {
-        Some((lo, hi)) if lo.is_finite() && hi.is_finite() && lo < hi => (lo, hi),
-        Some((lo, hi)) => {
-            return Err(Error::invalid(format!(
-                "{OP}: range ({lo}, {hi}) must be finite and increasing"
-            )))
-        }
-        None => values
-            .iter()
-            .filter(|v| v.is_finite())
-            .fold(None, |acc: Option<(f64, f64)>, &v| {
-                Some(acc.map_or((v, v), |(lo, hi)| (lo.min(v), hi.max(v))))
-            })
-            .ok_or_else(|| Error::invalid(format!("{OP}: no finite value to draw")))?,
-    };
+    let (lo, hi) = color_range(OP, opts.range, values)?;
     let tone = |v: f64| if hi > lo { (v - lo) / (hi - lo) } else { 0.5 };
     let widest = |labels: &[String]| labels.iter().map(|l| text_width(l, 1)).max().unwrap_or(0);
     let left = 24 + widest(row_labels) + 8;
@@ -1315,6 +1287,24 @@ pub fn dendrogram_heatmap_image(
     }
     c.title(width / 2, 6, &opts.title, w.saturating_sub(4));
     Ok(c.img)
+}
+
+/// The value range a colour scale spans: `range` when given (finite and
+/// increasing), else the finite values' minimum and maximum.
+fn color_range(op: &str, range: Option<(f64, f64)>, values: &[f64]) -> Result<(f64, f64)> {
+    match range {
+        Some((lo, hi)) if lo.is_finite() && hi.is_finite() && lo < hi => Ok((lo, hi)),
+        Some((lo, hi)) => Err(Error::invalid(format!(
+            "{op}: range ({lo}, {hi}) must be finite and increasing"
+        ))),
+        None => values
+            .iter()
+            .filter(|v| v.is_finite())
+            .fold(None, |acc: Option<(f64, f64)>, &v| {
+                Some(acc.map_or((v, v), |(lo, hi)| (lo.min(v), hi.max(v))))
+            })
+            .ok_or_else(|| Error::invalid(format!("{op}: no finite value to draw"))),
+    }
 }
 
 #[cfg(test)]

@@ -181,8 +181,9 @@ fn preprocessing_clips_and_handles_any_size_and_depth() {
     };
     assert_near("16-bit", &out16, &out, 1e-5);
 
-    // Odd sizes, upsampling, a single pixel: all give the requested size.
-    for (w, h) in [(1, 1), (7, 3), (100, 77), (307, 227)] {
+    // Odd sizes, upsampling from the smallest screened size: all give the
+    // requested size (smaller images are skipped, below).
+    for (w, h) in [(4, 4), (7, 5), (100, 77), (307, 227)] {
         let Prepared::Image { data, .. } =
             preprocess(&pattern(w, h, 50, 100), &Preprocess::default()).unwrap()
         else {
@@ -215,6 +216,21 @@ fn bright_and_blank_images_are_skipped_with_reasons() {
         preprocess(&black, &Preprocess::default()).unwrap(),
         Prepared::Skipped(SkipReason::Blank)
     );
+    // A 1×1 or 3×8 image is not upscaled and called: skipped, saying why.
+    for (w, h) in [(1, 1), (3, 8), (8, 3)] {
+        let tiny = GrayImage::new(w, h, BitDepth::Eight, vec![100; w * h]).unwrap();
+        let got = preprocess(&tiny, &Preprocess::default()).unwrap();
+        assert_eq!(
+            got,
+            Prepared::Skipped(SkipReason::TooSmall {
+                width: w,
+                height: h
+            })
+        );
+        if let Prepared::Skipped(r) = got {
+            assert!(r.to_string().contains(&format!("{w}×{h}")), "{r}");
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------

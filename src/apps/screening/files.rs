@@ -90,7 +90,7 @@ pub fn write_predictions(path: &Path, run: &PredictRun, weights: &str) -> Result
                 let mean = match r {
                     SkipReason::TooBright { mean_v, .. } => format!("{mean_v:.3}"),
                     SkipReason::Blank => "0".to_string(),
-                    SkipReason::Unreadable(_) => String::new(),
+                    SkipReason::Unreadable(_) | SkipReason::TooSmall { .. } => String::new(),
                 };
                 w.record([p.id.as_str(), "skipped", "", "", &mean, &r.to_string()]);
             }

@@ -68,7 +68,19 @@ pub enum SkipReason {
     },
     /// Mean value channel 0: there is nothing to scale to the target mean.
     Blank,
+    /// Narrower or lower than [`MIN_SIDE`] pixels: too little to upscale
+    /// to the network's input and call.
+    TooSmall {
+        /// Width in pixels.
+        width: usize,
+        /// Height in pixels.
+        height: usize,
+    },
 }
+
+/// The smallest width and height (pixels) an image is screened at; smaller
+/// ones are skipped ([`SkipReason::TooSmall`]).
+pub const MIN_SIDE: usize = 4;
 
 impl fmt::Display for SkipReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -78,6 +90,10 @@ impl fmt::Display for SkipReason {
                 write!(f, "too bright: mean V {mean_v:.2} > {max}")
             }
             SkipReason::Blank => write!(f, "blank: mean V is 0"),
+            SkipReason::TooSmall { width, height } => write!(
+                f,
+                "too small: {width}×{height} pixels (screening needs at least {MIN_SIDE}×{MIN_SIDE})"
+            ),
         }
     }
 }
@@ -128,6 +144,12 @@ pub fn preprocess(img: &GrayImage, p: &Preprocess) -> Result<Prepared> {
             "ImageNet normalization needs 3 channels, not {}",
             p.channels
         )));
+    }
+    if img.width() < MIN_SIDE || img.height() < MIN_SIDE {
+        return Ok(Prepared::Skipped(SkipReason::TooSmall {
+            width: img.width(),
+            height: img.height(),
+        }));
     }
     let v = value_channel(img);
     let mean_v = v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64;
