@@ -412,6 +412,24 @@ fn batch_correction_in_cv_grid_and_predict() {
         "evaluate a batch-corrected model",
     );
     assert!(e.contains("batch-corrected"), "{e}");
+    // So does map (it predicts patch by patch, with no batch to correct in).
+    let weights = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/vqvae2_small.weights.safetensors");
+    let map_png = dir.join("map.png");
+    let e = err(
+        run(
+            &["map", "--gene", "nuclei", "--patch", "80"],
+            &[
+                ("--weights", &weights),
+                ("--model", &model),
+                ("--image", &data("stardist_dsb2018/img2d.png")),
+                ("--output", &map_png),
+            ],
+        ),
+        "map from a batch-corrected model",
+    );
+    assert!(e.contains("batch-corrected"), "{e}");
+    assert!(!map_png.exists());
 
     let e = err(
         run(

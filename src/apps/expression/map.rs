@@ -38,6 +38,13 @@ pub fn expression_map(
     patch: usize,
     batch: usize,
 ) -> Result<ExpressionMap> {
+    if let Some(mode) = &model.batch_correction {
+        return Err(Error::invalid(format!(
+            "the SVR model was fitted on batch-corrected profiles ({mode}); a patch has no \
+             batch to be corrected within, so a map from it would be wrong: fit the model \
+             for maps without --batch-correct"
+        )));
+    }
     let (_, gm) = model
         .genes
         .iter()
