@@ -443,6 +443,14 @@ fn command_line_writes_saliency_overlays_and_maps() {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
+        // The folder is claimed with a run marker that says the run finished.
+        assert_eq!(
+            names.first().map(String::as_str),
+            Some(".cellmorph-run.json")
+        );
+        let marker = std::fs::read_to_string(dir.join(method).join(".cellmorph-run.json")).unwrap();
+        assert!(marker.contains("\"complete\": true"), "{marker}");
+        names.remove(0);
         assert_eq!(
             names,
             [
