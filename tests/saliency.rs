@@ -474,7 +474,12 @@ fn command_line_writes_saliency_overlays_and_maps() {
             assert_eq!(map.pixels().map(|p| p.0[0]).max(), Some(65535));
         }
     }
-    // A class the head lacks, a class for VisualBackProp, no directory.
+    // A class the head lacks, a class for VisualBackProp, no directory. (The
+    // folders of the runs above are claimed by them: another command line
+    // is refused there first, so these start from empty ones.)
+    for method in ["gradcampp", "visualbackprop"] {
+        std::fs::remove_dir_all(dir.join(method)).unwrap();
+    }
     let out = run("gradcampp", &["--saliency-class", "5"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--saliency-class 5"));
