@@ -94,6 +94,66 @@ pub fn grid_search(
     spec: &SvmGridSpec,
     folds: &Folds,
 ) -> Result<SvmGridOutcome> {
+    search(x, n_features, y, spec, folds, &|jobs, dist| {
+        jobs.par_iter()
+            .map(|job| {
+                Svc::fit_with(
+                    x,
+                    n_features,
+                    job.rows,
+                    &job.labels,
+                    job.c,
+                    job.gamma,
+                    spec.tol,
+                    dist,
+                )
+                .map_err(|e| job.context(e))
+            })
+            .collect()
+    })
+}
+
+/// One fit of a grid search: a (setting, fold) or the refit.
+pub(crate) struct FitJob<'a> {
+    /// Training rows (indices into the samples).
+    pub rows: &'a [usize],
+    /// Their labels.
+    pub labels: Vec<usize>,
+    /// C.
+    pub c: f64,
+    /// γ resolved on `rows`.
+    pub gamma: f64,
+    /// For error messages: the fold and setting, or `None` for the refit.
+    pub what: Option<(usize, f64, Gamma)>,
+}
+
+impl FitJob<'_> {
+    /// `e` with the job's fold and setting in front.
+    pub fn context(&self, e: Error) -> Error {
+        match self.what {
+            Some((f, c, gamma)) => {
+                Error::invalid(format!("fold {f} (C = {c}, gamma = {gamma}): {e}"))
+            }
+            None => e,
+        }
+    }
+}
+
+/// Fits every job with the given squared distances between samples, one
+/// model per job in order.
+pub(crate) type Fitter<'a> =
+    dyn Fn(&[FitJob], &(dyn Fn(usize, usize) -> f64 + Sync)) -> Result<Vec<Svc>> + 'a;
+
+/// [`grid_search`] with the fits done by `fit` (the CPU solver, or a
+/// device's batched one: `super::device`).
+pub(crate) fn search(
+    x: &[f64],
+    n_features: usize,
+    y: &[usize],
+    spec: &SvmGridSpec,
+    folds: &Folds,
+    fit: &Fitter,
+) -> Result<SvmGridOutcome> {
     check_matrix(x, n_features)?;
     let n = x.len() / n_features;
     if y.len() != n {
@@ -138,33 +198,53 @@ pub fn grid_search(
     let train: Vec<Vec<usize>> = (0..folds.len())
         .map(|f| (0..n).filter(|&i| fold_of[i] != f).collect())
         .collect();
-    let jobs: Vec<(usize, usize)> = (0..settings.len())
-        .flat_map(|s| (0..folds.len()).map(move |f| (s, f)))
+    // γ of each (gamma value, fold): "scale" depends on the training rows.
+    let gammas: Vec<Vec<f64>> = spec
+        .gamma
+        .iter()
+        .map(|g| {
+            train
+                .iter()
+                .map(|rows| g.resolve(x, n_features, rows))
+                .collect()
+        })
         .collect();
-    // Each job: the held-out predictions and whether any SMO run hit the cap.
-    let results: Vec<(Vec<usize>, usize)> = jobs
-        .par_iter()
-        .map(|&(s, f)| -> Result<(Vec<usize>, usize)> {
+    let n_gamma = spec.gamma.len();
+    let jobs: Vec<FitJob> = (0..settings.len())
+        .flat_map(|s| (0..folds.len()).map(move |f| (s, f)))
+        .map(|(s, f)| {
             let (c, gamma) = settings[s];
             let rows = &train[f];
-            let labels: Vec<usize> = rows.iter().map(|&r| y[r]).collect();
-            let g = gamma.resolve(x, n_features, rows);
-            let m = Svc::fit_with(x, n_features, rows, &labels, c, g, spec.tol, &dist)
-                .map_err(|e| Error::invalid(format!("fold {f} (C = {c}, gamma = {gamma}): {e}")))?;
+            FitJob {
+                rows,
+                labels: rows.iter().map(|&r| y[r]).collect(),
+                c,
+                gamma: gammas[s % n_gamma][f],
+                what: Some((f, c, gamma)),
+            }
+        })
+        .collect();
+    let models = fit(&jobs, &dist)?;
+    // Each job: the held-out predictions and the SMO runs that hit the cap.
+    let results: Vec<(Vec<usize>, usize)> = jobs
+        .par_iter()
+        .zip(&models)
+        .map(|(job, m)| {
+            let f = job.what.map_or(0, |w| w.0);
             let predicted = folds[f]
                 .iter()
                 .map(|&i| {
                     let kernel: Vec<f64> = m
                         .support
                         .iter()
-                        .map(|&p| (-m.gamma * dist(i, rows[p])).exp())
+                        .map(|&p| (-m.gamma * dist(i, job.rows[p])).exp())
                         .collect();
                     m.classes[m.decide(&kernel).1]
                 })
                 .collect();
-            Ok((predicted, m.unconverged))
+            (predicted, m.unconverged)
         })
-        .collect::<Result<_>>()?;
+        .collect();
     let mut unconverged = 0;
     let mut scores = Vec::with_capacity(settings.len());
     for (s, &(c, gamma)) in settings.iter().enumerate() {
@@ -202,8 +282,16 @@ pub fn grid_search(
     }
     let all: Vec<usize> = (0..n).collect();
     let (c, gamma) = settings[best];
-    let g = gamma.resolve(x, n_features, &all);
-    let model = Svc::fit_with(x, n_features, &all, y, c, g, spec.tol, &dist)?;
+    let refit = FitJob {
+        rows: &all,
+        labels: y.to_vec(),
+        c,
+        gamma: gamma.resolve(x, n_features, &all),
+        what: None,
+    };
+    let model = fit(std::slice::from_ref(&refit), &dist)?
+        .pop()
+        .ok_or_else(|| Error::invalid("SVM grid: the refit returned no model"))?;
     unconverged += model.unconverged;
     Ok(SvmGridOutcome {
         scores,

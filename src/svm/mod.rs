@@ -15,17 +15,23 @@
 //! - [`model`]: the fitted model as JSON; [`confusion`]: the confusion
 //!   matrix with per-class precision and recall.
 //!
+//! - [`device`]: the same fits and grid search with the SMO solves batched
+//!   on a kernel device (`kernels/svm.cu`; CUDA or emulated), bit for bit
+//!   the CPU's results.
+//!
 //! The kernel is `exp(−γ·|x − y|²)` in `f64`, `|x − y|²` summed over the
 //! features in order, so every kernel value is the same bits wherever it
-//! is computed. CPU only.
+//! is computed.
 
 pub mod confusion;
+pub mod device;
 pub mod folds;
 pub mod grid;
 pub mod model;
 pub mod smo;
 
 pub use confusion::Confusion;
+pub use device::{fit_on, grid_search_on, solve_duals_on, SvcDual};
 pub use folds::stratified_kfold;
 pub use grid::{grid_search, SettingScore, SvmGridOutcome, SvmGridSpec};
 pub use model::SvmModel;
@@ -173,79 +179,65 @@ impl Svc {
         tol: f64,
         dist: &(dyn Fn(usize, usize) -> f64 + Sync),
     ) -> Result<Svc> {
-        for (name, v) in [("C", c), ("gamma", gamma), ("tol", tol)] {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(Error::invalid(format!(
-                    "SVC: {name} must be a finite number > 0, got {v}"
-                )));
-            }
-        }
-        if rows.len() != y.len() {
-            return Err(Error::shape(
-                "Svc::fit",
-                format!("{} labels for {} training rows", y.len(), rows.len()),
-            ));
-        }
-        let mut classes: Vec<usize> = y.to_vec();
-        classes.sort_unstable();
-        classes.dedup();
-        if classes.len() < 2 {
-            return Err(Error::invalid(format!(
-                "SVC: the training samples hold {} class(es); at least 2 are needed",
-                classes.len()
-            )));
-        }
-        // Training positions of each class, in training order.
-        let members: Vec<Vec<usize>> = classes
-            .iter()
-            .map(|&k| (0..y.len()).filter(|&p| y[p] == k).collect())
-            .collect();
-        let n_classes = classes.len();
-        let mut coef: Vec<Vec<f64>> = vec![vec![0.0; y.len()]; n_classes - 1];
-        let mut nonzero = vec![false; y.len()];
-        let mut intercept = Vec::with_capacity(n_classes * (n_classes - 1) / 2);
-        let (mut iterations, mut unconverged) = (0, 0);
-        for a in 0..n_classes {
-            for b in a + 1..n_classes {
-                let pos: Vec<usize> = members[a].iter().chain(&members[b]).copied().collect();
-                let l = pos.len();
-                let na = members[a].len();
-                let labels: Vec<f64> = (0..l).map(|t| if t < na { 1.0 } else { -1.0 }).collect();
-                let mut gram = vec![0.0; l * l];
-                for s in 0..l {
-                    gram[s * l + s] = 1.0;
-                    for t in s + 1..l {
-                        let k = (-gamma * dist(rows[pos[s]], rows[pos[t]])).exp();
-                        gram[s * l + t] = k;
-                        gram[t * l + s] = k;
-                    }
-                }
-                let mut alpha = vec![0.0; l];
-                let out = smo::solve(
+        check_params(c, gamma, tol)?;
+        let plan = FitPlan::new(rows, y)?;
+        // One pair's Gram matrix at a time.
+        let solutions: Vec<PairSolution> = (0..plan.pairs.len())
+            .map(|p| {
+                let pair = &plan.pairs[p];
+                let l = pair.pos.len();
+                let gram = plan.gram(p, rows, gamma, dist);
+                let labels: Vec<f64> = (0..l)
+                    .map(|t| if t < pair.n_pos { 1.0 } else { -1.0 })
+                    .collect();
+                let mut coef = vec![0.0; l];
+                let outcome = smo::solve(
                     &gram,
                     l,
                     &labels,
                     c,
                     tol,
                     smo::default_max_iter(l),
-                    &mut alpha,
+                    &mut coef,
                 );
-                iterations += out.iterations;
-                unconverged += usize::from(!out.converged);
-                intercept.push(-out.rho);
-                for (t, &al) in alpha.iter().enumerate() {
-                    if al != 0.0 {
-                        nonzero[pos[t]] = true;
-                    }
-                    // a's coefficients go to row b − 1, b's to row a.
-                    let r = if t < na { b - 1 } else { a };
-                    coef[r][pos[t]] = al;
+                PairSolution { coef, outcome }
+            })
+            .collect();
+        Ok(Svc::assemble(x, n_features, rows, &plan, &solutions, gamma))
+    }
+
+    /// The model from the solved duals of `plan`'s pairs (in pair order).
+    pub(crate) fn assemble(
+        x: &[f64],
+        n_features: usize,
+        rows: &[usize],
+        plan: &FitPlan,
+        solutions: &[PairSolution],
+        gamma: f64,
+    ) -> Svc {
+        let n_classes = plan.classes.len();
+        let n_train = rows.len();
+        let mut coef: Vec<Vec<f64>> = vec![vec![0.0; n_train]; n_classes - 1];
+        let mut nonzero = vec![false; n_train];
+        let mut intercept = Vec::with_capacity(plan.pairs.len());
+        let (mut iterations, mut unconverged) = (0, 0);
+        for (pair, s) in plan.pairs.iter().zip(solutions) {
+            let (a, b) = pair.classes;
+            iterations += s.outcome.iterations;
+            unconverged += usize::from(!s.outcome.converged);
+            intercept.push(-s.outcome.rho);
+            for (t, &al) in s.coef.iter().enumerate() {
+                if al != 0.0 {
+                    nonzero[pair.pos[t]] = true;
                 }
+                // a's coefficients go to row b − 1, b's to row a.
+                let r = if t < pair.n_pos { b - 1 } else { a };
+                coef[r][pair.pos[t]] = al;
             }
         }
         let mut n_support = Vec::with_capacity(n_classes);
         let mut support = Vec::new();
-        for m in &members {
+        for m in &plan.members {
             let before = support.len();
             support.extend(m.iter().copied().filter(|&p| nonzero[p]));
             n_support.push(support.len() - before);
@@ -259,8 +251,8 @@ impl Svc {
             .flat_map(|&p| &x[rows[p] * n_features..(rows[p] + 1) * n_features])
             .copied()
             .collect();
-        Ok(Svc {
-            classes,
+        Svc {
+            classes: plan.classes.clone(),
             n_support,
             support,
             support_vectors,
@@ -270,7 +262,7 @@ impl Svc {
             gamma,
             iterations,
             unconverged,
-        })
+        }
     }
 
     /// The kernel values `exp(−γ·|x − sv|²)` of one sample against every
@@ -328,6 +320,117 @@ impl Svc {
     pub fn predict_row(&self, x: &[f64]) -> usize {
         self.classes[self.decide(&self.kernel_values(x)).1]
     }
+}
+
+/// Checks C, γ and the tolerance of a fit.
+pub(crate) fn check_params(c: f64, gamma: f64, tol: f64) -> Result<()> {
+    for (name, v) in [("C", c), ("gamma", gamma), ("tol", tol)] {
+        if !(v.is_finite() && v > 0.0) {
+            return Err(Error::invalid(format!(
+                "SVC: {name} must be a finite number > 0, got {v}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// One pair's two-class problem in libsvm's order: the first class's
+/// samples, then the second's, each in training order.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PairProblem {
+    /// The two classes (indices into [`FitPlan::classes`]), a < b.
+    pub classes: (usize, usize),
+    /// Training positions (indices into the fit's rows) of its samples.
+    pub pos: Vec<usize>,
+    /// How many of them belong to the first class (label +1).
+    pub n_pos: usize,
+}
+
+/// The one-vs-one problems of a fit, before any kernel value is computed.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct FitPlan {
+    /// Distinct classes, ascending.
+    pub classes: Vec<usize>,
+    /// Training positions of each class, in training order.
+    pub members: Vec<Vec<usize>>,
+    /// Pairs (0,1), (0,2), …, (1,2), ….
+    pub pairs: Vec<PairProblem>,
+}
+
+impl FitPlan {
+    /// The pairs of the labels `y` of the training rows `rows`.
+    ///
+    /// # Errors
+    /// Mismatched lengths or fewer than two classes.
+    pub(crate) fn new(rows: &[usize], y: &[usize]) -> Result<FitPlan> {
+        if rows.len() != y.len() {
+            return Err(Error::shape(
+                "Svc::fit",
+                format!("{} labels for {} training rows", y.len(), rows.len()),
+            ));
+        }
+        let mut classes: Vec<usize> = y.to_vec();
+        classes.sort_unstable();
+        classes.dedup();
+        if classes.len() < 2 {
+            return Err(Error::invalid(format!(
+                "SVC: the training samples hold {} class(es); at least 2 are needed",
+                classes.len()
+            )));
+        }
+        let members: Vec<Vec<usize>> = classes
+            .iter()
+            .map(|&k| (0..y.len()).filter(|&p| y[p] == k).collect())
+            .collect();
+        let n_classes = classes.len();
+        let mut pairs = Vec::with_capacity(n_classes * (n_classes - 1) / 2);
+        for a in 0..n_classes {
+            for b in a + 1..n_classes {
+                pairs.push(PairProblem {
+                    classes: (a, b),
+                    pos: members[a].iter().chain(&members[b]).copied().collect(),
+                    n_pos: members[a].len(),
+                });
+            }
+        }
+        Ok(FitPlan {
+            classes,
+            members,
+            pairs,
+        })
+    }
+
+    /// Pair `p`'s l × l Gram matrix `exp(−γ·dist)` (row-major, 1 on the
+    /// diagonal), `dist` indexed by the rows of `x`.
+    pub(crate) fn gram(
+        &self,
+        p: usize,
+        rows: &[usize],
+        gamma: f64,
+        dist: &(dyn Fn(usize, usize) -> f64 + Sync),
+    ) -> Vec<f64> {
+        let pos = &self.pairs[p].pos;
+        let l = pos.len();
+        let mut gram = vec![0.0; l * l];
+        for s in 0..l {
+            gram[s * l + s] = 1.0;
+            for t in s + 1..l {
+                let k = (-gamma * dist(rows[pos[s]], rows[pos[t]])).exp();
+                gram[s * l + t] = k;
+                gram[t * l + s] = k;
+            }
+        }
+        gram
+    }
+}
+
+/// One pair's solved dual.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PairSolution {
+    /// `y_t·α_t` per sample of the pair, in the pair's order.
+    pub coef: Vec<f64>,
+    /// ρ, iterations and convergence, as [`smo::solve`] reports them.
+    pub outcome: smo::SmoOutcome,
 }
 
 /// Checks a non-empty row-major matrix of finite values with `n_features`
