@@ -31,7 +31,7 @@
 //! | `tsne` | [`expression::tsne::tsne_file`]`(&TsneFileOptions)` |
 //! | `cluster` | [`expression::cluster::cluster_file`]`(&ClusterFileOptions)` |
 //! | `svr predict` | [`expression::gene_models::predict_expression`]`(&PredictExpressionOptions)` |
-//! | `svm grid` | [`expression::categories::fit_categories`]`(&FitCategoriesOptions)` |
+//! | `svm grid` | [`expression::categories::fit_categories`]`(&Backend, &FitCategoriesOptions)` |
 //! | `svm predict` | [`expression::categories::predict_categories`]`(&PredictCategoriesOptions)` |
 //! | `screen predict` | [`screening::predict::screen_images`]`(be, &ScreenImagesOptions, progress)` |
 //! | `screen evaluate` | [`screening::report::evaluate_predictions`]`(&EvaluatePredictionsOptions)` |

@@ -9,7 +9,7 @@ use cellmorph::apps::expression::categories::{
 };
 use cellmorph::svm::{Confusion, Gamma, SvmGridSpec};
 use cellmorph::svr::parse_list;
-use cellmorph::{Error, Result};
+use cellmorph::{Device, Error, Result};
 
 #[derive(Subcommand, Debug)]
 pub enum SvmCommand {
@@ -68,6 +68,11 @@ pub struct GridArgs {
     /// Out-of-fold predictions CSV: sample, label, predicted, fold.
     #[arg(long)]
     predictions: Option<PathBuf>,
+    /// Where the SMO solves run: cpu, cuda, cuda:N or emulated (same
+    /// results on each; kernel devices batch every pair of every fold and
+    /// setting). Predictions are computed on the CPU.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
 }
 
 #[derive(Args, Debug)]
@@ -161,18 +166,22 @@ fn grid(a: GridArgs) -> Result<()> {
     } else {
         CvScheme::Stratified
     };
-    let s = fit_categories(&FitCategoriesOptions {
-        features: a.features,
-        labels: a.labels,
-        label_column: a.label_column,
-        grid: grid.clone(),
-        folds: a.folds,
-        scheme,
-        output: a.output.clone(),
-        confusion: a.confusion.clone(),
-        plot: a.plot.clone(),
-        predictions: a.predictions.clone(),
-    })?;
+    let be = super::open_device(a.device, cellmorph::Precision::F32)?;
+    let s = fit_categories(
+        &be,
+        &FitCategoriesOptions {
+            features: a.features,
+            labels: a.labels,
+            label_column: a.label_column,
+            grid: grid.clone(),
+            folds: a.folds,
+            scheme,
+            output: a.output.clone(),
+            confusion: a.confusion.clone(),
+            plot: a.plot.clone(),
+            predictions: a.predictions.clone(),
+        },
+    )?;
     eprintln!(
         "svm grid: {} samples × {} features, {} classes; {} settings ({} C × {} gamma) × {}; {:.2} s",
         s.samples,

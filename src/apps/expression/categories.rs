@@ -12,11 +12,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::backend::Backend;
 use crate::csv::{CsvFile, CsvWriter};
+use crate::svm::device::grid_search_on;
 use crate::svm::model::{StoredGrid, StoredScore};
-use crate::svm::{
-    grid_search, stratified_kfold, Confusion, Gamma, SvmGridOutcome, SvmGridSpec, SvmModel,
-};
+use crate::svm::{stratified_kfold, Confusion, Gamma, SvmGridOutcome, SvmGridSpec, SvmModel};
 use crate::svr::cv::{kfold_folds, shuffled_kfold_folds, Folds};
 use crate::table::Table;
 use crate::{Error, Result};
@@ -181,8 +181,10 @@ fn encode(labels: &[String]) -> (Vec<String>, Vec<usize>) {
 /// `cellmorph svm grid`: RBF SVC with a cross-validated grid search over
 /// (C, gamma), as scikit-learn's `GridSearchCV(SVC(), {"C", "gamma"},
 /// cv=StratifiedKFold(k))`; writes the model refitted on every labelled
-/// sample and the requested out-of-fold reports.
-pub fn fit_categories(o: &FitCategoriesOptions) -> Result<FitCategoriesSummary> {
+/// sample and the requested out-of-fold reports. The SMO solves run on
+/// `be`'s device (the CPU, or batched on a kernel device with the same
+/// results: [`crate::svm::device`]).
+pub fn fit_categories(be: &Backend, o: &FitCategoriesOptions) -> Result<FitCategoriesSummary> {
     let features = Table::read_csv(&o.features)?;
     let labelled = read_labels(&o.labels, &o.label_column)?;
     let samples: Vec<String> = labelled.iter().map(|(s, _)| s.clone()).collect();
@@ -203,7 +205,7 @@ pub fn fit_categories(o: &FitCategoriesOptions) -> Result<FitCategoriesSummary> 
         .folds(&y, o.folds)
         .map_err(|e| Error::format(&o.labels, e.to_string()))?;
     let t0 = Instant::now();
-    let outcome = grid_search(&x, features.n_cols(), &y, &o.grid, &folds)?;
+    let outcome = grid_search_on(be, &x, features.n_cols(), &y, &o.grid, &folds)?;
     let seconds = t0.elapsed().as_secs_f64();
     let confusion = Confusion::new(classes.clone(), &y, &outcome.oof_predicted)?;
 
