@@ -450,7 +450,14 @@ fn emulated_fits_equal_cpu_fits() {
         want.iterations,
         want.support.len()
     );
-    assert_eq!(got, want);
+    assert!(
+        got == want,
+        "210 samples: iterations {} vs {}, intercepts {:?} vs {:?}",
+        got.iterations,
+        want.iterations,
+        got.intercept,
+        want.intercept
+    );
 }
 
 /// The grid search on `be` and on the CPU: every fold accuracy, the choice,
