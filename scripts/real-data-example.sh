@@ -39,16 +39,7 @@ fi
 mkdir -p "$out"
 
 # 1. The tile list (image, mask, batch) and the full-image training list.
-{
-    echo "image,labels,batch"
-    for f in "$data"/bbbc007/*/*.png; do
-        case "$f" in *_labels.png) ;; *) echo "$f,${f%.png}_labels.png,bbbc007" ;; esac
-    done
-    for p in 002 076 218; do
-        echo "$data/examplefly/01_POS${p}_D.png,$data/examplefly/nuclei_labels/01_POS${p}_nuclei.png,examplefly"
-    done
-    echo "$data/stardist_dsb2018/img2d.png,$data/stardist_dsb2018/mask2d.png,dsb2018"
-} > "$out/images.csv"
+"$root/scripts/real-data-images.sh" "$data" > "$out/images.csv"
 {
     echo "sample,image"
     tail -n +2 "$out/images.csv" | while IFS=, read -r img _ _; do
