@@ -279,6 +279,7 @@ fn search_is_deterministic_and_resume_equals_the_unbroken_run() {
     o.train.seed = 10;
     let sd = screen_tune(&o, |_| {}).unwrap();
     assert_ne!(sd.trials[0].values, sa.trials[0].values);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The command line: the best network loads in `screen predict`, and
@@ -396,6 +397,7 @@ fn command_line_best_weights_load_in_predict_and_match_screen_train() {
         }
     }
     assert_eq!(a.names().len(), b.names().len());
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Bad ranges and budgets fail before any work, naming the flag.
@@ -441,4 +443,5 @@ fn bad_ranges_and_budgets_are_clear_errors() {
         assert!(stderr.contains(want), "{extra:?}: {stderr}");
         assert!(!out.exists(), "{extra:?} wrote the output");
     }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -77,7 +77,7 @@ fn cholesky(a: &[f64], n: usize) -> Option<Vec<f64>> {
                 s -= l[i * n + k] * l[j * n + k];
             }
             if i == j {
-                if !(s > 0.0) {
+                if s <= 0.0 || s.is_nan() {
                     return None;
                 }
                 l[i * n + i] = s.sqrt();
@@ -264,7 +264,7 @@ pub fn normal_cdf(z: f64) -> f64 {
 /// `max(d, 0)` when `sd` is 0.
 pub fn expected_improvement(mean: f64, sd: f64, best: f64, xi: f64) -> f64 {
     let d = mean - best - xi;
-    if !(sd > 0.0) {
+    if sd <= 0.0 || sd.is_nan() {
         return d.max(0.0);
     }
     let z = d / sd;

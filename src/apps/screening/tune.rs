@@ -252,7 +252,7 @@ impl Default for SearchBounds {
 /// A bound outside its parameter's domain, naming the flag.
 pub fn search_space(head: TuneHead, b: &SearchBounds) -> Result<Vec<ParamRange>> {
     let (lo, hi) = b.lr;
-    if !(lo > 0.0) {
+    if lo <= 0.0 || lo.is_nan() {
         return Err(Error::invalid(format!(
             "--lr {lo}..{hi}: the learning rate is searched on a log scale and must be above 0"
         )));
@@ -396,17 +396,15 @@ impl Trial {
         }
     }
 
-    /// Whether this trial beats `other` (higher AUC, then lower loss; a
-    /// failed trial beats nothing).
-    fn beats(&self, other: &Trial) -> bool {
+    /// Whether this trial beats `best` (none yet, or one of lower AUC, or
+    /// of the same AUC and a higher loss); a failed trial beats nothing.
+    fn beats(&self, best: Option<&Trial>) -> bool {
         if self.error.is_some() || !self.val_auc.is_finite() {
             return false;
         }
-        if other.error.is_some() || !other.val_auc.is_finite() {
-            return true;
-        }
-        self.val_auc > other.val_auc
-            || (self.val_auc == other.val_auc && self.val_loss < other.val_loss)
+        best.is_none_or(|b| {
+            self.val_auc > b.val_auc || (self.val_auc == b.val_auc && self.val_loss < b.val_loss)
+        })
     }
 }
 
@@ -1122,7 +1120,7 @@ pub fn screen_tune(o: &TuneOptions, mut progress: impl FnMut(TuneProgress)) -> R
     );
     let mut best: Option<usize> = None;
     for (k, t) in trials.iter().enumerate() {
-        if best.is_none_or(|b| t.beats(&trials[b])) {
+        if t.beats(best.map(|b| &trials[b])) {
             best = Some(k);
         }
     }
@@ -1143,12 +1141,10 @@ pub fn screen_tune(o: &TuneOptions, mut progress: impl FnMut(TuneProgress)) -> R
         };
         let values = next_point(&settings, &design, &trials)?;
         let (trial, result) = run_trial(&shared, t, source, values)?;
-        let improved = best.is_none_or(|b| trial.beats(&trials[b]));
-        if improved {
-            if let Some(r) = &result {
-                write_network(&o.output, &feats.backbone, &r.head, &settings, &trial)?;
-                written = Some(t - 1);
-            }
+        let improved = trial.beats(best.map(|b| &trials[b]));
+        if let (true, Some(r)) = (improved, &result) {
+            write_network(&o.output, &feats.backbone, &r.head, &settings, &trial)?;
+            written = Some(t - 1);
             best = Some(t - 1);
         }
         let mut w = CsvWriter::new();
@@ -1161,9 +1157,7 @@ pub fn screen_tune(o: &TuneOptions, mut progress: impl FnMut(TuneProgress)) -> R
     }
     drop(log);
 
-    let best_trial = best
-        .map(|b| trials[b].clone())
-        .filter(|t| t.error.is_none());
+    let best_trial = best.map(|b| trials[b].clone());
     let mut retrained_best = false;
     if let Some(b) = &best_trial {
         if written != Some(b.trial - 1) && !output_holds(&o.output, &settings, b) {
@@ -1242,6 +1236,89 @@ mod tests {
         assert_eq!(wd.from_unit(0.19), 0.0);
         assert!(wd.from_unit(0.21) > 1e-6);
         assert!((wd.from_unit(1.0) - 1e-2).abs() < 1e-15);
+    }
+
+    fn trial(k: usize, auc: f64, loss: f64, error: Option<&str>) -> Trial {
+        Trial {
+            trial: k,
+            source: if k <= 2 {
+                Source::Random
+            } else {
+                Source::Model
+            },
+            values: vec![1e-3 * k as f64, 0.0, 0.25, 17.0],
+            val_auc: if error.is_some() { f64::NAN } else { auc },
+            val_f1: error.is_none().then_some(0.5),
+            val_accuracy: if error.is_some() { f64::NAN } else { 0.75 },
+            val_loss: if error.is_some() { f64::NAN } else { loss },
+            best_epoch: usize::from(error.is_none()) * 3,
+            epochs: usize::from(error.is_none()) * 5,
+            seconds: 0.25,
+            error: error.map(String::from),
+        }
+    }
+
+    /// Higher AUC wins, then lower loss; a failed trial never wins and
+    /// stands for chance in the surrogate.
+    #[test]
+    fn the_best_trial_and_failed_trials() {
+        let (a, b, c) = (
+            trial(1, 0.8, 0.5, None),
+            trial(2, 0.8, 0.4, None),
+            trial(3, 0.0, 0.0, Some("training diverged")),
+        );
+        assert!(a.beats(None) && b.beats(Some(&a)) && !a.beats(Some(&b)));
+        assert!(!a.beats(Some(&a)), "a tie keeps the earlier trial");
+        assert!(!c.beats(None) && !c.beats(Some(&a)));
+        assert_eq!(c.objective(), FAILED_TRIAL_AUC);
+        assert_eq!(c, c.clone(), "NaN metrics compare equal bit for bit");
+    }
+
+    /// Rows written to the log read back as the same trials (a failed one
+    /// with a comma in its error included); a cut last line is dropped; a
+    /// log of other settings is refused, naming what differs.
+    #[test]
+    fn the_log_reads_back_what_was_written() {
+        let dir = std::env::temp_dir().join(format!("cellmorph-tune-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.csv");
+        let space = search_space(TuneHead::Kim, &SearchBounds::default()).unwrap();
+        let settings = TuneSettings {
+            version: LOG_VERSION,
+            head: TuneHead::Kim,
+            space: space.clone(),
+            initial: 2,
+            seed: 3,
+            train: HeadTrainOptions::default(),
+            val_fraction: 0.2,
+            imagenet_normalize: false,
+            images: 10,
+            features: "00ff".into(),
+        };
+        let trials = vec![
+            trial(1, 0.75, 0.6, None),
+            trial(2, 0.0, 0.0, Some("diverged, at epoch 2")),
+            trial(3, 0.875, 0.3125, None),
+        ];
+        let mut text = log_head(&settings).unwrap();
+        for t in &trials {
+            let mut w = CsvWriter::new();
+            w.record(row(&space, t));
+            text.push_str(&w.into_string());
+        }
+        let whole = text.len();
+        text.push_str("4,model,0.0");
+        std::fs::write(&path, &text).unwrap();
+        let (back, keep) = read_log(&path, &settings).unwrap();
+        assert_eq!(back, trials);
+        assert_eq!(keep, whole);
+        let other = TuneSettings {
+            initial: 3,
+            ..settings
+        };
+        let e = read_log(&path, &other).unwrap_err().to_string();
+        assert!(e.contains("initial: the log has 2, this run 3"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
