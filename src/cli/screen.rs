@@ -715,7 +715,12 @@ fn trial_line(t: &Trial, names: &[String], best: bool) -> String {
     let values: Vec<String> = names
         .iter()
         .zip(&t.values)
-        .map(|(n, v)| format!("{n} {v:.4e}"))
+        .map(|(n, &v)| match n.as_str() {
+            "hidden" => format!("{n} {v}"),
+            "dropout" => format!("{n} {v:.3}"),
+            _ if v == 0.0 => format!("{n} 0"),
+            _ => format!("{n} {v:.3e}"),
+        })
         .collect();
     let outcome = match &t.error {
         Some(e) => format!("failed: {e}"),

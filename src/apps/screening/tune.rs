@@ -13,18 +13,20 @@
 //! **How.** `--initial K` trials from a seeded Latin hypercube
 //! ([`latin_hypercube`]), then each trial at the candidate of highest
 //! expected improvement under a Gaussian process fitted to every finished
-//! trial ([`suggest`](crate::stats::bayesopt::suggest): Matérn 5/2, length
-//! scale and noise by maximum likelihood over a grid, candidates drawn from
-//! the seed and the trial number). No crate was taken for this: the
-//! Rust ones (`tpe`, `egobox`, `parzen`) are either unmaintained, heavy
-//! (linfa, ndarray-linalg) or young, and none keeps a search resumable
-//! bit for bit from a CSV log.
+//! trial ([`suggest`]: Matérn 5/2, length scale and noise by maximum
+//! likelihood over a grid, candidates drawn from the seed and the trial
+//! number). It is written here: of the Rust crates looked at, `tpe` has
+//! not moved in years, `egobox` brings linfa and a linear-algebra stack,
+//! `parzen` is new, and none makes a search resumable bit for bit from a
+//! CSV log.
 //!
 //! **The objective** is a trial's best validation AUC (the epoch that
 //! `screen train`'s early stopping keeps); the best trial has the highest,
 //! then the lower validation loss, then the lower trial number. A trial
 //! whose training fails (a diverging loss) is logged with its error and
-//! counts as AUC 0.5, chance, for the surrogate.
+//! counts as AUC 0.5, chance, for the surrogate. When every trial reaches
+//! the same AUC (a small, easy validation set), the surrogate has nothing
+//! to model and its trials explore; the validation loss then picks the best.
 //!
 //! **Shared work.** The backbone's pooled features are computed once
 //! ([`labelled_features`]), and every trial trains a fresh head on that
