@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 use cellmorph::apps::screening::train::{HeadTrainOptions, Init};
 use cellmorph::apps::screening::tune::{
-    screen_tune, SearchBounds, Source, TuneHead, TuneOptions, TUNE_METADATA_KEY,
+    screen_tune, SearchBounds, Source, Stop, TuneHead, TuneOptions, TUNE_METADATA_KEY,
 };
 use cellmorph::imaging::{BitDepth, GrayImage};
 use cellmorph::io::TensorFile;
@@ -279,6 +279,13 @@ fn search_is_deterministic_and_resume_equals_the_unbroken_run() {
     o.train.seed = 10;
     let sd = screen_tune(&o, |_| {}).unwrap();
     assert_ne!(sd.trials[0].values, sa.trials[0].values);
+    // A time limit that passes during the feature pass runs no trial.
+    let mut o = options(&imgs, &labels, &dir.join("e.safetensors"), 3);
+    o.time_limit = Some(1e-9);
+    let se = screen_tune(&o, |_| {}).unwrap();
+    assert_eq!(se.stopped, Stop::TimeLimit);
+    assert!(se.trials.is_empty() && se.best.is_none() && se.plot.is_none());
+    assert!(!dir.join("e.safetensors").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -864,6 +864,12 @@ fn run_tune(a: TuneArgs) -> Result<()> {
                 ""
             }
         ),
+        None if s.trials.is_empty() => {
+            return Err(Error::invalid(format!(
+                "no trial ran: --time-limit passed before the first one (the feature pass took {:.1} s); no weights were written",
+                s.feature_seconds
+            )))
+        }
         None => {
             return Err(Error::invalid(format!(
                 "every trial failed (see {}); no weights were written",
@@ -872,11 +878,13 @@ fn run_tune(a: TuneArgs) -> Result<()> {
         }
     }
     eprintln!(
-        "wrote {}, {}, {} and {}",
+        "wrote {}, {}, {}{}",
         s.output.display(),
         s.log.display(),
         s.summary.display(),
-        s.plot.display()
+        s.plot
+            .as_ref()
+            .map_or_else(String::new, |p| format!(" and {}", p.display()))
     );
     Ok(())
 }

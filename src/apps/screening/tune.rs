@@ -539,8 +539,8 @@ pub struct TuneSummary {
     pub log: PathBuf,
     /// See `output`.
     pub summary: PathBuf,
-    /// See `output`.
-    pub plot: PathBuf,
+    /// The plot, unless no trial succeeded.
+    pub plot: Option<PathBuf>,
 }
 
 /// `<dir>/<output stem><suffix>`.
@@ -910,8 +910,9 @@ fn next_point(settings: &TuneSettings, design: &[Vec<f64>], done: &[Trial]) -> R
     Ok(space.iter().zip(&u).map(|(p, &u)| p.from_unit(u)).collect())
 }
 
-/// Draws the validation AUC of each trial and the best so far.
-fn plot_trials(path: &Path, trials: &[Trial], best: Option<&Trial>) -> Result<()> {
+/// Draws the validation AUC of each trial and the best so far; `false`
+/// (nothing written) when no trial succeeded.
+fn plot_trials(path: &Path, trials: &[Trial], best: Option<&Trial>) -> Result<bool> {
     let mut auc = Series {
         label: "val AUC".into(),
         x: Vec::new(),
@@ -933,6 +934,9 @@ fn plot_trials(path: &Path, trials: &[Trial], best: Option<&Trial>) -> Result<()
         running.x.push(t.trial as f64);
         running.y.push(top);
     }
+    if auc.x.is_empty() {
+        return Ok(false);
+    }
     let title = best.map_or_else(
         || "screen tune: every trial failed".to_string(),
         |b| {
@@ -952,7 +956,8 @@ fn plot_trials(path: &Path, trials: &[Trial], best: Option<&Trial>) -> Result<()
             width: 640,
             height: 420,
         },
-    )
+    )?;
+    Ok(true)
 }
 
 fn check_options(o: &TuneOptions) -> Result<Vec<ParamRange>> {
@@ -1175,7 +1180,7 @@ pub fn screen_tune(o: &TuneOptions, mut progress: impl FnMut(TuneProgress)) -> R
             retrained_best = true;
         }
     }
-    plot_trials(&plot_path, &trials, best_trial.as_ref())?;
+    let plotted = plot_trials(&plot_path, &trials, best_trial.as_ref())?;
     let summary = TuneSummary {
         best_values: best_trial.as_ref().map_or_else(Vec::new, |b| {
             space
@@ -1202,7 +1207,7 @@ pub fn screen_tune(o: &TuneOptions, mut progress: impl FnMut(TuneProgress)) -> R
         output: o.output.clone(),
         log: log_path,
         summary: summary_path.clone(),
-        plot: plot_path,
+        plot: plotted.then_some(plot_path),
     };
     let json = serde_json::to_string_pretty(&summary)
         .map_err(|e| Error::invalid(format!("tune summary to JSON: {e}")))?;
