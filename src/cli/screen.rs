@@ -1,4 +1,5 @@
-//! `cellmorph screen predict`, `screen evaluate` and `screen train`: the
+//! `cellmorph screen predict`, `screen evaluate`, `screen train` and
+//! `screen tune`: the
 //! stem-cell line screening of Kim et al. 2022 ([reference](crate::reference) §2).
 
 use std::path::PathBuf;
@@ -11,6 +12,9 @@ use cellmorph::apps::screening::saliency::SaliencyMethod;
 use cellmorph::apps::screening::train::{
     screen_train, EpochMetrics, FineTuneOptions, HeadKind, HeadTrainOptions, Init,
     ScreenTrainOptions, TrainProgress, Unfreeze,
+};
+use cellmorph::apps::screening::tune::{
+    parse_range, screen_tune, SearchBounds, Stop, Trial, TuneHead, TuneOptions, TuneProgress,
 };
 use cellmorph::models::densenet::DenseNetArch;
 use cellmorph::{Device, Error, Precision, Result};
@@ -40,6 +44,17 @@ pub enum ScreenCommand {
     /// learning rate, BatchNorm in training mode in the unfrozen part; the
     /// best epoch of both stages is written. Runs on the CPU.
     Train(TrainArgs),
+    /// Search the head's learning rate, weight decay, dropout and hidden
+    /// width by Bayesian optimization: --initial random trials (a seeded
+    /// Latin hypercube), then each trial where a Gaussian process (Matérn
+    /// 5/2) expects the most improvement in validation AUC. The pooled
+    /// features are computed once and every trial trains a fresh head on
+    /// them (stage 1 of `screen train`, the same split and seed for every
+    /// trial; no fine-tuning). Each trial is appended to the log CSV as it
+    /// ends (--resume continues a log); the best trial's network goes to
+    /// --output (loadable by `screen predict`), with a summary JSON and a
+    /// PNG of the AUC by trial. Runs on the CPU.
+    Tune(TuneArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -173,6 +188,101 @@ pub struct TrainArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct TuneArgs {
+    /// A directory of PNG/TIFF images, or a CSV whose header has an `image`
+    /// column (as `screen train`).
+    #[arg(long)]
+    images: PathBuf,
+    /// Labels CSV with `image` and `label` columns (as `screen train`).
+    #[arg(long)]
+    labels: PathBuf,
+    /// The best trial's network (safetensors, torchvision state_dict names).
+    #[arg(long)]
+    output: PathBuf,
+    /// Backbone weights: a torchvision DenseNet state_dict as safetensors
+    /// (default: a DenseNet-121 seeded from --seed).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// The head searched: Kim et al.'s two layers (lr, weight decay,
+    /// dropout, hidden width) or one Linear (lr, weight decay).
+    #[arg(long, value_enum, default_value = "kim")]
+    head: HeadArg,
+    /// Learning rate range LOW..HIGH, searched on a log scale.
+    #[arg(long, default_value = "1e-5..1e-1", allow_hyphen_values = true)]
+    lr: String,
+    /// Weight decay range LOW..HIGH on a log scale; a LOW of 0 searches
+    /// --weight-decay-floor..HIGH plus one decade below the floor that
+    /// stands for 0 (plain Adam).
+    #[arg(long, default_value = "0..1e-2", allow_hyphen_values = true)]
+    weight_decay: String,
+    /// The smallest non-zero weight decay when --weight-decay starts at 0.
+    #[arg(long, default_value_t = 1e-6, allow_hyphen_values = true)]
+    weight_decay_floor: f64,
+    /// Dropout range LOW..HIGH in [0, 1) (Kim head; default 0..0.7).
+    #[arg(long, allow_hyphen_values = true)]
+    dropout: Option<String>,
+    /// Hidden width range LOW..HIGH, whole numbers, log scale (Kim head;
+    /// default 16..256).
+    #[arg(long, allow_hyphen_values = true)]
+    hidden: Option<String>,
+    /// Trials in all (a resumed log's count), at most 1000.
+    #[arg(long, default_value_t = 30)]
+    trials: usize,
+    /// Start no new trial after this many seconds (the trial running then
+    /// finishes).
+    #[arg(long, allow_hyphen_values = true)]
+    time_limit: Option<f64>,
+    /// Random trials (a seeded Latin hypercube) before the model-based ones.
+    #[arg(long, default_value_t = 8)]
+    initial: usize,
+    /// Most epochs per trial (early stopping with --patience).
+    #[arg(long, default_value_t = 30)]
+    epochs: usize,
+    /// Images per batch (the feature pass and each optimizer step).
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Stop a trial after this many epochs without a better validation AUC
+    /// (0: never).
+    #[arg(long, default_value_t = 5)]
+    patience: usize,
+    /// Seeds the backbone (without --init), the split, each trial's head,
+    /// shuffles and dropout (the same for every trial, as `screen train
+    /// --seed`), the random trials and the candidates: the same seed gives
+    /// the same trials and weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Fraction of each class's images held out for validation (one split
+    /// for every trial).
+    #[arg(long, default_value_t = 0.2)]
+    val_fraction: f64,
+    /// Class weights of the loss.
+    #[arg(long, value_enum, default_value = "balanced")]
+    class_weights: ClassWeightsArg,
+    /// Normalize inputs with the ImageNet mean and std.
+    #[arg(long)]
+    imagenet_norm: bool,
+    /// Trial log CSV (default: <output stem>.trials.csv beside the output).
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// Summary JSON (default: <output stem>.tune.json beside the output).
+    #[arg(long)]
+    summary: Option<PathBuf>,
+    /// AUC-by-trial PNG (default: <output stem>.tune.png beside the output).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Continue the search of an existing log (its settings must match;
+    /// its trials are read, not rerun).
+    #[arg(long)]
+    resume: bool,
+    /// Start over when the log exists (its trials are lost).
+    #[arg(long)]
+    force: bool,
+    /// Tuning runs on the CPU so far; other devices are refused.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+}
+
+#[derive(Args, Debug)]
 pub struct PredictArgs {
     /// DenseNet weights (torchvision state_dict names, safetensors).
     #[arg(long)]
@@ -248,6 +358,7 @@ pub fn run(cmd: ScreenCommand) -> Result<()> {
         ScreenCommand::Predict(a) => run_predict(a),
         ScreenCommand::Evaluate(a) => run_evaluate(a),
         ScreenCommand::Train(a) => run_train(a),
+        ScreenCommand::Tune(a) => run_tune(a),
     }
 }
 
@@ -596,6 +707,184 @@ fn run_train(a: TrainArgs) -> Result<()> {
         a.output.display(),
         s.metrics.display(),
         s.plot.display()
+    );
+    Ok(())
+}
+
+fn trial_line(t: &Trial, names: &[String], best: bool) -> String {
+    let values: Vec<String> = names
+        .iter()
+        .zip(&t.values)
+        .map(|(n, &v)| match n.as_str() {
+            "hidden" => format!("{n} {v}"),
+            "dropout" => format!("{n} {v:.3}"),
+            _ if v == 0.0 => format!("{n} 0"),
+            _ => format!("{n} {v:.3e}"),
+        })
+        .collect();
+    let outcome = match &t.error {
+        Some(e) => format!("failed: {e}"),
+        None => format!(
+            "val AUC {:.4}, F1 {}, accuracy {:.4}, loss {:.4}, best epoch {} of {}",
+            t.val_auc,
+            t.val_f1
+                .map_or_else(|| "n/a".to_string(), |v| format!("{v:.4}")),
+            t.val_accuracy,
+            t.val_loss,
+            t.best_epoch,
+            t.epochs
+        ),
+    };
+    format!(
+        "trial {:>3} ({:<6}) {}: {outcome} ({:.2} s){}",
+        t.trial,
+        match t.source {
+            cellmorph::apps::screening::tune::Source::Random => "random",
+            cellmorph::apps::screening::tune::Source::Model => "model",
+        },
+        values.join(", "),
+        t.seconds,
+        if best { "  *" } else { "" }
+    )
+}
+
+fn run_tune(a: TuneArgs) -> Result<()> {
+    if a.device != Device::Cpu {
+        return Err(Error::invalid(format!(
+            "--device {}: screen tune runs on the CPU so far (use --device cpu)",
+            a.device
+        )));
+    }
+    let head = match a.head {
+        HeadArg::Kim => TuneHead::Kim,
+        HeadArg::Linear => TuneHead::Linear,
+    };
+    if head == TuneHead::Linear && (a.dropout.is_some() || a.hidden.is_some()) {
+        return Err(Error::invalid(
+            "--dropout and --hidden are searched for the Kim head only (--head linear has neither)",
+        ));
+    }
+    let defaults = SearchBounds::default();
+    let bounds = SearchBounds {
+        lr: parse_range("--lr", &a.lr)?,
+        weight_decay: parse_range("--weight-decay", &a.weight_decay)?,
+        weight_decay_floor: a.weight_decay_floor,
+        dropout: match &a.dropout {
+            Some(t) => parse_range("--dropout", t)?,
+            None => defaults.dropout,
+        },
+        hidden: match &a.hidden {
+            Some(t) => parse_range("--hidden", t)?,
+            None => defaults.hidden,
+        },
+    };
+    let names: Vec<String> = match head {
+        TuneHead::Kim => vec!["lr", "weight_decay", "dropout", "hidden"],
+        TuneHead::Linear => vec!["lr", "weight_decay"],
+    }
+    .into_iter()
+    .map(String::from)
+    .collect();
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message("features");
+    let result = screen_tune(
+        &TuneOptions {
+            images: a.images,
+            labels: a.labels,
+            output: a.output.clone(),
+            init: a
+                .init
+                .map_or_else(|| Init::Random(DenseNetArch::densenet121()), Init::File),
+            head,
+            bounds,
+            train: HeadTrainOptions {
+                epochs: a.epochs,
+                batch_size: a.batch_size,
+                seed: a.seed,
+                patience: a.patience,
+                balanced: a.class_weights == ClassWeightsArg::Balanced,
+                ..HeadTrainOptions::default()
+            },
+            val_fraction: a.val_fraction,
+            imagenet_normalize: a.imagenet_norm,
+            trials: a.trials,
+            time_limit: a.time_limit,
+            initial: a.initial,
+            log: a.log,
+            summary: a.summary,
+            plot: a.plot,
+            resume: a.resume,
+            force: a.force,
+        },
+        |p| match p {
+            TuneProgress::Features { done, total } => {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            }
+            TuneProgress::Resumed(n) => {
+                bar.finish_and_clear();
+                println!("resumed after {n} logged trials");
+            }
+            TuneProgress::Trial(t, best) => {
+                bar.finish_and_clear();
+                println!("{}", trial_line(&t, &names, best));
+            }
+        },
+    );
+    bar.finish_and_clear();
+    let s = result?;
+    for (id, reason) in &s.excluded {
+        eprintln!("excluded {id}: {reason}");
+    }
+    eprintln!(
+        "{} images ({} train, {} validation), features once in {:.2} s; {} trials ({} read from the log){}",
+        s.settings.images,
+        s.train_images,
+        s.val_images,
+        s.feature_seconds,
+        s.trials.len(),
+        s.resumed,
+        match s.stopped {
+            Stop::Trials => "",
+            Stop::TimeLimit => ", stopped by --time-limit",
+        }
+    );
+    match &s.best {
+        Some(b) => eprintln!(
+            "best: {}{}",
+            trial_line(b, &names, false),
+            if s.retrained_best {
+                " (trained again: the output did not hold it)"
+            } else {
+                ""
+            }
+        ),
+        None if s.trials.is_empty() => {
+            return Err(Error::invalid(format!(
+                "no trial ran: --time-limit passed before the first one (the feature pass took {:.1} s); no weights were written",
+                s.feature_seconds
+            )))
+        }
+        None => {
+            return Err(Error::invalid(format!(
+                "every trial failed (see {}); no weights were written",
+                s.log.display()
+            )))
+        }
+    }
+    eprintln!(
+        "wrote {}, {}, {}{}",
+        s.output.display(),
+        s.log.display(),
+        s.summary.display(),
+        s.plot
+            .as_ref()
+            .map_or_else(String::new, |p| format!(" and {}", p.display()))
     );
     Ok(())
 }

@@ -10,6 +10,8 @@
 //! - [`classification`]: ROC curve and AUC, confusion matrix at a threshold
 //!   and the rates derived from it.
 //! - [`tsne`]: exact t-SNE as scikit-learn's `TSNE(method="exact")`.
+//! - [`bayesopt`]: a Gaussian-process surrogate with expected improvement
+//!   on the unit cube (the hyper-parameter search of `screen tune`).
 //! - [`cluster`]: Ward linkage, flat clusters and dendrogram order as SciPy's
 //!   `linkage(X, "ward")`, `fcluster(Z, k, "maxclust")`, `dendrogram`.
 //!
@@ -17,6 +19,7 @@
 //! on empty input, mismatched lengths, non-finite values, or data for which
 //! the quantity is undefined (each function documents which).
 
+pub mod bayesopt;
 pub mod classification;
 pub mod cluster;
 pub mod fdr;

@@ -19,6 +19,8 @@
 //!   safetensors).
 //! - [`train`]: transfer learning of the network's head on cached pooled
 //!   features (`screen train`), and the head-training core.
+//! - [`tune`]: the hyper-parameter search of the head by Bayesian
+//!   optimization (`screen tune`), every trial on the same cached features.
 //! - [`report`]: ROC AUC, F1, accuracy, sensitivity, specificity, PPV, NPV,
 //!   confusion matrix and throughput, as JSON and a ROC curve PNG.
 
@@ -30,3 +32,4 @@ pub mod preprocess;
 pub mod report;
 pub mod saliency;
 pub mod train;
+pub mod tune;

@@ -13,8 +13,9 @@
 //! best epoch's head) as safetensors that `screen predict` loads, with the
 //! per-epoch metrics as CSV and curves as PNG.
 //!
-//! [`train_head`] is the reusable core (a hyper-parameter search calls it
-//! once per trial): mini-batches from a seeded shuffle each epoch, AdamW
+//! [`labelled_features`] is the feature pass (shared with `screen tune`,
+//! whose trials all train on one such cache); [`train_head`] is the
+//! reusable core (the search calls it once per trial): mini-batches from a seeded shuffle each epoch, AdamW
 //! (Adam when the weight decay is 0), class-weighted cross-entropy, dropout
 //! after the hidden ReLU of Kim's head with the counter-based mask
 //! [`dropout_keep`], validation loss, ROC AUC, F1 and accuracy each epoch,
@@ -948,7 +949,7 @@ fn load_backbone(init: &Init, seed: u64) -> Result<(TensorFile, String)> {
 
 /// The backbone's tensors (every non-`classifier.` one, floating point as
 /// f32, the BatchNorm counters as int64) with `head`'s.
-fn assemble(backbone: &TensorFile, head: &Head) -> Result<TensorWriter> {
+pub(crate) fn assemble(backbone: &TensorFile, head: &Head) -> Result<TensorWriter> {
     let mut w = TensorWriter::new();
     for name in backbone.names() {
         if name.starts_with("classifier.") {
@@ -964,6 +965,167 @@ fn assemble(backbone: &TensorFile, head: &Head) -> Result<TensorWriter> {
     }
     head.write_values(&mut w)?;
     Ok(w)
+}
+
+/// The seed of a fresh head ([`Head::fresh`]) in a run seeded with `seed`.
+pub fn head_seed(seed: u64) -> u64 {
+    SplitMix64::new(seed).fork(STREAM_HEAD).next_u64()
+}
+
+/// Where [`labelled_features`] reads from.
+#[derive(Clone, Copy, Debug)]
+pub struct FeatureSource<'a> {
+    /// A directory of PNG/TIFF images, or a CSV with an `image` column.
+    pub images: &'a Path,
+    /// Labels CSV (`image,label`); ids as in `images`.
+    pub labels: &'a Path,
+    /// The backbone.
+    pub init: &'a Init,
+    /// Seeds the backbone when `init` is [`Init::Random`].
+    pub seed: u64,
+    /// Images per batch of the feature pass.
+    pub batch_size: usize,
+    /// Normalize inputs with the ImageNet mean and std.
+    pub imagenet_normalize: bool,
+}
+
+/// Every usable labelled image's pooled features, computed once
+/// ([`labelled_features`]): the cache that stage 1 and each trial of a
+/// hyper-parameter search train heads on.
+pub struct LabelledFeatures {
+    /// The backbone's `state_dict` (with the init file's head, if any).
+    pub backbone: TensorFile,
+    /// A name for the backbone (the init path, or the seeded architecture).
+    pub origin: String,
+    /// Features per image (`features.norm5` channels).
+    pub dim: usize,
+    /// `[images, dim]`, row-major, in label-file order.
+    pub features: Vec<f32>,
+    /// One label per row.
+    pub labels: Vec<bool>,
+    /// The image of each row.
+    pub entries: Vec<ImageEntry>,
+    /// Labelled images the pre-processing excluded, and why.
+    pub excluded: Vec<(String, SkipReason)>,
+    /// Images of the list without a label (not used).
+    pub unlabeled: usize,
+    /// The pre-processing the features were computed with.
+    pub preprocess: Preprocess,
+    /// Seconds of the feature pass.
+    pub seconds: f64,
+}
+
+/// Reads the labels and the image list, loads the backbone and computes
+/// the pooled features of every labelled image (the pre-processing of
+/// `screen predict`, on the CPU); `progress(done, total)` follows the pass.
+///
+/// # Errors
+/// Unreadable weights, image list or labels; a label for an image that is
+/// not in the list; a labelled image that cannot be read.
+pub fn labelled_features(
+    src: &FeatureSource,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<LabelledFeatures> {
+    let labels = read_labels(src.labels)?;
+    let list = list_images(src.images)?;
+    let mut by_id = std::collections::HashMap::new();
+    for (k, e) in list.entries.iter().enumerate() {
+        by_id.insert(e.id.as_str(), k);
+    }
+    let mut entries: Vec<ImageEntry> = Vec::with_capacity(labels.len());
+    let mut wanted: Vec<bool> = Vec::with_capacity(labels.len());
+    let mut labelled = vec![false; list.entries.len()];
+    for (id, label) in &labels {
+        let k = *by_id.get(id.as_str()).ok_or_else(|| {
+            Error::format(
+                src.labels,
+                format!(
+                    "image {id:?} is labelled but not among the images of {} (ids are file names for a directory, paths as written for a list)",
+                    src.images.display()
+                ),
+            )
+        })?;
+        labelled[k] = true;
+        entries.push(list.entries[k].clone());
+        wanted.push(*label);
+    }
+    let unlabeled = labelled.iter().filter(|l| !**l).count();
+
+    let (backbone, origin) = load_backbone(src.init, src.seed)?;
+    let dim = match backbone.shape("features.norm5.weight") {
+        Some(&[c]) if c > 0 => c,
+        s => {
+            return Err(Error::format(
+                backbone.path(),
+                format!(
+                    "features.norm5.weight has shape {s:?}, expected [num_features]: not a torchvision DenseNet state_dict"
+                ),
+            ))
+        }
+    };
+    // The pooled features do not depend on the head: any one loads the net.
+    let be = Backend::cpu();
+    let probe = Head::fresh(HeadKind::Linear, dim, 0)?;
+    let model_file = TensorFile::from_bytes(&origin, assemble(&backbone, &probe)?.to_bytes()?)?;
+    let model = DenseNet::from_file(&be, &model_file)?;
+    drop(model_file);
+
+    let pre = Preprocess {
+        channels: model.config().in_channels,
+        imagenet_normalize: src.imagenet_normalize,
+        ..Preprocess::default()
+    };
+    let t0 = Instant::now();
+    let total = entries.len();
+    progress(0, total);
+    let run = predict(
+        &be,
+        &model,
+        &entries,
+        &PredictOptions {
+            batch_size: src.batch_size,
+            preprocess: pre,
+            keep_features: true,
+            ..PredictOptions::default()
+        },
+        |done| progress(done, total),
+    )?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let mut features = Vec::with_capacity(total * dim);
+    let mut kept_labels = Vec::with_capacity(total);
+    let mut kept_entries = Vec::with_capacity(total);
+    let mut excluded = Vec::new();
+    for ((p, entry), &label) in run.predictions.into_iter().zip(&entries).zip(&wanted) {
+        match p.outcome {
+            Ok(v) => {
+                let f = v.features.ok_or_else(|| {
+                    Error::invalid(format!("image {}: no features were kept", p.id))
+                })?;
+                features.extend_from_slice(&f);
+                kept_labels.push(label);
+                kept_entries.push(entry.clone());
+            }
+            Err(SkipReason::Unreadable(msg)) => {
+                return Err(Error::format(
+                    &entry.path,
+                    format!("labelled image {:?} cannot be read: {msg}", p.id),
+                ))
+            }
+            Err(reason) => excluded.push((p.id, reason)),
+        }
+    }
+    Ok(LabelledFeatures {
+        backbone,
+        origin,
+        dim,
+        features,
+        labels: kept_labels,
+        entries: kept_entries,
+        excluded,
+        unlabeled,
+        preprocess: pre,
+        seconds,
+    })
 }
 
 /// The training record stored in the output's metadata.
@@ -1037,102 +1199,35 @@ pub fn screen_train(
         check_output_is_not_an_input("--checkpoint", ck, &inputs)?;
     }
 
-    let labels = read_labels(&o.labels)?;
-    let list = list_images(&o.images)?;
-    let mut by_id = std::collections::HashMap::new();
-    for (k, e) in list.entries.iter().enumerate() {
-        by_id.insert(e.id.as_str(), k);
-    }
-    let mut entries: Vec<ImageEntry> = Vec::with_capacity(labels.len());
-    let mut wanted: Vec<bool> = Vec::with_capacity(labels.len());
-    let mut labelled = vec![false; list.entries.len()];
-    for (id, label) in &labels {
-        let k = *by_id.get(id.as_str()).ok_or_else(|| {
-            Error::format(
-                &o.labels,
-                format!(
-                    "image {id:?} is labelled but not among the images of {} (ids are file names for a directory, paths as written for a list)",
-                    o.images.display()
-                ),
-            )
-        })?;
-        labelled[k] = true;
-        entries.push(list.entries[k].clone());
-        wanted.push(*label);
-    }
-    let unlabeled = labelled.iter().filter(|l| !**l).count();
-
-    let (backbone, origin) = load_backbone(&o.init, o.train.seed)?;
-    let dim = match backbone.shape("features.norm5.weight") {
-        Some(&[c]) if c > 0 => c,
-        s => {
-            return Err(Error::format(
-                backbone.path(),
-                format!(
-                    "features.norm5.weight has shape {s:?}, expected [num_features]: not a torchvision DenseNet state_dict"
-                ),
-            ))
-        }
-    };
+    let LabelledFeatures {
+        backbone,
+        origin,
+        dim,
+        features,
+        labels: kept_labels,
+        entries: kept_entries,
+        excluded,
+        unlabeled,
+        preprocess: pre,
+        seconds: feature_seconds,
+    } = labelled_features(
+        &FeatureSource {
+            images: &o.images,
+            labels: &o.labels,
+            init: &o.init,
+            seed: o.train.seed,
+            batch_size: o.train.batch_size,
+            imagenet_normalize: o.imagenet_normalize,
+        },
+        |done, total| progress(TrainProgress::Features { done, total }),
+    )?;
     let init_head = Head::from_file(&backbone, o.head, dim)?;
     let head_from_init = init_head.is_some();
     let head = match init_head {
         Some(h) => h,
-        None => Head::fresh(
-            o.head,
-            dim,
-            SplitMix64::new(o.train.seed).fork(STREAM_HEAD).next_u64(),
-        )?,
+        None => Head::fresh(o.head, dim, head_seed(o.train.seed))?,
     };
     let be = Backend::cpu();
-    let model_file = TensorFile::from_bytes(&origin, assemble(&backbone, &head)?.to_bytes()?)?;
-    let model = DenseNet::from_file(&be, &model_file)?;
-    drop(model_file);
-
-    let pre = Preprocess {
-        channels: model.config().in_channels,
-        imagenet_normalize: o.imagenet_normalize,
-        ..Preprocess::default()
-    };
-    let t0 = Instant::now();
-    let total = entries.len();
-    progress(TrainProgress::Features { done: 0, total });
-    let run = predict(
-        &be,
-        &model,
-        &entries,
-        &PredictOptions {
-            batch_size: o.train.batch_size,
-            preprocess: pre,
-            keep_features: true,
-            ..PredictOptions::default()
-        },
-        |done| progress(TrainProgress::Features { done, total }),
-    )?;
-    let feature_seconds = t0.elapsed().as_secs_f64();
-    let mut features = Vec::with_capacity(total * dim);
-    let mut kept_labels = Vec::with_capacity(total);
-    let mut kept_entries = Vec::with_capacity(total);
-    let mut excluded = Vec::new();
-    for ((p, entry), &label) in run.predictions.into_iter().zip(&entries).zip(&wanted) {
-        match p.outcome {
-            Ok(v) => {
-                let f = v.features.ok_or_else(|| {
-                    Error::invalid(format!("image {}: no features were kept", p.id))
-                })?;
-                features.extend_from_slice(&f);
-                kept_labels.push(label);
-                kept_entries.push(entry.clone());
-            }
-            Err(SkipReason::Unreadable(msg)) => {
-                return Err(Error::format(
-                    &entry.path,
-                    format!("labelled image {:?} cannot be read: {msg}", p.id),
-                ))
-            }
-            Err(reason) => excluded.push((p.id, reason)),
-        }
-    }
     let split = stratified_split(&kept_labels, o.val_fraction, o.train.seed).map_err(|e| {
         Error::format(
             &o.labels,
