@@ -741,6 +741,8 @@ fn train_step_inputs(
 fn train_step_refuses_bad_weights_by_name() {
     let dir = tempdir("train-step");
     type Tensors = std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+    /// Changes the weights and returns the tensor it concerns.
+    type Change<'a> = Box<dyn Fn(&mut Tensors) -> String + 'a>;
     for (model, g) in [("vqvae2", ""), ("densenet", ""), ("cp2image", "G.")] {
         let out = dir.join(format!("{model}-out.safetensors"));
         let step = |weights: &Path, batch: &Path| {
@@ -762,7 +764,7 @@ fn train_step_refuses_bad_weights_by_name() {
                 .unwrap()
                 .clone()
         };
-        let cases: Vec<(&str, Box<dyn Fn(&mut Tensors) -> String>, &str)> = vec![
+        let cases: Vec<(&str, Change, &str)> = vec![
             (
                 "extra",
                 Box::new(|t: &mut Tensors| {
