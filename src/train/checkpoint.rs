@@ -15,8 +15,12 @@
 //! the optimizer state, optimizer state another optimizer or step would not
 //! have, a step count beyond [`MAX_STEP`]). Checkpoints written before the
 //! checksum existed have none and get every check but that one. Whether the
-//! checkpoint comes from the same run (options, data) is the trainer's to
-//! check, from the progress it returns.
+//! checkpoint comes from the same run is the trainer's to check, from the
+//! progress it returns: `vqvae2 train`, `cp2image train` and `screen train`
+//! refuse (they do not merely warn about) other options than the
+//! checkpoint's (batch size, learning rate, seed, …) except the run length,
+//! other data, optimizer step counts beyond the progress ([`check_steps`])
+//! and BatchNorm counters of other layers ([`check_counters`]).
 
 use std::path::Path;
 
