@@ -14,7 +14,9 @@
 //              (the caller walks the full-resolution plane with stride 2)
 //   UP2_IN     x[img_off + ci·src_hw + (iy/2)·src_w + ix/2]: (h, w) is a nearest
 //              2× upsampling of the (h/2, w/2) buffer
-// fmaf and `v < 0 ? 0 : v` as in the f32 reference kernels (NaN passes).
+// fmaf and `v < 0 ? 0 : v` as in the f32 reference kernels (NaN passes); the
+// CPU reference uses the same fused multiply-add (f32::mul_add), so a value
+// rounded to bf16/f16 afterwards rounds the same way on every device.
 template <bool BN_RELU_IN, bool POOL2_IN, bool UP2_IN>
 __device__ __forceinline__ float conv_input_value(const float* __restrict__ x, long long off,
                                                   long long img_off, int ci, int iy, int ix, int w,

@@ -13,6 +13,8 @@
 //! separate BatchNorm on the same device: 1e-4 (the same convolutions, only
 //! the per-channel affine map applied before or after rounding).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use cellmorph::backend::cuda_device_count;
@@ -575,7 +577,7 @@ fn cosine_and_linear_path() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(common::proptest_config(64))]
 
     /// Step k of the replacement path holds the target in exactly the
     /// min(k·per_step, p) dimensions with the largest |to − from| and the

@@ -1,8 +1,10 @@
 //! Parsers fed arbitrary and mutated bytes: the safetensors reader and the
 //! model loaders behind it, CSV tables (numeric tables, expression tables,
 //! CP2Image feature tables, sample lists, screening labels and
-//! predictions), model JSON (SVR models, CP2Image standardization) and
-//! image decoding (PNG and TIFF, including headers that claim huge sizes).
+//! predictions), model JSON (SVR models, CP2Image standardization),
+//! image decoding (PNG and TIFF, including headers that claim huge sizes)
+//! and training checkpoints (which must also never resume wrong: a damaged
+//! checkpoint is refused or loads exactly the saved state).
 //!
 //! Property: every input gives `Ok` or `Err`, never a panic (proptest
 //! reports a panic as a failure), and no case allocates more than a fixed
@@ -32,6 +34,9 @@ use cellmorph::models::densenet::DenseNet;
 use cellmorph::models::vqvae2::VqVae2;
 use cellmorph::svr::SvrModel;
 use cellmorph::table::Table;
+use cellmorph::train::checkpoint;
+use cellmorph::train::optim::ParamState;
+use cellmorph::train::{AdamConfig, Method, Optimizer, ParamStore, SgdConfig};
 use cellmorph::Backend;
 
 /// Counts the live bytes of each thread and their peak, so a case can check
@@ -349,8 +354,416 @@ fn limit_pixels() {
     std::env::set_var("CELLMORPH_MAX_PIXELS", FUZZ_MAX_PIXELS);
 }
 
+// ---- Training checkpoints.
+
+/// A small generator-and-discriminator pair as `cp2image train` checkpoints
+/// it (`G.` and `D.`): G trained by Adam (with a buffer), D by SGD with
+/// momentum, so both kinds of optimizer state are present. `scale` sets
+/// the starting values (0 for a model to load into).
+fn ck_model(scale: f32) -> [(ParamStore, Optimizer); 2] {
+    let mut g = ParamStore::new();
+    let v = |n: usize, k: f32| {
+        (0..n)
+            .map(|i| scale * (i as f32 * 0.37 + k).sin())
+            .collect()
+    };
+    g.insert("w", &[3, 4], v(12, 0.1), true).unwrap();
+    g.insert("b", &[3], v(3, 0.2), true).unwrap();
+    g.insert("bn.running_mean", &[3], v(3, 0.3), false).unwrap();
+    let mut og = Optimizer::new(Method::Adam(AdamConfig::default())).unwrap();
+    g.register(&mut og).unwrap();
+    let mut d = ParamStore::new();
+    d.insert("w", &[2, 3], v(6, 0.4), true).unwrap();
+    d.insert("b", &[2], v(2, 0.5), true).unwrap();
+    let mut od = Optimizer::new(Method::Sgd(SgdConfig {
+        momentum: 0.9,
+        dampening: 0.0,
+        nesterov: false,
+        weight_decay: 0.0,
+    }))
+    .unwrap();
+    d.register(&mut od).unwrap();
+    [(g, og), (d, od)]
+}
+
+const CK_PROGRESS: &str = r#"{"epoch":3,"options":{"lr":0.0002,"batch":8}}"#;
+
+/// The bytes of a checkpoint of [`ck_model`] after three steps (made once).
+fn checkpoint_seed() -> Vec<u8> {
+    static SEED: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    SEED.get_or_init(make_checkpoint_seed).clone()
+}
+
+fn make_checkpoint_seed() -> Vec<u8> {
+    let [(mut g, mut og), (mut d, mut od)] = ck_model(1.0);
+    for t in 0..3 {
+        for (s, o) in [(&mut g, &mut og), (&mut d, &mut od)] {
+            s.zero_grads();
+            for id in 0..s.params().len() {
+                if s.get(id).trainable {
+                    let n = s.get(id).value.len();
+                    let grad: Vec<f32> = (0..n).map(|i| ((i + t) as f32 * 0.71).cos()).collect();
+                    s.accumulate(id, &grad).unwrap();
+                }
+            }
+            s.step(o, 1e-2).unwrap();
+        }
+    }
+    let p = unique_scratch("safetensors");
+    let progress: serde_json::Value = serde_json::from_str(CK_PROGRESS).unwrap();
+    checkpoint::save_parts(&p, &[("G.", &g, &og), ("D.", &d, &od)], &progress).unwrap();
+    std::fs::read(&p).unwrap()
+}
+
+/// What a checkpoint restores: values, optimizer states, progress.
+type Restored = (Vec<Vec<f32>>, Vec<ParamState>, serde_json::Value);
+
+/// Loads the checkpoint at `path` into a fresh [`ck_model`]; on an error
+/// also checks that the model was left untouched.
+fn load_ck(path: &Path) -> cellmorph::Result<Restored> {
+    let [(mut g, mut og), (mut d, mut od)] = ck_model(0.0);
+    let before = (g.clone(), d.clone());
+    let r = checkpoint::load_parts(
+        path,
+        &mut [("G.", &mut g, &mut og), ("D.", &mut d, &mut od)],
+    );
+    match r {
+        Ok(progress) => {
+            let values = [&g, &d]
+                .iter()
+                .flat_map(|s| s.params().iter().map(|p| p.value.clone()))
+                .collect();
+            let states = [&og, &od]
+                .iter()
+                .flat_map(|o| (0..o.params().len()).map(|i| o.state(i).unwrap().clone()))
+                .collect();
+            Ok((values, states, progress))
+        }
+        Err(e) => {
+            assert_eq!(
+                (g, d),
+                before,
+                "a refused checkpoint changed the model: {e}"
+            );
+            Err(e)
+        }
+    }
+}
+
+/// A damaged checkpoint is refused with an error naming it, or (a change
+/// that leaves the contents as they were) loads exactly what was saved.
+fn check_damaged(bytes: &[u8], tag: &str, original: &Restored) {
+    let p = as_file(tag, "safetensors", bytes);
+    match bounded(bytes.len(), "checkpoint", || load_ck(&p)) {
+        Ok(r) => assert!(&r == original, "a damaged checkpoint loaded other values"),
+        Err(e) => assert!(
+            e.to_string().contains(tag),
+            "the error does not name the file: {e}"
+        ),
+    }
+}
+
+/// The tensors and metadata of a checkpoint, to rewrite it with a change.
+struct CkParts {
+    tensors: std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    meta: std::collections::HashMap<String, String>,
+}
+
+fn ck_parts(bytes: &[u8]) -> CkParts {
+    let f = TensorFile::from_bytes("seed", bytes.to_vec()).unwrap();
+    CkParts {
+        tensors: f
+            .names()
+            .into_iter()
+            .map(|n| {
+                let t = f.f32(&n).unwrap();
+                (n, t)
+            })
+            .collect(),
+        meta: f.metadata().unwrap().clone(),
+    }
+}
+
+/// Writes `parts` to the scratch file `tag`, with tensor `f16` (if any) in
+/// F16, and returns its path.
+fn write_ck(tag: &str, parts: &CkParts, f16: Option<&str>) -> PathBuf {
+    let mut w = cellmorph::io::TensorWriter::new();
+    for (name, (shape, v)) in &parts.tensors {
+        if Some(name.as_str()) == f16 {
+            let h: Vec<half::f16> = v.iter().map(|x| half::f16::from_f32(*x)).collect();
+            w.add_slice(name, shape, &h).unwrap();
+        } else {
+            w.add_slice(name, shape, v).unwrap();
+        }
+    }
+    for (k, v) in &parts.meta {
+        w.set_metadata(k, v);
+    }
+    let p = scratch(tag, "safetensors");
+    w.write(&p).unwrap();
+    p
+}
+
+/// Every byte of a checkpoint flipped (one bit each) and every truncation:
+/// refused, naming the file, or loaded unchanged; the header length set
+/// huge: refused.
+#[test]
+fn checkpoints_flipped_anywhere_or_truncated_never_resume_wrong() {
+    let seed = checkpoint_seed();
+    let original = load_ck(&as_file("ck-original", "safetensors", &seed)).unwrap();
+    let mut refused = 0;
+    for i in 0..seed.len() {
+        let mut b = seed.clone();
+        b[i] ^= 1 << (i % 8);
+        let p = as_file("ck-flip", "safetensors", &b);
+        match load_ck(&p) {
+            Ok(r) => assert!(r == original, "byte {i} flipped: other values loaded"),
+            Err(e) => {
+                assert!(e.to_string().contains("ck-flip"), "byte {i}: {e}");
+                refused += 1;
+            }
+        }
+    }
+    // Flips in the header's padding spaces may leave valid JSON; every
+    // flip of a tensor's bytes is caught by the checksum.
+    assert!(
+        refused * 10 >= seed.len() * 9,
+        "{refused} of {} flips refused",
+        seed.len()
+    );
+    for len in 0..seed.len() {
+        let p = as_file("ck-short", "safetensors", &seed[..len]);
+        let e = load_ck(&p).unwrap_err().to_string();
+        assert!(e.contains("ck-short"), "{len} bytes: {e}");
+    }
+    for huge in [u64::MAX, 1 << 40, seed.len() as u64] {
+        let mut b = seed.clone();
+        b[..8].copy_from_slice(&huge.to_le_bytes());
+        let p = as_file("ck-huge", "safetensors", &b);
+        let e = bounded(b.len(), "huge header", || load_ck(&p)).unwrap_err();
+        assert!(e.to_string().contains("ck-huge"), "{e}");
+    }
+}
+
+/// A checkpoint rewritten with one change (a valid safetensors file): with
+/// its checksum kept, every change of contents is refused as damage; with
+/// the checksum removed (as checkpoints written before it), each change is
+/// refused for what it is, naming the file and the tensor or key.
+#[test]
+fn checkpoints_that_do_not_fit_the_model_are_refused_by_name() {
+    let seed = checkpoint_seed();
+    let original = load_ck(&as_file("ck-seed", "safetensors", &seed)).unwrap();
+    let base = ck_parts(&seed);
+    assert!(base.meta.contains_key("cellmorph.checksum"));
+
+    // Without the checksum, an unchanged checkpoint still loads, exactly.
+    let mut legacy = ck_parts(&seed);
+    legacy.meta.remove("cellmorph.checksum");
+    assert!(load_ck(&write_ck("ck-legacy", &legacy, None)).unwrap() == original);
+
+    type Change = Box<dyn Fn(&mut CkParts)>;
+    let set = |name: &'static str, i: usize, v: f32| -> Change {
+        Box::new(move |p: &mut CkParts| p.tensors.get_mut(name).unwrap().1[i] = v)
+    };
+    let meta = |key: &'static str, v: &'static str| -> Change {
+        Box::new(move |p: &mut CkParts| {
+            p.meta.insert(key.to_string(), v.to_string());
+        })
+    };
+    const STEPS_G: &str = "cellmorph.optimizer_steps.G.";
+    let cases: Vec<(&str, Change, &[&str])> = vec![
+        (
+            "nan-weight",
+            set("G.w", 5, f32::NAN),
+            &["\"G.w\"", "non-finite", "index 5"],
+        ),
+        (
+            "inf-buffer",
+            set("G.bn.running_mean", 1, f32::INFINITY),
+            &["G.bn.running_mean", "non-finite"],
+        ),
+        (
+            "nan-exp-avg",
+            set("optimizer.G.w.exp_avg", 0, f32::NAN),
+            &["G.w", "exp_avg", "non-finite"],
+        ),
+        (
+            "inf-momentum",
+            set("optimizer.D.b.momentum_buffer", 1, f32::NEG_INFINITY),
+            &["D.b", "momentum_buffer", "non-finite"],
+        ),
+        (
+            "negative-v",
+            set("optimizer.G.b.exp_avg_sq", 2, -1.0),
+            &["G.b", "exp_avg_sq", "negative"],
+        ),
+        (
+            "shape",
+            Box::new(|p: &mut CkParts| p.tensors.get_mut("G.w").unwrap().0 = vec![4, 3]),
+            &["\"G.w\"", "shape [4, 3]"],
+        ),
+        (
+            "state-shape",
+            Box::new(|p: &mut CkParts| {
+                p.tensors.get_mut("optimizer.G.w.exp_avg").unwrap().0 = vec![3, 4]
+            }),
+            &["optimizer.G.w.exp_avg", "shape"],
+        ),
+        (
+            "missing",
+            Box::new(|p: &mut CkParts| {
+                p.tensors.remove("D.b");
+            }),
+            &["missing tensor \"D.b\""],
+        ),
+        (
+            "missing-state",
+            Box::new(|p: &mut CkParts| {
+                p.tensors.remove("optimizer.D.w.momentum_buffer");
+            }),
+            &["D.w", "no optimizer state"],
+        ),
+        (
+            "extra",
+            Box::new(|p: &mut CkParts| {
+                p.tensors
+                    .insert("G.head.weight".into(), (vec![2], vec![0.0, 1.0]));
+            }),
+            &["unexpected tensor \"G.head.weight\""],
+        ),
+        (
+            "foreign-state",
+            Box::new(|p: &mut CkParts| {
+                p.tensors
+                    .insert("optimizer.D.w.exp_avg".into(), (vec![6], vec![0.0; 6]));
+            }),
+            &["D.w", "exp_avg", "does not belong"],
+        ),
+        (
+            "another-model",
+            Box::new(|p: &mut CkParts| {
+                let t = std::mem::take(&mut p.tensors);
+                p.tensors = t
+                    .into_iter()
+                    .map(|(k, v)| (k.replace("G.", "E."), v))
+                    .collect();
+            }),
+            &["missing tensor \"G.w\""],
+        ),
+        ("step-negative", meta(STEPS_G, "[-1,3]"), &[STEPS_G, "-1"]),
+        ("step-fraction", meta(STEPS_G, "[2.5,3]"), &[STEPS_G]),
+        (
+            "step-absurd",
+            meta(STEPS_G, "[18446744073709551615,3]"),
+            &["G.w", "step count", "beyond"],
+        ),
+        ("step-zero", meta(STEPS_G, "[0,3]"), &["G.w", "step 0"]),
+        (
+            "step-count",
+            meta(STEPS_G, "[3,3,3]"),
+            &["optimizer state for 3 parameters, the model has 2"],
+        ),
+        ("steps-not-json", meta(STEPS_G, "three"), &[STEPS_G]),
+        (
+            "progress",
+            meta("cellmorph.progress", "{\"epoch\":"),
+            &["cellmorph.progress"],
+        ),
+        (
+            "kind",
+            Box::new(|p: &mut CkParts| {
+                p.meta.remove("cellmorph.checkpoint");
+            }),
+            &["not a cellmorph training checkpoint"],
+        ),
+    ];
+    for (tag, change, needles) in &cases {
+        // Checksum kept: refused as damage (or, for a checksum-free
+        // reason, as above) — never loaded.
+        let mut parts = ck_parts(&seed);
+        change(&mut parts);
+        let e = load_ck(&write_ck(&format!("ck-{tag}-sum"), &parts, None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("ck-{tag}-sum")), "{tag}: {e}");
+        // Checksum removed: refused for the reason itself.
+        parts.meta.remove("cellmorph.checksum");
+        let e = load_ck(&write_ck(&format!("ck-{tag}"), &parts, None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("ck-{tag}.safetensors")), "{tag}: {e}");
+        for n in *needles {
+            assert!(e.contains(n), "{tag}: {e:?} lacks {n:?}");
+        }
+    }
+    // A tensor in F16 (a converted checkpoint would not resume the saved bits).
+    let e = load_ck(&write_ck("ck-f16", &legacy, Some("D.w")))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("ck-f16") && e.contains("\"D.w\"") && e.contains("F16"),
+        "{e}"
+    );
+    // The checksum itself damaged, or not one.
+    for (tag, v) in [
+        ("ck-sum-bad", "fnv1a64:0000000000000000"),
+        ("ck-sum-junk", "x"),
+    ] {
+        let mut parts = ck_parts(&seed);
+        parts.meta.insert("cellmorph.checksum".into(), v.into());
+        let e = load_ck(&write_ck(tag, &parts, None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(tag) && e.contains("changed or damaged"), "{e}");
+    }
+}
+
+/// A trainer's progress bounds the optimizer's step counts and the batch
+/// counters it restores.
+#[test]
+fn checkpoint_step_counts_and_counters_are_checked_against_the_run() {
+    let p = as_file("ck-steps", "safetensors", &checkpoint_seed());
+    let [(mut g, mut og), (mut d, mut od)] = ck_model(0.0);
+    checkpoint::load_parts(&p, &mut [("G.", &mut g, &mut og), ("D.", &mut d, &mut od)]).unwrap();
+    checkpoint::check_steps(&p, &og, 3).unwrap();
+    checkpoint::check_steps(&p, &og, 1000).unwrap();
+    let e = checkpoint::check_steps(&p, &og, 2).unwrap_err().to_string();
+    assert!(
+        e.contains("ck-steps") && e.contains("w: the optimizer took 3 steps"),
+        "{e}"
+    );
+    let m = |kv: &[(&str, i64)]| -> std::collections::BTreeMap<String, i64> {
+        kv.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    };
+    let model = m(&[("bn.num_batches_tracked", 0)]);
+    checkpoint::check_counters(&p, &m(&[("bn.num_batches_tracked", 9)]), &model).unwrap();
+    for (saved, needle) in [
+        (m(&[("bn.num_batches_tracked", -1)]), "is -1"),
+        (m(&[("bn.num_batches_tracked", i64::MAX)]), "outside"),
+        (m(&[]), "is missing"),
+        (
+            m(&[("bn.num_batches_tracked", 1), ("x.num_batches_tracked", 1)]),
+            "not a layer",
+        ),
+    ] {
+        let e = checkpoint::check_counters(&p, &saved, &model)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ck-steps") && e.contains(needle), "{e}");
+    }
+}
+
 proptest! {
     #![proptest_config(config())]
+
+    /// Mutated checkpoints (truncation, bit flips, overwrites, huge length
+    /// fields, splices, insertions, arbitrary bytes): refused naming the
+    /// file, or loaded exactly as saved; bounded memory either way.
+    #[test]
+    fn mutated_checkpoints(bytes in input(vec![checkpoint_seed()])) {
+        let original = load_ck(&as_file("ck-prop-original", "safetensors", &checkpoint_seed())).unwrap();
+        check_damaged(&bytes, "ck-prop", &original);
+    }
 
     #[test]
     fn safetensors_and_model_loaders(bytes in input(vec![

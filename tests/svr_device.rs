@@ -16,6 +16,8 @@
 //! equal gradients common, so the warp reductions' tie-breaking (the last
 //! index wins, as in libsvm's `>=` scans) is exercised.
 
+mod common;
+
 use std::path::PathBuf;
 
 use cellmorph::backend::cuda_device_count;
@@ -26,7 +28,7 @@ use cellmorph::svr::{
 use cellmorph::table::Table;
 use cellmorph::{Backend, Device};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::{TestCaseError, TestRunner};
 
 /// Property cases on the emulated device (each CUDA thread is a fiber there,
 /// and every warp collective switches all 32).
@@ -194,10 +196,7 @@ fn check_batch(be: &Backend, b: &Batch) -> Result<(), TestCaseError> {
 /// Random batches: seed, rows, features, max training rows, problems and
 /// coarse data.
 fn run_batches(be: &Backend, cases: u32, max_rows: usize) {
-    let mut runner = TestRunner::new(Config {
-        failure_persistence: None,
-        ..Config::with_cases(cases)
-    });
+    let mut runner = TestRunner::new(common::proptest_config(cases));
     let strategy = (
         any::<u64>(),
         2usize..=max_rows,

@@ -91,7 +91,9 @@ pub struct TrainArgs {
     #[arg(long)]
     output: PathBuf,
     /// Continue from a checkpoint of an earlier run with the same data and
-    /// options (only --epochs may change); equals the unbroken run.
+    /// options (only --epochs may change); equals the unbroken run. A
+    /// checkpoint made with other options or data, of another model, or
+    /// damaged is refused.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Passes over the training cells.

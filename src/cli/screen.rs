@@ -179,7 +179,8 @@ pub struct TrainArgs {
     checkpoint: Option<PathBuf>,
     /// Resume stage 2 from this checkpoint (stage 1 runs again, as it is
     /// deterministic); only --unfreeze-epochs may differ from the run that
-    /// wrote it, and the result equals the unbroken run's.
+    /// wrote it, and the result equals the unbroken run's. A checkpoint made
+    /// with other options or images, of another model, or damaged is refused.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Training runs on the CPU so far; other devices are refused.

@@ -121,6 +121,7 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
 fn vqvae2_step(a: &TrainStepArgs, method: Method) -> Result<()> {
     let weights = TensorFile::open(&a.weights)?;
     let (cfg, mut store) = vqvae2::load_store(&weights)?;
+    cellmorph::apps::expression::init::check_vqvae2_tensors(&weights, &cfg)?;
     let batch = TensorFile::open(&a.batch)?;
     let (shape, x) = batch.f32("input")?;
     let mut opt = Optimizer::new(method)?;

@@ -71,7 +71,8 @@ pub struct TrainArgs {
     init: Option<PathBuf>,
     /// Continue from a checkpoint of an earlier run with the same options and
     /// images (only --steps and --checkpoint-every may change); the result
-    /// equals an unbroken run bit for bit.
+    /// equals an unbroken run bit for bit. A checkpoint made with other
+    /// options or images, of another model, or damaged is refused.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Total optimizer steps.

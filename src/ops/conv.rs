@@ -776,11 +776,7 @@ fn conv2d_fused_cpu(
                 .enumerate()
             {
                 let ci = p % g.c_in.max(1);
-                let (s, t) = (scale[ci], shift[ci]);
-                for (d, &v) in dst.iter_mut().zip(src) {
-                    let a = v * s + t;
-                    *d = if a < 0.0 { 0.0 } else { a };
-                }
+                bn_relu_plane(dst, src, scale[ci], shift[ci]);
             }
             input = &activated[..k * in_len];
         }
@@ -822,6 +818,42 @@ fn conv2d_fused_cpu(
         }
     }
     Ok(())
+}
+
+/// One plane of the BatchNorm+ReLU prologue: `dst = max(src·s + t, 0)`
+/// (NaN passes) with `src·s + t` a fused multiply-add, rounded once, as the
+/// kernels' `fmaf` (kernels/conv_gather.cuh). The value is then pooled and
+/// rounded to bf16/f16 for the tensor-core reference: computed with two
+/// roundings it could differ from the kernel's by one f32 ulp and, next to a
+/// bf16 rounding boundary, round to the neighbouring bf16 value (2⁻⁸
+/// relative), a difference the rounded-operand reference must not have.
+fn bn_relu_plane(dst: &mut [f32], src: &[f32], s: f32, t: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports FMA (just detected), the only feature
+        // bn_relu_plane_fma is compiled for.
+        return unsafe { bn_relu_plane_fma(dst, src, s, t) };
+    }
+    bn_relu_plane_impl(dst, src, s, t);
+}
+
+/// [`bn_relu_plane_impl`] compiled for CPUs with hardware FMA, where
+/// `mul_add` is one instruction instead of a libm call (same bits).
+///
+/// # Safety
+/// The CPU must support FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn bn_relu_plane_fma(dst: &mut [f32], src: &[f32], s: f32, t: f32) {
+    bn_relu_plane_impl(dst, src, s, t);
+}
+
+#[inline(always)]
+fn bn_relu_plane_impl(dst: &mut [f32], src: &[f32], s: f32, t: f32) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        let a = v.mul_add(s, t);
+        *d = if a < 0.0 { 0.0 } else { a };
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -4,13 +4,28 @@
 //! `optimizer.{param}.{exp_avg,exp_avg_sq,momentum_buffer}` with
 //! PyTorch's keys, each parameter's step count, and the caller's progress
 //! (any JSON: step, epoch, metrics so far) in the metadata. Written
-//! atomically; loading checks every name, shape and count, so a resumed run
-//! continues from exactly the saved bits.
+//! atomically with a checksum; loading checks every name, dtype, shape and
+//! count, so a resumed run continues from exactly the saved bits.
+//!
+//! A checkpoint is refused, with an error naming the file and the tensor or
+//! metadata key, when it is damaged (truncated, bytes changed: the checksum,
+//! FNV-1a 64 over every tensor's name, shape and bytes and every metadata
+//! entry, no longer matches) or does not fit the model (a missing or extra
+//! tensor, a dtype other than F32, another shape, NaN or ±∞ in a value or in
+//! the optimizer state, optimizer state another optimizer or step would not
+//! have, a step count beyond [`MAX_STEP`]). Checkpoints written before the
+//! checksum existed have none and get every check but that one. Whether the
+//! checkpoint comes from the same run is the trainer's to check, from the
+//! progress it returns: `vqvae2 train`, `cp2image train` and `screen train`
+//! refuse (they do not merely warn about) other options than the
+//! checkpoint's (batch size, learning rate, seed, …) except the run length,
+//! other data, optimizer step counts beyond the progress ([`check_steps`])
+//! and BatchNorm counters of other layers ([`check_counters`]).
 
 use std::path::Path;
 
 use crate::io::{TensorFile, TensorWriter};
-use crate::train::optim::{Optimizer, ParamState};
+use crate::train::optim::{Optimizer, ParamState, MAX_STEP};
 use crate::train::store::ParamStore;
 use crate::{Error, Result};
 
@@ -22,6 +37,71 @@ const STEPS_KEY: &str = "cellmorph.optimizer_steps";
 const PROGRESS_KEY: &str = "cellmorph.progress";
 /// Metadata key saying what the file is.
 const KIND_KEY: &str = "cellmorph.checkpoint";
+/// Metadata key of the checksum (`fnv1a64:` and 16 hex digits).
+const CHECKSUM_KEY: &str = "cellmorph.checksum";
+/// Prefix of the checksum's value.
+const CHECKSUM_PREFIX: &str = "fnv1a64:";
+
+/// FNV-1a, 64 bits, over a checkpoint's contents in a fixed order: the
+/// tensors by name (each: name, shape, little-endian f32 bytes), then the
+/// metadata by key without the checksum itself (each: key, value); every
+/// string and shape led by its length, so no two contents share a stream.
+#[derive(Clone, Copy)]
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        for &x in b {
+            self.0 = (self.0 ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    fn len(&mut self, n: usize) {
+        self.bytes(&(n as u64).to_le_bytes());
+    }
+    fn str(&mut self, s: &str) {
+        self.len(s.len());
+        self.bytes(s.as_bytes());
+    }
+    fn tensor(&mut self, name: &str, shape: &[usize], values: &[f32]) {
+        self.str(name);
+        self.len(shape.len());
+        for &d in shape {
+            self.len(d);
+        }
+        self.len(values.len());
+        for v in values {
+            self.bytes(&v.to_le_bytes());
+        }
+    }
+}
+
+/// The checksum of `tensors` (sorted by name) and `metadata`.
+fn checksum<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [f32])>,
+    metadata: &std::collections::HashMap<String, String>,
+) -> String {
+    let mut h = Fnv::new();
+    let mut tensors: Vec<_> = tensors.into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(b.0));
+    h.len(tensors.len());
+    for (name, shape, values) in tensors {
+        h.tensor(name, shape, values);
+    }
+    let mut meta: Vec<_> = metadata
+        .iter()
+        .filter(|(k, _)| *k != CHECKSUM_KEY)
+        .collect();
+    meta.sort();
+    h.len(meta.len());
+    for (k, v) in meta {
+        h.str(k);
+        h.str(v);
+    }
+    format!("{CHECKSUM_PREFIX}{:016x}", h.0)
+}
 
 /// Writes `store` (values of parameters and buffers), `opt`'s state and
 /// `progress` to `path` atomically.
@@ -43,30 +123,44 @@ pub fn save_parts(
     progress: &serde_json::Value,
 ) -> Result<()> {
     let mut w = TensorWriter::new();
+    let mut meta = std::collections::HashMap::new();
+    // (name, shape, values) of every tensor, for the checksum.
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
     for (prefix, store, opt) in parts {
         store.write_values(&mut w, prefix)?;
+        for p in store.params() {
+            tensors.push((format!("{prefix}{}", p.name), p.shape.clone(), &p.value));
+        }
         let mut steps = Vec::with_capacity(opt.params().len());
         for (i, info) in opt.params().iter().enumerate() {
-            let state = opt.state(i).cloned().unwrap_or_default();
-            for (key, v) in state.tensors() {
-                w.add_slice(
-                    &format!("{OPTIMIZER_PREFIX}{prefix}{}.{key}", info.name),
-                    &[v.len()],
-                    v,
-                )?;
+            let state = opt.state(i);
+            for (key, v) in state.map(ParamState::tensors).unwrap_or_default() {
+                let name = format!("{OPTIMIZER_PREFIX}{prefix}{}.{key}", info.name);
+                w.add_slice(&name, &[v.len()], v)?;
+                tensors.push((name, vec![v.len()], v));
             }
-            steps.push(state.step);
+            steps.push(state.map_or(0, |s| s.step));
         }
-        w.set_metadata(
-            &steps_key(prefix),
-            &serde_json::Value::from(steps).to_string(),
+        meta.insert(
+            steps_key(prefix),
+            serde_json::Value::from(steps).to_string(),
         );
     }
-    w.set_metadata(
-        KIND_KEY,
-        "training checkpoint (state_dict + optimizer state)",
+    meta.insert(
+        KIND_KEY.to_string(),
+        "training checkpoint (state_dict + optimizer state)".to_string(),
     );
-    w.set_metadata(PROGRESS_KEY, &progress.to_string());
+    meta.insert(PROGRESS_KEY.to_string(), progress.to_string());
+    let sum = checksum(
+        tensors
+            .iter()
+            .map(|(n, s, v)| (n.as_str(), s.as_slice(), *v)),
+        &meta,
+    );
+    for (k, v) in &meta {
+        w.set_metadata(k, v);
+    }
+    w.set_metadata(CHECKSUM_KEY, &sum);
     w.write(path)
 }
 
@@ -92,22 +186,60 @@ pub fn load_parts(
     parts: &mut [(&str, &mut ParamStore, &mut Optimizer)],
 ) -> Result<serde_json::Value> {
     let file = TensorFile::open(path)?;
-    let meta = file.metadata();
+    let empty = std::collections::HashMap::new();
+    let meta = file.metadata().unwrap_or(&empty);
     let get = |key: &str| -> Result<&String> {
-        meta.and_then(|m| m.get(key)).ok_or_else(|| {
+        meta.get(key).ok_or_else(|| {
             Error::format(
                 path,
                 format!("not a cellmorph training checkpoint (no {key:?} metadata)"),
             )
         })
     };
+    get(KIND_KEY)?;
+    // Every tensor, read once: F32 only (a checkpoint is written in f32; a
+    // converted tensor would not resume the saved bits).
+    let mut tensors = std::collections::BTreeMap::new();
+    for name in file.names() {
+        if let Some(dtype) = file.dtype(&name).filter(|d| *d != safetensors::Dtype::F32) {
+            return Err(Error::format(
+                path,
+                format!("tensor {name:?} has dtype {dtype:?}; a checkpoint holds F32 tensors only"),
+            ));
+        }
+        let t = file.f32(&name)?;
+        tensors.insert(name, t);
+    }
+    if let Some(saved) = meta.get(CHECKSUM_KEY) {
+        let sum = checksum(
+            tensors
+                .iter()
+                .map(|(n, (s, v))| (n.as_str(), s.as_slice(), v.as_slice())),
+            meta,
+        );
+        if *saved != sum {
+            return Err(Error::format(
+                path,
+                format!(
+                    "{CHECKSUM_KEY} is {saved:?} but the contents give {sum:?}: the file was changed or damaged after it was written"
+                ),
+            ));
+        }
+    }
     let progress: serde_json::Value = serde_json::from_str(get(PROGRESS_KEY)?)
         .map_err(|e| Error::format(path, format!("{PROGRESS_KEY}: {e}")))?;
+    // Tensors not claimed by any part are an error (another model's file).
+    let mut unclaimed: std::collections::BTreeSet<&str> =
+        tensors.keys().map(String::as_str).collect();
     let mut restored = Vec::with_capacity(parts.len());
     for (prefix, store, opt) in parts.iter() {
         let key = steps_key(prefix);
-        let steps: Vec<u64> = serde_json::from_str(get(&key)?)
-            .map_err(|e| Error::format(path, format!("{key}: {e}")))?;
+        let steps: Vec<u64> = serde_json::from_str(get(&key)?).map_err(|e| {
+            Error::format(
+                path,
+                format!("{key}: {e} (step counts are integers from 0 to {MAX_STEP})"),
+            )
+        })?;
         if steps.len() != opt.params().len() {
             return Err(Error::format(
                 path,
@@ -121,8 +253,13 @@ pub fn load_parts(
         let mut values = Vec::with_capacity(store.params().len());
         for p in store.params() {
             let name = format!("{prefix}{}", p.name);
-            let (shape, data) = file.f32(&name)?;
-            if shape != p.shape {
+            let (shape, data) = take(&tensors, &mut unclaimed, &name).ok_or_else(|| {
+                Error::format(
+                    path,
+                    format!("missing tensor {name:?} (a parameter of the model)"),
+                )
+            })?;
+            if *shape != p.shape {
                 return Err(Error::format(
                     path,
                     format!(
@@ -131,33 +268,34 @@ pub fn load_parts(
                     ),
                 ));
             }
-            if data.iter().any(|v| !v.is_finite()) {
+            if let Some(i) = data.iter().position(|v| !v.is_finite()) {
                 return Err(Error::format(
                     path,
-                    format!("tensor {name:?} holds NaN or infinite values"),
+                    format!(
+                        "tensor {name:?} holds a non-finite value ({}) at flat index {i}",
+                        data[i]
+                    ),
                 ));
             }
-            values.push(data);
+            values.push(data.clone());
         }
         let mut trial = (*opt).clone();
         for (i, (info, &step)) in opt.params().iter().zip(&steps).enumerate() {
-            let read = |key: &str| -> Result<Option<Vec<f32>>> {
+            let mut read = |key: &str| -> Result<Option<Vec<f32>>> {
                 let name = format!("{OPTIMIZER_PREFIX}{prefix}{}.{key}", info.name);
-                if !file.contains(&name) {
+                let Some((shape, v)) = take(&tensors, &mut unclaimed, &name) else {
                     return Ok(None);
-                }
-                let (_, v) = file.f32(&name)?;
-                if v.len() != info.len {
+                };
+                if *shape != [info.len] {
                     return Err(Error::format(
                         path,
                         format!(
-                            "tensor {name:?} has {} values, the parameter {}",
-                            v.len(),
+                            "tensor {name:?} has shape {shape:?}, the parameter {} values",
                             info.len
                         ),
                     ));
                 }
-                Ok(Some(v))
+                Ok(Some(v.clone()))
             };
             let state = ParamState {
                 step,
@@ -167,9 +305,18 @@ pub fn load_parts(
             };
             trial
                 .set_state(i, state)
-                .map_err(|e| Error::format(path, e.to_string()))?;
+                .map_err(|e| Error::format(path, format!("{prefix}{e}")))?;
         }
         restored.push((values, trial));
+    }
+    if let Some(name) = unclaimed.first() {
+        return Err(Error::format(
+            path,
+            format!(
+                "unexpected tensor {name:?} ({} in all): neither a parameter of the model nor its optimizer state (a checkpoint of another model?)",
+                unclaimed.len()
+            ),
+        ));
     }
     for ((_, store, opt), (values, trial)) in parts.iter_mut().zip(restored) {
         **opt = trial;
@@ -178,6 +325,68 @@ pub fn load_parts(
         }
     }
     Ok(progress)
+}
+
+/// The tensor `name` of `tensors`, marked as claimed.
+fn take<'a>(
+    tensors: &'a std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    unclaimed: &mut std::collections::BTreeSet<&str>,
+    name: &str,
+) -> Option<&'a (Vec<usize>, Vec<f32>)> {
+    unclaimed.remove(name);
+    tensors.get(name)
+}
+
+/// Checks that no parameter of `opt` has taken more than `steps` optimizer
+/// steps (the trainer's own count from the checkpoint's progress), naming
+/// the checkpoint `path`: a larger count is another run's state or a damaged
+/// one, and would resume with the wrong bias corrections.
+pub fn check_steps(path: &Path, opt: &Optimizer, steps: u64) -> Result<()> {
+    for (i, info) in opt.params().iter().enumerate() {
+        let step = opt.state(i).map_or(0, |s| s.step);
+        if step > steps {
+            return Err(Error::format(
+                path,
+                format!(
+                    "{}: the optimizer took {step} steps, but the run's progress says {steps}",
+                    info.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks BatchNorm batch counters (`num_batches_tracked`, kept in a
+/// trainer's progress) restored from the checkpoint `path` against the
+/// model's: the same layers, each count from 0 to [`MAX_STEP`].
+pub fn check_counters(
+    path: &Path,
+    saved: &std::collections::BTreeMap<String, i64>,
+    model: &std::collections::BTreeMap<String, i64>,
+) -> Result<()> {
+    if let Some(k) = saved.keys().find(|k| !model.contains_key(*k)) {
+        return Err(Error::format(
+            path,
+            format!("batch counter {k:?} is not a layer of the model"),
+        ));
+    }
+    if let Some(k) = model.keys().find(|k| !saved.contains_key(*k)) {
+        return Err(Error::format(
+            path,
+            format!("batch counter {k:?} is missing"),
+        ));
+    }
+    if let Some((k, v)) = saved
+        .iter()
+        .find(|(_, v)| !(0..=MAX_STEP as i64).contains(*v))
+    {
+        return Err(Error::format(
+            path,
+            format!("batch counter {k:?} is {v}, outside 0..={MAX_STEP}"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -70,6 +70,61 @@ impl NetState {
                 format!("no tensors \"{prefix}blocks.0.bn.weight\": not a CP2Image network"),
             ));
         }
+        // The tensors must be exactly the network's: per block
+        // `bn.{weight,bias,running_mean,running_var}` and the conv's, then
+        // `fc` (and `out` for the generator); the discriminator's convs carry
+        // spectral norm (`weight_orig`, `weight_u`, `weight_v`).
+        let sn = params.params().iter().any(|p| {
+            [".weight_orig", ".weight_u", ".weight_v"]
+                .iter()
+                .any(|s| p.name.ends_with(s))
+        });
+        let (kind, conv): (&str, &[&str]) = if sn {
+            (
+                "discriminator",
+                &["weight_orig", "weight_u", "weight_v", "bias"],
+            )
+        } else {
+            ("generator", &["weight", "bias"])
+        };
+        let mut expected: Vec<String> = Vec::new();
+        for i in 0..blocks {
+            for t in ["weight", "bias", "running_mean", "running_var"] {
+                expected.push(format!("blocks.{i}.bn.{t}"));
+            }
+            expected.extend(conv.iter().map(|t| format!("blocks.{i}.conv.{t}")));
+        }
+        let heads: &[&str] = if sn { &["fc"] } else { &["fc", "out"] };
+        for h in heads {
+            expected.push(format!("{h}.weight"));
+            expected.push(format!("{h}.bias"));
+        }
+        if let Some(name) = expected.iter().find(|n| params.id(n).is_err()) {
+            return Err(Error::format(
+                file.path(),
+                format!("missing tensor \"{prefix}{name}\" (a CP2Image {kind} of {blocks} blocks has it)"),
+            ));
+        }
+        let known: std::collections::HashSet<&str> = expected.iter().map(String::as_str).collect();
+        let extra = params
+            .params()
+            .iter()
+            .map(|p| p.name.as_str())
+            .find(|n| !known.contains(n))
+            .or_else(|| {
+                counters.keys().map(String::as_str).find(|k| {
+                    k.strip_suffix(".num_batches_tracked")
+                        .is_none_or(|bn| !known.contains(format!("{bn}.weight").as_str()))
+                })
+            });
+        if let Some(name) = extra {
+            return Err(Error::format(
+                file.path(),
+                format!(
+                    "tensor \"{prefix}{name}\" is not part of a CP2Image {kind} of {blocks} blocks"
+                ),
+            ));
+        }
         for i in 0..blocks {
             counters
                 .entry(format!("blocks.{i}.bn.num_batches_tracked"))

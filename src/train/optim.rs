@@ -150,6 +150,11 @@ impl ParamGroup {
     }
 }
 
+/// The largest step count a parameter's state may hold: 2⁵³, where the
+/// step stops being exact as the f64 of Adam's bias corrections (a run at a
+/// million steps a second would take 285 years to get there).
+pub const MAX_STEP: u64 = 1 << 53;
+
 /// A registered parameter: its name, element count and group index.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParamInfo {
@@ -329,9 +334,14 @@ impl Optimizer {
         self.state.get(index)
     }
 
-    /// Replaces the state of parameter `index` (e.g. from a checkpoint). Every
-    /// tensor present must have the parameter's length, and `exp_avg` and
-    /// `exp_avg_sq` must be both present or both absent.
+    /// Replaces the state of parameter `index` (e.g. from a checkpoint), after
+    /// checking that it is a state this optimizer could have reached: every
+    /// tensor present has the parameter's length and finite values
+    /// (`exp_avg_sq` also ≥ 0); the tensors are those of the method (Adam's
+    /// `exp_avg` and `exp_avg_sq`, both or neither; SGD's `momentum_buffer`
+    /// only with momentum); none before the first step and, after it, all
+    /// the method keeps; and `step` is at most [`MAX_STEP`]. An error names
+    /// the parameter and leaves the state unchanged.
     pub fn set_state(&mut self, index: usize, state: ParamState) -> Result<()> {
         let info = self.params.get(index).ok_or_else(|| {
             Error::invalid(format!(
@@ -341,21 +351,82 @@ impl Optimizer {
         })?;
         for (key, v) in state.tensors() {
             if v.len() != info.len {
-                return Err(Error::shape(
-                    "Optimizer::set_state",
-                    format!(
-                        "{}: {key} has {} elements, the parameter {}",
-                        info.name,
-                        v.len(),
-                        info.len
-                    ),
-                ));
+                return Err(Error::invalid(format!(
+                    "{}: optimizer state {key} has {} elements, the parameter {}",
+                    info.name,
+                    v.len(),
+                    info.len
+                )));
             }
+        }
+        let name = &info.name;
+        for (key, v) in state.tensors() {
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(Error::invalid(format!(
+                    "{name}: optimizer state {key} holds a non-finite value ({}) at index {i}",
+                    v[i]
+                )));
+            }
+        }
+        if let Some(i) = state
+            .exp_avg_sq
+            .as_deref()
+            .and_then(|v| v.iter().position(|x| *x < 0.0))
+        {
+            return Err(Error::invalid(format!(
+                "{name}: optimizer state exp_avg_sq holds a negative value at index {i} (a second moment is ≥ 0)"
+            )));
+        }
+        if state.step > MAX_STEP {
+            return Err(Error::invalid(format!(
+                "{name}: step count {} is beyond any run (at most {MAX_STEP})",
+                state.step
+            )));
+        }
+        let (adam, momentum) = match &self.method {
+            Method::Adam(_) | Method::AdamW(_) => (true, false),
+            Method::Sgd(c) => (false, c.momentum != 0.0),
+        };
+        let unexpected = match (adam, momentum) {
+            (true, _) => state.momentum_buffer.is_some().then_some("momentum_buffer"),
+            (false, m) => {
+                if state.exp_avg.is_some() {
+                    Some("exp_avg")
+                } else if !m && state.momentum_buffer.is_some() {
+                    Some("momentum_buffer")
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(key) = unexpected {
+            return Err(Error::invalid(format!(
+                "{name}: optimizer state {key} does not belong to this optimizer ({:?})",
+                self.method
+            )));
         }
         if state.exp_avg.is_some() != state.exp_avg_sq.is_some() {
             return Err(Error::invalid(format!(
-                "{}: exp_avg and exp_avg_sq must be both present or both absent",
-                info.name
+                "{}: optimizer state exp_avg and exp_avg_sq must be both present or both absent",
+                name
+            )));
+        }
+        let has = !state.tensors().is_empty();
+        let needs = adam || momentum;
+        if state.step == 0 && has {
+            return Err(Error::invalid(format!(
+                "{name}: optimizer state tensors at step 0 (they are created by the first step)"
+            )));
+        }
+        if state.step > 0 && needs && !has {
+            return Err(Error::invalid(format!(
+                "{name}: step {} but no optimizer state tensors ({})",
+                state.step,
+                if adam {
+                    "exp_avg, exp_avg_sq"
+                } else {
+                    "momentum_buffer"
+                }
             )));
         }
         self.state[index] = state;

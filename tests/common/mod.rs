@@ -52,3 +52,23 @@ pub fn fixture_path(name: &str) -> std::path::PathBuf {
     done.insert(name.to_string(), out.clone());
     out
 }
+
+/// A proptest configuration of `cases` cases (`PROPTEST_CASES=N` overrides)
+/// drawn from a fixed seed, so CI runs the same inputs every time;
+/// `PROPTEST_RNG_SEED=N` draws others (as tests/fuzz.rs). No failure files
+/// are written: a failure prints its case.
+#[allow(dead_code)] // not every suite that includes this module runs properties
+pub fn proptest_config(cases: u32) -> proptest::test_runner::Config {
+    let env = |key: &str| {
+        std::env::var(key).ok().map(|v| {
+            v.parse::<u64>()
+                .unwrap_or_else(|_| panic!("{key} must be an integer, got {v:?}"))
+        })
+    };
+    proptest::test_runner::Config {
+        cases: env("PROPTEST_CASES").map_or(cases, |c| c as u32),
+        rng_seed: proptest::test_runner::RngSeed::Fixed(env("PROPTEST_RNG_SEED").unwrap_or(0)),
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    }
+}

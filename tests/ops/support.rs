@@ -11,7 +11,7 @@
 use cellmorph::backend::cuda_device_count;
 use cellmorph::{Backend, Device, Error, Tensor};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::{TestCaseError, TestRunner};
 
 pub(crate) const EPS: f32 = f32::EPSILON;
 
@@ -62,12 +62,7 @@ pub(crate) fn run<S>(
     S: Strategy,
     S::Value: std::fmt::Debug,
 {
-    let config = Config {
-        cases: cases(be),
-        failure_persistence: None,
-        ..Config::default()
-    };
-    let mut runner = TestRunner::new(config);
+    let mut runner = TestRunner::new(crate::common::proptest_config(cases(be)));
     if let Err(e) = runner.run(&strategy, |v| check(be, v)) {
         panic!("on {}: {e}", be.device());
     }

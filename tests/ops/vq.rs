@@ -286,7 +286,7 @@ fn lookup_matches(be: &Backend, seed: u64, shape: [usize; 4], k: usize) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(24))]
+    #![proptest_config(crate::common::proptest_config(24))]
 
     #[test]
     fn lookup_emulated_matches_cpu(seed in any::<u64>(), n in 1usize..=3, d in dims(), k in codes(), h in 1usize..=12, w in 1usize..=12) {

@@ -339,6 +339,11 @@ pub fn train(
                 ),
             ));
         }
+        let steps = saved.epoch * (train_rows.len() / opts.batch) as u64;
+        checkpoint::check_steps(ck, &og, steps)?;
+        checkpoint::check_steps(ck, &od, steps)?;
+        checkpoint::check_counters(ck, &saved.counters_g, &g.num_batches_tracked)?;
+        checkpoint::check_counters(ck, &saved.counters_d, &d.num_batches_tracked)?;
         g.num_batches_tracked = saved.counters_g.clone();
         d.num_batches_tracked = saved.counters_d.clone();
         progress = Progress {

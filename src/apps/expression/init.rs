@@ -70,6 +70,43 @@ pub fn vqvae2_tensor_shapes(cfg: &VqVae2Config) -> Vec<(String, Vec<usize>)> {
     v
 }
 
+/// Checks that the tensors of `file` (a trainable VQ-VAE-2 `state_dict` or
+/// checkpoint, whose configuration `cfg` was read off it) are exactly those
+/// of [`vqvae2_tensor_shapes`], each with its shape; a checkpoint's
+/// optimizer state (`optimizer.*`) is left to the checkpoint loader. An
+/// error names the file and the first tensor that is missing, extra or of
+/// another shape.
+pub fn check_vqvae2_tensors(file: &TensorFile, cfg: &VqVae2Config) -> Result<()> {
+    let expected = vqvae2_tensor_shapes(cfg);
+    for (name, shape) in &expected {
+        match file.shape(name) {
+            None => {
+                return Err(Error::format(
+                    file.path(),
+                    format!("missing tensor {name:?} (a VQ-VAE-2 of {cfg} has it)"),
+                ))
+            }
+            Some(s) if s != shape.as_slice() => {
+                return Err(Error::format(
+                    file.path(),
+                    format!("tensor {name:?} has shape {s:?}; a VQ-VAE-2 of {cfg} needs {shape:?}"),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    if let Some(extra) = file.names().into_iter().find(|n| {
+        !known.contains(n.as_str()) && !n.starts_with(crate::train::checkpoint::OPTIMIZER_PREFIX)
+    }) {
+        return Err(Error::format(
+            file.path(),
+            format!("unexpected tensor {extra:?}: not part of a VQ-VAE-2 of {cfg}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Seeded weights for `cfg` with random codebooks (to be replaced by
 /// [`seed_codebooks`]).
 pub fn random_vqvae2(cfg: &VqVae2Config, seed: u64) -> Result<TensorWriter> {

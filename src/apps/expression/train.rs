@@ -677,6 +677,9 @@ pub fn train(
             "training needs the decoder (upsample_t.*, dec.*), which these weights do not have",
         ));
     }
+    // A resume builds the model from the checkpoint itself: its tensors must
+    // be exactly a VQ-VAE-2's.
+    super::init::check_vqvae2_tensors(&file, &cfg)?;
     drop(file);
     let mut opt = Optimizer::new(Method::Adam(AdamConfig::default()))?;
     store.register(&mut opt)?;
@@ -723,6 +726,7 @@ pub fn train(
                 ),
             ));
         }
+        checkpoint::check_steps(ck, &opt, saved.step)?;
         if saved.step > opts.steps {
             return Err(Error::format(
                 ck,

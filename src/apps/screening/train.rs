@@ -1551,6 +1551,9 @@ fn fine_tune(
                 ),
             ));
         }
+        checkpoint::check_steps(ck, opt, saved.step)?;
+        checkpoint::check_counters(ck, &saved.counters, &state.num_batches_tracked)?;
+        checkpoint::check_counters(ck, &saved.best_counters, &state.num_batches_tracked)?;
         state.num_batches_tracked = saved.counters;
         if saved.best_k > 0 {
             let mut b = state.clone();

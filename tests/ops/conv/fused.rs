@@ -24,7 +24,7 @@ use cellmorph::geometry::{Conv2dGeom, Conv2dParams, Pool2dParams};
 use cellmorph::ops::{self, BnRelu, FusedConv2d};
 use cellmorph::{Backend, Device, Tensor};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::{TestCaseError, TestRunner};
 
 use crate::common::data;
 
@@ -283,11 +283,7 @@ where
     S: Strategy,
     S::Value: Debug,
 {
-    let mut runner = TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = TestRunner::new(crate::common::proptest_config(cases));
     if let Err(e) = runner.run(&strategy, |v| test(&v).map_err(TestCaseError::fail)) {
         panic!("{e}");
     }
