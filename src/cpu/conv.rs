@@ -718,6 +718,7 @@ fn write_out(
 /// task of output rows. Each element sums image by image and, within an
 /// image, in increasing small-plane position, whatever the thread count,
 /// so the result is deterministic. Overwrites `dw` `[small_c, big_c, kh, kw]`.
+#[allow(clippy::too_many_arguments)]
 fn weight_grad(
     kernel: Kernel,
     win: &Window,
