@@ -29,12 +29,15 @@
 //! the kernel and the same GEMM applies.
 //!
 //! Every output starts from its bias and adds its products in the order of
-//! the plain loop nest (input channel, then ky, then kx), one multiply and
-//! one add at a time (see `gemm`), so the results equal those of that loop
-//! nest, which is public as the specification ([`reference::conv2d`],
-//! [`reference::conv_transpose2d`]) and which the unit tests compare the
-//! GEMM path with bit for bit; a tap in the zero padding adds an exact zero
-//! where the loop nest skipped it.
+//! the plain loop nest (input channel, then ky, then kx), a tap in the zero
+//! padding adding an exact zero where the loop nest skipped it. On the exact
+//! GEMM path (`CELLMORPH_CPU_GEMM=exact`, see `gemm`) each step is one
+//! multiply and one add, so the results equal those of that loop nest, the
+//! public specification ([`reference::conv2d`],
+//! [`reference::conv_transpose2d`]), bit for bit; on the FMA paths (the
+//! default where the CPU has them) each step is one fused multiply-add, and
+//! the results are within the summation error bound of it. The unit tests
+//! check both on every path the CPU runs.
 
 use super::gemm::{
     self, gemm, gemm_rows, pack_a, packed_a_len, packed_len, Kernel, Scattered, KC, NR,
@@ -826,7 +829,8 @@ fn check_conv_transpose2d(
 /// Conv2d forward: `y[n, co] = b[co] + Σ_ci x[n, ci] ⋆ w[co, ci]` (cross-correlation
 /// with stride and zero padding, as PyTorch's `Conv2d`). The fast path, an
 /// implicit GEMM; its specification is [`reference::conv2d`], which it
-/// equals bit for bit (unit-tested).
+/// equals bit for bit on the exact GEMM path and within rounding on the FMA
+/// paths (module docs; unit-tested).
 ///
 /// Shapes: `x` `[n, c_in, h, w]`, `w` `[c_out, c_in, kh, kw]`, `b` `[c_out]`,
 /// `y` `[n, c_out, oh, ow]` (overwritten).
@@ -921,7 +925,8 @@ fn bias_grad(n: usize, c: usize, plane: usize, dy: &[f32], db: &mut [f32]) {
 /// conv2d with respect to its input): `y[n, co] = b[co] + Σ_ci x[n, ci]`
 /// scattered through `w[ci, co]`. The fast path, an implicit GEMM per
 /// output phase; its specification is [`reference::conv_transpose2d`],
-/// which it equals bit for bit (unit-tested).
+/// which it equals bit for bit on the exact GEMM path and within rounding
+/// on the FMA paths (module docs; unit-tested).
 ///
 /// Shapes: `x` `[n, c_in, h, w]`, `w` `[c_in, c_out, kh, kw]`, `b` `[c_out]`,
 /// `y` `[n, c_out, oh, ow]` (overwritten).
@@ -1014,7 +1019,8 @@ fn conv_transpose2d_backward_with(
 /// ([`conv2d_forward`], [`conv_transpose2d_forward`], and the input
 /// gradients of the backward functions) sums the same products in the same
 /// order, and the unit tests of this module check that it equals this loop
-/// nest bit for bit on random shapes and on shapes past its blocking edges.
+/// nest bit for bit on the exact GEMM path (within the summation bound on
+/// the FMA paths) on random shapes and on shapes past its blocking edges.
 pub mod reference {
     use super::{check_conv2d, check_conv_transpose2d, chunk, Window};
     use crate::error::Result;
@@ -1179,8 +1185,8 @@ pub mod reference {
     /// column, one multiply and one add at a time. For conv2d the small
     /// plane is `dy` and the big one `x`; for the transposed conv, `x` and
     /// `dy`. The GEMM path sums the same products in the same order (the
-    /// unit tests check it bit for bit; test builds only, as it takes the
-    /// module's private window type).
+    /// unit tests check it bit for bit on the exact GEMM path; test builds
+    /// only, as it takes the module's private window type).
     #[cfg(test)]
     pub(super) fn weight_grad_planes(
         win: &Window,

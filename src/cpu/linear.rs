@@ -10,7 +10,9 @@ const TASKS_PER_THREAD: usize = 4;
 
 /// `y[i, o] = b[o] + Σ_k x[i, k] · w[o, k]`. The fast path, a blocked GEMM;
 /// its specification is [`reference::linear`], which it equals bit for bit
-/// (unit-tested).
+/// on the exact GEMM path and within rounding on the FMA paths (see
+/// `CELLMORPH_CPU_GEMM` in the [`conv`](super::conv) module docs;
+/// unit-tested).
 ///
 /// Shapes: `x` `[n, in_f]`, `w` `[out_f, in_f]`, `b` `[out_f]`, `y` `[n, out_f]` (overwritten).
 pub fn linear_forward(
@@ -137,7 +139,8 @@ pub fn linear_backward(
 /// replaced, readable and slow. [`linear_forward`] computes the same dot
 /// products in the same order (summed from zero in increasing k, bias added
 /// last), and the unit tests of this module check that it equals this loop
-/// bit for bit on sizes around its strips and blocks.
+/// bit for bit on the exact GEMM path (within the summation bound on the FMA
+/// paths) on sizes around its strips and blocks.
 pub mod reference {
     use super::{check_len, numel};
     use crate::error::Result;
