@@ -29,14 +29,19 @@
 //! the kernel and the same GEMM applies.
 //!
 //! Every output starts from its bias and adds its products in the order of
-//! the plain loop nest (input channel, then ky, then kx), one multiply and
-//! one add at a time (see `gemm`), so the results equal those of that loop
-//! nest, which is public as the specification ([`reference::conv2d`],
-//! [`reference::conv_transpose2d`]) and which the unit tests compare the
-//! GEMM path with bit for bit; a tap in the zero padding adds an exact zero
-//! where the loop nest skipped it.
+//! the plain loop nest (input channel, then ky, then kx), a tap in the zero
+//! padding adding an exact zero where the loop nest skipped it. On the exact
+//! GEMM path (`CELLMORPH_CPU_GEMM=exact`, see `gemm`) each step is one
+//! multiply and one add, so the results equal those of that loop nest, the
+//! public specification ([`reference::conv2d`],
+//! [`reference::conv_transpose2d`]), bit for bit; on the FMA paths (the
+//! default where the CPU has them) each step is one fused multiply-add, and
+//! the results are within the summation error bound of it. The unit tests
+//! check both on every path the CPU runs.
 
-use super::gemm::{gemm, gemm_rows, pack_a, packed_len, Scattered, KC, MR, NR};
+use super::gemm::{
+    self, gemm, gemm_rows, pack_a, packed_a_len, packed_len, Kernel, Scattered, KC, NR,
+};
 use super::{check_len, chunk, numel};
 use crate::error::{Error, Result};
 use crate::geometry::{Conv2dGeom, ConvTranspose2dGeom};
@@ -237,9 +242,9 @@ struct Phase {
 impl Phase {
     /// `w` holds the weights `[c_out, k]` row-major, columns ordered as the
     /// GEMM depth.
-    fn new(c_out: usize, rows: Axis, cols: Axis, k: usize, w: &[f32]) -> Self {
-        let mut a = vec![0.0; packed_len(c_out, MR, k)];
-        pack_a(c_out, k, w, k, &mut a);
+    fn new(kernel: Kernel, c_out: usize, rows: Axis, cols: Axis, k: usize, w: &[f32]) -> Self {
+        let mut a = vec![0.0; packed_a_len(kernel, c_out, k)];
+        pack_a(kernel, c_out, k, w, k, &mut a);
         Phase { rows, cols, k, a }
     }
 }
@@ -248,6 +253,7 @@ impl Phase {
 /// `out_h × out_w` (overwritten, starting from the bias), as one GEMM per
 /// phase.
 struct GemmConv<'b> {
+    kernel: Kernel,
     n: usize,
     c_in: usize,
     in_h: usize,
@@ -273,6 +279,7 @@ struct Task<'y> {
 impl<'b> GemmConv<'b> {
     /// Correlate: big planes (`c_big` channels) in, small planes out.
     fn correlate(
+        kernel: Kernel,
         win: &Window,
         n: usize,
         c_big: usize,
@@ -282,6 +289,7 @@ impl<'b> GemmConv<'b> {
     ) -> Self {
         // w [c_small, c_big, kh, kw] already is the GEMM's A [c_small, c_big·kh·kw].
         let phase = Phase::new(
+            kernel,
             c_small,
             Axis::correlate(win.small_h, win.stride_h, win.pad_h, win.kh),
             Axis::correlate(win.small_w, win.stride_w, win.pad_w, win.kw),
@@ -290,11 +298,12 @@ impl<'b> GemmConv<'b> {
         );
         let input = (c_big, win.big_h, win.big_w);
         let output = (c_small, win.small_h, win.small_w);
-        GemmConv::new(n, input, output, vec![phase], bias)
+        GemmConv::new(kernel, n, input, output, vec![phase], bias)
     }
 
     /// Scatter: small planes (`c_small` channels) in, big planes out.
     fn scatter(
+        kernel: Kernel,
         win: &Window,
         n: usize,
         c_small: usize,
@@ -320,15 +329,16 @@ impl<'b> GemmConv<'b> {
                     }
                 }
                 let k = c_small * rows.taps.len() * cols.taps.len();
-                phases.push(Phase::new(c_big, rows, cols, k, &w_phase));
+                phases.push(Phase::new(kernel, c_big, rows, cols, k, &w_phase));
             }
         }
         let input = (c_small, win.small_h, win.small_w);
         let output = (c_big, win.big_h, win.big_w);
-        GemmConv::new(n, input, output, phases, bias)
+        GemmConv::new(kernel, n, input, output, phases, bias)
     }
 
     fn new(
+        kernel: Kernel,
         n: usize,
         (c_in, in_h, in_w): (usize, usize, usize),
         (c_out, out_h, out_w): (usize, usize, usize),
@@ -342,6 +352,7 @@ impl<'b> GemmConv<'b> {
             .reduce(union)
             .unwrap_or(0..0);
         GemmConv {
+            kernel,
             n,
             c_in,
             in_h,
@@ -503,7 +514,7 @@ impl<'b> GemmConv<'b> {
                             rows: img_pieces,
                             col: q0,
                         };
-                        gemm_rows(self.c_out, len, p.k, &p.a, b_tile, &mut c);
+                        gemm_rows(self.kernel, self.c_out, len, p.k, &p.a, b_tile, &mut c);
                     }
                 }
                 continue;
@@ -527,7 +538,16 @@ impl<'b> GemmConv<'b> {
                 for (co, c_row) in out_tile.chunks_exact_mut(tile).enumerate() {
                     c_row[..len].fill(self.bias.map_or(0.0, |b| b[co]));
                 }
-                gemm(self.c_out, len, p.k, &p.a, b_tile, &mut out_tile, tile);
+                gemm(
+                    self.kernel,
+                    self.c_out,
+                    len,
+                    p.k,
+                    &p.a,
+                    b_tile,
+                    &mut out_tile,
+                    tile,
+                );
                 write_out(&out_tile, tile, &outs, p.cols.out_step, &mut pieces);
             }
         }
@@ -701,7 +721,9 @@ fn write_out(
 /// task of output rows. Each element sums image by image and, within an
 /// image, in increasing small-plane position, whatever the thread count,
 /// so the result is deterministic. Overwrites `dw` `[small_c, big_c, kh, kw]`.
+#[allow(clippy::too_many_arguments)]
 fn weight_grad(
+    kernel: Kernel,
     win: &Window,
     n_img: usize,
     small_c: usize,
@@ -722,7 +744,7 @@ fn weight_grad(
     let mut b_packed = vec![0.0f32; packed_len(cols, NR, p_len)];
     let rows_per_task = small_c
         .div_ceil(TASKS_PER_THREAD * rayon::current_num_threads())
-        .next_multiple_of(MR);
+        .next_multiple_of(kernel.mr());
     for n in 0..n_img {
         let big_n = &big[n * big_c * big_plane..][..big_c * big_plane];
         // Pack B: strip s holds columns s·NR … s·NR + NR − 1, k-major.
@@ -754,9 +776,9 @@ fn weight_grad(
             .for_each(|(t, c_rows)| {
                 let m = c_rows.len() / cols;
                 let a_rows = &small_n[t * rows_per_task * p_len..][..m * p_len];
-                let mut a_packed = vec![0.0; packed_len(m, MR, p_len)];
-                pack_a(m, p_len, a_rows, p_len, &mut a_packed);
-                gemm(m, cols, p_len, &a_packed, &b_packed, c_rows, cols);
+                let mut a_packed = vec![0.0; packed_a_len(kernel, m, p_len)];
+                pack_a(kernel, m, p_len, a_rows, p_len, &mut a_packed);
+                gemm(kernel, m, cols, p_len, &a_packed, &b_packed, c_rows, cols);
             });
     }
 }
@@ -807,7 +829,8 @@ fn check_conv_transpose2d(
 /// Conv2d forward: `y[n, co] = b[co] + Σ_ci x[n, ci] ⋆ w[co, ci]` (cross-correlation
 /// with stride and zero padding, as PyTorch's `Conv2d`). The fast path, an
 /// implicit GEMM; its specification is [`reference::conv2d`], which it
-/// equals bit for bit (unit-tested).
+/// equals bit for bit on the exact GEMM path and within rounding on the FMA
+/// paths (module docs; unit-tested).
 ///
 /// Shapes: `x` `[n, c_in, h, w]`, `w` `[c_out, c_in, kh, kw]`, `b` `[c_out]`,
 /// `y` `[n, c_out, oh, ow]` (overwritten).
@@ -818,14 +841,41 @@ pub fn conv2d_forward(
     b: Option<&[f32]>,
     y: &mut [f32],
 ) -> Result<()> {
+    conv2d_forward_with(gemm::selected()?, g, x, w, b, y)
+}
+
+/// [`conv2d_forward`] on the GEMM `kernel`.
+fn conv2d_forward_with(
+    kernel: Kernel,
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    y: &mut [f32],
+) -> Result<()> {
     check_conv2d("conv2d_forward", g, x, w, b, y)?;
-    GemmConv::correlate(&Window::conv(g), g.n, g.c_in, g.c_out, w, b).run(x, y);
+    GemmConv::correlate(kernel, &Window::conv(g), g.n, g.c_in, g.c_out, w, b).run(x, y);
     Ok(())
 }
 
 /// Conv2d backward: from `dy` `[n, c_out, oh, ow]`, overwrites `dx`
 /// `[n, c_in, h, w]`, `dw` `[c_out, c_in, kh, kw]` and, if given, `db` `[c_out]`.
 pub fn conv2d_backward(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+) -> Result<()> {
+    conv2d_backward_with(gemm::selected()?, g, x, w, dy, dx, dw, db)
+}
+
+/// [`conv2d_backward`] on the GEMM `kernel`.
+#[allow(clippy::too_many_arguments)]
+fn conv2d_backward_with(
+    kernel: Kernel,
     g: &Conv2dGeom,
     x: &[f32],
     w: &[f32],
@@ -851,10 +901,10 @@ pub fn conv2d_backward(
     let y_plane = win.small_len();
 
     // dx[n, ci] = Σ_co dy[n, co] scattered through w[co, ci]: a transposed conv.
-    GemmConv::scatter(&win, g.n, g.c_out, g.c_in, w, None).run(dy, dx);
+    GemmConv::scatter(kernel, &win, g.n, g.c_out, g.c_in, w, None).run(dy, dx);
 
     // dw[co, (ci, ky, kx)] = Σ_n Σ_p dy[n, co, p] · x[n, ci, tap(p, ky, kx)].
-    weight_grad(&win, g.n, g.c_out, g.c_in, dy, x, dw);
+    weight_grad(kernel, &win, g.n, g.c_out, g.c_in, dy, x, dw);
 
     if let Some(db) = db {
         bias_grad(g.n, g.c_out, y_plane, dy, db);
@@ -875,7 +925,8 @@ fn bias_grad(n: usize, c: usize, plane: usize, dy: &[f32], db: &mut [f32]) {
 /// conv2d with respect to its input): `y[n, co] = b[co] + Σ_ci x[n, ci]`
 /// scattered through `w[ci, co]`. The fast path, an implicit GEMM per
 /// output phase; its specification is [`reference::conv_transpose2d`],
-/// which it equals bit for bit (unit-tested).
+/// which it equals bit for bit on the exact GEMM path and within rounding
+/// on the FMA paths (module docs; unit-tested).
 ///
 /// Shapes: `x` `[n, c_in, h, w]`, `w` `[c_in, c_out, kh, kw]`, `b` `[c_out]`,
 /// `y` `[n, c_out, oh, ow]` (overwritten).
@@ -886,14 +937,42 @@ pub fn conv_transpose2d_forward(
     b: Option<&[f32]>,
     y: &mut [f32],
 ) -> Result<()> {
+    conv_transpose2d_forward_with(gemm::selected()?, g, x, w, b, y)
+}
+
+/// [`conv_transpose2d_forward`] on the GEMM `kernel`.
+fn conv_transpose2d_forward_with(
+    kernel: Kernel,
+    g: &ConvTranspose2dGeom,
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    y: &mut [f32],
+) -> Result<()> {
     check_conv_transpose2d("conv_transpose2d_forward", g, x, w, b, y)?;
-    GemmConv::scatter(&Window::transposed(g), g.n, g.c_in, g.c_out, w, b).run(x, y);
+    let win = Window::transposed(g);
+    GemmConv::scatter(kernel, &win, g.n, g.c_in, g.c_out, w, b).run(x, y);
     Ok(())
 }
 
 /// Transposed conv2d backward: from `dy` `[n, c_out, oh, ow]`, overwrites `dx`
 /// `[n, c_in, h, w]`, `dw` `[c_in, c_out, kh, kw]` and, if given, `db` `[c_out]`.
 pub fn conv_transpose2d_backward(
+    g: &ConvTranspose2dGeom,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+) -> Result<()> {
+    conv_transpose2d_backward_with(gemm::selected()?, g, x, w, dy, dx, dw, db)
+}
+
+/// [`conv_transpose2d_backward`] on the GEMM `kernel`.
+#[allow(clippy::too_many_arguments)]
+fn conv_transpose2d_backward_with(
+    kernel: Kernel,
     g: &ConvTranspose2dGeom,
     x: &[f32],
     w: &[f32],
@@ -919,10 +998,10 @@ pub fn conv_transpose2d_backward(
     let y_plane = win.big_len();
 
     // dx[n, ci] = Σ_co dy[n, co] ⋆ w[ci, co]: an ordinary strided convolution.
-    GemmConv::correlate(&win, g.n, g.c_out, g.c_in, w, None).run(dy, dx);
+    GemmConv::correlate(kernel, &win, g.n, g.c_out, g.c_in, w, None).run(dy, dx);
 
     // dw[ci, (co, ky, kx)] = Σ_n Σ_p x[n, ci, p] · dy[n, co, tap(p, ky, kx)].
-    weight_grad(&win, g.n, g.c_in, g.c_out, x, dy, dw);
+    weight_grad(kernel, &win, g.n, g.c_in, g.c_out, x, dy, dw);
 
     if let Some(db) = db {
         bias_grad(g.n, g.c_out, y_plane, dy, db);
@@ -940,7 +1019,8 @@ pub fn conv_transpose2d_backward(
 /// ([`conv2d_forward`], [`conv_transpose2d_forward`], and the input
 /// gradients of the backward functions) sums the same products in the same
 /// order, and the unit tests of this module check that it equals this loop
-/// nest bit for bit on random shapes and on shapes past its blocking edges.
+/// nest bit for bit on the exact GEMM path (within the summation bound on
+/// the FMA paths) on random shapes and on shapes past its blocking edges.
 pub mod reference {
     use super::{check_conv2d, check_conv_transpose2d, chunk, Window};
     use crate::error::Result;
@@ -1105,8 +1185,8 @@ pub mod reference {
     /// column, one multiply and one add at a time. For conv2d the small
     /// plane is `dy` and the big one `x`; for the transposed conv, `x` and
     /// `dy`. The GEMM path sums the same products in the same order (the
-    /// unit tests check it bit for bit; test builds only, as it takes the
-    /// module's private window type).
+    /// unit tests check it bit for bit on the exact GEMM path; test builds
+    /// only, as it takes the module's private window type).
     #[cfg(test)]
     pub(super) fn weight_grad_planes(
         win: &Window,
@@ -1172,61 +1252,137 @@ mod tests {
         }
     }
 
-    /// The GEMM path sums the same products as the loop nest in the same
-    /// order (module docs), so the outputs must be equal, not just close.
-    fn assert_same(what: &str, got: &[f32], want: &[f32]) {
+    /// The exact GEMM sums the same products as the loop nest in the same
+    /// order (module docs), so its outputs must be equal, not just close. An
+    /// FMA GEMM rounds each step once instead of twice: both it and the loop
+    /// nest are within `γ_{terms+1}·mag` of the exact sum (`mag` = |bias| +
+    /// Σ|w||x|, the loop nest run on absolute values, itself within a few
+    /// ulps), so they may differ by twice that, with 1 % for `mag`'s own
+    /// rounding.
+    fn assert_close(
+        what: &str,
+        kernel: Kernel,
+        terms: usize,
+        got: &[f32],
+        want: &[f32],
+        mag: &[f32],
+    ) {
         assert_eq!(got.len(), want.len(), "{what}: length");
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!(g == w, "{what}: output {i} is {g}, the loop nest gives {w}");
+        let exact = kernel.path() == gemm::Path::Exact;
+        let ku = (terms + 1) as f64 * f64::from(f32::EPSILON) / 2.0;
+        let gamma = ku / (1.0 - ku);
+        for (i, ((&g, &w), &m)) in got.iter().zip(want).zip(mag).enumerate() {
+            if exact {
+                assert!(g == w, "{what}: output {i} is {g}, the loop nest gives {w}");
+            } else {
+                let bound = 2.02 * gamma * f64::from(m);
+                let err = (f64::from(g) - f64::from(w)).abs();
+                assert!(
+                    err <= bound,
+                    "{what}, {kernel:?}: output {i} is {g}, the loop nest gives {w} (bound {bound:e})"
+                );
+            }
         }
     }
 
-    /// Conv2d forward and input gradient, both against the loop nest.
+    fn abs(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|x| x.abs()).collect()
+    }
+
+    /// Conv2d forward and input gradient, both against the loop nest, on
+    /// every GEMM kernel this CPU runs.
     fn check_conv(what: &str, rng: &mut Rng, g: &Conv2dGeom) {
         let win = Window::conv(g);
         let x = rng.data(g.n * g.c_in * g.h * g.w);
         let w = rng.data(g.c_out * g.c_in * g.kh * g.kw);
         let b = rng.data(g.c_out);
         let dy = rng.data(g.n * g.c_out * g.oh * g.ow);
+        let (ax, aw, ab, ady) = (abs(&x), abs(&w), abs(&b), abs(&dy));
+        let taps = g.kh * g.kw;
 
-        let mut want = vec![0.0; dy.len()];
-        reference::conv2d(g, &x, &w, Some(&b), &mut want).unwrap();
-        let mut got = vec![f32::NAN; dy.len()];
-        conv2d_forward(g, &x, &w, Some(&b), &mut got).unwrap();
-        assert_same(&format!("{what}: conv2d forward"), &got, &want);
+        let (mut want_y, mut mag_y) = (vec![0.0; dy.len()], vec![0.0; dy.len()]);
+        reference::conv2d(g, &x, &w, Some(&b), &mut want_y).unwrap();
+        reference::conv2d(g, &ax, &aw, Some(&ab), &mut mag_y).unwrap();
+        let (mut want_dx, mut mag_dx) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        reference::scatter_planes(&win, g.c_out, g.c_in, &dy, &w, None, &mut want_dx);
+        reference::scatter_planes(&win, g.c_out, g.c_in, &ady, &aw, None, &mut mag_dx);
+        let (mut want_dw, mut mag_dw) = (vec![f32::NAN; w.len()], vec![f32::NAN; w.len()]);
+        reference::weight_grad_planes(&win, g.n, g.c_out, g.c_in, &dy, &x, &mut want_dw);
+        reference::weight_grad_planes(&win, g.n, g.c_out, g.c_in, &ady, &ax, &mut mag_dw);
 
-        let mut want = vec![0.0; x.len()];
-        reference::scatter_planes(&win, g.c_out, g.c_in, &dy, &w, None, &mut want);
-        let (mut dx, mut dw) = (vec![f32::NAN; x.len()], vec![0.0; w.len()]);
-        conv2d_backward(g, &x, &w, &dy, &mut dx, &mut dw, None).unwrap();
-        assert_same(&format!("{what}: conv2d dx"), &dx, &want);
-        let mut want = vec![f32::NAN; w.len()];
-        reference::weight_grad_planes(&win, g.n, g.c_out, g.c_in, &dy, &x, &mut want);
-        assert_same(&format!("{what}: conv2d dw"), &dw, &want);
+        for kernel in Kernel::all() {
+            let mut got = vec![f32::NAN; dy.len()];
+            conv2d_forward_with(kernel, g, &x, &w, Some(&b), &mut got).unwrap();
+            let y_terms = g.c_in * taps;
+            assert_close(
+                &format!("{what}: conv2d forward"),
+                kernel,
+                y_terms,
+                &got,
+                &want_y,
+                &mag_y,
+            );
+
+            let (mut dx, mut dw) = (vec![f32::NAN; x.len()], vec![0.0; w.len()]);
+            conv2d_backward_with(kernel, g, &x, &w, &dy, &mut dx, &mut dw, None).unwrap();
+            let dx_terms = g.c_out * taps;
+            assert_close(
+                &format!("{what}: conv2d dx"),
+                kernel,
+                dx_terms,
+                &dx,
+                &want_dx,
+                &mag_dx,
+            );
+            let dw_terms = g.n * g.oh * g.ow;
+            assert_close(
+                &format!("{what}: conv2d dw"),
+                kernel,
+                dw_terms,
+                &dw,
+                &want_dw,
+                &mag_dw,
+            );
+        }
     }
 
-    /// Transposed conv2d forward and input gradient, both against the loop nest.
+    /// Transposed conv2d forward and input gradient, both against the loop
+    /// nest, on every GEMM kernel this CPU runs.
     fn check_transposed(what: &str, rng: &mut Rng, g: &ConvTranspose2dGeom) {
         let win = Window::transposed(g);
         let x = rng.data(g.n * g.c_in * g.h * g.w);
         let w = rng.data(g.c_in * g.c_out * g.kh * g.kw);
         let b = rng.data(g.c_out);
         let dy = rng.data(g.n * g.c_out * g.oh * g.ow);
+        let (ax, aw, ab, ady) = (abs(&x), abs(&w), abs(&b), abs(&dy));
+        let taps = g.kh * g.kw;
 
-        let mut want = vec![0.0; dy.len()];
-        reference::conv_transpose2d(g, &x, &w, Some(&b), &mut want).unwrap();
-        let mut got = vec![f32::NAN; dy.len()];
-        conv_transpose2d_forward(g, &x, &w, Some(&b), &mut got).unwrap();
-        assert_same(&format!("{what}: conv_transpose2d forward"), &got, &want);
+        let (mut want_y, mut mag_y) = (vec![0.0; dy.len()], vec![0.0; dy.len()]);
+        reference::conv_transpose2d(g, &x, &w, Some(&b), &mut want_y).unwrap();
+        reference::conv_transpose2d(g, &ax, &aw, Some(&ab), &mut mag_y).unwrap();
+        let (mut want_dx, mut mag_dx) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        reference::correlate_planes(&win, g.c_out, g.c_in, &dy, &w, None, &mut want_dx);
+        reference::correlate_planes(&win, g.c_out, g.c_in, &ady, &aw, None, &mut mag_dx);
+        let (mut want_dw, mut mag_dw) = (vec![f32::NAN; w.len()], vec![f32::NAN; w.len()]);
+        reference::weight_grad_planes(&win, g.n, g.c_in, g.c_out, &x, &dy, &mut want_dw);
+        reference::weight_grad_planes(&win, g.n, g.c_in, g.c_out, &ax, &ady, &mut mag_dw);
 
-        let mut want = vec![0.0; x.len()];
-        reference::correlate_planes(&win, g.c_out, g.c_in, &dy, &w, None, &mut want);
-        let (mut dx, mut dw) = (vec![f32::NAN; x.len()], vec![0.0; w.len()]);
-        conv_transpose2d_backward(g, &x, &w, &dy, &mut dx, &mut dw, None).unwrap();
-        assert_same(&format!("{what}: conv_transpose2d dx"), &dx, &want);
-        let mut want = vec![f32::NAN; w.len()];
-        reference::weight_grad_planes(&win, g.n, g.c_in, g.c_out, &x, &dy, &mut want);
-        assert_same(&format!("{what}: conv_transpose2d dw"), &dw, &want);
+        for kernel in Kernel::all() {
+            let mut got = vec![f32::NAN; dy.len()];
+            conv_transpose2d_forward_with(kernel, g, &x, &w, Some(&b), &mut got).unwrap();
+            let y_terms = g.c_in * taps;
+            let at = format!("{what}: conv_transpose2d forward");
+            assert_close(&at, kernel, y_terms, &got, &want_y, &mag_y);
+
+            let (mut dx, mut dw) = (vec![f32::NAN; x.len()], vec![0.0; w.len()]);
+            conv_transpose2d_backward_with(kernel, g, &x, &w, &dy, &mut dx, &mut dw, None).unwrap();
+            let dx_terms = g.c_out * taps;
+            let at = format!("{what}: conv_transpose2d dx");
+            assert_close(&at, kernel, dx_terms, &dx, &want_dx, &mag_dx);
+            let dw_terms = g.n * g.h * g.w;
+            let at = format!("{what}: conv_transpose2d dw");
+            assert_close(&at, kernel, dw_terms, &dw, &want_dw, &mag_dw);
+        }
     }
 
     /// Random shapes: kernels 1–7, strides 1–3 (each axis), any padding,

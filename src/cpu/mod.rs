@@ -18,7 +18,9 @@
 //! ops module in [`crate::ops`] (see the ops table there). Where the fast path
 //! is not itself a plain loop nest, the loop nest it replaced is public next
 //! to it as the specification, and the unit tests check that the fast path
-//! equals it bit for bit:
+//! equals it bit for bit with the exact GEMM (`CELLMORPH_CPU_GEMM=exact`;
+//! the default FMA GEMMs round each multiply-add once and stay within the
+//! summation error bound, see [`conv`]):
 //!
 //! | op | fast path | specification |
 //! |----|-----------|---------------|
