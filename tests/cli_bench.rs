@@ -393,3 +393,178 @@ fn clear_errors() {
     let err = run(&["no-such-workload"]);
     assert!(err.contains("vq-lookup"), "stderr: {err}");
 }
+
+/// Copies the tensors of `file` named `{from}…` to `w` as `{to}…` (the
+/// BatchNorm counters as int64, everything else as f32).
+fn copy_prefixed(file: &TensorFile, from: &str, to: &str, w: &mut TensorWriter) {
+    for name in file.names() {
+        let Some(rest) = name.strip_prefix(from) else {
+            continue;
+        };
+        let new = format!("{to}{rest}");
+        if name.ends_with("num_batches_tracked") {
+            let (s, v) = file.i64(&name).unwrap();
+            w.add_slice(&new, &s, &v).unwrap();
+        } else {
+            let (s, v) = file.f32(&name).unwrap();
+            w.add_slice(&new, &s, &v).unwrap();
+        }
+    }
+}
+
+/// |a − b| ≤ tol · max(|b|, 1).
+fn close(a: f32, b: f32, tol: f32) -> bool {
+    (a - b).abs() <= tol * b.abs().max(1.0)
+}
+
+#[test]
+fn densenet_train_step_reports_the_goldens_first_loss() {
+    // The DenseNet train-step golden (PyTorch, small network, 4 images of
+    // 32×40, labels 0 1 1 0): balanced labels make the bench's class weights
+    // 1, so its weighted loss is the golden's plain mean. Every iteration
+    // starts from the same weights, so the last of two still reports the
+    // first step's loss and logits.
+    let dir = tempdir("densenet-train");
+    let golden = TensorFile::open(fixtures().join("densenet_train_step.safetensors")).unwrap();
+    let (weights, input, output) = (
+        dir.join("w.safetensors"),
+        dir.join("in.safetensors"),
+        dir.join("out.safetensors"),
+    );
+    let mut w = TensorWriter::new();
+    copy_prefixed(&golden, "before.", "", &mut w);
+    w.write(&weights).unwrap();
+    let mut inp = TensorWriter::new();
+    let (xs, x) = golden.f32("input").unwrap();
+    let (ls, labels) = golden.i64("labels").unwrap();
+    inp.add_slice("input", &xs, &x).unwrap();
+    inp.add_slice("labels", &ls, &labels).unwrap();
+    inp.write(&input).unwrap();
+    let v = bench(
+        &["densenet-train-step", "--iters", "2", "--warmup", "0"],
+        &[
+            ("--weights", &weights),
+            ("--input", &input),
+            ("--output", &output),
+        ],
+    );
+    assert_eq!(v["workload"], "densenet-train-step");
+    assert_eq!(v["batch"], xs[0]);
+    assert_eq!(v["shape"]["height"], xs[2]);
+    assert_eq!(v["shape"]["width"], xs[3]);
+    let out = TensorFile::open(&output).unwrap();
+    let (_, loss) = out.f32("loss").unwrap();
+    let (_, want) = golden.f32("loss").unwrap();
+    // f32 sums in another order than PyTorch's: the train-step tests'
+    // tolerance.
+    assert!(
+        close(loss[0], want[0], 1e-5),
+        "loss {} vs {}",
+        loss[0],
+        want[0]
+    );
+    let (s, logits) = out.f32("logits").unwrap();
+    let (gs, want) = golden.f32("logits").unwrap();
+    assert_eq!(s, gs);
+    for (a, b) in logits.iter().zip(&want) {
+        assert!(close(*a, *b, 1e-4), "logit {a} vs {b}");
+    }
+}
+
+#[test]
+fn densenet_train_step_generates_inputs() {
+    let dir = tempdir("densenet-train-gen");
+    let weights = fixtures().join("densenet_small.weights.safetensors");
+    let output = dir.join("out.safetensors");
+    let v = bench(
+        &[
+            "densenet-train-step",
+            "--batch",
+            "3",
+            "--height",
+            "32",
+            "--width",
+            "40",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+        ],
+        &[("--weights", &weights), ("--output", &output)],
+    );
+    assert_eq!(v["batch"], 3);
+    let classes = v["shape"]["classes"].as_u64().unwrap() as usize;
+    let out = TensorFile::open(&output).unwrap();
+    let (s, logits) = out.f32("logits").unwrap();
+    assert_eq!(s, vec![3, classes]);
+    let (_, loss) = out.f32("loss").unwrap();
+    assert!(loss[0].is_finite() && loss[0] > 0.0, "loss {}", loss[0]);
+    assert!(logits.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn cp2image_train_step_reports_the_goldens_first_losses() {
+    // The CP2Image train-step golden (PyTorch, narrow networks, p = 16,
+    // batch 4): its starting G and D under "G." and "D.", its z, x, x_real.
+    let dir = tempdir("cp2image-train");
+    let golden = TensorFile::open(fixtures().join("cp2image_train_step.safetensors")).unwrap();
+    let (weights, input, output) = (
+        dir.join("w.safetensors"),
+        dir.join("in.safetensors"),
+        dir.join("out.safetensors"),
+    );
+    let mut w = TensorWriter::new();
+    copy_prefixed(&golden, "G.before.", "G.", &mut w);
+    copy_prefixed(&golden, "D.before.", "D.", &mut w);
+    w.write(&weights).unwrap();
+    let mut inp = TensorWriter::new();
+    for name in ["z", "x", "x_real"] {
+        let (s, v) = golden.f32(name).unwrap();
+        inp.add_slice(name, &s, &v).unwrap();
+    }
+    inp.write(&input).unwrap();
+    let v = bench(
+        &["cp2image-train-step", "--iters", "2", "--warmup", "0"],
+        &[
+            ("--weights", &weights),
+            ("--input", &input),
+            ("--output", &output),
+        ],
+    );
+    let (zs, _) = golden.f32("z").unwrap();
+    assert_eq!(v["workload"], "cp2image-train-step");
+    assert_eq!(v["batch"], zs[0]);
+    assert_eq!(v["shape"]["features"], zs[1]);
+    assert_eq!(v["shape"]["image_size"], 64);
+    let out = TensorFile::open(&output).unwrap();
+    for name in ["loss_g", "loss_d"] {
+        let (_, got) = out.f32(name).unwrap();
+        let (_, want) = golden.f32(name).unwrap();
+        // Same tolerance as the train-step tests: f32 sums in another order.
+        assert!(
+            close(got[0], want[0], 1e-5),
+            "{name} {} vs {}",
+            got[0],
+            want[0]
+        );
+    }
+}
+
+#[test]
+fn cp2image_train_step_needs_both_networks() {
+    let dir = tempdir("cp2image-train-g");
+    let g =
+        TensorFile::open(fixtures().join("cp2image_small.generator.weights.safetensors")).unwrap();
+    let weights = dir.join("g.safetensors");
+    let mut w = TensorWriter::new();
+    copy_prefixed(&g, "", "G.", &mut w);
+    w.write(&weights).unwrap();
+    let out = bin()
+        .args(["bench", "cp2image-train-step", "--iters", "1", "--weights"])
+        .arg(&weights)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("D."), "stderr: {err}");
+}

@@ -15,7 +15,8 @@ ratio = our throughput / their throughput (= their median time / ours on the
 same work): above 1 we are faster.
 
 usage: python3 benches/compare/compare.py [--cellmorph PATH] [--device cpu|cuda]
-          [--rows densenet,vqvae2,vqvae2train,cp2image,conv,vq,hist,svr] [--quick]
+          [--rows densenet,vqvae2,vqvae2train,densenettrain,cp2image,
+          cp2imagetrain,conv,vq,hist,svr] [--quick]
           [--iters N] [--warmup N] [--append BENCHMARKS.md] [--json-out FILE]
           [--workdir DIR]
 """
@@ -62,7 +63,8 @@ def fixture_file(h, name):
         import seeded
         seeded.expand(seeded_path, out, st.load, st.save)
     return out
-ALL_ROWS = ["densenet", "vqvae2", "vqvae2train", "cp2image", "conv", "vq", "hist", "svr"]
+ALL_ROWS = ["densenet", "vqvae2", "vqvae2train", "densenettrain", "cp2image", "cp2imagetrain", "conv", "vq",
+            "hist", "svr"]
 SEED = 20261121
 
 
@@ -568,6 +570,157 @@ def row_vqvae2_train(h):
                  ours, theirs, agree, kind="train")
 
 
+def time_train_step(h, label, fresh, step, names):
+    """PyTorch's side of a training-step row: before each step, untimed,
+    fresh() -> args (model and optimizer rebuilt from the state_dict, so every
+    step starts from the same weights, as ours does); step(*args) timed with a
+    synchronize; not under inference_mode (autograd). Returns {label: (stats,
+    {name: numpy output of the last step})} or {label: Exception}."""
+    h.variant_prec[label] = "f32"
+    try:
+        times, out = [], None
+        for i in range(h.warmup + h.iters):
+            args = fresh()
+            h.sync()
+            t0 = time.perf_counter()
+            out = step(*args)
+            h.sync()
+            if i >= h.warmup:
+                times.append(time.perf_counter() - t0)
+        stats = {"median_s": statistics.median(times), "mean_s": statistics.fmean(times),
+                 "min_s": min(times)}
+        return {label: (stats, dict(zip(names, h.to_numpy(out))))}
+    except Exception as e:
+        h.notes.append(f"torch {label}: {type(e).__name__}: {first_line(str(e))}")
+        return {label: e}
+
+
+def row_densenet_train(h):
+    """One DenseNet-121 + Kim head training step, every layer trained (`screen train
+    --unfreeze all` per batch): `bench densenet-train-step` against the same step in
+    PyTorch eager f32 (torchvision features + the head, train mode, class-weighted
+    cross-entropy, AdamW lr 1e-4), same weights, images and labels; head dropout off on
+    both sides so the first-step losses compare."""
+    w_path = densenet_weights(h)
+    batch = 2 if h.a.quick else 8
+    H, W = (64, 64) if h.a.quick else (226, 306)
+    rng = np.random.default_rng(SEED + 6)
+    weights = st.load_tensors(w_path)
+    x = rng.uniform(0, 1, size=(batch, 3, H, W)).astype(np.float32)
+    labels = (np.arange(batch) % 2).astype(np.int64)
+    tag = f"densenettrain-b{batch}"
+    inp = h.write_inputs(tag, {"input": x, "labels": labels})
+    ours = h.ours_all("densenet-train-step", ["--weights", w_path, "--batch", batch], inp, tag,
+                      precisions=["f32"])
+    theirs = {}
+    if h.torch is not None:
+        import torch_models as tm
+        torch = h.torch
+        # balanced weights of the batch, n / (classes·n_c), as ours
+        counts = np.bincount(labels, minlength=2)
+        cw = np.where(counts > 0, batch / (2.0 * np.maximum(counts, 1)), 1.0).astype(np.float32)
+        xt, lt, cwt = h.to_dev(x), h.to_dev(labels), h.to_dev(cw)
+
+        def fresh():
+            m = tm.DenseNetKim(weights).to(h.tdev).train()
+            return m, torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.0), xt, lt, cwt
+        theirs = time_train_step(h, "eager f32, autograd + AdamW", fresh, tm.densenet_train_step,
+                                 ["loss", "logits"])
+
+    def agree(o, ref):
+        if ref is None:
+            return ""
+        return (f"loss {fmt_err(rel_err(np.asarray(o['loss']), np.asarray(ref['loss'])))}, logits "
+                f"{fmt_err(rel_err(o['logits'], ref['logits']))}")
+    h.model_rows("DenseNet121+Kim head training step (all layers)", f"b{batch} 3×{H}×{W}", batch,
+                 "img/s", ours, theirs, agree, kind="train")
+
+
+def cp2image_train_weights(h, p):
+    """G (`cellmorph cp2image init-weights`, paper channels) and a seeded D (paper channels
+    3,32,64,128,256,256; PyTorch's default init ranges, spectral-norm u, v normalized
+    normal draws) in one file, under G. and D. — what `bench cp2image-train-step` reads."""
+    path = os.path.join(h.workdir, f"cp2image_p{p}.train.safetensors")
+    if os.path.exists(path):
+        return path
+    g_path = os.path.join(h.workdir, f"cp2image_p{p}.generator.safetensors")
+    cmd = [h.bin, "cp2image", "init-weights", "--features", str(p), "--output", g_path, "--seed", "0"]
+    pr = subprocess.run(cmd, capture_output=True, text=True)
+    if pr.returncode != 0:
+        raise RuntimeError(f"init-weights: {first_line(pr.stderr)}")
+    out = {f"G.{k}": v for k, v in st.load_tensors(g_path).items()}
+    rng = np.random.default_rng(SEED + 7)
+    chans = [3, 32, 64, 128, 256, 256]
+    for i in range(5):
+        ci, co = chans[i], chans[i + 1]
+        b = 1 / np.sqrt(ci * 9)
+        u, v = rng.standard_normal(co), rng.standard_normal(ci * 9)
+        out.update({
+            f"D.blocks.{i}.conv.weight_orig": rng.uniform(-b, b, (co, ci, 3, 3)).astype(np.float32),
+            f"D.blocks.{i}.conv.bias": rng.uniform(-b, b, co).astype(np.float32),
+            f"D.blocks.{i}.conv.weight_u": (u / np.linalg.norm(u)).astype(np.float32),
+            f"D.blocks.{i}.conv.weight_v": (v / np.linalg.norm(v)).astype(np.float32),
+            f"D.blocks.{i}.bn.weight": np.ones(co, np.float32),
+            f"D.blocks.{i}.bn.bias": np.zeros(co, np.float32),
+            f"D.blocks.{i}.bn.running_mean": np.zeros(co, np.float32),
+            f"D.blocks.{i}.bn.running_var": np.ones(co, np.float32),
+        })
+    fin = chans[-1] * 2 * 2
+    b = 1 / np.sqrt(fin)
+    out["D.fc.weight"] = rng.uniform(-b, b, (1, fin)).astype(np.float32)
+    out["D.fc.bias"] = rng.uniform(-b, b, 1).astype(np.float32)
+    st.save(path, out)
+    return path
+
+
+def row_cp2image_train(h):
+    """One CP2Image training step (generator update, then discriminator update):
+    `bench cp2image-train-step` against the same step in PyTorch eager f32 (spectral norm
+    with a power iteration per forward, MSE + feature matching, BCE, Adam 2e-4 betas
+    (0.5, 0.999)), same weights and batch, every iteration from the same weights."""
+    batch = 8 if h.a.quick else 32
+    p = 405
+    try:
+        w_path = cp2image_train_weights(h, p)
+    except Exception as e:
+        h.add(row="CP2Image training step", size=f"b{batch} p{p}", ours="—", theirs="—",
+              status=f"FAILED: {first_line(str(e))}")
+        return
+    weights = st.load_tensors(w_path)
+    rng = np.random.default_rng(SEED + 8)
+    z = rng.standard_normal(size=(batch, p)).astype(np.float32)
+    x = rng.uniform(0, 1, size=(batch, 3, 64, 64)).astype(np.float32)
+    x_real = rng.uniform(0, 1, size=(batch, 3, 64, 64)).astype(np.float32)
+    tag = f"cp2imagetrain-b{batch}"
+    inp = h.write_inputs(tag, {"z": z, "x": x, "x_real": x_real})
+    ours = h.ours_all("cp2image-train-step", ["--weights", w_path, "--batch", batch], inp, tag,
+                      precisions=["f32"])
+    theirs = {}
+    if h.torch is not None:
+        import torch_models as tm
+        torch = h.torch
+        gw = {k[2:]: v for k, v in weights.items() if k.startswith("G.")}
+        dw = {k[2:]: v for k, v in weights.items() if k.startswith("D.")}
+        zt, xt, rt = h.to_dev(z), h.to_dev(x), h.to_dev(x_real)
+
+        def fresh():
+            g = tm.CP2ImageGenerator(gw).to(h.tdev).train()
+            d = tm.CP2ImageDiscriminator(dw).to(h.tdev).train()
+            og = torch.optim.Adam(g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+            od = torch.optim.Adam(d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+            return g, d, og, od, zt, xt, rt
+        theirs = time_train_step(h, "eager f32, autograd + Adam", fresh, tm.cp2image_train_step,
+                                 ["loss_g", "loss_d"])
+
+    def agree(o, ref):
+        if ref is None:
+            return ""
+        return (f"loss_g {fmt_err(rel_err(np.asarray(o['loss_g']), np.asarray(ref['loss_g'])))}, loss_d "
+                f"{fmt_err(rel_err(np.asarray(o['loss_d']), np.asarray(ref['loss_d'])))}")
+    h.model_rows("CP2Image training step (G + D)", f"b{batch} p{p}, 3×64×64", batch, "img/s",
+                 ours, theirs, agree, kind="train")
+
+
 def row_cp2image(h):
     batch = 256 if h.a.quick else 4096
     p = 405
@@ -826,6 +979,7 @@ def row_svr(h):
 
 
 ROW_FUNCS = {"densenet": row_densenet, "vqvae2": row_vqvae2, "vqvae2train": row_vqvae2_train,
+             "densenettrain": row_densenet_train, "cp2imagetrain": row_cp2image_train,
              "cp2image": row_cp2image, "conv": row_conv,
              "vq": row_vq, "hist": row_hist, "svr": row_svr}
 

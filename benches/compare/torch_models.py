@@ -29,13 +29,66 @@ def _load(module, weights, prefix=""):
 
 # ---------------------------------------------------------------- DenseNet (§2)
 
+class _DenseLayer(nn.Module):
+    def __init__(self, c_in, growth, bn_size):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(c_in)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(c_in, bn_size * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        y = self.conv1(self.relu1(self.norm1(x)))
+        return torch.cat([x, self.conv2(self.relu2(self.norm2(y)))], 1)
+
+
+class TorchvisionStyleDenseNet(nn.Module):
+    """torchvision's DenseNet layout and state_dict names (features.conv0 …
+    norm5), for machines without torchvision. Each dense layer concatenates
+    its output to its input (torchvision keeps a list and concatenates before
+    each layer: the same arithmetic). drop_rate must be 0; the classifier is
+    replaced by the caller."""
+
+    def __init__(self, growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes):
+        super().__init__()
+        assert drop_rate == 0.0
+        f = nn.Sequential()
+        f.add_module("conv0", nn.Conv2d(3, num_init_features, 7, stride=2, padding=3, bias=False))
+        f.add_module("norm0", nn.BatchNorm2d(num_init_features))
+        f.add_module("relu0", nn.ReLU(inplace=True))
+        f.add_module("pool0", nn.MaxPool2d(3, stride=2, padding=1))
+        c = num_init_features
+        for b, layers in enumerate(block_config, 1):
+            block = nn.Sequential()
+            for l in range(1, layers + 1):
+                block.add_module(f"denselayer{l}", _DenseLayer(c, growth_rate, bn_size))
+                c += growth_rate
+            f.add_module(f"denseblock{b}", block)
+            if b < len(block_config):
+                t = nn.Sequential()
+                t.add_module("norm", nn.BatchNorm2d(c))
+                t.add_module("relu", nn.ReLU(inplace=True))
+                t.add_module("conv", nn.Conv2d(c, c // 2, 1, bias=False))
+                t.add_module("pool", nn.AvgPool2d(2, stride=2))
+                f.add_module(f"transition{b}", t)
+                c //= 2
+        f.add_module("norm5", nn.BatchNorm2d(c))
+        self.features = f
+        self.classifier = nn.Linear(c, num_classes)
+
+
 class DenseNetKim(nn.Module):
     """torchvision DenseNet features + a `classifier` Linear or Sequential head.
     forward returns (logits, probs)."""
 
     def __init__(self, weights):
         super().__init__()
-        from torchvision.models import DenseNet
+        try:
+            from torchvision.models import DenseNet
+        except ImportError:  # no torchvision: the same modules, written here
+            DenseNet = TorchvisionStyleDenseNet
 
         blocks = []
         b = 1
@@ -283,3 +336,76 @@ class CP2ImageGenerator(nn.Module):
         for blk in self.blocks:
             x = F.interpolate(F.leaky_relu(blk.bn(blk.conv(x)), 0.2), scale_factor=2, mode="nearest")
         return torch.sigmoid(self.out(x))
+
+
+# ------------------------------------------------------------ training steps (§4)
+
+def densenet_train_step(model, opt, x, labels, class_weights):
+    """One step of `screen train --unfreeze all` (docs/MODELS.md §2, §4):
+    the whole network in train mode (batch-statistics BN), cross-entropy
+    weighted by class, backward, one optimizer step. The head's Dropout is
+    p = 0 here, as in `cellmorph bench densenet-train-step`. Returns (loss,
+    logits)."""
+    opt.zero_grad(set_to_none=True)
+    logits, _ = model(x)
+    loss = F.cross_entropy(logits, labels, weight=class_weights)
+    loss.backward()
+    opt.step()
+    return loss.detach(), logits.detach()
+
+
+class CP2ImageDiscriminator(nn.Module):
+    """docs/MODELS.md §3: `blocks.{i}` = spectral-norm conv3×3, BN,
+    LeakyReLU(0.2), AvgPool2d(2) (the hidden features h_i), then `fc`,
+    sigmoid. The convs are torch.nn.utils.spectral_norm modules loaded from
+    weight_orig, weight_u, weight_v (one power iteration per training
+    forward). forward returns (prob [N, 1], [h_0, …])."""
+
+    def __init__(self, weights):
+        super().__init__()
+        nb = len({k.split(".")[1] for k in weights if k.startswith("blocks.")})
+        chans = [weights["blocks.0.conv.weight_orig"].shape[1]]
+        chans += [weights[f"blocks.{i}.conv.weight_orig"].shape[0] for i in range(nb)]
+        self.blocks = nn.ModuleList()
+        for i in range(nb):
+            blk = nn.Module()
+            blk.conv = nn.utils.spectral_norm(nn.Conv2d(chans[i], chans[i + 1], 3, padding=1))
+            blk.bn = nn.BatchNorm2d(chans[i + 1])
+            self.blocks.append(blk)
+        self.fc = nn.Linear(weights["fc.weight"].shape[1], 1)
+        _load(self, weights)
+
+    def forward(self, x):
+        hidden = []
+        for blk in self.blocks:
+            x = F.avg_pool2d(F.leaky_relu(blk.bn(blk.conv(x)), 0.2), 2)
+            hidden.append(x)
+        return torch.sigmoid(self.fc(torch.flatten(x, 1))), hidden
+
+
+def cp2image_train_step(gen, disc, opt_g, opt_d, z, x, x_real):
+    """One step of `cellmorph cp2image train` (docs/MODELS.md §3, §4), both
+    networks in train mode. Generator: MSE(G(z), x) + Σ_i MSE(h_i(G(z)),
+    h_i(x).detach()) (D called on G(z) first, then on x: the spectral norm's
+    u, v advance per call), only G stepped. Discriminator, with the updated
+    G: BCE(D(x_real), 1) + BCE(D(G(z).detach()), 0). Returns (loss_g,
+    loss_d), each before its update."""
+    opt_g.zero_grad(set_to_none=True)
+    fake = gen(z)
+    _, h_fake = disc(fake)
+    _, h_real = disc(x)
+    loss_g = F.mse_loss(fake, x)
+    for a, b in zip(h_fake, h_real):
+        loss_g = loss_g + F.mse_loss(a, b.detach())
+    loss_g.backward()
+    opt_g.step()
+    opt_d.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        fake = gen(z)
+    p_real, _ = disc(x_real)
+    p_fake, _ = disc(fake)
+    loss_d = (F.binary_cross_entropy(p_real, torch.ones_like(p_real))
+              + F.binary_cross_entropy(p_fake, torch.zeros_like(p_fake)))
+    loss_d.backward()
+    opt_d.step()
+    return loss_g.detach(), loss_d.detach()

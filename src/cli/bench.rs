@@ -42,6 +42,25 @@ pub enum Workload {
     /// "id_b" (needs --weights; --batch 32, --height/--width 160; CPU only).
     #[value(name = "vqvae2-train-step")]
     Vqvae2TrainStep,
+    /// One DenseNet training step as `screen train --unfreeze all` takes it
+    /// per batch: every layer trained, training-mode BatchNorm, forward,
+    /// cross-entropy with balanced class weights `n / (classes·n_c)` of the
+    /// batch's labels, backward, AdamW (lr 1e-4, weight decay 0); no
+    /// dropout. "input" [batch, 3, H, W] and i64 "labels" [batch] (generated:
+    /// image i has label i mod classes), every iteration from the same
+    /// weights; outputs "loss", "logits" (needs --weights with the head;
+    /// --batch 8, --height 226, --width 306; CPU only).
+    #[value(name = "densenet-train-step")]
+    DensenetTrainStep,
+    /// One CP2Image training step as `cp2image train` takes it: a generator
+    /// update (MSE + feature matching) then a discriminator update (BCE),
+    /// Adam lr 2e-4, betas (0.5, 0.999), on "z" [batch, p], "x" and
+    /// "x_real" [batch, channels, size, size], every iteration from the
+    /// same weights; outputs "loss_g", "loss_d" (needs --weights holding
+    /// the generator under "G." and the discriminator under "D."; --batch
+    /// 32; CPU only).
+    #[value(name = "cp2image-train-step")]
+    Cp2imageTrainStep,
     /// CP2Image generator forward, "input" [batch, p] to "image" (needs
     /// --weights; --batch 4096).
     #[value(name = "cp2image-generator")]
@@ -69,6 +88,8 @@ impl Workload {
             Workload::Densenet => "densenet",
             Workload::Vqvae2Profile => "vqvae2-profile",
             Workload::Vqvae2TrainStep => "vqvae2-train-step",
+            Workload::DensenetTrainStep => "densenet-train-step",
+            Workload::Cp2imageTrainStep => "cp2image-train-step",
             Workload::Cp2imageGenerator => "cp2image-generator",
             Workload::Conv => "conv",
             Workload::VqLookup => "vq-lookup",
@@ -79,10 +100,11 @@ impl Workload {
     /// The workload-specific flags it reads (the common ones always apply).
     fn flags(self) -> &'static [&'static str] {
         match self {
-            Workload::Densenet | Workload::Vqvae2Profile | Workload::Vqvae2TrainStep => {
-                &["--weights", "--batch", "--height", "--width"]
-            }
-            Workload::Cp2imageGenerator => &["--weights", "--batch"],
+            Workload::Densenet
+            | Workload::Vqvae2Profile
+            | Workload::Vqvae2TrainStep
+            | Workload::DensenetTrainStep => &["--weights", "--batch", "--height", "--width"],
+            Workload::Cp2imageGenerator | Workload::Cp2imageTrainStep => &["--weights", "--batch"],
             Workload::Conv => &[
                 "--batch", "--c-in", "--height", "--width", "--c-out", "--kernel", "--stride",
                 "--pad",
@@ -132,10 +154,12 @@ pub struct BenchArgs {
     #[arg(long)]
     output: Option<PathBuf>,
     /// Model weights (safetensors, PyTorch state_dict names); needed by
-    /// densenet, vqvae2-profile and cp2image-generator.
+    /// every model workload (cp2image-train-step: "G." generator and "D."
+    /// discriminator in one file).
     #[arg(long)]
     weights: Option<PathBuf>,
-    /// Items per iteration: images (densenet 64, vqvae2-profile 256),
+    /// Items per iteration: images (densenet 64, vqvae2-profile 256,
+    /// vqvae2-train-step 32, densenet-train-step 8, cp2image-train-step 32),
     /// feature vectors (cp2image-generator 4096), conv batch (64).
     #[arg(long)]
     batch: Option<usize>,
@@ -312,6 +336,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Workload::Densenet => densenet(&ctx, out.as_mut())?,
         Workload::Vqvae2Profile => vqvae2_profile(&ctx, out.as_mut())?,
         Workload::Vqvae2TrainStep => vqvae2_train_step(&ctx, out.as_mut())?,
+        Workload::DensenetTrainStep => densenet_train_step(&ctx, out.as_mut())?,
+        Workload::Cp2imageTrainStep => cp2image_train_step(&ctx, out.as_mut())?,
         Workload::Cp2imageGenerator => cp2image_generator(&ctx, out.as_mut())?,
         Workload::Conv => conv(&ctx, out.as_mut())?,
         Workload::VqLookup => vq_lookup(&ctx, out.as_mut())?,
@@ -663,6 +689,189 @@ fn vqvae2_train_step(c: &Ctx, out: Option<&mut TensorWriter>) -> Result<Measured
             "n_embed": cfg.n_embed,
             "embed_dim": cfg.embed_dim,
         }),
+        flops: None,
+        times,
+    })
+}
+
+fn densenet_train_step(c: &Ctx, out: Option<&mut TensorWriter>) -> Result<Measured> {
+    use cellmorph::train::densenet::{Batch, DenseNetState, DenseNetTrainer, StepSettings};
+    use cellmorph::train::{AdamConfig, Method};
+    if c.be.device() != Device::Cpu {
+        return Err(Error::invalid(
+            "bench densenet-train-step runs on the CPU only so far (--device cpu)",
+        ));
+    }
+    let start = DenseNetState::from_file(&c.a.weights()?, "")?;
+    let cfg = start.config.clone();
+    let ch = cfg.in_channels;
+    let classes = cfg.num_classes();
+    let (n, h, w, data) = c.images(ch, (8, 226, 306), (0.0, 1.0))?;
+    let labels: Vec<usize> = match c.input {
+        Some(f) => {
+            let (s, raw) = f.i64("labels")?;
+            if s != [n] {
+                return Err(Error::format(
+                    f.path(),
+                    format!("tensor \"labels\" has shape {s:?}; bench densenet-train-step needs [{n}] (one per image)"),
+                ));
+            }
+            raw.iter()
+                .map(|&v| {
+                    usize::try_from(v)
+                        .ok()
+                        .filter(|&k| k < classes)
+                        .ok_or_else(|| {
+                            Error::format(
+                                f.path(),
+                                format!("label {v} is outside [0, {classes}) (the head's classes)"),
+                            )
+                        })
+                })
+                .collect::<Result<_>>()?
+        }
+        None => (0..n).map(|i| i % classes).collect(),
+    };
+    // Balanced class weights of this batch (scikit-learn's "balanced", as
+    // `screen train` computes them over its training set); a class absent
+    // from the batch gets weight 1, which no term uses.
+    let mut counts = vec![0usize; classes];
+    for &l in &labels {
+        counts[l] += 1;
+    }
+    let class_weights: Vec<f32> = counts
+        .iter()
+        .map(|&k| {
+            if k == 0 {
+                1.0
+            } else {
+                (n as f64 / (classes as f64 * k as f64)) as f32
+            }
+        })
+        .collect();
+    let settings = StepSettings {
+        first_block: 0,
+        class_weights: Some(&class_weights),
+        dropout: None,
+    };
+    let shape = [n, ch, h, w];
+    let batch = Batch {
+        input: &data,
+        shape,
+        labels: &labels,
+    };
+    // `screen train`'s stage 2: AdamW at its default lr (1e-3 / 10), weight
+    // decay 0.
+    let lr = 1e-4;
+    let method = Method::AdamW(AdamConfig::default());
+    let (times, step) = time_iters(
+        c.be,
+        c.a.warmup,
+        c.a.iters,
+        || DenseNetTrainer::with_method(start.clone(), method),
+        |mut trainer| trainer.step_with(&batch, &settings, lr),
+    )?;
+    if let Some(out) = out {
+        out.add_slice("loss", &[], &[step.loss])?;
+        out.add_slice("logits", &[n, classes], &step.logits)?;
+    }
+    Ok(Measured {
+        batch: n,
+        shape: json!({"channels": ch, "height": h, "width": w, "classes": classes}),
+        flops: None,
+        times,
+    })
+}
+
+fn cp2image_train_step(c: &Ctx, out: Option<&mut TensorWriter>) -> Result<Measured> {
+    use cellmorph::train::cp2image::{train_step, Batch, NetState};
+    use cellmorph::train::{AdamConfig, Method, Optimizer};
+    if c.be.device() != Device::Cpu {
+        return Err(Error::invalid(
+            "bench cp2image-train-step runs on the CPU only so far (--device cpu)",
+        ));
+    }
+    let file = c.a.weights()?;
+    let g0 = NetState::from_file(&file, "G.")?;
+    let d0 = NetState::from_file(&file, "D.")?;
+    let shape_of = |s: &NetState, name: &str| -> Result<Vec<usize>> {
+        Ok(s.params.get(s.params.id(name)?).shape.clone())
+    };
+    let fc = shape_of(&g0, "fc.weight")?;
+    let out_w = shape_of(&g0, "out.weight")?;
+    let (Some(&p), Some(&channels)) = (fc.get(1), out_w.first()) else {
+        return Err(Error::format(
+            file.path(),
+            "G.fc.weight or G.out.weight is not a matrix / conv weight",
+        ));
+    };
+    let blocks = (0..)
+        .take_while(|i| g0.params.id(&format!("blocks.{i}.bn.weight")).is_ok())
+        .count();
+    let size = 4usize
+        .checked_shl(u32::try_from(blocks).unwrap_or(u32::MAX))
+        .filter(|&s| s <= 4096)
+        .ok_or_else(|| Error::format(file.path(), format!("{blocks} generator blocks")))?;
+    let (n, z, x, x_real) = match c.input {
+        Some(f) => {
+            let (zs, z) = c.read_f32(f, "z", 2)?;
+            c.expect_dim("z", &zs, "the feature count p (from the weights)", zs[1], p)?;
+            let n = c.agree("--batch", c.a.batch, "z", &zs, zs[0])?;
+            let want = [n, channels, size, size];
+            let (xs, x) = c.read_f32(f, "x", 4)?;
+            let (rs, x_real) = c.read_f32(f, "x_real", 4)?;
+            for (name, s) in [("x", &xs), ("x_real", &rs)] {
+                if s[..] != want {
+                    return Err(Error::format(
+                        f.path(),
+                        format!("tensor {name:?} has shape {s:?}; the generator makes {want:?}"),
+                    ));
+                }
+            }
+            (n, z, x, x_real)
+        }
+        None => {
+            let n = c.a.batch.unwrap_or(32);
+            let len = checked_len(&[n, channels, size, size])?;
+            let mut rng = SplitMix64::new(c.a.seed);
+            let z = normal_vec(&mut rng, checked_len(&[n, p])?);
+            let x = uniform_vec(&mut rng, len, 0.0, 1.0);
+            let x_real = uniform_vec(&mut rng, len, 0.0, 1.0);
+            (n, z, x, x_real)
+        }
+    };
+    let batch = Batch {
+        z: &z,
+        x: &x,
+        x_real: &x_real,
+        shape: [n, channels, size, size],
+    };
+    // `cp2image train`'s defaults: Adam lr 2e-4, betas (0.5, 0.999).
+    let adam = Method::Adam(AdamConfig {
+        betas: (0.5, 0.999),
+        ..AdamConfig::default()
+    });
+    let fresh = || -> Result<_> {
+        let (g, d) = (g0.clone(), d0.clone());
+        let (mut og, mut od) = (Optimizer::new(adam)?, Optimizer::new(adam)?);
+        g.params.register(&mut og)?;
+        d.params.register(&mut od)?;
+        Ok((g, d, og, od))
+    };
+    let (times, losses) = time_iters(
+        c.be,
+        c.a.warmup,
+        c.a.iters,
+        fresh,
+        |(mut g, mut d, mut og, mut od)| train_step(&mut g, &mut d, &mut og, &mut od, 2e-4, &batch),
+    )?;
+    if let Some(out) = out {
+        out.add_slice("loss_g", &[], &[losses.loss_g])?;
+        out.add_slice("loss_d", &[], &[losses.loss_d])?;
+    }
+    Ok(Measured {
+        batch: n,
+        shape: json!({"features": p, "channels": channels, "image_size": size}),
         flops: None,
         times,
     })
