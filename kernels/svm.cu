@@ -10,6 +10,8 @@
 // (max/min and the arg ties), which is exact. So the dual coefficients, ρ and
 // the iteration count equal the CPU solver's bit for bit (up to the sign of a
 // zero ρ from the bounds' midpoint, where fmin/fmax may pick either zero).
+// These helpers, the WSS objective and the clipped two-variable step are
+// shared with svr.cu in smo_warp.cuh.
 //
 // Problem layout: l training rows, the n_pos rows of label +1 first, then the
 // l − n_pos rows of label −1 (how src/svm/mod.rs orders a pair's samples).
@@ -48,6 +50,7 @@
 // every pair of every fold and setting of a grid search in one launch.
 
 #include "common.cuh"
+#include "smo_warp.cuh"
 
 namespace {
 
@@ -57,50 +60,6 @@ constexpr int kSvmThreads = 32 * kSvmWarps;
 // Without a minimum, ptxas (CUDA 13) caps the shared variant at 56 registers
 // and spills a few bytes; with it, it takes 64 and spills nothing.
 constexpr int kSvmMinBlocks = 4;
-constexpr unsigned kFullMask = 0xffffffffu;
-// libsvm's TAU (smo::TAU).
-constexpr double kTau = 1e-12;
-
-// A product rounded on its own, as the CPU reference computes it: nvcc would
-// otherwise contract a·b + c into one FMA and change the last bit.
-__device__ __forceinline__ double mul_rn(double a, double b) {
-#ifdef CELLMORPH_EMULATION
-    return a * b;
-#else
-    return __dmul_rn(a, b);
-#endif
-}
-
-// Warp-wide max / min; a NaN never replaces a number.
-__device__ __forceinline__ double warp_max(double v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const double w = __shfl_xor_sync(kFullMask, v, o);
-        v = w > v ? w : v;
-    }
-    return v;
-}
-
-__device__ __forceinline__ double warp_min(double v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const double w = __shfl_xor_sync(kFullMask, v, o);
-        v = w < v ? w : v;
-    }
-    return v;
-}
-
-__device__ __forceinline__ int warp_max_int(int v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    return __reduce_max_sync(kFullMask, v);
-#else
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        v = max(v, __shfl_xor_sync(kFullMask, v, o));
-    }
-    return v;
-#endif
-}
 
 // Solves one dual (smo::solve) with the calling warp. K: l×l Gram matrix;
 // alpha, grad: l doubles each of this warp. On return coef[t] = y_t·α_t and
@@ -165,8 +124,7 @@ __device__ __forceinline__ void smo_warp(const double* __restrict__ K, int l, in
             if (grad_diff > 0.0) {
                 // K_ii + K_tt − 2·K_it for either label of t.
                 const double quad = qd_i + K[(long long)m * l + m] - 2.0 * Ki[m];
-                const double obj = quad > 0.0 ? -(grad_diff * grad_diff) / quad
-                                              : -(grad_diff * grad_diff) / kTau;
+                const double obj = wss_objective(grad_diff, quad);
                 if (obj <= obj_min) {
                     obj_min = obj;
                     min_t = m;
@@ -191,55 +149,7 @@ __device__ __forceinline__ void smo_warp(const double* __restrict__ K, int l, in
         const double* const Kj = K + (long long)j * l;
         const double k_ij = Ki[j];
         double ai = old_i, aj = old_j;
-        double quad = qd_i + Kj[j] - 2.0 * k_ij;
-        if (quad <= 0.0) quad = kTau;
-        if (i_pos != j_pos) {
-            const double delta = (-g_i - g_j) / quad;
-            const double diff = ai - aj;
-            ai += delta;
-            aj += delta;
-            if (diff > 0.0) {
-                if (aj < 0.0) {
-                    aj = 0.0;
-                    ai = diff;
-                }
-            } else if (ai < 0.0) {
-                ai = 0.0;
-                aj = -diff;
-            }
-            if (diff > 0.0) {
-                if (ai > c) {
-                    ai = c;
-                    aj = c - diff;
-                }
-            } else if (aj > c) {
-                aj = c;
-                ai = c + diff;
-            }
-        } else {
-            const double delta = (g_i - g_j) / quad;
-            const double sum = ai + aj;
-            ai -= delta;
-            aj += delta;
-            if (sum > c) {
-                if (ai > c) {
-                    ai = c;
-                    aj = sum - c;
-                }
-            } else if (aj < 0.0) {
-                aj = 0.0;
-                ai = sum;
-            }
-            if (sum > c) {
-                if (aj > c) {
-                    aj = c;
-                    ai = sum - c;
-                }
-            } else if (ai < 0.0) {
-                ai = 0.0;
-                aj = sum;
-            }
-        }
+        smo_step(i_pos != j_pos, qd_i + Kj[j] - 2.0 * k_ij, g_i, g_j, c, ai, aj);
         // Every lane has read α and G before any is written.
         __syncwarp();
         if (lane == 0) {

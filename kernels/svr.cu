@@ -10,7 +10,8 @@
 // reductions only compare (max/min and the arg ties), which is exact. So β,
 // b, the iteration count, the held-out scores and the choice of (C, ε) equal
 // the CPU solver's bit for bit (up to the sign of a zero b, where fmin/fmax
-// may pick either zero).
+// may pick either zero). These helpers, the WSS objective and the clipped
+// two-variable step are shared with svm.cu in smo_warp.cuh.
 //
 // Problem layout in a warp (R = rows per lane, l ≤ 32·R): lane k holds the
 // training rows m = k + 32·r (r < R) and for each the two dual variables
@@ -67,6 +68,7 @@
 // 100 times the solves: the chains are what puts the grid far below 1 s.
 
 #include "common.cuh"
+#include "smo_warp.cuh"
 
 namespace {
 
@@ -76,50 +78,6 @@ constexpr int kSvrThreads = 32 * kSvrWarps;
 // Without it ptxas spills a few bytes in some variants; with 6 or more it
 // must spill to fit.
 constexpr int kSvrMinBlocks = 4;
-constexpr unsigned kFullMask = 0xffffffffu;
-// libsvm's TAU (smo::TAU).
-constexpr double kTau = 1e-12;
-
-// A product rounded on its own, as the CPU reference computes it: nvcc would
-// otherwise contract a·b + c into one FMA and change the last bit.
-__device__ __forceinline__ double mul_rn(double a, double b) {
-#ifdef CELLMORPH_EMULATION
-    return a * b;
-#else
-    return __dmul_rn(a, b);
-#endif
-}
-
-// Warp-wide max / min; a NaN never replaces a number.
-__device__ __forceinline__ double warp_max(double v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const double w = __shfl_xor_sync(kFullMask, v, o);
-        v = w > v ? w : v;
-    }
-    return v;
-}
-
-__device__ __forceinline__ double warp_min(double v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const double w = __shfl_xor_sync(kFullMask, v, o);
-        v = w < v ? w : v;
-    }
-    return v;
-}
-
-__device__ __forceinline__ int warp_max_int(int v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    return __reduce_max_sync(kFullMask, v);
-#else
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        v = max(v, __shfl_xor_sync(kFullMask, v, o));
-    }
-    return v;
-#endif
-}
 
 struct SmoResult {
     double b;
@@ -210,8 +168,7 @@ __device__ __forceinline__ SmoResult smo_warp(const double* __restrict__ K, int 
                 if (grad_diff > 0.0) {
                     // K_ii + K_tt − 2·K_it for either sign of t.
                     const double quad = qd_i + K[m * l + m] - 2.0 * Ki[m];
-                    const double obj = quad > 0.0 ? -(grad_diff * grad_diff) / quad
-                                                  : -(grad_diff * grad_diff) / kTau;
+                    const double obj = wss_objective(grad_diff, quad);
                     if (obj <= obj_min) {
                         obj_min = obj;
                         min_t = m;
@@ -230,8 +187,7 @@ __device__ __forceinline__ SmoResult smo_warp(const double* __restrict__ K, int 
                 const double grad_diff = gmax + yg;
                 if (grad_diff > 0.0) {
                     const double quad = qd_i + K[m * l + m] - 2.0 * Ki[m];
-                    const double obj = quad > 0.0 ? -(grad_diff * grad_diff) / quad
-                                                  : -(grad_diff * grad_diff) / kTau;
+                    const double obj = wss_objective(grad_diff, quad);
                     if (obj <= obj_min) {
                         obj_min = obj;
                         min_t = l + m;
@@ -263,61 +219,9 @@ __device__ __forceinline__ SmoResult smo_warp(const double* __restrict__ K, int 
         const double q_ij = s_i * s_j * Ki[rj];
         const double qd_j = Kj[rj];
         double ai = a_i, aj = a_j;
-        if (i_pos != j_pos) {
-            double quad = qd_i + qd_j + 2.0 * q_ij;
-            if (quad <= 0.0) quad = kTau;
-            const double delta = (-g_i - g_j) / quad;
-            const double diff = ai - aj;
-            ai += delta;
-            aj += delta;
-            if (diff > 0.0) {
-                if (aj < 0.0) {
-                    aj = 0.0;
-                    ai = diff;
-                }
-            } else if (ai < 0.0) {
-                ai = 0.0;
-                aj = -diff;
-            }
-            if (diff > 0.0) {
-                if (ai > c) {
-                    c_bound = true;
-                    ai = c;
-                    aj = c - diff;
-                }
-            } else if (aj > c) {
-                c_bound = true;
-                aj = c;
-                ai = c + diff;
-            }
-        } else {
-            double quad = qd_i + qd_j - 2.0 * q_ij;
-            if (quad <= 0.0) quad = kTau;
-            const double delta = (g_i - g_j) / quad;
-            const double sum = ai + aj;
-            ai -= delta;
-            aj += delta;
-            if (sum > c) {
-                c_bound = true;
-                if (ai > c) {
-                    ai = c;
-                    aj = sum - c;
-                }
-            } else if (aj < 0.0) {
-                aj = 0.0;
-                ai = sum;
-            }
-            if (sum > c) {
-                if (aj > c) {
-                    aj = c;
-                    ai = sum - c;
-                }
-            } else if (ai < 0.0) {
-                ai = 0.0;
-                aj = sum;
-            }
-        }
-        if (ai >= c || aj >= c) c_bound = true;
+        // libsvm's quad_coef: Q_ii + Q_jj ± 2·q_ij (+ for opposite signs).
+        const double quad = i_pos != j_pos ? qd_i + qd_j + 2.0 * q_ij : qd_i + qd_j - 2.0 * q_ij;
+        if (smo_step(i_pos != j_pos, quad, g_i, g_j, c, ai, aj)) c_bound = true;
 
         // G_t += Q_ti·Δα_i + Q_tj·Δα_j; both halves share the K row term.
         const double ci = s_i * (ai - a_i);

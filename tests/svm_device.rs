@@ -11,49 +11,19 @@
 //! would hide a reordered sum or a different tie-break in the working-set
 //! selection, the bugs these tests are for.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cellmorph::apps::expression::categories::read_labels;
-use cellmorph::backend::cuda_device_count;
 use cellmorph::svm::device::{fit_on, grid_search_on, solve_duals_on, SvcDual, SHARED_MAX_ROWS};
-use cellmorph::svm::{
-    grid_search, smo, squared_distance, stratified_kfold, Gamma, Svc, SvmGridSpec,
-};
+use cellmorph::svm::{grid_search, squared_distance, stratified_kfold, Gamma, Svc, SvmGridSpec};
 use cellmorph::svr::cv::{kfold_folds, Folds};
 use cellmorph::table::Table;
-use cellmorph::{Backend, Device};
+use cellmorph::Backend;
 
-fn emulated() -> Backend {
-    Backend::new(Device::Emulated).expect("the emulated device must be built")
-}
-
-/// CUDA device 0. These tests are `#[ignore]`d so that a machine without a GPU
-/// reports them as ignored, never as passed; forced to run there, they fail.
-fn cuda() -> Backend {
-    assert!(
-        cuda_device_count() > 0,
-        "skipped: no CUDA device (this test needs a GPU)"
-    );
-    Backend::new(Device::Cuda(0)).expect("opening CUDA device 0")
-}
-
-/// SplitMix64 uniform values in [0, 1).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next() * n as f64) as usize).min(n - 1)
-    }
-}
+use common::{cuda, emulated, Rng};
 
 /// An owned dual: Gram matrix, size, positives, C, tol.
 struct Problem {
@@ -119,19 +89,8 @@ fn check_dual_refs(be: &Backend, duals: &[SvcDual], what: &str) {
     assert_eq!(got.len(), duals.len());
     let mut iterations = 0;
     for (k, (d, s)) in duals.iter().zip(&got).enumerate() {
-        let labels: Vec<f64> = (0..d.l)
-            .map(|t| if t < d.n_pos { 1.0 } else { -1.0 })
-            .collect();
-        let mut coef = vec![0.0; d.l];
-        let want = smo::solve(
-            d.gram,
-            d.l,
-            &labels,
-            d.c,
-            d.tol,
-            smo::default_max_iter(d.l),
-            &mut coef,
-        );
+        let want = d.solve_cpu();
+        let (coef, want) = (want.coef, want.outcome);
         let at = format!(
             "{what}, dual {k} (l = {}, n_pos = {}, C = {}, tol = {})",
             d.l, d.n_pos, d.c, d.tol

@@ -20,60 +20,21 @@ mod common;
 
 use std::path::PathBuf;
 
-use cellmorph::backend::cuda_device_count;
 use cellmorph::svr::{
     self, fit_batch, grid_search, grid_search_on, smo, solve_batch_on, GridSpec, SvrParams,
     SvrProblem, DEVICE_MAX_ROWS,
 };
 use cellmorph::table::Table;
-use cellmorph::{Backend, Device};
+use cellmorph::Backend;
 use proptest::prelude::*;
 use proptest::test_runner::{TestCaseError, TestRunner};
+
+use common::{cuda, emulated, Rng};
 
 /// Property cases on the emulated device (each CUDA thread is a fiber there,
 /// and every warp collective switches all 32).
 const EMU_CASES: u32 = 48;
 const CUDA_CASES: u32 = 200;
-
-fn emulated() -> Backend {
-    Backend::new(Device::Emulated).expect("the emulated device must be built")
-}
-
-/// CUDA device 0. These tests are `#[ignore]`d so that a machine without a GPU
-/// reports them as ignored, never as passed; forced to run there, they fail.
-fn cuda() -> Backend {
-    assert!(
-        cuda_device_count() > 0,
-        "skipped: no CUDA device (this test needs a GPU)"
-    );
-    Backend::new(Device::Cuda(0)).expect("opening CUDA device 0")
-}
-
-/// SplitMix64 uniform values in [0, 1).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next() * n as f64) as usize).min(n - 1)
-    }
-
-    /// In [−1, 1), or one of −1, −0.5, 0, 0.5, 1 when `coarse`.
-    fn value(&mut self, coarse: bool) -> f64 {
-        if coarse {
-            self.below(5) as f64 * 0.5 - 1.0
-        } else {
-            self.next() * 2.0 - 1.0
-        }
-    }
-}
 
 /// A feature matrix and problems on random row subsets of it.
 struct Batch {

@@ -3,6 +3,7 @@
 //! by name with a grid, a block, dynamic shared memory and an argument list —
 //! the same call for a real GPU and for the emulated one.
 
+pub(crate) mod buffers;
 mod cuda;
 mod emulated;
 pub(crate) mod kernels;

@@ -27,7 +27,7 @@
 //!   to the sign of a zero intercept).
 //!
 //! [`crate::Tensor`] has no `f64` element type, so `f64` buffers travel as
-//! their bit patterns in `Tensor<i64>`.
+//! their bit patterns in `Tensor<i64>` (`backend::buffers`).
 
 use std::collections::HashMap;
 
@@ -35,12 +35,18 @@ use rayon::prelude::*;
 
 use super::grid::{search, FitJob, MAX_GRID_SAMPLES};
 use super::smo::{self, SmoOutcome};
-use super::{check_matrix, check_params, FitPlan, PairSolution, Svc, SvmGridOutcome, SvmGridSpec};
+use super::{
+    check_params, check_training_rows, FitPlan, PairSolution, Svc, SvmGridOutcome, SvmGridSpec,
+};
+use crate::backend::buffers::{f64_buffer, i64_buffer, int_buffer, read_f64, WarpBlocks};
 use crate::backend::{Backend, LaunchCfg};
 use crate::device::Device;
 use crate::svr::cv::Folds;
 use crate::tensor::Tensor;
 use crate::{Error, Result};
+
+/// What an argument that does not fit a kernel `int` is reported against.
+const INT_OP: &str = "svm device solver";
 
 /// Most samples a dual solved with its Gram matrix in shared memory may
 /// have; larger ones use the global-memory kernel.
@@ -71,6 +77,28 @@ pub struct SvcDual<'a> {
     pub c: f64,
     /// Stopping tolerance.
     pub tol: f64,
+}
+
+impl SvcDual<'_> {
+    /// The CPU reference: [`smo::solve`] with labels `+1` for the first
+    /// `n_pos` samples and `−1` for the rest and its default iteration cap.
+    /// The dual must be valid (as [`solve_duals_on`] checks).
+    pub fn solve_cpu(&self) -> PairSolution {
+        let labels: Vec<f64> = (0..self.l)
+            .map(|t| if t < self.n_pos { 1.0 } else { -1.0 })
+            .collect();
+        let mut coef = vec![0.0; self.l];
+        let outcome = smo::solve(
+            self.gram,
+            self.l,
+            &labels,
+            self.c,
+            self.tol,
+            smo::default_max_iter(self.l),
+            &mut coef,
+        );
+        PairSolution { coef, outcome }
+    }
 }
 
 /// Solves every dual on `be`'s device: the same results as [`smo::solve`]
@@ -108,25 +136,7 @@ pub fn solve_duals_on(be: &Backend, duals: &[SvcDual]) -> Result<Vec<PairSolutio
         check_params(d.c, 1.0, d.tol).map_err(|e| Error::invalid(format!("dual {k}: {e}")))?;
     }
     if be.device() == Device::Cpu {
-        return Ok(duals
-            .par_iter()
-            .map(|d| {
-                let labels: Vec<f64> = (0..d.l)
-                    .map(|t| if t < d.n_pos { 1.0 } else { -1.0 })
-                    .collect();
-                let mut coef = vec![0.0; d.l];
-                let outcome = smo::solve(
-                    d.gram,
-                    d.l,
-                    &labels,
-                    d.c,
-                    d.tol,
-                    smo::default_max_iter(d.l),
-                    &mut coef,
-                );
-                PairSolution { coef, outcome }
-            })
-            .collect());
+        return Ok(duals.par_iter().map(SvcDual::solve_cpu).collect());
     }
     // Gram sets by slice identity, in first-use order.
     let mut set_of: HashMap<(usize, usize), usize> = HashMap::new();
@@ -197,14 +207,7 @@ pub fn fit_on(
     if be.device() == Device::Cpu {
         return Svc::fit(x, n_features, rows, y, c, gamma, tol);
     }
-    check_matrix(x, n_features)?;
-    let n = x.len() / n_features;
-    if let Some(&r) = rows.iter().find(|&&r| r >= n) {
-        return Err(Error::shape(
-            "svm::fit_on",
-            format!("training row {r} of a {n}-row matrix"),
-        ));
-    }
+    check_training_rows("svm::fit_on", x, n_features, rows)?;
     let row = |r: usize| &x[r * n_features..(r + 1) * n_features];
     let dist = |a: usize, b: usize| super::squared_distance(row(a), row(b));
     let job = FitJob {
@@ -387,7 +390,7 @@ fn launch(
     let mut local_set: HashMap<usize, usize> = HashMap::new();
     let (mut gram, mut set_off, mut set_l, mut set_n_pos, mut set_max_iter) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut block_set, mut block_first, mut block_count) = (Vec::new(), Vec::new(), Vec::new());
+    let mut blocks = WarpBlocks::new(WARPS_PER_BLOCK);
     let (mut coef_off, mut c, mut tol) = (Vec::new(), Vec::new(), Vec::new());
     let mut n_coef = 0usize;
     let mut lmax = 1;
@@ -403,34 +406,23 @@ fn launch(
             set_max_iter.push(i64::try_from(smo::default_max_iter(d.l)).unwrap_or(i64::MAX));
             lmax = lmax.max(d.l);
         }
-        // A new block at each new set and every WARPS_PER_BLOCK problems.
-        let open = block_set.last() == Some(&s)
-            && block_count.last().is_some_and(|&n| n < WARPS_PER_BLOCK);
-        if open {
-            if let Some(n) = block_count.last_mut() {
-                *n += 1;
-            }
-        } else {
-            block_set.push(s);
-            block_first.push(p);
-            block_count.push(1);
-        }
+        blocks.push(s, p);
         coef_off.push(n_coef as i64);
         n_coef += d.l;
         c.push(d.c);
         tol.push(d.tol);
     }
-    let n_blocks = u32::try_from(block_set.len())
+    let n_blocks = u32::try_from(blocks.set.len())
         .map_err(|_| Error::invalid(format!("{OP}: too many problems for one launch")))?;
-    let ints = |what: &str, v: &[usize]| int_buffer(be, what, v);
+    let ints = |what: &str, v: &[usize]| int_buffer(be, INT_OP, what, v);
     let gram_t = f64_buffer(be, &gram)?;
     let set_off_t = i64_buffer(be, &set_off)?;
     let set_l_t = ints("samples", &set_l)?;
     let set_n_pos_t = ints("positive samples", &set_n_pos)?;
     let set_max_iter_t = i64_buffer(be, &set_max_iter)?;
-    let block_set_t = ints("Gram set index", &block_set)?;
-    let block_first_t = ints("problem index", &block_first)?;
-    let block_count_t = ints("block size", &block_count)?;
+    let block_set_t = ints("Gram set index", &blocks.set)?;
+    let block_first_t = ints("problem index", &blocks.first)?;
+    let block_count_t = ints("block size", &blocks.count)?;
     let coef_off_t = i64_buffer(be, &coef_off)?;
     let c_t = f64_buffer(be, &c)?;
     let tol_t = f64_buffer(be, &tol)?;
@@ -497,47 +489,4 @@ fn launch(
         });
     }
     Ok(())
-}
-
-/// An `f64` buffer on `be`'s device as bit patterns in an `i64` tensor, at
-/// least one element long so that no launch gets a null pointer.
-fn f64_buffer(be: &Backend, data: &[f64]) -> Result<Tensor<i64>> {
-    let bits: Vec<i64> = data.iter().map(|v| v.to_bits() as i64).collect();
-    i64_buffer(be, &bits)
-}
-
-/// The values of an [`f64_buffer`].
-fn read_f64(t: &Tensor<i64>) -> Result<Vec<f64>> {
-    Ok(t.to_vec()?
-        .into_iter()
-        .map(|b| f64::from_bits(b as u64))
-        .collect())
-}
-
-/// An `i64` buffer on `be`'s device, at least one element long.
-fn i64_buffer(be: &Backend, data: &[i64]) -> Result<Tensor<i64>> {
-    let mut v = data.to_vec();
-    if v.is_empty() {
-        v.push(0);
-    }
-    Tensor::from_vec(be, &[v.len()], v)
-}
-
-/// An `int` buffer on `be`'s device, at least one element long; an error
-/// naming `what` if a value does not fit.
-fn int_buffer(be: &Backend, what: &str, data: &[usize]) -> Result<Tensor<i32>> {
-    let mut v = data
-        .iter()
-        .map(|&x| {
-            i32::try_from(x).map_err(|_| {
-                Error::invalid(format!(
-                    "svm device solver: {what} {x} does not fit a 32-bit kernel argument"
-                ))
-            })
-        })
-        .collect::<Result<Vec<i32>>>()?;
-    if v.is_empty() {
-        v.push(0);
-    }
-    Tensor::from_vec(be, &[v.len()], v)
 }

@@ -152,14 +152,7 @@ impl Svc {
         gamma: f64,
         tol: f64,
     ) -> Result<Svc> {
-        check_matrix(x, n_features)?;
-        let n = x.len() / n_features;
-        if let Some(&r) = rows.iter().find(|&&r| r >= n) {
-            return Err(Error::shape(
-                "Svc::fit",
-                format!("training row {r} of a {n}-row matrix"),
-            ));
-        }
+        check_training_rows("Svc::fit", x, n_features, rows)?;
         let row = |r: usize| &x[r * n_features..(r + 1) * n_features];
         Svc::fit_with(x, n_features, rows, y, c, gamma, tol, &|a, b| {
             squared_distance(row(a), row(b))
@@ -452,6 +445,25 @@ pub(crate) fn check_matrix(x: &[f64], n_features: usize) -> Result<()> {
             i / n_features,
             i % n_features
         )));
+    }
+    Ok(())
+}
+
+/// [`check_matrix`], and every index of `rows` a row of `x`; errors name
+/// `op`.
+pub(crate) fn check_training_rows(
+    op: &'static str,
+    x: &[f64],
+    n_features: usize,
+    rows: &[usize],
+) -> Result<()> {
+    check_matrix(x, n_features)?;
+    let n = x.len() / n_features;
+    if let Some(&r) = rows.iter().find(|&&r| r >= n) {
+        return Err(Error::shape(
+            op,
+            format!("training row {r} of a {n}-row matrix"),
+        ));
     }
     Ok(())
 }

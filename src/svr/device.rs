@@ -26,7 +26,7 @@
 //!   the CPU's exactly (up to the sign of a zero intercept).
 //!
 //! [`crate::Tensor`] has no `f64` element type, so `f64` buffers travel as
-//! their bit patterns in `Tensor<i64>`.
+//! their bit patterns in `Tensor<i64>` (`backend::buffers`).
 
 use std::collections::HashMap;
 
@@ -38,11 +38,15 @@ use super::{
     fit_batch, grid_search, linear_gram, primal_weights, GridOutcome, GridResult, GridSpec,
     GridStats, LinearSvr, SvrFit, SvrParams, SvrProblem,
 };
+use crate::backend::buffers::{f64_buffer, i64_buffer, int_buffer, read_f64, WarpBlocks};
 use crate::backend::{Backend, KernelArg, LaunchCfg};
 use crate::device::Device;
 use crate::table::Table;
 use crate::tensor::Tensor;
 use crate::{Error, Result};
+
+/// What an argument that does not fit a kernel `int` is reported against.
+const INT_OP: &str = "svr device solver";
 
 /// Most training rows one problem may have on a kernel device (the widest
 /// kernel variant, 4 rows per lane of a warp). The CPU device has no limit.
@@ -395,7 +399,7 @@ fn launch_batch(
     let mut local_set: HashMap<usize, usize> = HashMap::new();
     let (mut gram, mut set_off, mut set_l, mut set_max_iter) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut block_set, mut block_first, mut block_count) = (Vec::new(), Vec::new(), Vec::new());
+    let mut blocks = WarpBlocks::new(WARPS_PER_BLOCK);
     let (mut y, mut y_off, mut c, mut eps, mut tol) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut lmax = 1;
@@ -411,34 +415,23 @@ fn launch_batch(
             set_max_iter.push(smo::default_max_iter(set.l) as i64);
             lmax = lmax.max(set.l);
         }
-        // A new block at each new set and every WARPS_PER_BLOCK problems.
-        let open = block_set.last() == Some(&s)
-            && block_count.last().is_some_and(|&n| n < WARPS_PER_BLOCK);
-        if open {
-            if let Some(n) = block_count.last_mut() {
-                *n += 1;
-            }
-        } else {
-            block_set.push(s);
-            block_first.push(p);
-            block_count.push(1);
-        }
+        blocks.push(s, p);
         y_off.push(y.len() as i64);
         y.extend_from_slice(dual.y);
         c.push(dual.params.c);
         eps.push(dual.params.epsilon);
         tol.push(dual.params.tol);
     }
-    let n_blocks = u32::try_from(block_set.len())
+    let n_blocks = u32::try_from(blocks.set.len())
         .map_err(|_| Error::invalid("svr::solve_batch_on: too many problems for one launch"))?;
-    let ints = |what: &str, v: &[usize]| -> Result<Tensor<i32>> { int_buffer(be, what, v) };
+    let ints = |what: &str, v: &[usize]| -> Result<Tensor<i32>> { int_buffer(be, INT_OP, what, v) };
     let gram_t = f64_buffer(be, &gram)?;
     let set_off_t = i64_buffer(be, &set_off)?;
     let set_l_t = ints("training rows", &set_l)?;
     let set_max_iter_t = i64_buffer(be, &set_max_iter)?;
-    let block_set_t = ints("Gram set index", &block_set)?;
-    let block_first_t = ints("problem index", &block_first)?;
-    let block_count_t = ints("block size", &block_count)?;
+    let block_set_t = ints("Gram set index", &blocks.set)?;
+    let block_first_t = ints("problem index", &blocks.first)?;
+    let block_count_t = ints("block size", &blocks.count)?;
     let y_off_t = i64_buffer(be, &y_off)?;
     let y_t = f64_buffer(be, &y)?;
     let c_t = f64_buffer(be, &c)?;
@@ -543,11 +536,11 @@ fn chain_scores(
 
     let gram_t = f64_buffer(be, &gram)?;
     let cross_t = f64_buffer(be, &cross)?;
-    let rows_t = int_buffer(be, "sample index", &rows)?;
-    let fold_l_t = int_buffer(be, "training rows", &fold_l)?;
+    let rows_t = int_buffer(be, INT_OP, "sample index", &rows)?;
+    let fold_l_t = int_buffer(be, INT_OP, "training rows", &fold_l)?;
     let max_iter_t = i64_buffer(be, &max_iter)?;
     let c_sorted_t = f64_buffer(be, &c_sorted)?;
-    let c_index_t = int_buffer(be, "C index", &c_order)?;
+    let c_index_t = int_buffer(be, INT_OP, "C index", &c_order)?;
     let eps_t = f64_buffer(be, &spec.epsilon)?;
 
     let per_gene = n_folds * n_eps * n_c;
@@ -607,47 +600,4 @@ fn chain_scores(
         counts.extend(counts_t.to_vec()?);
     }
     Ok(ChainScores { scores, counts })
-}
-
-/// An `f64` buffer on `be`'s device as bit patterns in an `i64` tensor, at
-/// least one element long so that no launch gets a null pointer.
-fn f64_buffer(be: &Backend, data: &[f64]) -> Result<Tensor<i64>> {
-    let bits: Vec<i64> = data.iter().map(|v| v.to_bits() as i64).collect();
-    i64_buffer(be, &bits)
-}
-
-/// The values of an [`f64_buffer`].
-fn read_f64(t: &Tensor<i64>) -> Result<Vec<f64>> {
-    Ok(t.to_vec()?
-        .into_iter()
-        .map(|b| f64::from_bits(b as u64))
-        .collect())
-}
-
-/// An `i64` buffer on `be`'s device, at least one element long.
-fn i64_buffer(be: &Backend, data: &[i64]) -> Result<Tensor<i64>> {
-    let mut v = data.to_vec();
-    if v.is_empty() {
-        v.push(0);
-    }
-    Tensor::from_vec(be, &[v.len()], v)
-}
-
-/// An `int` buffer on `be`'s device, at least one element long; an error
-/// naming `what` if a value does not fit.
-fn int_buffer(be: &Backend, what: &str, data: &[usize]) -> Result<Tensor<i32>> {
-    let mut v = data
-        .iter()
-        .map(|&x| {
-            i32::try_from(x).map_err(|_| {
-                Error::invalid(format!(
-                    "svr device solver: {what} {x} does not fit a 32-bit kernel argument"
-                ))
-            })
-        })
-        .collect::<Result<Vec<i32>>>()?;
-    if v.is_empty() {
-        v.push(0);
-    }
-    Tensor::from_vec(be, &[v.len()], v)
 }

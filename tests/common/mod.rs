@@ -72,3 +72,50 @@ pub fn proptest_config(cases: u32) -> proptest::test_runner::Config {
         ..proptest::test_runner::Config::default()
     }
 }
+
+/// The emulated kernel device.
+#[allow(dead_code)] // not every suite that includes this module runs kernels
+pub fn emulated() -> cellmorph::Backend {
+    cellmorph::Backend::new(cellmorph::Device::Emulated).expect("the emulated device must be built")
+}
+
+/// CUDA device 0. Tests that use it are `#[ignore]`d so that a machine
+/// without a GPU reports them as ignored, never as passed; forced to run
+/// there, they fail.
+#[allow(dead_code)] // not every suite that includes this module runs kernels
+pub fn cuda() -> cellmorph::Backend {
+    assert!(
+        cellmorph::backend::cuda_device_count() > 0,
+        "skipped: no CUDA device (this test needs a GPU)"
+    );
+    cellmorph::Backend::new(cellmorph::Device::Cuda(0)).expect("opening CUDA device 0")
+}
+
+/// SplitMix64 uniform values in [0, 1), seeded with the field.
+#[allow(dead_code)] // not every suite that includes this module draws f64 values
+pub struct Rng(pub u64);
+
+#[allow(dead_code)] // not every suite uses every draw
+impl Rng {
+    pub fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// In 0..n.
+    pub fn below(&mut self, n: usize) -> usize {
+        ((self.next() * n as f64) as usize).min(n - 1)
+    }
+
+    /// In [−1, 1), or one of −1, −0.5, 0, 0.5, 1 when `coarse`.
+    pub fn value(&mut self, coarse: bool) -> f64 {
+        if coarse {
+            self.below(5) as f64 * 0.5 - 1.0
+        } else {
+            self.next() * 2.0 - 1.0
+        }
+    }
+}
