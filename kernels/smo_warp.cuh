@@ -54,6 +54,20 @@ __device__ __forceinline__ int warp_max_int(int v) {
 #endif
 }
 
+// A working-set index from each lane's candidate t (−1: none) with value v:
+// the t of the largest (arg_max) or smallest (arg_min) v over the warp, the
+// largest such t on a tie (libsvm's `>=`/`<=` scans in t order keep the last
+// index of a tie); −1 if no lane has a candidate.
+__device__ __forceinline__ int warp_arg_max(double v, int t) {
+    const double w = warp_max(v);
+    return warp_max_int(v == w ? t : -1);
+}
+
+__device__ __forceinline__ int warp_arg_min(double v, int t) {
+    const double w = warp_min(v);
+    return warp_max_int(v == w ? t : -1);
+}
+
 // libsvm's second-order working-set objective for a candidate t: the
 // decrease −(gmax + y_t·G_t)² / a_it, with a curvature a_it ≤ 0 taken as TAU.
 __device__ __forceinline__ double wss_objective(double grad_diff, double quad) {

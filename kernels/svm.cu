@@ -94,8 +94,7 @@ __device__ __forceinline__ void smo_warp(const double* __restrict__ K, int l, in
                 best_t = m;
             }
         }
-        const double best_w = warp_max(best);
-        const int i = warp_max_int(best == best_w ? best_t : -1);
+        const int i = warp_arg_max(best, best_t);
         if (i < 0) {
             // No i: gmax = −∞, so the reference stops here too.
             converged = true;
@@ -131,9 +130,8 @@ __device__ __forceinline__ void smo_warp(const double* __restrict__ K, int l, in
                 }
             }
         }
-        const double obj_w = warp_min(obj_min);
+        const int j = warp_arg_min(obj_min, min_t);
         const double gmax2_w = warp_max(gmax2);
-        const int j = warp_max_int(obj_min == obj_w ? min_t : -1);
         if (gmax + gmax2_w < tol || j < 0) {
             converged = true;
             break;
