@@ -15,7 +15,7 @@
 #     DATA_DIR   the shared data folder      [default: ../shared/data]
 #     OUT_DIR    the output folder           [default: real-data-screening]
 #   EPOCHS=N     head epochs (stage 1)       [default: 30]
-#   FT_EPOCHS=N  all-layer epochs (stage 2)  [default: 6]
+#   FT_EPOCHS=N  all-layer epochs (stage 2)  [default: 5]
 #   FT_LR=X      stage-2 learning rate       [default: 0.0003]
 #   CELLMORPH=…  the binary                  [default: target/release/cellmorph, built if missing]
 #
@@ -27,7 +27,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 data="$(cd "${1:-$root/../shared/data}" && pwd)"
 out="${2:-real-data-screening}"
 epochs="${EPOCHS:-30}"
-ft_epochs="${FT_EPOCHS:-6}"
+ft_epochs="${FT_EPOCHS:-5}"
 ft_lr="${FT_LR:-0.0003}"
 bin="${CELLMORPH:-$root/target/release/cellmorph}"
 if [ ! -x "$bin" ]; then
