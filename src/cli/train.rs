@@ -96,12 +96,6 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
         &a.output,
         &[("--weights", &a.weights), ("--batch", &a.batch)],
     )?;
-    if a.device != Device::Cpu {
-        return Err(Error::invalid(format!(
-            "train-step --model {} --device {}: device training is not yet available for this model; use --device cpu",
-            a.model, a.device
-        )));
-    }
     if a.precision != Precision::F32 {
         return Err(Error::invalid(format!(
             "train-step --model {} --precision {}: training runs in f32 only",
@@ -118,7 +112,20 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
     }
 }
 
+/// Refuses a device other than the CPU for a model whose step runs on the
+/// CPU only.
+fn cpu_only(a: &TrainStepArgs) -> Result<()> {
+    if a.device != Device::Cpu {
+        return Err(Error::invalid(format!(
+            "train-step --model {} --device {}: device training is not yet available for this model; use --device cpu",
+            a.model, a.device
+        )));
+    }
+    Ok(())
+}
+
 fn vqvae2_step(a: &TrainStepArgs, method: Method) -> Result<()> {
+    cpu_only(a)?;
     let weights = TensorFile::open(&a.weights)?;
     let (cfg, mut store) = vqvae2::load_store(&weights)?;
     cellmorph::apps::expression::init::check_vqvae2_tensors(&weights, &cfg)?;
@@ -163,6 +170,7 @@ fn vqvae2_step(a: &TrainStepArgs, method: Method) -> Result<()> {
 }
 
 fn densenet_step(a: &TrainStepArgs, method: Method) -> Result<()> {
+    cpu_only(a)?;
     use cellmorph::train::densenet::{train_step, Batch};
     let Method::Adam(adam) = method else {
         return Err(Error::invalid("train-step --model densenet: Adam only"));
@@ -218,6 +226,7 @@ fn densenet_step(a: &TrainStepArgs, method: Method) -> Result<()> {
 }
 
 fn cp2image_step(a: &TrainStepArgs, method: Method) -> Result<()> {
+    cpu_only(a)?;
     use cellmorph::train::cp2image::{train_step, Batch, NetState};
     let weights = TensorFile::open(&a.weights)?;
     let mut g = NetState::from_file(&weights, "G.")?;
