@@ -37,12 +37,34 @@ const MAX_DECODE_BYTES: u64 = 4 << 30;
 /// Most pixels an image may have before it is decoded (2²⁷ ≈ 134 million,
 /// e.g. 11585×11585): decoding takes up to 8 bytes a pixel (16-bit RGBA)
 /// and the grayscale copy 2 more, so about 1.3 GB at the limit. The
-/// environment variable `CELLMORPH_MAX_PIXELS` changes it.
+/// command line's `--max-pixels` or the environment variable
+/// `CELLMORPH_MAX_PIXELS` changes it.
 pub const DEFAULT_MAX_PIXELS: u64 = 1 << 27;
 
-/// The pixel limit in force: `CELLMORPH_MAX_PIXELS` if set (a positive
-/// integer), else [`DEFAULT_MAX_PIXELS`].
+/// The limit set by [`set_max_pixels`] (0: none set).
+static MAX_PIXELS_SET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Sets the pixel limit for the rest of the process (the CLI's
+/// `--max-pixels`), ahead of `CELLMORPH_MAX_PIXELS`.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] when `n` is 0.
+pub fn set_max_pixels(n: u64) -> Result<()> {
+    if n == 0 {
+        return Err(Error::invalid("--max-pixels must be at least 1"));
+    }
+    MAX_PIXELS_SET.store(n, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// The pixel limit in force: the one [`set_max_pixels`] set, else
+/// `CELLMORPH_MAX_PIXELS` if set (a positive integer), else
+/// [`DEFAULT_MAX_PIXELS`].
 pub fn max_pixels() -> Result<u64> {
+    let set = MAX_PIXELS_SET.load(std::sync::atomic::Ordering::Relaxed);
+    if set > 0 {
+        return Ok(set);
+    }
     match std::env::var("CELLMORPH_MAX_PIXELS") {
         Err(_) => Ok(DEFAULT_MAX_PIXELS),
         Ok(v) => v
@@ -415,7 +437,7 @@ pub fn read_gray(path: impl AsRef<Path>) -> Result<GrayImage> {
             path,
             format!(
                 "image is {w}×{h} = {} pixels, over the limit of {limit} \
-                 (about {} GB to decode); set CELLMORPH_MAX_PIXELS to allow it, or tile the image",
+                 (about {} GB to decode); raise it with --max-pixels (or CELLMORPH_MAX_PIXELS), or tile the image",
                 w as u128 * h as u128,
                 (w as u128 * h as u128 * 10).div_ceil(1_000_000_000)
             ),

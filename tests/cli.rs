@@ -1,6 +1,8 @@
 //! The `cellmorph` binary end to end: `infer` against the goldens, and clear
 //! errors (non-zero exit, a message naming the problem) on bad input.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -14,10 +16,8 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cellmorph-cli-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tempdir(tag: &str) -> common::TempDir {
+    common::TempDir::new("cli", tag)
 }
 
 /// Writes the fixture's `input` tensor alone, as a user would.
@@ -810,6 +810,35 @@ fn images_over_the_pixel_limit_are_refused_before_decoding() {
     );
     let o = run("lots");
     assert!(String::from_utf8_lossy(&o.stderr).contains("not a positive integer"));
+    // The flag, anywhere on the line, wins over the environment.
+    let flag = |limit: &str| {
+        bin()
+            .env("CELLMORPH_MAX_PIXELS", "1")
+            .args([
+                "--max-pixels",
+                limit,
+                "profile",
+                "--patch",
+                "32",
+                "--samples",
+            ])
+            .arg(&list)
+            .arg("--weights")
+            .arg(&w)
+            .arg("--output")
+            .arg(dir.join(format!("p{limit}.csv")))
+            .output()
+            .unwrap()
+    };
+    let o = flag("202499");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("A9_p5d.png") && e.contains("--max-pixels"),
+        "{e}"
+    );
+    assert!(flag("202500").status.success());
+    let o = flag("0");
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--max-pixels"));
 }
 
 /// `profile --counts` writes the integer code counts the profile is made

@@ -3,6 +3,8 @@
 //! (conv, VQ lookup, histogram), the model workloads' output shapes, and
 //! clear errors.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -17,10 +19,8 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cellmorph-cli-bench-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tempdir(tag: &str) -> common::TempDir {
+    common::TempDir::new("cli-bench", tag)
 }
 
 /// Runs `cellmorph bench ARGS` and returns its JSON line, failing with its

@@ -5,6 +5,8 @@
 //! weights for `train-step`. Each case exits non-zero with a message naming
 //! what the user gave, or succeeds without mixing runs.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -21,11 +23,8 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cellmorph-hard-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tempdir(tag: &str) -> common::TempDir {
+    common::TempDir::new("hard", tag)
 }
 
 fn run(cmd: &mut Command) -> Output {

@@ -1,5 +1,7 @@
 //! safetensors loading: PyTorch names, and a clear error for each kind of bad file.
 
+mod common;
+
 use cellmorph::io::{TensorFile, TensorWriter};
 use cellmorph::{Backend, Error};
 
@@ -26,10 +28,8 @@ fn sample_file(dir: &std::path::Path) -> std::path::PathBuf {
     p
 }
 
-fn tempdir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("cellmorph-io-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tempdir(tag: &str) -> common::TempDir {
+    common::TempDir::new("io", tag)
 }
 
 #[test]
@@ -203,7 +203,10 @@ fn write_tensors(tag: &str, prefix: &str, tensors: &[Stored]) -> TensorFile {
         }
         .unwrap();
     }
-    let path = tempdir("weights").join(format!("{tag}.safetensors"));
+    // The folder goes when this returns; the opened file's data stays
+    // readable (the loader holds it).
+    let dir = tempdir("weights");
+    let path = dir.join(format!("{tag}.safetensors"));
     w.write(&path).unwrap();
     TensorFile::open(&path).unwrap()
 }

@@ -17,6 +17,8 @@
 //! to f32). The quadrant case asks for 85% of the heat in the quadrant
 //! (measured 93–96%: the receptive field leaks a little across).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use cellmorph::apps::screening::saliency::{
@@ -32,11 +34,8 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-fn tmp(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cellmorph-saliency-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn tmp(tag: &str) -> common::TempDir {
+    common::TempDir::new("saliency", tag)
 }
 
 fn max_abs(v: &[f32]) -> f32 {

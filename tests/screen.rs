@@ -10,6 +10,8 @@
 //! the same pre-processed input exactly on the CPU (same code path), and
 //! within 1e-5 of it under emulation (summation order).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use cellmorph::apps::screening::cam::cam_overlay;
@@ -29,11 +31,8 @@ use cellmorph::models::densenet::DenseNet;
 use cellmorph::{Backend, Device, Tensor};
 use serde::Deserialize;
 
-fn tmp(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cellmorph-screen-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn tmp(tag: &str) -> common::TempDir {
+    common::TempDir::new("screen", tag)
 }
 
 fn small_weights() -> PathBuf {

@@ -3,6 +3,8 @@
 //! `tests/fixtures/svm/`, made by `scripts/fixtures/svm.py`), and the
 //! commands' files and errors.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -237,11 +239,8 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cellmorph"))
 }
 
-fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cellmorph-svm-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tempdir(tag: &str) -> common::TempDir {
+    common::TempDir::new("svm", tag)
 }
 
 fn grid_cmd(features: &Path, labels: &Path, output: &Path, extra: &[&str]) -> Output {

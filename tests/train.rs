@@ -830,3 +830,79 @@ fn cp2image_nan_policies_refuse_drop_or_impute() {
         "{e}"
     );
 }
+
+/// `cp2image train --resume` with a damaged, truncated or foreign
+/// checkpoint is refused naming the checkpoint, before any training, and
+/// the outputs of the earlier run are left as they were.
+#[test]
+fn cp2image_resume_refuses_damaged_checkpoints_and_keeps_the_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = cp2image_train(dir.path(), "r.safetensors", &["--epochs", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ck = dir.path().join("r.checkpoint.safetensors");
+    let good = std::fs::read(&ck).unwrap();
+    let before: Vec<Vec<u8>> = [
+        "r.safetensors",
+        "r.discriminator.safetensors",
+        "r.metrics.csv",
+    ]
+    .iter()
+    .map(|n| std::fs::read(dir.path().join(n)).unwrap())
+    .collect();
+    let mut flipped = good.clone();
+    let at = good.len() - 5;
+    flipped[at] ^= 0x10;
+    let mut huge = good.clone();
+    huge[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    // A checkpoint of another model: the VQ-VAE-2 weights fixture.
+    let foreign = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/vqvae2_small.weights.safetensors"),
+    )
+    .unwrap();
+    for (name, bytes, says) in [
+        ("flipped", flipped, "changed or damaged"),
+        (
+            "truncated",
+            good[..good.len() / 3].to_vec(),
+            "truncated or corrupt",
+        ),
+        ("huge-header", huge, "not a valid safetensors"),
+        ("foreign", foreign, ""),
+    ] {
+        let p = dir.path().join(format!("{name}.safetensors"));
+        std::fs::write(&p, &bytes).unwrap();
+        let o = cp2image_train(
+            dir.path(),
+            "r.safetensors",
+            &["--epochs", "2", "--resume", p.to_str().unwrap()],
+        );
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{name}: resumed\n{e}");
+        assert!(
+            e.contains(&format!("{name}.safetensors")) && e.contains(says),
+            "{name}: {e}"
+        );
+        assert!(!e.contains("panicked"), "{name}: {e}");
+        for (n, b) in [
+            "r.safetensors",
+            "r.discriminator.safetensors",
+            "r.metrics.csv",
+        ]
+        .iter()
+        .zip(&before)
+        {
+            assert!(
+                &std::fs::read(dir.path().join(n)).unwrap() == b,
+                "{name}: {n} changed"
+            );
+        }
+    }
+    // The good checkpoint still resumes.
+    let o = cp2image_train(
+        dir.path(),
+        "r.safetensors",
+        &["--epochs", "2", "--resume", ck.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -21,6 +21,11 @@ use cellmorph::{Backend, Device, Precision, Result};
 #[derive(Parser, Debug)]
 #[command(name = "cellmorph", version, about, long_about = None)]
 pub struct Cli {
+    /// Largest image, in pixels, any command decodes (default 2²⁷ ≈ 134
+    /// million, about 1.3 GB to decode; overrides CELLMORPH_MAX_PIXELS).
+    /// Larger images are refused from their header.
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_pixels: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,6 +78,9 @@ enum Command {
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.max_pixels {
+        cellmorph::imaging::set_max_pixels(n)?;
+    }
     match cli.command {
         Command::Demo(a) => demo::demo(a),
         Command::Synth(a) => demo::synth(a),

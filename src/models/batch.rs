@@ -169,6 +169,7 @@ mod tests {
         assert_eq!(f.f32("y").unwrap(), (vec![10, 3], data));
         // (0·4 + 4·4 + 8·2) / 10
         assert_eq!(f.f32("m").unwrap().1, vec![3.2]);
+        std::fs::remove_dir_all(&dir).unwrap();
         assert!(for_each_batch(&be, &[10, 3], &[0.0; 29], 4, |_, _| Ok(())).is_err());
         assert!(for_each_batch(&be, &[10, 3], &[0.0; 30], 0, |_, _| Ok(())).is_err());
     }

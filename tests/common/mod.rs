@@ -119,3 +119,54 @@ impl Rng {
         }
     }
 }
+
+/// A fresh folder under the system's temporary directory, removed with
+/// everything in it when dropped (also when the test fails, unless
+/// `CELLMORPH_KEEP_TEST_DIRS` is set, for looking at what a failing test
+/// wrote). Named `cellmorph-PREFIX-TAG-PID-N`, N counting the folders of
+/// this process (tests running at once may share a tag); an old folder of
+/// that name is removed first.
+#[allow(dead_code)] // not every suite that includes this module writes files
+pub struct TempDir(std::path::PathBuf);
+
+#[allow(dead_code)]
+impl TempDir {
+    /// Creates `cellmorph-{prefix}-{tag}-{pid}-{n}` (empty).
+    pub fn new(prefix: &str, tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let d = std::env::temp_dir().join(format!(
+            "cellmorph-{prefix}-{tag}-{}-{n}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+
+    /// The folder's path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TempDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("CELLMORPH_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
