@@ -3,6 +3,8 @@
 //! tests/screen_train.rs (smooth fields, and the same with a checkerboard
 //! texture) through the small DenseNet fixture.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -10,62 +12,27 @@ use cellmorph::apps::screening::train::{HeadTrainOptions, Init};
 use cellmorph::apps::screening::tune::{
     screen_tune, SearchBounds, Source, Stop, TuneHead, TuneOptions, TUNE_METADATA_KEY,
 };
-use cellmorph::imaging::{BitDepth, GrayImage};
 use cellmorph::io::TensorFile;
 use cellmorph::rng::SplitMix64;
 use cellmorph::stats::bayesopt::{latin_hypercube, suggest, SuggestOptions};
 
-fn tmp(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "cellmorph-screen-tune-{tag}-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn tmp(tag: &str) -> common::TempDir {
+    common::TempDir::new("screen-tune", tag)
 }
 
 fn small_weights() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/densenet_small.weights.safetensors")
 }
 
-/// One 306×226 8-bit image: a smooth field with noise; `textured` adds a
-/// checkerboard of 4-pixel squares with a seeded amplitude.
-fn synthetic(seed: u64, textured: bool) -> GrayImage {
-    let (w, h) = (306usize, 226usize);
-    let mut rng = SplitMix64::new(seed);
-    let amplitude = if textured {
-        rng.uniform(5.0, 40.0)
-    } else {
-        0.0
-    };
-    let data: Vec<u16> = (0..w * h)
-        .map(|i| {
-            let (x, y) = (i % w, i / w);
-            let base = 90.0 + 10.0 * (x as f64 / 40.0).sin() + 10.0 * (y as f64 / 30.0).cos();
-            let sign = if (x / 4 + y / 4) % 2 == 0 { 1.0 } else { -1.0 };
-            (base + sign * amplitude + rng.uniform(-12.0, 12.0)).round() as u16
-        })
-        .collect();
-    GrayImage::new(w, h, BitDepth::Eight, data).unwrap()
-}
-
-/// `n` images of each class in `dir/images`, and `dir/labels.csv`.
+/// `n` images of each class in `dir/images`, and `dir/labels.csv`: the
+/// images of tests/screen_train.rs with a weaker texture and more noise.
 fn data_set(dir: &Path, n: usize) -> (PathBuf, PathBuf) {
-    let imgs = dir.join("images");
-    std::fs::create_dir_all(&imgs).unwrap();
-    let mut labels = String::from("image,label\n");
-    for i in 0..2 * n {
-        let positive = i % 2 == 1;
-        let name = format!("img{i:02}.png");
-        synthetic(300 + i as u64, positive)
-            .save(imgs.join(&name))
-            .unwrap();
-        labels.push_str(&format!("{name},{}\n", u8::from(positive)));
+    common::TextureImages {
+        amplitude: (5.0, 40.0),
+        noise: 12.0,
+        first_seed: 300,
     }
-    let labels_path = dir.join("labels.csv");
-    std::fs::write(&labels_path, labels).unwrap();
-    (imgs, labels_path)
+    .write(dir, n)
 }
 
 fn cellmorph(args: &[&str]) -> Output {

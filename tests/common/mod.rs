@@ -170,3 +170,64 @@ impl Drop for TempDir {
         }
     }
 }
+
+/// The synthetic two-class screening images of the `screen train` and
+/// `screen tune` suites: 306×226 8-bit smooth fields with uniform noise of
+/// ±`noise`; class 1 adds a checkerboard of 4-pixel squares whose amplitude
+/// is drawn uniformly from `amplitude`.
+#[allow(dead_code)] // not every suite that includes this module makes images
+pub struct TextureImages {
+    /// Range of the checkerboard amplitude of class-1 images.
+    pub amplitude: (f64, f64),
+    /// Half-width of the uniform pixel noise.
+    pub noise: f64,
+    /// Seed of the first image (image `i` uses `first_seed + i`).
+    pub first_seed: u64,
+}
+
+#[allow(dead_code)]
+impl TextureImages {
+    /// One image from `seed`; `textured` adds the checkerboard.
+    pub fn image(&self, seed: u64, textured: bool) -> cellmorph::imaging::GrayImage {
+        use cellmorph::imaging::{BitDepth, GrayImage};
+        let (w, h) = (306usize, 226usize);
+        let mut rng = cellmorph::rng::SplitMix64::new(seed);
+        let amplitude = if textured {
+            rng.uniform(self.amplitude.0, self.amplitude.1)
+        } else {
+            0.0
+        };
+        let data: Vec<u16> = (0..w * h)
+            .map(|i| {
+                let (x, y) = (i % w, i / w);
+                let base = 90.0 + 10.0 * (x as f64 / 40.0).sin() + 10.0 * (y as f64 / 30.0).cos();
+                let sign = if (x / 4 + y / 4) % 2 == 0 { 1.0 } else { -1.0 };
+                (base + sign * amplitude + rng.uniform(-self.noise, self.noise)).round() as u16
+            })
+            .collect();
+        GrayImage::new(w, h, BitDepth::Eight, data).unwrap()
+    }
+
+    /// `n` images of each class (alternating, odd ones textured) in
+    /// `dir/images`, and `dir/labels.csv` (`image,label`).
+    pub fn write(
+        &self,
+        dir: &std::path::Path,
+        n: usize,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let imgs = dir.join("images");
+        std::fs::create_dir_all(&imgs).unwrap();
+        let mut labels = String::from("image,label\n");
+        for i in 0..2 * n {
+            let positive = i % 2 == 1;
+            let name = format!("img{i:02}.png");
+            self.image(self.first_seed + i as u64, positive)
+                .save(imgs.join(&name))
+                .unwrap();
+            labels.push_str(&format!("{name},{}\n", u8::from(positive)));
+        }
+        let labels_path = dir.join("labels.csv");
+        std::fs::write(&labels_path, labels).unwrap();
+        (imgs, labels_path)
+    }
+}
