@@ -198,7 +198,6 @@ impl<'a> Params<'a> {
     }
 
     /// Conv2d backward: accumulates the weight and bias gradients, returns `dx`.
-    #[allow(clippy::too_many_arguments)]
     fn conv_bwd(
         &mut self,
         x: &Tensor,
