@@ -1,5 +1,5 @@
-// Data movement over NCHW planes, f32: nearest-neighbour ×2 upsampling and
-// channel concatenation.
+// Data movement over NCHW planes, f32: nearest-neighbour ×2 upsampling,
+// channel concatenation and its backward (channel slicing).
 //
 // Layouts and shapes (dense, row-major; planes = N·C):
 //   upsample_nearest2x_f32 x [planes, h, w] → y [planes, 2h, 2w],
@@ -11,6 +11,9 @@
 //   copy_channels_f32  src [n, c_src, hw] into channels [c_off, c_off + c_src)
 //                      of dst [n, c_dst, hw] (concatenation into a
 //                      preallocated output); other channels are untouched.
+//   slice_channels_f32 channels [c_off, c_off + c_dst) of src [n, c_src, hw]
+//                      into dst [n, c_dst, hw] (the backward of a
+//                      concatenation: each input's part of the gradient).
 //
 // Launch geometry (chosen in src/ops/layout.rs):
 //   upsample           one thread per output element. block.x threads over the
@@ -25,6 +28,8 @@
 //   copy_channels_f32  grid.y over n (grid-stride), 1-D grid-stride over the
 //                      contiguous c_src·hw block of each image (256 threads,
 //                      grid.x capped); offsets 64-bit.
+//   slice_channels_f32 as copy_channels_f32, over the contiguous c_dst·hw
+//                      block of each output image.
 
 #include "common.cuh"
 
@@ -86,3 +91,16 @@ extern "C" __global__ void copy_channels_f32(const float* __restrict__ src, floa
     }
 }
 CM_EXPORT(copy_channels_f32)
+
+extern "C" __global__ void slice_channels_f32(const float* __restrict__ src, float* __restrict__ dst, long long n,
+                                              long long c_src, long long hw, long long c_dst, long long c_off) {
+    const long long block = c_dst * hw;
+    for (long long img = blockIdx.y; img < n; img += gridDim.y) {
+        const float* s = src + (img * c_src + c_off) * hw;
+        float* d = dst + img * block;
+        for (long long i = layout_first(); i < block; i += layout_stride()) {
+            d[i] = s[i];
+        }
+    }
+}
+CM_EXPORT(slice_channels_f32)

@@ -522,7 +522,8 @@ def row_vqvae2_train(h):
     """One VQ-VAE-2 training step (forward, backward, EMA codebooks, Adam) from the same
     weights every iteration: `bench vqvae2-train-step` against vq-vae-2-pytorch's step in
     eager f32 (autograd, so not under inference_mode; the model and optimizer are rebuilt
-    from the state_dict before each timed step, untimed). CPU only on our side so far."""
+    from the state_dict before each timed step, untimed). On our side the step's layers run on
+    the device (Adam and the EMA codebook update on the host)."""
     w_path = fixture_file(h, "vqvae2_paper.weights.safetensors")
     batch = 4 if h.a.quick else 32
     rng = np.random.default_rng(SEED + 5)

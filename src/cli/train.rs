@@ -40,7 +40,8 @@ pub struct TrainStepArgs {
     /// Adam's L2 weight decay.
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f64,
-    /// Only cpu for now.
+    /// cpu, cuda, cuda:N or emulated (vqvae2 on every device; a model whose
+    /// step is still CPU-only refuses the others).
     #[arg(long, default_value = "cpu")]
     device: Device,
     /// Only f32 for now.
@@ -125,7 +126,7 @@ fn cpu_only(a: &TrainStepArgs) -> Result<()> {
 }
 
 fn vqvae2_step(a: &TrainStepArgs, method: Method) -> Result<()> {
-    cpu_only(a)?;
+    let be = super::open_device(a.device, a.precision)?;
     let weights = TensorFile::open(&a.weights)?;
     let (cfg, mut store) = vqvae2::load_store(&weights)?;
     cellmorph::apps::expression::init::check_vqvae2_tensors(&weights, &cfg)?;
@@ -133,7 +134,8 @@ fn vqvae2_step(a: &TrainStepArgs, method: Method) -> Result<()> {
     let (shape, x) = batch.f32("input")?;
     let mut opt = Optimizer::new(method)?;
     store.register(&mut opt)?;
-    let out = vqvae2::train_step(
+    let out = vqvae2::train_step_on(
+        &be,
         &mut store,
         &mut opt,
         a.lr,

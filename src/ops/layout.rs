@@ -1,6 +1,6 @@
 //! Data movement over NCHW images: nearest ×2 upsampling and channel
 //! concatenation (into a new tensor, or into a channel slice of a
-//! preallocated one). Kernels: `kernels/layout.cu`; CPU reference:
+//! preallocated one) and its backward, channel slicing. Kernels: `kernels/layout.cu`; CPU reference:
 //! `crate::cpu::layout`.
 
 use super::{dims4, expect_shape, i64_arg, on_device, plane_cfg, MAX_BLOCKS, MAX_GRID_Y, THREADS};
@@ -234,4 +234,82 @@ pub fn copy_channels_into(
     // so copy_channels_f32(const float*, float*, long long n, c_src, hw,
     // c_dst, c_off) writes inside dst only.
     unsafe { be.launch("copy_channels_f32", cfg, &args) }
+}
+
+/// Channels `c_offset..c_offset + count` of `src` `[n, c_src, ...]` as a new
+/// `[n, count, ...]`: the backward of [`concat_channels`] and
+/// [`copy_channels_into`] (each concatenated input's part of the gradient).
+pub fn slice_channels(be: &Backend, src: &Tensor, c_offset: usize, count: usize) -> Result<Tensor> {
+    let mut shape = src.shape().to_vec();
+    channel_dims("slice_channels", "source", src)?;
+    shape[1] = count;
+    let mut dst = Tensor::zeros(be, &shape)?;
+    slice_channels_into(be, src, c_offset, &mut dst)?;
+    Ok(dst)
+}
+
+/// [`slice_channels`] into a preallocated `dst` `[n, c_dst, ...]` (all of it
+/// overwritten): channels `c_offset..c_offset + c_dst` of `src`. Errors when
+/// they do not fit or the other axes differ.
+pub fn slice_channels_into(
+    be: &Backend,
+    src: &Tensor,
+    c_offset: usize,
+    dst: &mut Tensor,
+) -> Result<()> {
+    const OP: &str = "slice_channels";
+    on_device(OP, be, &[src, dst])?;
+    let (n, c_src, hw) = channel_dims(OP, "source", src)?;
+    let (_, c_dst, _) = channel_dims(OP, "destination", dst)?;
+    let (s, d) = (src.shape(), dst.shape());
+    if s.len() != d.len() || s[0] != d[0] || s[2..] != d[2..] {
+        return Err(Error::shape(
+            OP,
+            format!("source {s:?} and destination {d:?} differ outside the channel axis"),
+        ));
+    }
+    if c_offset.checked_add(c_dst).is_none_or(|end| end > c_src) {
+        return Err(Error::shape(
+            OP,
+            format!("channels {c_offset}..{c_offset}+{c_dst} do not fit in source {s:?}"),
+        ));
+    }
+    if be.device() == Device::Cpu {
+        return cpu::slice_channels(
+            n,
+            c_src,
+            hw,
+            src.host_for(OP)?,
+            c_offset,
+            c_dst,
+            dst.host_mut_for(OP)?,
+        );
+    }
+    if dst.numel() == 0 {
+        return Ok(());
+    }
+    let block = c_dst * hw;
+    let cfg = LaunchCfg {
+        grid: (
+            block.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32,
+            n.clamp(1, MAX_GRID_Y) as u32,
+            1,
+        ),
+        block: (THREADS, 1, 1),
+        shared_bytes: 0,
+    };
+    let args = [
+        src.arg(),
+        dst.arg_mut(),
+        i64_arg("n", n)?,
+        i64_arg("source channels", c_src)?,
+        i64_arg("plane size", hw)?,
+        i64_arg("destination channels", c_dst)?,
+        i64_arg("channel offset", c_offset)?,
+    ];
+    // SAFETY: src holds n·c_src·hw and dst n·c_dst·hw f32 on be's device
+    // (checked above) and both outlive the launch; c_offset + c_dst <= c_src,
+    // so slice_channels_f32(const float*, float*, long long n, c_src, hw,
+    // c_dst, c_off) reads inside src and writes dst's n·c_dst·hw elements only.
+    unsafe { be.launch("slice_channels_f32", cfg, &args) }
 }

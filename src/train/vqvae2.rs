@@ -1,27 +1,45 @@
-//! One VQ-VAE-2 training step on the CPU, in the vq-vae-2-pytorch recipe
-//! (`docs/MODELS.md` §1 and §4): the forward pass layer by layer, keeping
-//! each layer's input; the backward pass written out layer by layer in
-//! reverse (no tape); the EMA codebook update with the codes of the old
-//! codebook; then an optimizer step over the trainable parameters.
+//! One VQ-VAE-2 training step on any device (CPU, CUDA, emulated), in the
+//! vq-vae-2-pytorch recipe (`docs/MODELS.md` §1 and §4): the forward pass
+//! layer by layer, keeping each layer's input; the backward pass written out
+//! layer by layer in reverse (no tape); the EMA codebook update with the
+//! codes of the old codebook; then an optimizer step over the trainable
+//! parameters.
 //!
 //! Loss: `MSE(dec, x) + w·(diff_t + diff_b)` with
 //! `diff = mean((quant.detach() − pre)²)`, `w` = 0.25. The quantizer's
 //! output is `pre + (quant − pre)` (PyTorch's straight-through expression,
 //! same rounding) and its gradient passes unchanged to `pre`.
 //!
-//! Everything runs on the CPU reference ops of [`crate::cpu`]; each op sums
-//! in a fixed order, so a step is deterministic.
+//! Activations are [`Tensor`]s on the step's [`Backend`] and every layer
+//! (conv, transposed conv, ReLU, residual add, channel concatenation and
+//! its slicing backward, the nearest-code lookup) runs through
+//! [`crate::ops`]: the CPU reference ops on the CPU device (the same bits as
+//! the CPU-only step before), the kernels on CUDA and emulated devices. The
+//! host keeps, in this version: the parameters and their gradients (the
+//! [`ParamStore`]) and the optimizer step; the loss reductions; the
+//! straight-through expression; the EMA codebook update and the dead-code
+//! restart. Transfers per step: every trainable parameter and both codebooks
+//! uploaded once; per quantizer level the encoder output `pre`, its codes
+//! and code vectors downloaded, the straight-through output and the
+//! commitment gradient uploaded (latent-sized); the reconstruction
+//! downloaded and its MSE gradient uploaded (input-sized); the gradients
+//! downloaded into the store at the end. Every op sums in a fixed order
+//! (the device reductions in chunks fixed by the shapes, no atomics), so a
+//! step is deterministic on every device; a device step differs from the CPU
+//! one by the kernels' other summation order.
 
-use crate::cpu::{activation, conv, layout, vq};
-use crate::geometry::{Conv2dGeom, Conv2dParams, ConvTranspose2dGeom, ConvTranspose2dParams};
+use crate::backend::Backend;
+use crate::cpu::vq;
+use crate::geometry::{Conv2dParams, ConvTranspose2dParams};
 use crate::io::TensorFile;
 use crate::models::vqvae2::VqVae2Config;
+use crate::ops::{self, Codebook, VqOut};
 use crate::rng::counter_u64;
+use crate::tensor::Tensor;
 use crate::train::loss;
 use crate::train::optim::Optimizer;
 use crate::train::store::ParamStore;
 use crate::{Error, Result};
-
 /// The step's recipe constants besides the optimizer.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepConfig {
@@ -83,19 +101,6 @@ pub fn load_store(file: &TensorFile) -> Result<(VqVae2Config, ParamStore)> {
     Ok((cfg, store))
 }
 
-/// An activation: NCHW shape and values.
-#[derive(Clone, Debug)]
-struct Act {
-    shape: [usize; 4],
-    data: Vec<f32>,
-}
-
-impl Act {
-    fn new(shape: [usize; 4], data: Vec<f32>) -> Self {
-        Act { shape, data }
-    }
-}
-
 /// One layer of an encoder or decoder, by store ids.
 #[derive(Clone, Copy, Debug)]
 enum Layer {
@@ -123,123 +128,106 @@ enum Layer {
 /// the two intermediate activations.
 #[derive(Debug)]
 struct Saved {
-    x: Act,
-    inner: Option<(Act, Act)>,
+    x: Tensor,
+    inner: Option<(Tensor, Tensor)>,
 }
 
-fn param(store: &ParamStore, id: usize) -> &[f32] {
-    &store.get(id).value
+/// The transposed convolutions' stride and padding (4×4 kernels, ×2).
+fn convt_params() -> ConvTranspose2dParams {
+    ConvTranspose2dParams::new(2, 1)
 }
 
-fn conv_geom(
-    store: &ParamStore,
-    x: &Act,
-    w: usize,
-    stride: usize,
-    pad: usize,
-) -> Result<Conv2dGeom> {
-    Conv2dGeom::new(
-        &x.shape,
-        &store.get(w).shape,
-        Conv2dParams::new(stride, pad),
-    )
+/// The trainable parameters on the step's device (uploaded once per call),
+/// and the gradients of the backward pass, both by store id.
+struct Params<'a> {
+    be: &'a Backend,
+    values: Vec<Option<Tensor>>,
+    grads: Vec<Option<Tensor>>,
 }
 
-fn convt_geom(store: &ParamStore, x: &Act, w: usize) -> Result<ConvTranspose2dGeom> {
-    ConvTranspose2dGeom::new(
-        &x.shape,
-        &store.get(w).shape,
-        ConvTranspose2dParams::new(2, 1),
-    )
-}
+impl<'a> Params<'a> {
+    fn upload(be: &'a Backend, store: &ParamStore) -> Result<Self> {
+        let values = store
+            .params()
+            .iter()
+            .map(|p| {
+                p.trainable
+                    .then(|| Tensor::from_slice(be, &p.shape, &p.value))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let grads = (0..values.len()).map(|_| None).collect();
+        Ok(Params { be, values, grads })
+    }
 
-fn conv_fwd(
-    store: &ParamStore,
-    x: &Act,
-    w: usize,
-    b: usize,
-    stride: usize,
-    pad: usize,
-) -> Result<Act> {
-    let g = conv_geom(store, x, w, stride, pad)?;
-    let s = g.out_shape();
-    let mut y = vec![0f32; s.iter().product()];
-    conv::conv2d_forward(&g, &x.data, param(store, w), Some(param(store, b)), &mut y)?;
-    Ok(Act::new(s, y))
-}
+    fn get(&self, id: usize) -> Result<&Tensor> {
+        self.values.get(id).and_then(Option::as_ref).ok_or_else(|| {
+            Error::invalid(format!(
+                "vqvae2 train step: parameter {id} is not trainable"
+            ))
+        })
+    }
 
-/// Conv2d backward: accumulates the weight and bias gradients into the
-/// store, returns `dx`.
-#[allow(clippy::too_many_arguments)]
-fn conv_bwd(
-    store: &mut ParamStore,
-    x: &Act,
-    dy: &[f32],
-    w: usize,
-    b: usize,
-    stride: usize,
-    pad: usize,
-) -> Result<Vec<f32>> {
-    let g = conv_geom(store, x, w, stride, pad)?;
-    let mut dx = vec![0f32; x.data.len()];
-    let mut dw = vec![0f32; store.get(w).value.len()];
-    let mut db = vec![0f32; store.get(b).value.len()];
-    conv::conv2d_backward(
-        &g,
-        &x.data,
-        param(store, w),
-        dy,
-        &mut dx,
-        &mut dw,
-        Some(&mut db),
-    )?;
-    store.accumulate(w, &dw)?;
-    store.accumulate(b, &db)?;
-    Ok(dx)
-}
+    /// Adds `g` to the gradient of parameter `id` (on the device).
+    fn accumulate(&mut self, id: usize, g: Tensor) -> Result<()> {
+        let slot = self
+            .grads
+            .get_mut(id)
+            .ok_or_else(|| Error::invalid(format!("vqvae2 train step: no parameter {id}")))?;
+        *slot = Some(match slot.take() {
+            None => g,
+            Some(prev) => ops::add(self.be, &prev, &g)?,
+        });
+        Ok(())
+    }
 
-fn convt_fwd(store: &ParamStore, x: &Act, w: usize, b: usize) -> Result<Act> {
-    let g = convt_geom(store, x, w)?;
-    let s = g.out_shape();
-    let mut y = vec![0f32; s.iter().product()];
-    conv::conv_transpose2d_forward(&g, &x.data, param(store, w), Some(param(store, b)), &mut y)?;
-    Ok(Act::new(s, y))
-}
+    /// Downloads the gradients into the store's (zeroed first).
+    fn download_grads(self, store: &mut ParamStore) -> Result<()> {
+        store.zero_grads();
+        for (id, g) in self.grads.into_iter().enumerate() {
+            if let Some(g) = g {
+                store.accumulate(id, &g.to_vec()?)?;
+            }
+        }
+        Ok(())
+    }
 
-fn convt_bwd(store: &mut ParamStore, x: &Act, dy: &[f32], w: usize, b: usize) -> Result<Vec<f32>> {
-    let g = convt_geom(store, x, w)?;
-    let mut dx = vec![0f32; x.data.len()];
-    let mut dw = vec![0f32; store.get(w).value.len()];
-    let mut db = vec![0f32; store.get(b).value.len()];
-    conv::conv_transpose2d_backward(
-        &g,
-        &x.data,
-        param(store, w),
-        dy,
-        &mut dx,
-        &mut dw,
-        Some(&mut db),
-    )?;
-    store.accumulate(w, &dw)?;
-    store.accumulate(b, &db)?;
-    Ok(dx)
-}
+    fn conv(&self, x: &Tensor, w: usize, b: usize, stride: usize, pad: usize) -> Result<Tensor> {
+        let p = Conv2dParams::new(stride, pad);
+        ops::conv2d(self.be, x, self.get(w)?, Some(self.get(b)?), p)
+    }
 
-fn relu(x: &Act) -> Result<Act> {
-    let mut y = vec![0f32; x.data.len()];
-    activation::relu_forward(&x.data, &mut y)?;
-    Ok(Act::new(x.shape, y))
-}
+    /// Conv2d backward: accumulates the weight and bias gradients, returns `dx`.
+    fn conv_bwd(
+        &mut self,
+        x: &Tensor,
+        dy: &Tensor,
+        w: usize,
+        b: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Tensor> {
+        let p = Conv2dParams::new(stride, pad);
+        let g = ops::conv2d_backward(self.be, x, self.get(w)?, dy, p, true)?;
+        self.take_grads(g, w, b)
+    }
 
-fn relu_bwd(x: &Act, dy: &[f32]) -> Result<Vec<f32>> {
-    let mut dx = vec![0f32; dy.len()];
-    activation::relu_backward(&x.data, dy, &mut dx)?;
-    Ok(dx)
-}
+    fn convt(&self, x: &Tensor, w: usize, b: usize) -> Result<Tensor> {
+        ops::conv_transpose2d(self.be, x, self.get(w)?, Some(self.get(b)?), convt_params())
+    }
 
-fn add_into(acc: &mut [f32], g: &[f32]) {
-    for (a, &b) in acc.iter_mut().zip(g) {
-        *a += b;
+    fn convt_bwd(&mut self, x: &Tensor, dy: &Tensor, w: usize, b: usize) -> Result<Tensor> {
+        let g = ops::conv_transpose2d_backward(self.be, x, self.get(w)?, dy, convt_params(), true)?;
+        self.take_grads(g, w, b)
+    }
+
+    fn take_grads(&mut self, g: ops::ConvGrads, w: usize, b: usize) -> Result<Tensor> {
+        let db = g.db.ok_or_else(|| {
+            Error::invalid("vqvae2 train step: a conv backward without its bias gradient")
+        })?;
+        self.accumulate(w, g.dw)?;
+        self.accumulate(b, db)?;
+        Ok(g.dx)
     }
 }
 
@@ -249,22 +237,20 @@ struct Stack {
 }
 
 impl Stack {
-    fn forward(&self, store: &ParamStore, x: Act) -> Result<(Act, Vec<Saved>)> {
+    fn forward(&self, p: &Params, x: Tensor) -> Result<(Tensor, Vec<Saved>)> {
+        let be = p.be;
         let mut saved = Vec::with_capacity(self.layers.len());
         let mut x = x;
         for layer in &self.layers {
             let (y, inner) = match *layer {
-                Layer::Conv { w, b, stride, pad } => {
-                    (conv_fwd(store, &x, w, b, stride, pad)?, None)
-                }
-                Layer::ConvT { w, b } => (convt_fwd(store, &x, w, b)?, None),
-                Layer::Relu => (relu(&x)?, None),
+                Layer::Conv { w, b, stride, pad } => (p.conv(&x, w, b, stride, pad)?, None),
+                Layer::ConvT { w, b } => (p.convt(&x, w, b)?, None),
+                Layer::Relu => (ops::relu(be, &x)?, None),
                 Layer::Res { w1, b1, w3, b3 } => {
-                    let a = relu(&x)?;
-                    let h = conv_fwd(store, &a, w1, b1, 1, 1)?;
-                    let r = relu(&h)?;
-                    let mut y = conv_fwd(store, &r, w3, b3, 1, 0)?;
-                    add_into(&mut y.data, &x.data);
+                    let a = ops::relu(be, &x)?;
+                    let h = p.conv(&a, w1, b1, 1, 1)?;
+                    let r = ops::relu(be, &h)?;
+                    let y = ops::add(be, &p.conv(&r, w3, b3, 1, 0)?, &x)?;
                     (y, Some((a, h)))
                 }
             };
@@ -275,31 +261,30 @@ impl Stack {
     }
 
     /// Backward from `dy` at the stack's output; returns `dx` at its input.
-    fn backward(&self, store: &mut ParamStore, saved: &[Saved], dy: Vec<f32>) -> Result<Vec<f32>> {
+    fn backward(&self, p: &mut Params, saved: &[Saved], dy: Tensor) -> Result<Tensor> {
+        let be = p.be;
         let mut dy = dy;
         for (layer, s) in self.layers.iter().zip(saved).rev() {
             dy = match *layer {
-                Layer::Conv { w, b, stride, pad } => conv_bwd(store, &s.x, &dy, w, b, stride, pad)?,
-                Layer::ConvT { w, b } => convt_bwd(store, &s.x, &dy, w, b)?,
-                Layer::Relu => relu_bwd(&s.x, &dy)?,
+                Layer::Conv { w, b, stride, pad } => p.conv_bwd(&s.x, &dy, w, b, stride, pad)?,
+                Layer::ConvT { w, b } => p.convt_bwd(&s.x, &dy, w, b)?,
+                Layer::Relu => ops::relu_backward(be, &s.x, &dy)?,
                 Layer::Res { w1, b1, w3, b3 } => {
                     let (a, h) = s.inner.as_ref().ok_or_else(|| {
                         Error::invalid("residual block saved without its activations")
                     })?;
-                    let r = relu(h)?;
-                    let dr = conv_bwd(store, &r, &dy, w3, b3, 1, 0)?;
-                    let dh = relu_bwd(h, &dr)?;
-                    let da = conv_bwd(store, a, &dh, w1, b1, 1, 1)?;
-                    let mut dx = relu_bwd(&s.x, &da)?;
-                    add_into(&mut dx, &dy);
-                    dx
+                    let r = ops::relu(be, h)?;
+                    let dr = p.conv_bwd(&r, &dy, w3, b3, 1, 0)?;
+                    let dh = ops::relu_backward(be, h, &dr)?;
+                    let da = p.conv_bwd(a, &dh, w1, b1, 1, 1)?;
+                    let dx = ops::relu_backward(be, &s.x, &da)?;
+                    ops::add(be, &dx, &dy)?
                 }
             };
         }
         Ok(dy)
     }
 }
-
 /// The layers of the model, by store id.
 struct Net {
     enc_b: Stack,
@@ -386,17 +371,29 @@ impl Net {
 }
 
 /// One quantizer level's forward: codes from the current codebook, the
-/// codebook vectors `quant` and the straight-through output
-/// `pre + (quant − pre)`.
+/// codebook vectors `quant` and the quantizer input `pre` on the host, and
+/// the straight-through output `pre + (quant − pre)` on the device.
 struct Quantized {
+    shape: [usize; 4],
+    pre: Vec<f32>,
     ids: Vec<i32>,
     quant: Vec<f32>,
-    out: Act,
+    out: Tensor,
 }
 
-fn quantize(store: &ParamStore, level: &str, pre: &Act) -> Result<Quantized> {
+fn dims4(t: &Tensor) -> Result<[usize; 4]> {
+    t.shape().try_into().map_err(|_| {
+        Error::shape(
+            "vqvae2 train step",
+            format!("expected an [n, c, h, w] activation, got {:?}", t.shape()),
+        )
+    })
+}
+
+fn quantize(be: &Backend, store: &ParamStore, level: &str, pre: &Tensor) -> Result<Quantized> {
     let embed = store.by_name(&format!("{level}.embed"))?;
-    let [n, d, h, w] = pre.shape;
+    let shape = dims4(pre)?;
+    let [n, d, h, w] = shape;
     let k = match embed.shape.as_slice() {
         &[ed, k] if ed == d => k,
         s => {
@@ -406,78 +403,58 @@ fn quantize(store: &ParamStore, level: &str, pre: &Act) -> Result<Quantized> {
             ))
         }
     };
-    let mut norms = vec![0f32; k];
-    vq::vq_code_norms(d, k, &embed.value, &mut norms)?;
-    let mut ids = vec![0i32; n * h * w];
-    let mut quant = vec![0f32; pre.data.len()];
-    vq::vq_lookup_forward(
-        n,
-        d,
-        h * w,
-        k,
-        &pre.data,
-        &embed.value,
-        &norms,
-        &mut ids,
-        Some(&mut quant),
-        None,
+    let cb = Codebook::new(be, Tensor::from_slice(be, &[d, k], &embed.value)?)?;
+    let mut ids = Tensor::<i32>::zeros(be, &[n, h, w])?;
+    let mut quant = Tensor::zeros(be, &shape)?;
+    ops::vq_lookup_into(
+        be,
+        pre,
+        &cb,
+        VqOut {
+            ids: &mut ids,
+            quant: Some(&mut quant),
+            err: None,
+        },
     )?;
-    let out = pre
-        .data
-        .iter()
-        .zip(&quant)
-        .map(|(&x, &q)| x + (q - x))
-        .collect();
+    let (pre, ids, quant) = (pre.to_vec()?, ids.to_vec()?, quant.to_vec()?);
+    let out: Vec<f32> = pre.iter().zip(&quant).map(|(&x, &q)| x + (q - x)).collect();
     Ok(Quantized {
+        shape,
+        pre,
         ids,
         quant,
-        out: Act::new(pre.shape, out),
+        out: Tensor::from_vec(be, &shape, out)?,
     })
 }
 
-fn concat(a: &Act, b: &Act) -> Result<Act> {
-    let [n, ca, h, w] = a.shape;
-    let cb = b.shape[1];
-    if b.shape != [n, cb, h, w] {
-        return Err(Error::shape(
+/// Splits the gradient of a channel concatenation into its first `ca`
+/// channels and the rest.
+fn split(be: &Backend, dy: &Tensor, ca: usize) -> Result<(Tensor, Tensor)> {
+    let c = dims4(dy)?[1];
+    let cb = c.checked_sub(ca).ok_or_else(|| {
+        Error::shape(
             "vqvae2 train step",
-            format!(
-                "cannot concatenate {:?} and {:?} along channels",
-                a.shape, b.shape
-            ),
-        ));
-    }
-    let c = ca + cb;
-    let mut y = vec![0f32; n * c * h * w];
-    layout::copy_channels(n, ca, h * w, &a.data, c, 0, &mut y)?;
-    layout::copy_channels(n, cb, h * w, &b.data, c, ca, &mut y)?;
-    Ok(Act::new([n, c, h, w], y))
-}
-
-/// Splits the gradient of a channel concatenation of `ca` and `cb` channels.
-fn split(shape: [usize; 4], ca: usize, dy: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
-    let [n, c, h, w] = shape;
-    let cb = c - ca;
-    let mut da = vec![0f32; n * ca * h * w];
-    let mut db = vec![0f32; n * cb * h * w];
-    layout::slice_channels(n, c, h * w, dy, 0, ca, &mut da)?;
-    layout::slice_channels(n, c, h * w, dy, ca, cb, &mut db)?;
-    Ok((da, db))
+            format!("cannot split {ca} channels off {:?}", dy.shape()),
+        )
+    })?;
+    Ok((
+        ops::slice_channels(be, dy, 0, ca)?,
+        ops::slice_channels(be, dy, ca, cb)?,
+    ))
 }
 
 /// What the forward pass keeps for the backward pass and the EMA update.
 struct Forward {
     saved_enc_b: Vec<Saved>,
     saved_enc_t: Vec<Saved>,
-    et: Act,
-    pre_t: Act,
+    et: Tensor,
     q_t: Quantized,
     saved_dec_t: Vec<Saved>,
-    cat_b: Act,
-    pre_b: Act,
+    cat_b: Tensor,
     q_b: Quantized,
     saved_dec: Vec<Saved>,
-    dec: Act,
+    /// The reconstruction, downloaded.
+    dec: Vec<f32>,
 }
 
 fn check_input(cfg: &VqVae2Config, shape: &[usize], x: &[f32]) -> Result<[usize; 4]> {
@@ -520,47 +497,67 @@ fn check_input(cfg: &VqVae2Config, shape: &[usize], x: &[f32]) -> Result<[usize;
     Ok(s)
 }
 
-fn forward(net: &Net, store: &ParamStore, x: Act) -> Result<Forward> {
-    let (eb, saved_enc_b) = net.enc_b.forward(store, x)?;
-    let (et, saved_enc_t) = net.enc_t.forward(store, eb.clone())?;
+/// Checks the input and the backend, uploads the parameters and builds the
+/// layer list.
+fn prepare<'a>(
+    be: &'a Backend,
+    store: &ParamStore,
+    cfg: &VqVae2Config,
+    shape: &[usize],
+    x: &[f32],
+) -> Result<(Net, Params<'a>, Tensor)> {
+    if be.precision().is_reduced() {
+        return Err(Error::invalid(format!(
+            "vqvae2 train step: training runs in f32 only, not {}",
+            be.precision()
+        )));
+    }
+    let s = check_input(cfg, shape, x)?;
+    let net = Net::new(store, cfg)?;
+    let params = Params::upload(be, store)?;
+    let x = Tensor::from_slice(be, &s, x)?;
+    Ok((net, params, x))
+}
+
+fn forward(net: &Net, p: &Params, store: &ParamStore, x: Tensor) -> Result<Forward> {
+    let be = p.be;
+    let (eb, saved_enc_b) = net.enc_b.forward(p, x)?;
+    let (et, saved_enc_t) = net.enc_t.forward(p, eb.to_device(be)?)?;
     let (w, b) = net.quantize_conv_t;
-    let pre_t = conv_fwd(store, &et, w, b, 1, 0)?;
-    let q_t = quantize(store, "quantize_t", &pre_t)?;
-    let (dt, saved_dec_t) = net.dec_t.forward(store, q_t.out.clone())?;
-    let cat_b = concat(&dt, &eb)?;
+    let pre_t = p.conv(&et, w, b, 1, 0)?;
+    let q_t = quantize(be, store, "quantize_t", &pre_t)?;
+    let (dt, saved_dec_t) = net.dec_t.forward(p, q_t.out.to_device(be)?)?;
+    let cat_b = ops::concat_channels(be, &[&dt, &eb])?;
     let (w, b) = net.quantize_conv_b;
-    let pre_b = conv_fwd(store, &cat_b, w, b, 1, 0)?;
-    let q_b = quantize(store, "quantize_b", &pre_b)?;
+    let pre_b = p.conv(&cat_b, w, b, 1, 0)?;
+    let q_b = quantize(be, store, "quantize_b", &pre_b)?;
     let (w, b) = net.upsample_t;
-    let up = convt_fwd(store, &q_t.out, w, b)?;
-    let cat = concat(&up, &q_b.out)?;
-    let (dec, saved_dec) = net.dec.forward(store, cat)?;
+    let up = p.convt(&q_t.out, w, b)?;
+    let cat = ops::concat_channels(be, &[&up, &q_b.out])?;
+    let (dec, saved_dec) = net.dec.forward(p, cat)?;
     Ok(Forward {
         saved_enc_b,
         saved_enc_t,
         et,
-        pre_t,
         q_t,
         saved_dec_t,
         cat_b,
-        pre_b,
         q_b,
         saved_dec,
-        dec,
+        dec: dec.to_vec()?,
     })
 }
 
 /// The losses of a forward pass: `(loss, recon_loss, latent_loss)`.
 fn losses(f: &Forward, x: &[f32], w: f32) -> Result<(f32, f32, f32)> {
-    let recon = loss::mse(&f.dec.data, x)?;
-    let diff_t = loss::vq_commitment(&f.q_t.quant, &f.pre_t.data)?;
-    let diff_b = loss::vq_commitment(&f.q_b.quant, &f.pre_b.data)?;
+    let recon = loss::mse(&f.dec, x)?;
+    let diff_t = loss::vq_commitment(&f.q_t.quant, &f.q_t.pre)?;
+    let diff_b = loss::vq_commitment(&f.q_b.quant, &f.q_b.pre)?;
     let latent = diff_t + diff_b;
     Ok((recon + w * latent, recon, latent))
 }
 
-/// The loss of the current parameters on `x` (forward only, nothing
-/// changed): `(loss, recon_loss, latent_loss)`.
+/// [`loss_only_on`] on the CPU.
 pub fn loss_only(
     store: &ParamStore,
     cfg: &VqVae2Config,
@@ -568,15 +565,25 @@ pub fn loss_only(
     x: &[f32],
     step: &StepConfig,
 ) -> Result<(f32, f32, f32)> {
-    let s = check_input(cfg, shape, x)?;
-    let net = Net::new(store, cfg)?;
-    let f = forward(&net, store, Act::new(s, x.to_vec()))?;
+    loss_only_on(&Backend::cpu(), store, cfg, shape, x, step)
+}
+
+/// The loss of the current parameters on `x` (forward only on `be`,
+/// nothing changed): `(loss, recon_loss, latent_loss)`.
+pub fn loss_only_on(
+    be: &Backend,
+    store: &ParamStore,
+    cfg: &VqVae2Config,
+    shape: &[usize],
+    x: &[f32],
+    step: &StepConfig,
+) -> Result<(f32, f32, f32)> {
+    let (net, p, xt) = prepare(be, store, cfg, shape, x)?;
+    let f = forward(&net, &p, store, xt)?;
     losses(&f, x, step.latent_loss_weight)
 }
 
-/// The forward pass only (nothing changed): losses, codes and the
-/// reconstruction of `x`, as a training step would compute them before its
-/// update. For validation metrics.
+/// [`evaluate_on`] on the CPU.
 pub fn evaluate(
     store: &ParamStore,
     cfg: &VqVae2Config,
@@ -584,92 +591,119 @@ pub fn evaluate(
     x: &[f32],
     step: &StepConfig,
 ) -> Result<StepOutput> {
-    let s = check_input(cfg, shape, x)?;
-    let net = Net::new(store, cfg)?;
-    let f = forward(&net, store, Act::new(s, x.to_vec()))?;
+    evaluate_on(&Backend::cpu(), store, cfg, shape, x, step)
+}
+
+fn ids_shape(s: &[usize; 4]) -> Vec<usize> {
+    vec![s[0], s[2], s[3]]
+}
+
+/// The forward pass only on `be` (nothing changed): losses, codes and the
+/// reconstruction of `x`, as a training step would compute them before its
+/// update. For validation metrics.
+pub fn evaluate_on(
+    be: &Backend,
+    store: &ParamStore,
+    cfg: &VqVae2Config,
+    shape: &[usize],
+    x: &[f32],
+    step: &StepConfig,
+) -> Result<StepOutput> {
+    let (net, p, xt) = prepare(be, store, cfg, shape, x)?;
+    let f = forward(&net, &p, store, xt)?;
     let (total, recon, latent) = losses(&f, x, step.latent_loss_weight)?;
-    let ids_shape = |a: &Act| vec![a.shape[0], a.shape[2], a.shape[3]];
     Ok(StepOutput {
         loss: total,
         recon_loss: recon,
         latent_loss: latent,
-        id_t_shape: ids_shape(&f.pre_t),
+        id_t_shape: ids_shape(&f.q_t.shape),
         id_t: f.q_t.ids,
-        id_b_shape: ids_shape(&f.pre_b),
+        id_b_shape: ids_shape(&f.q_b.shape),
         id_b: f.q_b.ids,
-        dec: f.dec.data,
+        dec: f.dec,
     })
 }
 
-/// Forward and backward on `x` `[n, in_channel, h, w]`: sets the store's
-/// gradients (zeroed first) to the loss's gradient, updates nothing else,
-/// and returns the step's outputs together with the quantizer inputs
+/// The quantizer input of one level on the host, for the EMA update and
+/// the dead-code restart.
+struct Pre {
+    shape: [usize; 4],
+    data: Vec<f32>,
+}
+
+/// Forward and backward on `be` for `x` `[n, in_channel, h, w]`: sets the
+/// store's gradients (zeroed first) to the loss's gradient, updates nothing
+/// else, and returns the step's outputs together with the quantizer inputs
 /// `pre_t`, `pre_b` that the EMA update needs.
 fn forward_backward(
+    be: &Backend,
     store: &mut ParamStore,
     cfg: &VqVae2Config,
     shape: &[usize],
     x: &[f32],
     step: &StepConfig,
-) -> Result<(StepOutput, Act, Act)> {
-    let s = check_input(cfg, shape, x)?;
-    let net = Net::new(store, cfg)?;
-    let f = forward(&net, store, Act::new(s, x.to_vec()))?;
+) -> Result<(StepOutput, Pre, Pre)> {
+    let (net, mut p, xt) = prepare(be, store, cfg, shape, x)?;
+    let f = forward(&net, &p, store, xt)?;
     let (total, recon, latent) = losses(&f, x, step.latent_loss_weight)?;
-    store.zero_grads();
     let wl = step.latent_loss_weight;
     let e = cfg.embed_dim;
+    let upload = |shape: &[usize], v: Vec<f32>| Tensor::from_vec(be, shape, v);
 
     // Decoder, then the concatenation [upsample_t(quant_t), quant_b].
-    let d_dec = loss::mse_backward(&f.dec.data, x, 1.0)?;
-    let d_cat = net.dec.backward(store, &f.saved_dec, d_dec)?;
-    let cat_shape = f.saved_dec[0].x.shape;
-    let (d_up, d_qb) = split(cat_shape, e, &d_cat)?;
+    let d_dec = upload(shape, loss::mse_backward(&f.dec, x, 1.0)?)?;
+    let d_cat = net.dec.backward(&mut p, &f.saved_dec, d_dec)?;
+    let (d_up, d_qb) = split(be, &d_cat, e)?;
     let (w, b) = net.upsample_t;
-    let d_qt_up = convt_bwd(store, &f.q_t.out, &d_up, w, b)?;
+    let d_qt_up = p.convt_bwd(&f.q_t.out, &d_up, w, b)?;
 
     // Bottom quantizer: straight-through plus the commitment term.
-    let mut d_pre_b = d_qb;
-    add_into(
-        &mut d_pre_b,
-        &loss::vq_commitment_backward(&f.q_b.quant, &f.pre_b.data, wl)?,
-    );
+    let commit_b = loss::vq_commitment_backward(&f.q_b.quant, &f.q_b.pre, wl)?;
+    let d_pre_b = ops::add(be, &d_qb, &upload(&f.q_b.shape, commit_b)?)?;
     let (w, b) = net.quantize_conv_b;
-    let d_cat_b = conv_bwd(store, &f.cat_b, &d_pre_b, w, b, 1, 0)?;
-    let (d_dt, d_eb_direct) = split(f.cat_b.shape, e, &d_cat_b)?;
-    let d_qt_dec = net.dec_t.backward(store, &f.saved_dec_t, d_dt)?;
+    let d_cat_b = p.conv_bwd(&f.cat_b, &d_pre_b, w, b, 1, 0)?;
+    let (d_dt, d_eb_direct) = split(be, &d_cat_b, e)?;
+    let d_qt_dec = net.dec_t.backward(&mut p, &f.saved_dec_t, d_dt)?;
 
     // Top quantizer.
-    let mut d_pre_t = d_qt_up;
-    add_into(&mut d_pre_t, &d_qt_dec);
-    add_into(
-        &mut d_pre_t,
-        &loss::vq_commitment_backward(&f.q_t.quant, &f.pre_t.data, wl)?,
-    );
+    let commit_t = loss::vq_commitment_backward(&f.q_t.quant, &f.q_t.pre, wl)?;
+    let d_pre_t = ops::add(be, &d_qt_up, &d_qt_dec)?;
+    let d_pre_t = ops::add(be, &d_pre_t, &upload(&f.q_t.shape, commit_t)?)?;
     let (w, b) = net.quantize_conv_t;
-    let d_et = conv_bwd(store, &f.et, &d_pre_t, w, b, 1, 0)?;
+    let d_et = p.conv_bwd(&f.et, &d_pre_t, w, b, 1, 0)?;
 
     // Encoders; enc_b's output feeds enc_t and the bottom concatenation.
-    let mut d_eb = net.enc_t.backward(store, &f.saved_enc_t, d_et)?;
-    add_into(&mut d_eb, &d_eb_direct);
-    net.enc_b.backward(store, &f.saved_enc_b, d_eb)?;
+    let d_eb = net.enc_t.backward(&mut p, &f.saved_enc_t, d_et)?;
+    let d_eb = ops::add(be, &d_eb, &d_eb_direct)?;
+    net.enc_b.backward(&mut p, &f.saved_enc_b, d_eb)?;
+    p.download_grads(store)?;
 
-    let ids_shape = |a: &Act| vec![a.shape[0], a.shape[2], a.shape[3]];
     let out = StepOutput {
         loss: total,
         recon_loss: recon,
         latent_loss: latent,
-        id_t_shape: ids_shape(&f.pre_t),
-        id_t: f.q_t.ids.clone(),
-        id_b_shape: ids_shape(&f.pre_b),
-        id_b: f.q_b.ids.clone(),
-        dec: f.dec.data,
+        id_t_shape: ids_shape(&f.q_t.shape),
+        id_t: f.q_t.ids,
+        id_b_shape: ids_shape(&f.q_b.shape),
+        id_b: f.q_b.ids,
+        dec: f.dec,
     };
-    Ok((out, f.pre_t, f.pre_b))
+    Ok((
+        out,
+        Pre {
+            shape: f.q_t.shape,
+            data: f.q_t.pre,
+        },
+        Pre {
+            shape: f.q_b.shape,
+            data: f.q_b.pre,
+        },
+    ))
 }
 
 /// Gradients only: the store's gradients are set to those of the loss at
 /// the current parameters; values and buffers are unchanged.
+/// On the CPU; see [`gradients_on`].
 pub fn gradients(
     store: &mut ParamStore,
     cfg: &VqVae2Config,
@@ -677,13 +711,26 @@ pub fn gradients(
     x: &[f32],
     step: &StepConfig,
 ) -> Result<StepOutput> {
-    Ok(forward_backward(store, cfg, shape, x, step)?.0)
+    gradients_on(&Backend::cpu(), store, cfg, shape, x, step)
+}
+
+/// Gradients only, computed on `be`: the store's gradients are set to those
+/// of the loss at the current parameters; values and buffers are unchanged.
+pub fn gradients_on(
+    be: &Backend,
+    store: &mut ParamStore,
+    cfg: &VqVae2Config,
+    shape: &[usize],
+    x: &[f32],
+    step: &StepConfig,
+) -> Result<StepOutput> {
+    Ok(forward_backward(be, store, cfg, shape, x, step)?.0)
 }
 
 fn ema_update(
     store: &mut ParamStore,
     level: &str,
-    pre: &Act,
+    pre: &Pre,
     ids: &[i32],
     step: &StepConfig,
 ) -> Result<()> {
@@ -714,11 +761,7 @@ fn ema_update(
     r.map_err(|e| Error::invalid(format!("{level}: EMA codebook update: {e}")))
 }
 
-/// One training step: forward and backward on `x`, the EMA update of both
-/// codebooks with the codes of the old codebooks, and one step of `opt`
-/// (registered with [`ParamStore::register`]) at learning rate `lr` over
-/// the trainable parameters. The store's gradients are left holding this
-/// step's gradients.
+/// [`train_step_on`] on the CPU.
 pub fn train_step(
     store: &mut ParamStore,
     opt: &mut Optimizer,
@@ -728,7 +771,26 @@ pub fn train_step(
     x: &[f32],
     step: &StepConfig,
 ) -> Result<StepOutput> {
-    Ok(train_step_restarting(store, opt, lr, cfg, shape, x, step, None)?.0)
+    train_step_on(&Backend::cpu(), store, opt, lr, cfg, shape, x, step)
+}
+
+/// One training step: forward and backward on `be` for `x`, the EMA update of both
+/// codebooks with the codes of the old codebooks, and one step of `opt`
+/// (registered with [`ParamStore::register`]) at learning rate `lr` over
+/// the trainable parameters. The store's gradients are left holding this
+/// step's gradients.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_on(
+    be: &Backend,
+    store: &mut ParamStore,
+    opt: &mut Optimizer,
+    lr: f64,
+    cfg: &VqVae2Config,
+    shape: &[usize],
+    x: &[f32],
+    step: &StepConfig,
+) -> Result<StepOutput> {
+    Ok(train_step_restarting(be, store, opt, lr, cfg, shape, x, step, None)?.0)
 }
 
 /// Dead-code restart: after the EMA update, every code whose EMA count
@@ -748,9 +810,10 @@ pub struct Restart {
 
 /// [`train_step`], then the optional dead-code [`Restart`] of both
 /// codebooks; returns the step's outputs and the number of codes restarted
-/// on the top and bottom level.
+/// on the top and bottom level. The step runs on `be`.
 #[allow(clippy::too_many_arguments)]
 pub fn train_step_restarting(
+    be: &Backend,
     store: &mut ParamStore,
     opt: &mut Optimizer,
     lr: f64,
@@ -760,7 +823,7 @@ pub fn train_step_restarting(
     step: &StepConfig,
     restart: Option<&Restart>,
 ) -> Result<(StepOutput, [usize; 2])> {
-    let (out, pre_t, pre_b) = forward_backward(store, cfg, shape, x, step)?;
+    let (out, pre_t, pre_b) = forward_backward(be, store, cfg, shape, x, step)?;
     ema_update(store, "quantize_t", &pre_t, &out.id_t, step)?;
     ema_update(store, "quantize_b", &pre_b, &out.id_b, step)?;
     let mut restarted = [0, 0];
@@ -776,7 +839,7 @@ pub fn train_step_restarting(
 fn restart_dead_codes(
     store: &mut ParamStore,
     level: &str,
-    pre: &Act,
+    pre: &Pre,
     r: &Restart,
     level_key: u64,
 ) -> Result<usize> {

@@ -1,5 +1,6 @@
 //! Data movement (kernels/layout.cu: nearest ×2 upsampling and its backward,
-//! channel concatenation and `copy_channels_into`) against the CPU reference,
+//! channel concatenation, `copy_channels_into` and `slice_channels`) against
+//! the CPU reference,
 //! on the emulated device and on a CUDA GPU when there is one, plus the ops
 //! layer's shape errors.
 //!
@@ -121,10 +122,52 @@ fn concat_matches_cpu(be: &Backend) {
     });
 }
 
+/// A channel slice of a random source, through both forms (the `_into`
+/// form into a prefilled destination, which it must overwrite).
+fn slice_matches_cpu(be: &Backend) {
+    let case = (
+        1usize..=3,
+        1usize..=6,
+        prop::collection::vec(1usize..=8, 0..=2),
+        any::<u64>(),
+    );
+    run(be, case, |be, (n, c_src, spatial, seed)| {
+        let mut rng = Rng(seed);
+        let offset = (rng.next_u64() % c_src as u64) as usize;
+        let count = 1 + (rng.next_u64() % (c_src - offset) as u64) as usize;
+        let ctx = format!(
+            "slice_channels n {n} c {c_src} spatial {spatial:?} {offset}+{count} seed {seed}"
+        );
+        let shape = [vec![n, c_src], spatial.clone()].concat();
+        let (sc, sd) = pair(be, &shape, &rng.vec(numel(&shape), -4.0, 4.0))?;
+        let reference = ok(ops::slice_channels(&Backend::cpu(), &sc, offset, count))?;
+        let out = ok(ops::slice_channels(be, &sd, offset, count))?;
+        prop_assert_eq!(out.shape(), reference.shape());
+        let reference = ok(reference.to_vec())?;
+        // The CPU reference against a direct index of the source.
+        let hw: usize = spatial.iter().product();
+        let src = ok(sc.to_vec())?;
+        for (i, &r) in reference.iter().enumerate() {
+            let (b, rest) = (i / (count * hw), i % (count * hw));
+            prop_assert_eq!(r, src[b * c_src * hw + offset * hw + rest], "{}", ctx);
+        }
+        exact(&ctx, &reference, &ok(out.to_vec())?)?;
+        let dst_shape = [vec![n, count], spatial.clone()].concat();
+        let mut dd = ok(Tensor::from_slice(
+            be,
+            &dst_shape,
+            &vec![7.0; numel(&dst_shape)],
+        ))?;
+        ok(ops::slice_channels_into(be, &sd, offset, &mut dd))?;
+        exact(&format!("{ctx} (into)"), &reference, &ok(dd.to_vec())?)
+    });
+}
+
 on_devices!(
     upsample_matches_cpu,
     upsample_backward_matches_cpu,
-    concat_matches_cpu
+    concat_matches_cpu,
+    slice_matches_cpu
 );
 
 #[test]
@@ -171,5 +214,15 @@ fn shape_errors() {
         ops::copy_channels_into(&be, &zeros(&be, &[2, 2, 5, 5]), &mut dst, 0),
         "copy_channels",
         &["[2, 2, 5, 5]", "[1, 3, 5, 5]"],
+    );
+    expect_shape_error(
+        ops::slice_channels(&be, &x, 1, 2),
+        "slice_channels",
+        &["1..1+2", "[1, 2, 5, 5]"],
+    );
+    expect_shape_error(
+        ops::slice_channels_into(&be, &dst, 0, &mut zeros(&be, &[1, 2, 5, 4])),
+        "slice_channels",
+        &["[1, 3, 5, 5]", "[1, 2, 5, 4]"],
     );
 }

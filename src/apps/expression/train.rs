@@ -8,8 +8,10 @@
 //! Every random choice is a stateless draw of [`counter_u64`] keyed by the
 //! seed, the step and the element, so the batch of step `t` is the same
 //! whether the run was interrupted or not, and a resumed run continues with
-//! exactly the bits of an unbroken one. The step itself runs on the CPU
-//! reference ops ([`crate::train::vqvae2`]).
+//! exactly the bits of an unbroken one. The step and the evaluation
+//! passes run on the chosen [`Backend`] ([`crate::train::vqvae2`]); the
+//! checkpoint does not record the device, so a run may resume on another
+//! (bit for bit only on the same one).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -512,6 +514,7 @@ fn eval_set(
 /// Metrics of the current weights on `set`, evaluated in batches; also
 /// returns the reconstructions of its first `keep` patches.
 fn evaluate(
+    be: &Backend,
     store: &ParamStore,
     cfg: &VqVae2Config,
     set: &EvalSet,
@@ -527,7 +530,7 @@ fn evaluate(
         let n = opts.batch.min(set.n - start);
         let x = &set.x[start * p2..(start + n) * p2];
         let out: StepOutput =
-            step_fns::evaluate(store, cfg, &[n, 1, opts.patch, opts.patch], x, step)?;
+            step_fns::evaluate_on(be, store, cfg, &[n, 1, opts.patch, opts.patch], x, step)?;
         recon += f64::from(out.recon_loss) * n as f64;
         latent += f64::from(out.latent_loss) * n as f64;
         ids_t.extend_from_slice(&out.id_t);
@@ -650,8 +653,10 @@ fn write_sheet(
 
 /// Trains from `init` (a `state_dict`, e.g. from [`init_weights`]) or, with
 /// `resume`, from a checkpoint written by an earlier run with the same
-/// options and images; see the module documentation.
+/// options and images; see the module documentation. Steps and metrics run
+/// on `be`.
 pub fn train(
+    be: &Backend,
     pool: &mut ImagePool,
     init: &Path,
     resume: Option<&Path>,
@@ -770,6 +775,7 @@ pub fn train(
             step: t,
         };
         let (out, restarted) = step_fns::train_step_restarting(
+            be,
             &mut store,
             &mut opt,
             opts.lr,
@@ -807,10 +813,10 @@ pub fn train(
             let shown = val_eval.as_ref().unwrap_or(&train_eval);
             let train_keep = if val_eval.is_some() { 0 } else { keep };
             let (train_m, train_recons) =
-                evaluate(&store, &cfg, &train_eval, opts, &step_cfg, train_keep)?;
+                evaluate(be, &store, &cfg, &train_eval, opts, &step_cfg, train_keep)?;
             let (val_m, recons) = match &val_eval {
                 Some(v) => {
-                    let (m, r) = evaluate(&store, &cfg, v, opts, &step_cfg, keep)?;
+                    let (m, r) = evaluate(be, &store, &cfg, v, opts, &step_cfg, keep)?;
                     (Some(m), r)
                 }
                 None => (None, train_recons),
