@@ -135,6 +135,12 @@ run_checks() {
   fi
   export CARGO_MANIFEST_DIR=/work/main
   unpack
+  # The CLI tests run the binary cargo built them against
+  # (/work/main/target/release/cellmorph, compiled into them): the staged one.
+  if [ ! -x /work/main/target/release/cellmorph ]; then
+    mkdir -p /work/main/target/release
+    ln -sfn "$bin_dir/bin/cellmorph" /work/main/target/release/cellmorph
+  fi
   summary=()
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$logs/gpu.txt"
   if wants tests; then

@@ -312,10 +312,69 @@ impl TensorWriter {
             .map_err(|e| Error::invalid(format!("serializing tensors: {e}")))
     }
 
+    /// The file's bytes. `safetensors::serialize` writes the metadata map in
+    /// its hash order, which changes from process to process; the header is
+    /// rewritten here with every key sorted, so the same tensors and
+    /// metadata always give the same bytes.
     fn serialize(&self) -> std::result::Result<Vec<u8>, safetensors::SafeTensorError> {
         let meta = (!self.metadata.is_empty()).then(|| self.metadata.clone());
-        safetensors::serialize(self.entries.iter().map(|(k, v)| (k.as_str(), v)), meta)
+        let bytes =
+            safetensors::serialize(self.entries.iter().map(|(k, v)| (k.as_str(), v)), meta)?;
+        Ok(sorted_header(bytes).unwrap_or_else(|original| original))
     }
+}
+
+/// `bytes` (a safetensors file) with its JSON header's keys sorted at every
+/// level and padded with spaces to a multiple of 8 bytes, the data
+/// unchanged; the input back when its header does not parse (never the case
+/// for what `safetensors::serialize` writes).
+fn sorted_header(bytes: Vec<u8>) -> std::result::Result<Vec<u8>, Vec<u8>> {
+    fn to_sorted_json(v: &serde_json::Value) -> Option<String> {
+        // serde_json's map keeps insertion order under some feature sets:
+        // the keys go through a BTreeMap either way.
+        match v {
+            serde_json::Value::Object(m) => {
+                let mut out = String::from("{");
+                let sorted: BTreeMap<&String, &serde_json::Value> = m.iter().collect();
+                for (i, (k, v)) in sorted.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&serde_json::to_string(k).ok()?);
+                    out.push(':');
+                    out.push_str(&to_sorted_json(v)?);
+                }
+                out.push('}');
+                Some(out)
+            }
+            other => serde_json::to_string(other).ok(),
+        }
+    }
+    let Some(len) = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .and_then(|n| usize::try_from(n).ok())
+    else {
+        return Err(bytes);
+    };
+    let Some(header) = bytes.get(8..8 + len) else {
+        return Err(bytes);
+    };
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(header) else {
+        return Err(bytes);
+    };
+    let Some(mut json) = to_sorted_json(&value) else {
+        return Err(bytes);
+    };
+    while json.len() % 8 != 0 {
+        json.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - len);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(json.as_bytes());
+    out.extend_from_slice(&bytes[8 + len..]);
+    Ok(out)
 }
 
 /// Writes `bytes` to `path` atomically: into a uniquely named hidden

@@ -658,3 +658,41 @@ fn negative_running_variances_are_rejected_by_every_batchnorm() {
         );
     }
 }
+
+/// The same tensors and metadata give the same bytes in every process: the
+/// header's metadata is written in key order, not in a hash order that
+/// changes from run to run.
+#[test]
+fn written_files_are_the_same_bytes_in_every_process() {
+    let dir = tempdir("bytes");
+    let mut w = TensorWriter::new();
+    w.add_slice("b", &[2], &[1.0f32, 2.0]).unwrap();
+    w.add_slice("a", &[1], &[3i64]).unwrap();
+    for k in ["zeta", "alpha", "mid", "beta", "omega", "kappa", "x1", "x0"] {
+        w.set_metadata(k, &format!("value of {k}"));
+    }
+    let path = dir.join("m.safetensors");
+    w.write(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    assert_eq!(n % 8, 0);
+    let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+    let keys = ["alpha", "beta", "kappa", "mid", "omega", "x0", "x1", "zeta"];
+    let at: Vec<usize> = keys
+        .iter()
+        .map(|k| header.find(&format!("\"{k}\"")).unwrap())
+        .collect();
+    assert!(at.windows(2).all(|p| p[0] < p[1]), "{header}");
+    // Still a file the loader reads, with everything in it.
+    let f = TensorFile::open(&path).unwrap();
+    assert_eq!(f.f32("b").unwrap(), (vec![2], vec![1.0, 2.0]));
+    assert_eq!(f.metadata().unwrap()["kappa"], "value of kappa");
+    // The bytes do not depend on the order of set_metadata calls either.
+    let mut w2 = TensorWriter::new();
+    w2.add_slice("a", &[1], &[3i64]).unwrap();
+    w2.add_slice("b", &[2], &[1.0f32, 2.0]).unwrap();
+    for k in keys.iter().rev() {
+        w2.set_metadata(k, &format!("value of {k}"));
+    }
+    assert_eq!(w2.to_bytes().unwrap(), bytes);
+}
