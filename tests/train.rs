@@ -643,7 +643,6 @@ fn cp2image_train_learns_resumes_exactly_and_writes_a_usable_generator() {
     for (extra, msg) in [
         (vec!["--batch-size", "1"], "--batch-size"),
         (vec!["--adversarial-weight", "-1"], "--adversarial-weight"),
-        (vec!["--device", "emulated"], "CPU"),
         (vec!["--val-fraction", "0.95"], "fewer than one batch"),
         (
             vec![

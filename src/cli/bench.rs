@@ -59,7 +59,7 @@ pub enum Workload {
     /// "x_real" [batch, channels, size, size], every iteration from the
     /// same weights; outputs "loss_g", "loss_d" (needs --weights holding
     /// the generator under "G." and the discriminator under "D."; --batch
-    /// 32; CPU only).
+    /// 32; every device, f32).
     #[value(name = "cp2image-train-step")]
     Cp2imageTrainStep,
     /// CP2Image generator forward, "input" [batch, p] to "image" (needs
@@ -781,13 +781,8 @@ fn densenet_train_step(c: &Ctx, out: Option<&mut TensorWriter>) -> Result<Measur
 }
 
 fn cp2image_train_step(c: &Ctx, out: Option<&mut TensorWriter>) -> Result<Measured> {
-    use cellmorph::train::cp2image::{train_step, Batch, NetState};
+    use cellmorph::train::cp2image::{train_step_on, Batch, NetState};
     use cellmorph::train::{AdamConfig, Method, Optimizer};
-    if c.be.device() != Device::Cpu {
-        return Err(Error::invalid(
-            "bench cp2image-train-step runs on the CPU only so far (--device cpu)",
-        ));
-    }
     let file = c.a.weights()?;
     let g0 = NetState::from_file(&file, "G.")?;
     let d0 = NetState::from_file(&file, "D.")?;
@@ -860,7 +855,9 @@ fn cp2image_train_step(c: &Ctx, out: Option<&mut TensorWriter>) -> Result<Measur
         c.a.warmup,
         c.a.iters,
         fresh,
-        |(mut g, mut d, mut og, mut od)| train_step(&mut g, &mut d, &mut og, &mut od, 2e-4, &batch),
+        |(mut g, mut d, mut og, mut od)| {
+            train_step_on(c.be, &mut g, &mut d, &mut og, &mut od, 2e-4, &batch)
+        },
     )?;
     if let Some(out) = out {
         out.add_slice("loss_g", &[], &[losses.loss_g])?;

@@ -40,8 +40,8 @@ pub struct TrainStepArgs {
     /// Adam's L2 weight decay.
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f64,
-    /// cpu, cuda, cuda:N or emulated (vqvae2 on every device; a model whose
-    /// step is still CPU-only refuses the others).
+    /// cpu, cuda, cuda:N or emulated (vqvae2 and cp2image on every device;
+    /// a model whose step is still CPU-only refuses the others).
     #[arg(long, default_value = "cpu")]
     device: Device,
     /// Only f32 for now.
@@ -228,8 +228,7 @@ fn densenet_step(a: &TrainStepArgs, method: Method) -> Result<()> {
 }
 
 fn cp2image_step(a: &TrainStepArgs, method: Method) -> Result<()> {
-    cpu_only(a)?;
-    use cellmorph::train::cp2image::{train_step, Batch, NetState};
+    use cellmorph::train::cp2image::{train_step_on, Batch, NetState};
     let weights = TensorFile::open(&a.weights)?;
     let mut g = NetState::from_file(&weights, "G.")?;
     let mut d = NetState::from_file(&weights, "D.")?;
@@ -252,7 +251,9 @@ fn cp2image_step(a: &TrainStepArgs, method: Method) -> Result<()> {
     let (mut og, mut od) = (Optimizer::new(method)?, Optimizer::new(method)?);
     g.params.register(&mut og)?;
     d.params.register(&mut od)?;
-    let losses = train_step(
+    let be = super::open_device(a.device, a.precision)?;
+    let losses = train_step_on(
+        &be,
         &mut g,
         &mut d,
         &mut og,

@@ -1,5 +1,5 @@
-//! One CP2Image training step on the CPU (`docs/MODELS.md` §3 and §4): a
-//! generator update, then a discriminator update, both with Adam.
+//! One CP2Image training step (`docs/MODELS.md` §3 and §4) on any device:
+//! a generator update, then a discriminator update, both with Adam.
 //!
 //! - Generator step: `fake = G(z)`; the discriminator's hidden features
 //!   `h_i` (block outputs) of `fake` and of the real cells `x`;
@@ -15,18 +15,38 @@
 //! `σ = uᵀWv`, weight `W/σ`), and its backward treats u and v as constants:
 //! `dW = G/σ − ⟨G, W⟩/σ² · u vᵀ` for the gradient `G` of `W/σ`.
 //!
-//! Written llm.c style on the [`crate::cpu`] reference ops: each layer's
-//! forward keeps what its backward needs; no tape. Reductions run in a
-//! fixed order, so a step is deterministic.
+//! Written llm.c style: each layer's forward keeps what its backward needs
+//! (as [`Tensor`]s on the step's device), no tape; every layer runs through
+//! [`crate::ops`], so the CPU device runs the [`crate::cpu`] reference ops
+//! and CUDA / the emulated device the kernels. Reductions run in a fixed
+//! order on every device, so a step is deterministic.
+//!
+//! On the host in this version, with the transfers they cost:
+//! - the parameters live in the host [`ParamStore`]: each step uploads G's
+//!   and D's tensors once (running statistics included, which then stay on
+//!   the device until the step ends and are downloaded into the store), and
+//!   G's trainable tensors again after G's Adam update; every gradient a
+//!   backward produces is downloaded and accumulated into the store, where
+//!   Adam runs;
+//! - the spectral norm's power iteration and its backward correction
+//!   (matrices of at most `c_out × c_in·9`): per discriminator forward and
+//!   block, `W/σ` is uploaded, and in the discriminator step `dW` of
+//!   `W/σ` is downloaded;
+//! - the loss reductions ([`crate::train::loss`]): the generated image and
+//!   the hidden features (generator step), the probabilities are
+//!   downloaded; the loss gradients (`d fake`, `d h_i`, `d prob`) uploaded;
+//! - the batch `z`, `x`, `x_real` is uploaded once per step.
 
 use std::collections::BTreeMap;
 
-use crate::cpu::{activation, conv, layout, linear, norm, pool};
-use crate::geometry::{Conv2dGeom, Conv2dParams, Pool2dGeom, Pool2dParams};
+use crate::backend::Backend;
+use crate::geometry::{Conv2dParams, Pool2dParams};
 use crate::io::{TensorFile, TensorWriter};
+use crate::ops;
+use crate::tensor::Tensor;
 use crate::train::loss;
 use crate::train::optim::Optimizer;
-use crate::train::store::ParamStore;
+use crate::train::store::{Param, ParamStore};
 use crate::{Error, Result};
 
 const OP: &str = "cp2image train step";
@@ -170,145 +190,248 @@ impl NetState {
     }
 }
 
-/// What a conv + BN + LeakyReLU keeps for backward.
-struct ConvBn {
-    geom: Conv2dGeom,
-    x: Vec<f32>,
-    w: Vec<f32>,
-    conv_out: Vec<f32>,
-    save_mean: Vec<f32>,
-    save_inv_std: Vec<f32>,
-    bn_out: Vec<f32>,
+/// The 3×3 convs of both networks: stride 1, padding 1.
+fn conv_params() -> Conv2dParams {
+    Conv2dParams::new(1, 1)
 }
 
-/// conv (weight `w`, bias `b`) → BatchNorm (training) → LeakyReLU(0.2).
+/// The discriminator's 2×2 average pooling.
+fn pool_params() -> Pool2dParams {
+    Pool2dParams::new(2, 2, 0)
+}
+
+/// One network's tensors on the step's device: the parameters the layers
+/// read (by store id; `None` for those not uploaded) and each block's
+/// BatchNorm running statistics, which the forwards update in place.
+struct DevNet {
+    params: Vec<Option<Tensor>>,
+    /// Block `i`'s running statistics.
+    running: Vec<Running>,
+}
+
+/// One BatchNorm's running statistics on the device and their store ids.
+struct Running {
+    mean: Tensor,
+    var: Tensor,
+    ids: (usize, usize),
+}
+
+impl DevNet {
+    /// Uploads `net`'s running statistics and every other tensor that
+    /// `pick` selects.
+    fn upload(be: &Backend, net: &NetState, pick: impl Fn(&Param) -> bool) -> Result<Self> {
+        let mut running = Vec::with_capacity(net.blocks);
+        let mut stats = vec![false; net.params.params().len()];
+        for i in 0..net.blocks {
+            let (m, v) = (
+                net.get(&format!("blocks.{i}.bn.running_mean"))?,
+                net.get(&format!("blocks.{i}.bn.running_var"))?,
+            );
+            running.push(Running {
+                mean: Tensor::from_slice(be, &m.1, &net.params.get(m.0).value)?,
+                var: Tensor::from_slice(be, &v.1, &net.params.get(v.0).value)?,
+                ids: (m.0, v.0),
+            });
+            stats[m.0] = true;
+            stats[v.0] = true;
+        }
+        let mut dev = DevNet {
+            params: Vec::new(),
+            running,
+        };
+        dev.params = net
+            .params
+            .params()
+            .iter()
+            .zip(&stats)
+            .map(|(p, &s)| {
+                (!s && pick(p))
+                    .then(|| Tensor::from_slice(be, &p.shape, &p.value))
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        Ok(dev)
+    }
+
+    /// Uploads `net`'s trainable tensors again (after an optimizer step).
+    fn refresh_trainable(&mut self, be: &Backend, net: &NetState) -> Result<()> {
+        for (slot, p) in self.params.iter_mut().zip(net.params.params()) {
+            if p.trainable && slot.is_some() {
+                *slot = Some(Tensor::from_slice(be, &p.shape, &p.value)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Block `i`'s running statistics and the parameters, borrowed apart.
+    fn split(&mut self, i: usize) -> Result<(&[Option<Tensor>], &mut Running)> {
+        let running = self
+            .running
+            .get_mut(i)
+            .ok_or_else(|| Error::invalid(format!("{OP}: no running statistics for block {i}")))?;
+        Ok((&self.params, running))
+    }
+
+    /// Downloads the running statistics into `net`'s store.
+    fn download_running(self, net: &mut NetState) -> Result<()> {
+        for r in self.running {
+            net.params.get_mut(r.ids.0).value = r.mean.into_vec()?;
+            net.params.get_mut(r.ids.1).value = r.var.into_vec()?;
+        }
+        Ok(())
+    }
+}
+
+/// The device copy of store tensor `id`.
+fn dev_param<'a>(params: &'a [Option<Tensor>], net: &NetState, id: usize) -> Result<&'a Tensor> {
+    params.get(id).and_then(Option::as_ref).ok_or_else(|| {
+        Error::invalid(format!(
+            "{OP}: tensor \"{}\" was not uploaded",
+            net.params.get(id).name
+        ))
+    })
+}
+
+/// The device copy of the store tensor named `name`.
+fn dev_named<'a>(params: &'a [Option<Tensor>], net: &NetState, name: &str) -> Result<&'a Tensor> {
+    dev_param(params, net, net.params.id(name)?)
+}
+
+/// Downloads a gradient and adds it into the store's gradient of `id`.
+fn accumulate(net: &mut NetState, id: usize, grad: Tensor) -> Result<()> {
+    net.params.accumulate(id, &grad.into_vec()?)
+}
+
+/// What a conv + BN + LeakyReLU keeps for backward (its input and weight
+/// are the caller's).
+struct ConvBn {
+    conv_out: Tensor,
+    save_mean: Tensor,
+    save_inv_std: Tensor,
+    bn_out: Tensor,
+}
+
+/// conv (weight `w`, bias `blocks.{block}.conv.bias` of `params`) →
+/// BatchNorm (training, running statistics `running`) → LeakyReLU(0.2) on
+/// `x`.
+#[allow(clippy::too_many_arguments)]
 fn conv_bn_forward(
+    be: &Backend,
     net: &mut NetState,
+    params: &[Option<Tensor>],
+    running: &mut Running,
     block: usize,
-    x: Vec<f32>,
-    x_shape: [usize; 4],
-    w: Vec<f32>,
-    w_shape: &[usize],
-) -> Result<(ConvBn, Vec<f32>)> {
+    x: &Tensor,
+    w: &Tensor,
+) -> Result<(ConvBn, Tensor)> {
     let p = format!("blocks.{block}");
-    let geom = Conv2dGeom::new(&x_shape, w_shape, Conv2dParams::new(1, 1))?;
-    let (b, _) = net.get(&format!("{p}.conv.bias"))?;
-    let mut conv_out = vec![0.0; geom.n * geom.c_out * geom.oh * geom.ow];
-    conv::conv2d_forward(&geom, &x, &w, Some(&net.params.get(b).value), &mut conv_out)?;
-    let (c, hw) = (geom.c_out, geom.oh * geom.ow);
-    let ids = [
-        net.params.id(&format!("{p}.bn.weight"))?,
-        net.params.id(&format!("{p}.bn.bias"))?,
-        net.params.id(&format!("{p}.bn.running_mean"))?,
-        net.params.id(&format!("{p}.bn.running_var"))?,
-    ];
-    let gamma = net.params.get(ids[0]).value.clone();
-    let beta = net.params.get(ids[1]).value.clone();
-    let mut rm = std::mem::take(&mut net.params.get_mut(ids[2]).value);
-    let mut rv = std::mem::take(&mut net.params.get_mut(ids[3]).value);
-    let (mut save_mean, mut save_inv_std) = (vec![0.0; c], vec![0.0; c]);
-    let mut bn_out = vec![0.0; conv_out.len()];
-    let r = norm::batchnorm_train_forward(
-        geom.n,
-        c,
-        hw,
+    let b = dev_named(params, net, &format!("{p}.conv.bias"))?;
+    let conv_out = ops::conv2d(be, x, w, Some(b), conv_params())?;
+    let gamma = dev_named(params, net, &format!("{p}.bn.weight"))?;
+    let beta = dev_named(params, net, &format!("{p}.bn.bias"))?;
+    let bn = ops::batchnorm_train(
+        be,
         &conv_out,
-        &gamma,
-        &beta,
+        gamma,
+        beta,
+        &mut running.mean,
+        &mut running.var,
         BN_EPS,
         BN_MOMENTUM,
-        &mut rm,
-        &mut rv,
-        &mut save_mean,
-        &mut save_inv_std,
-        &mut bn_out,
-    );
-    net.params.get_mut(ids[2]).value = rm;
-    net.params.get_mut(ids[3]).value = rv;
-    r?;
+    )?;
     net.count_batch(block);
-    let mut y = vec![0.0; bn_out.len()];
-    activation::leaky_relu_forward(SLOPE, &bn_out, &mut y)?;
+    let y = ops::leaky_relu(be, &bn.y, SLOPE)?;
     Ok((
         ConvBn {
-            geom,
-            x,
-            w,
             conv_out,
-            save_mean,
-            save_inv_std,
-            bn_out,
+            save_mean: bn.save_mean,
+            save_inv_std: bn.save_inv_std,
+            bn_out: bn.y,
         },
         y,
     ))
 }
 
-/// Backward of [`conv_bn_forward`]: with `params`, accumulates the BN and
-/// bias gradients into the store; returns (dx, dW) with dW the gradient of
-/// the weight the forward used.
+/// Backward of [`conv_bn_forward`] on its input `x` and weight `w`: with
+/// `params`, accumulates the BN and bias gradients into the store; returns
+/// (dx, dW) with dW the gradient of `w`.
+#[allow(clippy::too_many_arguments)]
 fn conv_bn_backward(
+    be: &Backend,
     net: &mut NetState,
+    dev: &DevNet,
     block: usize,
     s: &ConvBn,
-    dy: &[f32],
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
     params: bool,
-) -> Result<(Vec<f32>, Vec<f32>)> {
+) -> Result<(Tensor, Tensor)> {
     let p = format!("blocks.{block}");
-    let g = &s.geom;
-    let (c, hw) = (g.c_out, g.oh * g.ow);
-    let mut d_bn = vec![0.0; dy.len()];
-    activation::leaky_relu_backward(SLOPE, &s.bn_out, dy, &mut d_bn)?;
+    let d_bn = ops::leaky_relu_backward(be, &s.bn_out, dy, SLOPE)?;
     let gamma_id = net.params.id(&format!("{p}.bn.weight"))?;
     let beta_id = net.params.id(&format!("{p}.bn.bias"))?;
-    let mut d_conv = vec![0.0; dy.len()];
-    let (mut dgamma, mut dbeta) = (vec![0.0; c], vec![0.0; c]);
-    norm::batchnorm_train_backward(
-        g.n,
-        c,
-        hw,
+    let bn = ops::batchnorm_train_backward(
+        be,
         &s.conv_out,
-        &net.params.get(gamma_id).value,
+        dev_param(&dev.params, net, gamma_id)?,
         &s.save_mean,
         &s.save_inv_std,
         &d_bn,
-        &mut d_conv,
-        &mut dgamma,
-        &mut dbeta,
     )?;
-    let mut dx = vec![0.0; s.x.len()];
-    let mut dw = vec![0.0; s.w.len()];
-    let mut db = vec![0.0; c];
-    conv::conv2d_backward(g, &s.x, &s.w, &d_conv, &mut dx, &mut dw, Some(&mut db))?;
+    let cg = ops::conv2d_backward(be, x, w, &bn.dx, conv_params(), params)?;
     if params {
-        net.params.accumulate(gamma_id, &dgamma)?;
-        net.params.accumulate(beta_id, &dbeta)?;
-        net.params
-            .accumulate(net.params.id(&format!("{p}.conv.bias"))?, &db)?;
+        accumulate(net, gamma_id, bn.dgamma)?;
+        accumulate(net, beta_id, bn.dbeta)?;
+        let bias_id = net.params.id(&format!("{p}.conv.bias"))?;
+        let db = cg
+            .db
+            .ok_or_else(|| Error::invalid(format!("{OP}: {p}: no bias gradient")))?;
+        accumulate(net, bias_id, db)?;
     }
-    Ok((dx, dw))
+    Ok((cg.dx, cg.dw))
 }
 
 // ---------------------------------------------------------------- generator
 
-/// What a generator forward keeps.
+/// What a generator forward keeps: the fc output `[n, c0, 4, 4]`, each
+/// block's saved tensors and its upsampled output (the next block's input;
+/// the last one feeds the output conv), the image.
 struct GenForward {
-    z: Vec<f32>,
-    n: usize,
+    h0: Tensor,
     blocks: Vec<ConvBn>,
-    pre_out: Vec<f32>,
-    pre_out_shape: [usize; 4],
-    out_geom: Conv2dGeom,
-    image: Vec<f32>,
+    ups: Vec<Tensor>,
+    image: Tensor,
 }
 
-fn generator_forward(g: &mut NetState, z: &[f32], n: usize) -> Result<GenForward> {
-    let (fc_w, fc_shape) = g.get("fc.weight")?;
-    let (fc_b, _) = g.get("fc.bias")?;
+impl GenForward {
+    /// The input of block `i`.
+    fn block_input(&self, i: usize) -> &Tensor {
+        match i.checked_sub(1).and_then(|j| self.ups.get(j)) {
+            Some(t) => t,
+            None => &self.h0,
+        }
+    }
+
+    /// The output conv's input.
+    fn pre_out(&self) -> &Tensor {
+        self.ups.last().unwrap_or(&self.h0)
+    }
+}
+
+fn generator_forward(
+    be: &Backend,
+    g: &mut NetState,
+    dev: &mut DevNet,
+    z: &Tensor,
+) -> Result<GenForward> {
+    let (_, fc_shape) = g.get("fc.weight")?;
     let (out_f, p) = (fc_shape[0], fc_shape[1]);
-    if z.len() != n * p {
+    let n = z.shape().first().copied().unwrap_or(0);
+    if z.shape() != [n, p] {
         return Err(Error::shape(
             OP,
-            format!("z has {} values, expected [{n}, {p}]", z.len()),
+            format!("z has shape {:?}, expected [{n}, {p}]", z.shape()),
         ));
     }
     let (_, w0) = g.get("blocks.0.conv.weight")?;
@@ -319,103 +442,84 @@ fn generator_forward(g: &mut NetState, z: &[f32], n: usize) -> Result<GenForward
             format!("fc has {out_f} outputs, blocks.0 reads {c0} channels of 4×4"),
         ));
     }
-    let mut h = vec![0.0; n * out_f];
-    linear::linear_forward(
-        n,
-        p,
-        out_f,
+    let h0 = ops::linear(
+        be,
         z,
-        &g.params.get(fc_w).value,
-        Some(&g.params.get(fc_b).value),
-        &mut h,
-    )?;
-    let mut shape = [n, c0, 4, 4];
+        dev_named(&dev.params, g, "fc.weight")?,
+        Some(dev_named(&dev.params, g, "fc.bias")?),
+    )?
+    .reshape(&[n, c0, 4, 4])?;
     let mut blocks = Vec::with_capacity(g.blocks);
+    let mut ups: Vec<Tensor> = Vec::with_capacity(g.blocks);
     for i in 0..g.blocks {
-        let (wid, wshape) = g.get(&format!("blocks.{i}.conv.weight"))?;
-        let w = g.params.get(wid).value.clone();
-        let (saved, y) = conv_bn_forward(g, i, h, shape, w, &wshape)?;
-        let c = saved.geom.c_out;
-        let mut up = vec![0.0; y.len() * 4];
-        layout::upsample_nearest2x_forward(n, c, shape[2], shape[3], &y, &mut up)?;
-        shape = [n, c, shape[2] * 2, shape[3] * 2];
+        let wid = g.params.id(&format!("blocks.{i}.conv.weight"))?;
+        let (params, running) = dev.split(i)?;
+        let w = dev_param(params, g, wid)?;
+        let x = ups.last().unwrap_or(&h0);
+        let (saved, y) = conv_bn_forward(be, g, params, running, i, x, w)?;
+        ups.push(ops::upsample_nearest2x(be, &y)?);
         blocks.push(saved);
-        h = up;
     }
-    let (ow, owshape) = g.get("out.weight")?;
-    let (ob, _) = g.get("out.bias")?;
-    let out_geom = Conv2dGeom::new(&shape, &owshape, Conv2dParams::new(1, 1))?;
-    let mut logits = vec![0.0; n * out_geom.c_out * out_geom.oh * out_geom.ow];
-    conv::conv2d_forward(
-        &out_geom,
-        &h,
-        &g.params.get(ow).value,
-        Some(&g.params.get(ob).value),
-        &mut logits,
+    let pre_out = ups.last().unwrap_or(&h0);
+    let logits = ops::conv2d(
+        be,
+        pre_out,
+        dev_named(&dev.params, g, "out.weight")?,
+        Some(dev_named(&dev.params, g, "out.bias")?),
+        conv_params(),
     )?;
-    let mut image = vec![0.0; logits.len()];
-    activation::sigmoid_forward(&logits, &mut image)?;
+    let image = ops::sigmoid(be, &logits)?;
     Ok(GenForward {
-        z: z.to_vec(),
-        n,
+        h0,
         blocks,
-        pre_out: h,
-        pre_out_shape: shape,
-        out_geom,
+        ups,
         image,
     })
 }
 
 /// Accumulates the generator's parameter gradients for `d_image`.
-fn generator_backward(g: &mut NetState, f: &GenForward, d_image: &[f32]) -> Result<()> {
-    let mut d_logits = vec![0.0; d_image.len()];
-    activation::sigmoid_backward(&f.image, d_image, &mut d_logits)?;
-    let (ow, _) = g.get("out.weight")?;
-    let (ob, _) = g.get("out.bias")?;
-    let mut dh = vec![0.0; f.pre_out.len()];
-    let mut dw = vec![0.0; g.params.get(ow).value.len()];
-    let mut db = vec![0.0; f.out_geom.c_out];
-    conv::conv2d_backward(
-        &f.out_geom,
-        &f.pre_out,
-        &g.params.get(ow).value,
+fn generator_backward(
+    be: &Backend,
+    g: &mut NetState,
+    dev: &DevNet,
+    f: &GenForward,
+    z: &Tensor,
+    d_image: &Tensor,
+) -> Result<()> {
+    let d_logits = ops::sigmoid_backward(be, &f.image, d_image)?;
+    let (ow, ob) = (g.params.id("out.weight")?, g.params.id("out.bias")?);
+    let cg = ops::conv2d_backward(
+        be,
+        f.pre_out(),
+        dev_param(&dev.params, g, ow)?,
         &d_logits,
-        &mut dh,
-        &mut dw,
-        Some(&mut db),
+        conv_params(),
+        true,
     )?;
-    g.params.accumulate(ow, &dw)?;
-    g.params.accumulate(ob, &db)?;
-    let mut shape = f.pre_out_shape;
+    accumulate(g, ow, cg.dw)?;
+    let db = cg
+        .db
+        .ok_or_else(|| Error::invalid(format!("{OP}: out: no bias gradient")))?;
+    accumulate(g, ob, db)?;
+    let mut dh = cg.dx;
     for (i, s) in f.blocks.iter().enumerate().rev() {
-        let (c, h2, w2) = (shape[1], shape[2] / 2, shape[3] / 2);
-        let mut dy = vec![0.0; f.n * c * h2 * w2];
-        layout::upsample_nearest2x_backward(f.n, c, h2, w2, &dh, &mut dy)?;
-        let (dx, dw) = conv_bn_backward(g, i, s, &dy, true)?;
-        g.params
-            .accumulate(g.params.id(&format!("blocks.{i}.conv.weight"))?, &dw)?;
-        shape = [f.n, s.geom.c_in, s.geom.h, s.geom.w];
+        let dy = ops::upsample_nearest2x_backward(be, &dh)?;
+        let wid = g.params.id(&format!("blocks.{i}.conv.weight"))?;
+        let w = dev_param(&dev.params, g, wid)?;
+        let (dx, dw) = conv_bn_backward(be, g, dev, i, s, f.block_input(i), w, &dy, true)?;
+        accumulate(g, wid, dw)?;
         dh = dx;
     }
-    let (fc_w, fc_shape) = g.get("fc.weight")?;
-    let (fc_b, _) = g.get("fc.bias")?;
-    let (out_f, p) = (fc_shape[0], fc_shape[1]);
-    let mut dz = vec![0.0; f.z.len()];
-    let mut dw = vec![0.0; out_f * p];
-    let mut db = vec![0.0; out_f];
-    linear::linear_backward(
-        f.n,
-        p,
-        out_f,
-        &f.z,
-        &g.params.get(fc_w).value,
-        &dh,
-        &mut dz,
-        &mut dw,
-        Some(&mut db),
-    )?;
-    g.params.accumulate(fc_w, &dw)?;
-    g.params.accumulate(fc_b, &db)
+    let (fc_w, fc_b) = (g.params.id("fc.weight")?, g.params.id("fc.bias")?);
+    let w = dev_param(&dev.params, g, fc_w)?;
+    let n = z.shape().first().copied().unwrap_or(0);
+    let dh = dh.reshape(&[n, w.shape()[0]])?;
+    let lg = ops::linear_backward(be, z, w, &dh, true)?;
+    accumulate(g, fc_w, lg.dw)?;
+    let db = lg
+        .db
+        .ok_or_else(|| Error::invalid(format!("{OP}: fc: no bias gradient")))?;
+    accumulate(g, fc_b, db)
 }
 
 // ------------------------------------------------------------ discriminator
@@ -498,114 +602,151 @@ fn spectral_norm_backward(w: &[f32], g: &[f32], sn: &Sn) -> Vec<f32> {
         .collect()
 }
 
-/// What a discriminator forward keeps.
-struct DiscForward {
-    n: usize,
-    blocks: Vec<(ConvBn, Sn, Pool2dGeom, Vec<f32>)>,
-    /// The block outputs h_0..h_{B−1} (after pooling).
-    hidden: Vec<Vec<f32>>,
-    flat: Vec<f32>,
-    prob: Vec<f32>,
+/// What one discriminator block keeps: the conv/BN tensors, the power
+/// iteration, the uploaded `W/σ`, the LeakyReLU output's size and the
+/// pooled output's shape.
+struct DiscBlock {
+    cb: ConvBn,
+    sn: Sn,
+    w_sn: Tensor,
+    pre_pool_hw: (usize, usize),
+    out_shape: [usize; 4],
 }
 
-fn discriminator_forward(d: &mut NetState, x: &[f32], shape: [usize; 4]) -> Result<DiscForward> {
-    let n = shape[0];
-    if x.len() != shape.iter().product::<usize>() {
-        return Err(Error::shape(OP, "discriminator input length"));
+/// What a discriminator forward keeps.
+struct DiscForward {
+    blocks: Vec<DiscBlock>,
+    /// The block outputs h_0..h_{B−1} (after pooling); the last one
+    /// flattened to `[n, features]` for `fc`.
+    pooled: Vec<Tensor>,
+    prob: Tensor,
+}
+
+impl DiscForward {
+    /// The input of block `i > 0` (block 0 reads the caller's image).
+    fn block_input<'a>(&'a self, i: usize, image: &'a Tensor) -> &'a Tensor {
+        match i.checked_sub(1).and_then(|j| self.pooled.get(j)) {
+            Some(t) => t,
+            None => image,
+        }
     }
-    let mut h = x.to_vec();
-    let mut s = shape;
-    let (mut blocks, mut hidden) = (Vec::new(), Vec::new());
+}
+
+fn discriminator_forward(
+    be: &Backend,
+    d: &mut NetState,
+    dev: &mut DevNet,
+    x: &Tensor,
+) -> Result<DiscForward> {
+    let n = match x.shape() {
+        &[n, _, _, _] => n,
+        s => {
+            return Err(Error::shape(
+                OP,
+                format!("discriminator input has shape {s:?}, expected [n, c, h, w]"),
+            ))
+        }
+    };
+    let (mut blocks, mut pooled) = (Vec::with_capacity(d.blocks), Vec::<Tensor>::new());
     for i in 0..d.blocks {
         let (w_sn, wshape, sn) = spectral_norm(d, i)?;
-        let (saved, y) = conv_bn_forward(d, i, h, s, w_sn, &wshape)?;
-        let c = saved.geom.c_out;
-        let pg = Pool2dGeom::new(OP, &[n, c, s[2], s[3]], Pool2dParams::new(2, 2, 0))?;
-        let mut pooled = vec![0.0; n * c * pg.oh * pg.ow];
-        pool::avg_pool2d_forward(&pg, &y, &mut pooled)?;
-        s = [n, c, pg.oh, pg.ow];
-        hidden.push(pooled.clone());
-        blocks.push((saved, sn, pg, y));
-        h = pooled;
+        let w_sn = Tensor::from_vec(be, &wshape, w_sn)?;
+        let (params, running) = dev.split(i)?;
+        let input = pooled.last().unwrap_or(x);
+        let (cb, y) = conv_bn_forward(be, d, params, running, i, input, &w_sn)?;
+        let h = ops::avg_pool2d(be, &y, pool_params())?;
+        let out_shape: [usize; 4] = h
+            .shape()
+            .try_into()
+            .map_err(|_| Error::shape(OP, "pooled block output is not 4-D"))?;
+        blocks.push(DiscBlock {
+            cb,
+            sn,
+            w_sn,
+            pre_pool_hw: (y.shape()[2], y.shape()[3]),
+            out_shape,
+        });
+        pooled.push(h);
     }
     let (fw, fshape) = d.get("fc.weight")?;
-    let (fb, _) = d.get("fc.bias")?;
-    let in_f = s[1] * s[2] * s[3];
+    let last = pooled
+        .pop()
+        .ok_or_else(|| Error::shape(OP, "a discriminator without blocks"))?;
+    let in_f = last.numel() / n.max(1);
     if fshape != [1, in_f] {
         return Err(Error::shape(
             OP,
             format!("fc.weight is {fshape:?}, the last block gives {in_f} features"),
         ));
     }
-    let mut logit = vec![0.0; n];
-    linear::linear_forward(
-        n,
-        in_f,
-        1,
-        &h,
-        &d.params.get(fw).value,
-        Some(&d.params.get(fb).value),
-        &mut logit,
+    let flat = last.reshape(&[n, in_f])?;
+    let logit = ops::linear(
+        be,
+        &flat,
+        dev_param(&dev.params, d, fw)?,
+        Some(dev_named(&dev.params, d, "fc.bias")?),
     )?;
-    let mut prob = vec![0.0; n];
-    activation::sigmoid_forward(&logit, &mut prob)?;
+    pooled.push(flat);
+    let prob = ops::sigmoid(be, &logit)?;
     Ok(DiscForward {
-        n,
         blocks,
-        hidden,
-        flat: h,
+        pooled,
         prob,
     })
 }
 
-/// Backward of a discriminator forward for gradients `d_prob` of the
-/// probabilities and `d_hidden[i]` of the block outputs (either may be
-/// zero); accumulates D's parameter gradients when `params` is set and
-/// returns the input gradient.
+/// Backward of a discriminator forward on `image` for gradients `d_prob`
+/// `[n, 1]` of the probabilities and `d_hidden[i]` of the block outputs
+/// (either may be zero; `d_hidden` may be empty); accumulates D's parameter
+/// gradients when `params` is set and returns the input gradient.
+#[allow(clippy::too_many_arguments)]
 fn discriminator_backward(
+    be: &Backend,
     d: &mut NetState,
+    dev: &DevNet,
     f: &DiscForward,
-    d_prob: &[f32],
-    d_hidden: &[Vec<f32>],
+    image: &Tensor,
+    d_prob: &Tensor,
+    d_hidden: &[Tensor],
     params: bool,
-) -> Result<Vec<f32>> {
-    let (fw, fshape) = d.get("fc.weight")?;
-    let (fb, _) = d.get("fc.bias")?;
-    let in_f = fshape[1];
-    let mut d_logit = vec![0.0; f.n];
-    activation::sigmoid_backward(&f.prob, d_prob, &mut d_logit)?;
-    let mut dh = vec![0.0; f.flat.len()];
-    let mut dw = vec![0.0; in_f];
-    let mut db = vec![0.0; 1];
-    linear::linear_backward(
-        f.n,
-        in_f,
-        1,
-        &f.flat,
-        &d.params.get(fw).value,
-        &d_logit,
-        &mut dh,
-        &mut dw,
-        Some(&mut db),
-    )?;
+) -> Result<Tensor> {
+    let (fw, fb) = (d.params.id("fc.weight")?, d.params.id("fc.bias")?);
+    let d_logit = ops::sigmoid_backward(be, &f.prob, d_prob)?;
+    let flat = f
+        .pooled
+        .last()
+        .ok_or_else(|| Error::shape(OP, "a discriminator without blocks"))?;
+    let lg = ops::linear_backward(be, flat, dev_param(&dev.params, d, fw)?, &d_logit, true)?;
     if params {
-        d.params.accumulate(fw, &dw)?;
-        d.params.accumulate(fb, &db)?;
+        accumulate(d, fw, lg.dw)?;
+        let db = lg
+            .db
+            .ok_or_else(|| Error::invalid(format!("{OP}: fc: no bias gradient")))?;
+        accumulate(d, fb, db)?;
     }
-    for (i, (saved, sn, pg, _)) in f.blocks.iter().enumerate().rev() {
+    let mut dh = lg.dx;
+    for (i, b) in f.blocks.iter().enumerate().rev() {
+        dh = dh.reshape(&b.out_shape)?;
         if let Some(extra) = d_hidden.get(i) {
-            for (a, &b) in dh.iter_mut().zip(extra) {
-                *a += b;
-            }
+            dh = ops::add(be, &dh, extra)?;
         }
-        let mut dy = vec![0.0; pg.n * pg.c * pg.h * pg.w];
-        pool::avg_pool2d_backward(pg, &dh, &mut dy)?;
-        let (dx, dw_sn) = conv_bn_backward(d, i, saved, &dy, params)?;
+        let dy =
+            ops::avg_pool2d_backward(be, &dh, pool_params(), b.pre_pool_hw.0, b.pre_pool_hw.1)?;
+        let (dx, dw_sn) = conv_bn_backward(
+            be,
+            d,
+            dev,
+            i,
+            &b.cb,
+            f.block_input(i, image),
+            &b.w_sn,
+            &dy,
+            params,
+        )?;
         if params {
             let wid = d.params.id(&format!("blocks.{i}.conv.weight_orig"))?;
-            let w = d.params.get(wid).value.clone();
-            d.params
-                .accumulate(wid, &spectral_norm_backward(&w, &dw_sn, sn))?;
+            let g = spectral_norm_backward(&d.params.get(wid).value, &dw_sn.into_vec()?, &b.sn);
+            d.params.accumulate(wid, &g)?;
         }
         dh = dx;
     }
@@ -662,8 +803,8 @@ impl Default for LossWeights {
 }
 
 /// One generator update then one discriminator update (see the module
-/// documentation) with the default [`LossWeights`]; `opt_g` and `opt_d`
-/// are registered over `g.params` and `d.params`
+/// documentation) on the CPU with the default [`LossWeights`]; `opt_g` and
+/// `opt_d` are registered over `g.params` and `d.params`
 /// ([`ParamStore::register`]). Afterwards `g` holds the generator step's
 /// gradients and `d` the discriminator step's.
 pub fn train_step(
@@ -674,7 +815,20 @@ pub fn train_step(
     lr: f64,
     batch: &Batch,
 ) -> Result<StepLosses> {
-    train_step_weighted(g, d, opt_g, opt_d, lr, batch, &LossWeights::default())
+    train_step_on(&Backend::cpu(), g, d, opt_g, opt_d, lr, batch)
+}
+
+/// [`train_step`] on `be`'s device (f32 precision only).
+pub fn train_step_on(
+    be: &Backend,
+    g: &mut NetState,
+    d: &mut NetState,
+    opt_g: &mut Optimizer,
+    opt_d: &mut Optimizer,
+    lr: f64,
+    batch: &Batch,
+) -> Result<StepLosses> {
+    train_step_weighted_on(be, g, d, opt_g, opt_d, lr, batch, &LossWeights::default())
 }
 
 /// [`train_step`] with the generator's loss terms weighted by `w`.
@@ -688,6 +842,28 @@ pub fn train_step_weighted(
     batch: &Batch,
     w: &LossWeights,
 ) -> Result<StepLosses> {
+    train_step_weighted_on(&Backend::cpu(), g, d, opt_g, opt_d, lr, batch, w)
+}
+
+/// [`train_step_weighted`] on `be`'s device. Training runs in f32: a
+/// backend with a reduced precision is refused.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_weighted_on(
+    be: &Backend,
+    g: &mut NetState,
+    d: &mut NetState,
+    opt_g: &mut Optimizer,
+    opt_d: &mut Optimizer,
+    lr: f64,
+    batch: &Batch,
+    w: &LossWeights,
+) -> Result<StepLosses> {
+    if be.precision().is_reduced() {
+        return Err(Error::invalid(format!(
+            "{OP}: training runs in f32, not {}",
+            be.precision()
+        )));
+    }
     let n = batch.shape[0];
     let len: usize = batch.shape.iter().product();
     if batch.x.len() != len || batch.x_real.len() != len {
@@ -696,64 +872,86 @@ pub fn train_step_weighted(
             format!("x and x_real must both be {:?}", batch.shape),
         ));
     }
+    let (_, fc_shape) = g.get("fc.weight")?;
+    let p = fc_shape.get(1).copied().unwrap_or(0);
+    if batch.z.len() != n * p {
+        return Err(Error::shape(
+            OP,
+            format!("z has {} values, expected [{n}, {p}]", batch.z.len()),
+        ));
+    }
+    let z = Tensor::from_slice(be, &[n, p], batch.z)?;
+    let x = Tensor::from_slice(be, &batch.shape, batch.x)?;
+    let x_real = Tensor::from_slice(be, &batch.shape, batch.x_real)?;
+    // Spectral norm runs on the host: D's weight_orig, weight_u, weight_v
+    // stay there.
+    let sn_host = |p: &Param| {
+        [".weight_orig", ".weight_u", ".weight_v"]
+            .iter()
+            .any(|s| p.name.ends_with(s))
+    };
+    let mut gdev = DevNet::upload(be, g, |_| true)?;
+    let mut ddev = DevNet::upload(be, d, |p| !sn_host(p))?;
+
     // Generator step.
     g.params.zero_grads();
-    let fake = generator_forward(g, batch.z, n)?;
-    if fake.image.len() != len {
+    let fake = generator_forward(be, g, &mut gdev, &z)?;
+    if fake.image.shape() != batch.shape {
         return Err(Error::shape(
             OP,
             format!(
-                "the generator makes {} values per batch, x has {len}",
-                fake.image.len()
+                "the generator makes {:?} per batch, x is {:?}",
+                fake.image.shape(),
+                batch.shape
             ),
         ));
     }
-    let df = discriminator_forward(d, &fake.image, batch.shape)?;
-    let dr = discriminator_forward(d, batch.x, batch.shape)?;
-    let mut loss_g = w.mse * loss::mse(&fake.image, batch.x)?;
-    let mut d_hidden = Vec::with_capacity(df.hidden.len());
-    for (hf, hr) in df.hidden.iter().zip(&dr.hidden) {
-        loss_g += w.feature_matching * loss::mse(hf, hr)?;
-        d_hidden.push(loss::mse_backward(hf, hr, w.feature_matching)?);
+    let df = discriminator_forward(be, d, &mut ddev, &fake.image)?;
+    let dr = discriminator_forward(be, d, &mut ddev, &x)?;
+    let image = fake.image.to_vec()?;
+    let mut loss_g = w.mse * loss::mse(&image, batch.x)?;
+    let mut d_hidden = Vec::with_capacity(df.pooled.len());
+    for ((hf, hr), b) in df.pooled.iter().zip(&dr.pooled).zip(&df.blocks) {
+        let (hf, hr) = (hf.to_vec()?, hr.to_vec()?);
+        loss_g += w.feature_matching * loss::mse(&hf, &hr)?;
+        let dh = loss::mse_backward(&hf, &hr, w.feature_matching)?;
+        d_hidden.push(Tensor::from_vec(be, &b.out_shape, dh)?);
     }
     let ones = vec![1.0; n];
     let d_prob = if w.adversarial != 0.0 {
-        loss_g += w.adversarial * loss::bce(&df.prob, &ones)?;
-        loss::bce_backward(&df.prob, &ones, w.adversarial)?
+        let prob = df.prob.to_vec()?;
+        loss_g += w.adversarial * loss::bce(&prob, &ones)?;
+        let dp = loss::bce_backward(&prob, &ones, w.adversarial)?;
+        Tensor::from_vec(be, &[n, 1], dp)?
     } else {
-        vec![0.0; n]
+        Tensor::zeros(be, &[n, 1])?
     };
-    let mut d_image = discriminator_backward(d, &df, &d_prob, &d_hidden, false)?;
-    for (a, b) in d_image
-        .iter_mut()
-        .zip(loss::mse_backward(&fake.image, batch.x, w.mse)?)
-    {
-        *a += b;
-    }
-    generator_backward(g, &fake, &d_image)?;
+    let d_image =
+        discriminator_backward(be, d, &ddev, &df, &fake.image, &d_prob, &d_hidden, false)?;
+    let d_mse = Tensor::from_vec(
+        be,
+        &batch.shape,
+        loss::mse_backward(&image, batch.x, w.mse)?,
+    )?;
+    let d_image = ops::add(be, &d_image, &d_mse)?;
+    generator_backward(be, g, &gdev, &fake, &z, &d_image)?;
     g.params.step(opt_g, lr)?;
+    gdev.refresh_trainable(be, g)?;
 
     // Discriminator step with the updated generator.
     d.params.zero_grads();
-    let fake = generator_forward(g, batch.z, n)?;
-    let pr = discriminator_forward(d, batch.x_real, batch.shape)?;
-    let pf = discriminator_forward(d, &fake.image, batch.shape)?;
+    let fake = generator_forward(be, g, &mut gdev, &z)?;
+    let pr = discriminator_forward(be, d, &mut ddev, &x_real)?;
+    let pf = discriminator_forward(be, d, &mut ddev, &fake.image)?;
+    let (prob_r, prob_f) = (pr.prob.to_vec()?, pf.prob.to_vec()?);
     let zeros = vec![0.0; n];
-    let loss_d = loss::bce(&pr.prob, &ones)? + loss::bce(&pf.prob, &zeros)?;
-    discriminator_backward(
-        d,
-        &pr,
-        &loss::bce_backward(&pr.prob, &ones, 1.0)?,
-        &[],
-        true,
-    )?;
-    discriminator_backward(
-        d,
-        &pf,
-        &loss::bce_backward(&pf.prob, &zeros, 1.0)?,
-        &[],
-        true,
-    )?;
+    let loss_d = loss::bce(&prob_r, &ones)? + loss::bce(&prob_f, &zeros)?;
+    let d_prob = Tensor::from_vec(be, &[n, 1], loss::bce_backward(&prob_r, &ones, 1.0)?)?;
+    discriminator_backward(be, d, &ddev, &pr, &x_real, &d_prob, &[], true)?;
+    let d_prob = Tensor::from_vec(be, &[n, 1], loss::bce_backward(&prob_f, &zeros, 1.0)?)?;
+    discriminator_backward(be, d, &ddev, &pf, &fake.image, &d_prob, &[], true)?;
     d.params.step(opt_d, lr)?;
+    gdev.download_running(g)?;
+    ddev.download_running(d)?;
     Ok(StepLosses { loss_g, loss_d })
 }

@@ -1,7 +1,7 @@
 //! `cellmorph cp2image train`: the CP2Image GAN trained from a feature
 //! table and the real crops it describes, one generator and one
 //! discriminator update per step ([`crate::train::cp2image`]) with Adam
-//! (lr 2e-4, betas 0.5, 0.999 by default).
+//! (lr 2e-4, betas 0.5, 0.999 by default), on any device.
 //!
 //! Rows are split by a seeded shuffle into training and validation cells;
 //! the standardization is fitted on the training rows and written beside
@@ -31,7 +31,7 @@ use crate::plot::{line_plot, PlotOptions, Series};
 use crate::rng::{counter_u64, fnv1a64};
 use crate::tensor::Tensor;
 use crate::train::checkpoint;
-use crate::train::cp2image::{train_step_weighted, Batch, LossWeights, NetState};
+use crate::train::cp2image::{train_step_weighted_on, Batch, LossWeights, NetState};
 use crate::train::{AdamConfig, Method, Optimizer};
 
 use super::features::{FeatureTable, Standardizer};
@@ -228,8 +228,11 @@ fn check_options(o: &TrainOptions) -> Result<()> {
 }
 
 /// Trains on `table` (raw features, one row per cell, ids = crop indices)
-/// and `crops`; see the module documentation.
+/// and `crops` on `be`'s device (f32; the steps of
+/// [`crate::train::cp2image`] and the held-out evaluation run there); see
+/// the module documentation.
 pub fn train(
+    be: &Backend,
     table: &FeatureTable,
     crops: &CropSet,
     resume: Option<&Path>,
@@ -391,7 +394,8 @@ pub fn train(
                 x.extend(cell(r)?);
                 x_real.extend(cell(train_rows[real[j]])?);
             }
-            let l = train_step_weighted(
+            let l = train_step_weighted_on(
+                be,
                 &mut g,
                 &mut d,
                 &mut og,
@@ -422,9 +426,8 @@ pub fn train(
 
         // Evaluation in inference mode on the held-out cells.
         let gw = generator_writer(&g, opts, &standardizer)?;
-        let be = Backend::cpu();
         let model = Generator::from_file(
-            &be,
+            be,
             &TensorFile::from_bytes(&paths.generator, gw.to_bytes()?)?,
         )?;
         let eval_rows = if val_rows.is_empty() {
@@ -440,7 +443,7 @@ pub fn train(
                 z.extend_from_slice(&z_all[r * p..(r + 1) * p]);
             }
             let out = model
-                .forward(&be, &Tensor::from_vec(&be, &[chunk.len(), p], z)?)?
+                .forward(be, &Tensor::from_vec(be, &[chunk.len(), p], z)?)?
                 .to_vec()?;
             for (k, &r) in chunk.iter().enumerate() {
                 let real = cell(r)?;
