@@ -426,7 +426,12 @@ fn generator_forward(
     z: &Tensor,
 ) -> Result<GenForward> {
     let (_, fc_shape) = g.get("fc.weight")?;
-    let (out_f, p) = (fc_shape[0], fc_shape[1]);
+    let [out_f, p] = fc_shape[..] else {
+        return Err(Error::shape(
+            OP,
+            format!("fc.weight has shape {fc_shape:?}, expected [out, p]"),
+        ));
+    };
     let n = z.shape().first().copied().unwrap_or(0);
     if z.shape() != [n, p] {
         return Err(Error::shape(
@@ -435,7 +440,12 @@ fn generator_forward(
         ));
     }
     let (_, w0) = g.get("blocks.0.conv.weight")?;
-    let c0 = w0[1];
+    let [_, c0, _, _] = w0[..] else {
+        return Err(Error::shape(
+            OP,
+            format!("blocks.0.conv.weight has shape {w0:?}, expected 4 dimensions"),
+        ));
+    };
     if c0 == 0 || out_f % (c0 * 16) != 0 || out_f != c0 * 16 {
         return Err(Error::shape(
             OP,
