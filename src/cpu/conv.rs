@@ -743,8 +743,8 @@ fn write_out(
 /// A GEMM `dw += A·B` per depth block of small-plane rows (about [`KC`]
 /// positions) of each image: A is `small` on those positions, B the big
 /// plane's taps there, gathered straight into the packed layout
-/// ([`pack_taps`]; no separate im2col). The rayon tasks own blocks of `dw`
-/// (groups of B strips, and of A strips when there are too few of those),
+/// ([`Taps::pack`]; no separate im2col). The rayon tasks own blocks of `dw`
+/// (groups of A strips × groups of B strips, split to pack the least),
 /// each accumulating its block in a compact buffer over every image and
 /// depth block in order, packing only its own A and B into small reused
 /// buffers that stay in cache. Every element therefore sums image by image
@@ -770,15 +770,21 @@ fn weight_grad(
         return;
     }
     let taps = Taps::new(win, big_c);
-    // Column groups of whole B strips; row groups of whole A strips only
-    // when the columns alone give too few tasks (their B is packed once per
-    // row group).
+    // Tasks: row groups (whole A strips) × column groups (whole B strips).
+    // A task packs its rows of A and its columns of B, so each A row is
+    // packed once per column group and each B column once per row group:
+    // of the splits giving about `target` tasks, the one packing least.
     let target = TASKS_PER_THREAD * rayon::current_num_threads();
     let (b_strips, a_strips) = (cols.div_ceil(NR), small_c.div_ceil(kernel.mr()));
-    let b_per = b_strips.div_ceil(b_strips.min(target));
-    let col_groups = b_strips.div_ceil(b_per);
-    let a_per = a_strips.div_ceil((target / col_groups).clamp(1, a_strips));
-    let row_groups = a_strips.div_ceil(a_per);
+    let (row_groups, col_groups) = (1..=a_strips.min(target))
+        .map(|r| (r, target.div_ceil(r).min(b_strips)))
+        .min_by_key(|&(r, c)| c * small_c + r * cols)
+        .unwrap_or((1, 1));
+    let (a_per, b_per) = (
+        a_strips.div_ceil(row_groups),
+        b_strips.div_ceil(col_groups),
+    );
+    let (row_groups, col_groups) = (a_strips.div_ceil(a_per), b_strips.div_ceil(b_per));
     let block_rows = (KC / win.small_w).clamp(1, win.small_h);
     let blocks: Vec<(Range<usize>, Range<usize>, Vec<f32>)> = (0..row_groups * col_groups)
         .into_par_iter()
