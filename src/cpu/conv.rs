@@ -780,10 +780,7 @@ fn weight_grad(
         .map(|r| (r, target.div_ceil(r).min(b_strips)))
         .min_by_key(|&(r, c)| c * small_c + r * cols)
         .unwrap_or((1, 1));
-    let (a_per, b_per) = (
-        a_strips.div_ceil(row_groups),
-        b_strips.div_ceil(col_groups),
-    );
+    let (a_per, b_per) = (a_strips.div_ceil(row_groups), b_strips.div_ceil(col_groups));
     let (row_groups, col_groups) = (a_strips.div_ceil(a_per), b_strips.div_ceil(b_per));
     let block_rows = (KC / win.small_w).clamp(1, win.small_h);
     let blocks: Vec<(Range<usize>, Range<usize>, Vec<f32>)> = (0..row_groups * col_groups)
