@@ -40,7 +40,8 @@
 //! check both on every path the CPU runs.
 
 use super::gemm::{
-    self, gemm, gemm_rows, pack_a, packed_a_len, packed_len, Kernel, Scattered, KC, NR,
+    self, gemm, gemm_rows, interleave, pack_a, packed_a_len, packed_len, scratch, Kernel,
+    Scattered, KC, NR,
 };
 use super::{check_len, chunk, numel};
 use crate::error::{Error, Result};
@@ -438,12 +439,32 @@ impl<'b> GemmConv<'b> {
             .filter_map(|p| p.rows.reads(&p.rows.positions(&rows)))
             .reduce(union)
             .unwrap_or(0..0);
-        let window = self.window(x, &imgs, &win_rows);
-        let (wc, plane) = (span(&self.cols), span(&win_rows) * span(&self.cols));
+        let wc = span(&self.cols);
+        // When the windows span exactly the input's columns and the rows lie
+        // inside it (no padding read: 1×1 convs, say), the input itself is
+        // the window, its planes `in_h·in_w` apart: gathered in place, with
+        // no copy.
+        let direct = self.cols == (0..self.in_w as isize)
+            && win_rows.start >= 0
+            && win_rows.end <= self.in_h as isize;
+        let mut copied = None;
+        let (window, plane): (&[f32], usize) = if direct {
+            let start = imgs.start * self.c_in * self.in_h * self.in_w
+                + win_rows.start as usize * self.in_w;
+            (x.get(start..).unwrap_or(&[]), self.in_h * self.in_w)
+        } else {
+            let w = copied.insert(self.window(x, &imgs, &win_rows));
+            (&w[..], span(&win_rows) * wc)
+        };
         // Reused per tile: window offsets and output slots of its positions, its
-        // patches (GEMM B) and its outputs (GEMM C).
+        // patches (GEMM B) and its outputs (GEMM C), the latter two from the
+        // thread's scratch buffers (every element read is written first).
         let (mut pix, mut outs) = (Vec::new(), Vec::new());
-        let (mut patches, mut out_tile) = (Vec::new(), Vec::new());
+        let tiles = self.phases.iter().map(|p| (tile_len(p.k), p.k));
+        let max_patches = tiles.clone().map(|(t, k)| packed_len(t, NR, k)).max();
+        let max_tile = tiles.map(|(t, _)| t).max().unwrap_or(0);
+        let mut patches = scratch::take(max_patches.unwrap_or(0));
+        let mut out_tile = scratch::take(self.c_out * max_tile);
         for p in &self.phases {
             let g_rows = p.rows.positions(&rows);
             let (na, nb) = (g_rows.len(), p.cols.len);
@@ -465,17 +486,8 @@ impl<'b> GemmConv<'b> {
                         .map(move |&dx| (dy - min_r) as usize * wc + (dx - min_c) as usize)
                 })
                 .collect();
-            patches.resize(packed_len(tile, NR, p.k), 0.0);
             let gather_tile = |pix: &[usize], b_tile: &mut [f32]| {
-                gather(
-                    &window,
-                    plane,
-                    self.c_in,
-                    &taps,
-                    pix,
-                    p.cols.in_step,
-                    b_tile,
-                )
+                gather(window, plane, self.c_in, &taps, pix, p.cols.in_step, b_tile)
             };
             // Pixel offset in the window of a position's first tap.
             let first_tap = |img: usize, gy: usize, gx: usize| {
@@ -519,7 +531,7 @@ impl<'b> GemmConv<'b> {
                 }
                 continue;
             }
-            out_tile.resize(self.c_out * tile, 0.0);
+            let c_tile = &mut out_tile[..self.c_out * tile];
             for q0 in (0..count).step_by(tile) {
                 let len = tile.min(count - q0);
                 pix.clear();
@@ -535,7 +547,7 @@ impl<'b> GemmConv<'b> {
                 }
                 let b_tile = &mut patches[..packed_len(len, NR, p.k)];
                 gather_tile(&pix, b_tile);
-                for (co, c_row) in out_tile.chunks_exact_mut(tile).enumerate() {
+                for (co, c_row) in c_tile.chunks_exact_mut(tile).enumerate() {
                     c_row[..len].fill(self.bias.map_or(0.0, |b| b[co]));
                 }
                 gemm(
@@ -545,25 +557,31 @@ impl<'b> GemmConv<'b> {
                     p.k,
                     &p.a,
                     b_tile,
-                    &mut out_tile,
+                    c_tile,
                     tile,
                 );
-                write_out(&out_tile, tile, &outs, p.cols.out_step, &mut pieces);
+                write_out(c_tile, tile, &outs, p.cols.out_step, &mut pieces);
             }
         }
+        [Some(patches), Some(out_tile), copied]
+            .into_iter()
+            .flatten()
+            .for_each(scratch::give);
     }
 
     /// Input rows `rows` and columns `self.cols` of images `imgs`, zero
     /// outside the input: `[imgs, c_in, rows, cols]`.
     fn window(&self, x: &[f32], imgs: &Range<usize>, rows: &Range<isize>) -> Vec<f32> {
         let (wr, wc) = (span(rows), span(&self.cols));
-        let mut win = vec![0.0; imgs.len() * self.c_in * wr * wc];
+        // A scratch buffer: every element is written below (zero outside the input).
+        let mut win = scratch::take(imgs.len() * self.c_in * wr * wc);
         // The input columns inside the window.
         let (x0, x1) = (
             self.cols.start.max(0),
             self.cols.end.min(self.in_w as isize),
         );
         if win.is_empty() || x1 <= x0 || self.in_h == 0 {
+            win.fill(0.0);
             return win;
         }
         let (src, dst, len) = (
@@ -580,7 +598,11 @@ impl<'b> GemmConv<'b> {
             for (r, w_row) in rows.clone().zip(w_plane.chunks_exact_mut(wc)) {
                 if (0..self.in_h as isize).contains(&r) {
                     let x_row = &x_plane[r as usize * self.in_w..][..self.in_w];
+                    w_row[..dst].fill(0.0);
                     copy_short(&mut w_row[dst..][..len], &x_row[src..][..len]);
+                    w_row[dst + len..].fill(0.0);
+                } else {
+                    w_row.fill(0.0);
                 }
             }
         }
@@ -712,15 +734,24 @@ fn write_out(
     }
 }
 
-/// The weight gradient shared by conv2d and conv_transpose2d, as one GEMM
-/// per image: `dw[sc, (bc, ky, kx)] += Σ_p small[n, sc, p] ·
-/// big[n, bc, tap(p, ky, kx)]` (zero where the tap falls in the padding),
-/// with `small` the small plane's tensor `[n, small_c, P]` and `big` the
-/// big plane's `[n, big_c, ·]`. The big side is gathered straight into
-/// GEMM's packed B (no separate im2col), the small side packed as A per
-/// task of output rows. Each element sums image by image and, within an
-/// image, in increasing small-plane position, whatever the thread count,
-/// so the result is deterministic. Overwrites `dw` `[small_c, big_c, kh, kw]`.
+/// The weight gradient shared by conv2d and conv_transpose2d: `dw[sc,
+/// (bc, ky, kx)] = Σ_{n, p} small[n, sc, p] · big[n, bc, tap(p, ky, kx)]`
+/// (zero where the tap falls in the padding), with `small` the small
+/// plane's tensor `[n, small_c, P]` and `big` the big plane's
+/// `[n, big_c, ·]`; overwrites `dw` `[small_c, big_c, kh, kw]`.
+///
+/// A GEMM `dw += A·B` per depth block of small-plane rows (about [`KC`]
+/// positions) of each image: A is `small` on those positions, B the big
+/// plane's taps there, gathered straight into the packed layout
+/// ([`Taps::pack`]; no separate im2col). The rayon tasks own blocks of `dw`
+/// (groups of A strips × groups of B strips, split to pack the least),
+/// each accumulating its block in a compact buffer over every image and
+/// depth block in order, packing only its own A and B into small reused
+/// buffers that stay in cache. Every element therefore sums image by image
+/// and, within an image, in increasing small-plane position, from zero,
+/// whatever the thread count or the split (C stays f32 between GEMM calls,
+/// so splitting the depth changes no bit): deterministic, and bit for bit
+/// `reference::weight_grad_planes` on the exact GEMM path.
 #[allow(clippy::too_many_arguments)]
 fn weight_grad(
     kernel: Kernel,
@@ -738,48 +769,140 @@ fn weight_grad(
     if p_len == 0 || cols == 0 || small_c == 0 {
         return;
     }
-    // Valid small rows/columns per tap, computed once.
-    let rows: Vec<Range<usize>> = (0..win.kh).map(|ky| win.rows(ky)).collect();
-    let colr: Vec<Range<usize>> = (0..win.kw).map(|kx| win.cols(kx)).collect();
-    let mut b_packed = vec![0.0f32; packed_len(cols, NR, p_len)];
-    let rows_per_task = small_c
-        .div_ceil(TASKS_PER_THREAD * rayon::current_num_threads())
-        .next_multiple_of(kernel.mr());
-    for n in 0..n_img {
-        let big_n = &big[n * big_c * big_plane..][..big_c * big_plane];
-        // Pack B: strip s holds columns s·NR … s·NR + NR − 1, k-major.
-        b_packed
-            .par_chunks_mut(p_len * NR)
-            .enumerate()
-            .for_each(|(strip, out)| {
-                out.fill(0.0);
-                for l in 0..NR {
-                    let col = strip * NR + l;
-                    if col >= cols {
-                        break;
+    let taps = Taps::new(win, big_c);
+    // Tasks: row groups (whole A strips) × column groups (whole B strips).
+    // A task packs its rows of A and its columns of B, so each A row is
+    // packed once per column group and each B column once per row group:
+    // of the splits giving about `target` tasks, the one packing least.
+    let target = TASKS_PER_THREAD * rayon::current_num_threads();
+    let (b_strips, a_strips) = (cols.div_ceil(NR), small_c.div_ceil(kernel.mr()));
+    let (row_groups, col_groups) = (1..=a_strips.min(target))
+        .map(|r| (r, target.div_ceil(r).min(b_strips)))
+        .min_by_key(|&(r, c)| c * small_c + r * cols)
+        .unwrap_or((1, 1));
+    let (a_per, b_per) = (a_strips.div_ceil(row_groups), b_strips.div_ceil(col_groups));
+    let (row_groups, col_groups) = (a_strips.div_ceil(a_per), b_strips.div_ceil(b_per));
+    let block_rows = (KC / win.small_w).clamp(1, win.small_h);
+    let blocks: Vec<(Range<usize>, Range<usize>, Vec<f32>)> = (0..row_groups * col_groups)
+        .into_par_iter()
+        .map(|t| {
+            let (rg, cg) = (t / col_groups, t % col_groups);
+            let r = rg * a_per * kernel.mr()..((rg + 1) * a_per * kernel.mr()).min(small_c);
+            let c = cg * b_per * NR..((cg + 1) * b_per * NR).min(cols);
+            let (m, w) = (r.len(), c.len());
+            let mut acc = vec![0.0; m * w];
+            let max_depth = block_rows * win.small_w;
+            let mut a_buf = scratch::take(packed_a_len(kernel, m, max_depth));
+            let mut b_buf = scratch::take(packed_len(w, NR, max_depth));
+            let mut lanes = scratch::take(NR * win.small_w);
+            for n in 0..n_img {
+                let small_n = &small[(n * small_c + r.start) * p_len..][..m * p_len];
+                let big_n = &big[n * big_c * big_plane..][..big_c * big_plane];
+                for i0 in (0..win.small_h).step_by(block_rows) {
+                    let i_rows = i0..(i0 + block_rows).min(win.small_h);
+                    let (p0, depth) = (i0 * win.small_w, i_rows.len() * win.small_w);
+                    let a = &mut a_buf[..packed_a_len(kernel, m, depth)];
+                    pack_a(kernel, m, depth, &small_n[p0..], p_len, a);
+                    let b = &mut b_buf[..packed_len(w, NR, depth)];
+                    taps.pack(big_n, c.clone(), i_rows, &mut lanes, b);
+                    gemm(kernel, m, w, depth, a, b, &mut acc, w);
+                }
+            }
+            [a_buf, b_buf, lanes].into_iter().for_each(scratch::give);
+            (r, c, acc)
+        })
+        .collect();
+    for (r, c, acc) in blocks {
+        for (i, row) in r.zip(acc.chunks_exact(c.len())) {
+            dw[i * cols..][c.clone()].copy_from_slice(row);
+        }
+    }
+}
+
+/// How `weight_grad` gathers the big plane's taps: column `(bc, ky, kx)` of
+/// B at small position `(i, j)` is `big[bc, i·s + ky − p, j·s + kx − p]`.
+struct Taps<'w> {
+    win: &'w Window,
+    /// Small rows / columns whose tap lies inside the big plane, per ky / kx.
+    rows: Vec<Range<usize>>,
+    cols: Vec<Range<usize>>,
+    big_c: usize,
+}
+
+impl<'w> Taps<'w> {
+    fn new(win: &'w Window, big_c: usize) -> Self {
+        // `valid_range` may start past the plane when the padding exceeds it.
+        let clamp = |r: Range<usize>, len: usize| r.start.min(len)..r.end.min(len);
+        Taps {
+            win,
+            rows: (0..win.kh)
+                .map(|ky| clamp(win.rows(ky), win.small_h))
+                .collect(),
+            cols: (0..win.kw)
+                .map(|kx| clamp(win.cols(kx), win.small_w))
+                .collect(),
+            big_c,
+        }
+    }
+
+    /// Packs columns `cols` of B on the small rows `i_rows` of one image
+    /// (`big_n` `[big_c, big plane]`) into `out`: strip `s` (columns
+    /// `cols.start + s·NR …`, zero past `cols.end`) holds position `q` of the
+    /// rows, lane `l` at `q·NR + l`. Each small row is first gathered lane
+    /// by lane into `lanes` (`NR` rows of `small_w`, contiguous runs) and
+    /// then interleaved, so that every element of `out` is written once, by
+    /// whole `NR`-float rows.
+    fn pack(
+        &self,
+        big_n: &[f32],
+        cols: Range<usize>,
+        i_rows: Range<usize>,
+        lanes: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let win = self.win;
+        let (sw, k_len, big_plane) = (win.small_w, win.kernel_len(), win.big_len());
+        let depth = i_rows.len() * sw;
+        if depth == 0 {
+            return;
+        }
+        debug_assert!(cols.end <= self.big_c * k_len);
+        let lanes = &mut lanes[..NR * sw];
+        for (s, strip) in out.chunks_exact_mut(depth * NR).enumerate() {
+            let col0 = cols.start + s * NR;
+            for (q_row, i) in i_rows.clone().enumerate() {
+                for (l, dst) in lanes.chunks_exact_mut(sw).enumerate() {
+                    let col = col0 + l;
+                    if col >= cols.end {
+                        dst.fill(0.0);
+                        continue;
                     }
                     let (bc, tap) = (col / k_len, col % k_len);
                     let (ky, kx) = (tap / win.kw, tap % win.kw);
-                    let plane = &big_n[bc * big_plane..][..big_plane];
-                    for i in rows[ky].clone() {
-                        let by = i * win.stride_h + ky - win.pad_h;
-                        for j in colr[kx].clone() {
-                            let bx = j * win.stride_w + kx - win.pad_w;
-                            out[(i * win.small_w + j) * NR + l] = plane[by * win.big_w + bx];
+                    let js = self.cols[kx].clone();
+                    if !self.rows[ky].contains(&i) || js.is_empty() {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let by = i * win.stride_h + ky - win.pad_h;
+                    let row = &big_n[bc * big_plane + by * win.big_w..][..win.big_w];
+                    let bx0 = js.start * win.stride_w + kx - win.pad_w;
+                    dst[..js.start].fill(0.0);
+                    dst[js.end..].fill(0.0);
+                    let d = &mut dst[js];
+                    if win.stride_w == 1 {
+                        d.copy_from_slice(&row[bx0..][..d.len()]);
+                    } else {
+                        let src = &row[bx0..=bx0 + (d.len() - 1) * win.stride_w];
+                        for (t, d) in d.iter_mut().enumerate() {
+                            *d = src[t * win.stride_w];
                         }
                     }
                 }
-            });
-        let small_n = &small[n * small_c * p_len..][..small_c * p_len];
-        dw.par_chunks_mut(rows_per_task * cols)
-            .enumerate()
-            .for_each(|(t, c_rows)| {
-                let m = c_rows.len() / cols;
-                let a_rows = &small_n[t * rows_per_task * p_len..][..m * p_len];
-                let mut a_packed = vec![0.0; packed_a_len(kernel, m, p_len)];
-                pack_a(kernel, m, p_len, a_rows, p_len, &mut a_packed);
-                gemm(kernel, m, cols, p_len, &a_packed, &b_packed, c_rows, cols);
-            });
+                let rows: [&[f32]; NR] = std::array::from_fn(|l| &lanes[l * sw..][..sw]);
+                interleave(&rows, sw, NR, &mut strip[q_row * sw * NR..][..sw * NR]);
+            }
+        }
     }
 }
 
@@ -1186,9 +1309,13 @@ pub mod reference {
     /// plane is `dy` and the big one `x`; for the transposed conv, `x` and
     /// `dy`. The GEMM path sums the same products in the same order (the
     /// unit tests check it bit for bit on the exact GEMM path; test builds
-    /// only, as it takes the module's private window type).
+    /// only, as it takes the module's private window type). With `fused`,
+    /// each step is one `mul_add` instead: what an FMA GEMM path computes,
+    /// bit for bit (a tap in the padding adds an exact zero there).
     #[cfg(test)]
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn weight_grad_planes(
+        fused: bool,
         win: &Window,
         n_img: usize,
         small_c: usize,
@@ -1212,7 +1339,9 @@ pub mod reference {
                             let by = i * win.stride_h + ky - win.pad_h;
                             for j in win.cols(kx) {
                                 let bx = j * win.stride_w + kx - win.pad_w;
-                                *d += s_plane[i * win.small_w + j] * b_plane[by * win.big_w + bx];
+                                let (s, b) =
+                                    (s_plane[i * win.small_w + j], b_plane[by * win.big_w + bx]);
+                                *d = if fused { s.mul_add(b, *d) } else { *d + s * b };
                             }
                         }
                     }
@@ -1307,8 +1436,10 @@ mod tests {
         reference::scatter_planes(&win, g.c_out, g.c_in, &dy, &w, None, &mut want_dx);
         reference::scatter_planes(&win, g.c_out, g.c_in, &ady, &aw, None, &mut mag_dx);
         let (mut want_dw, mut mag_dw) = (vec![f32::NAN; w.len()], vec![f32::NAN; w.len()]);
-        reference::weight_grad_planes(&win, g.n, g.c_out, g.c_in, &dy, &x, &mut want_dw);
-        reference::weight_grad_planes(&win, g.n, g.c_out, g.c_in, &ady, &ax, &mut mag_dw);
+        reference::weight_grad_planes(false, &win, g.n, g.c_out, g.c_in, &dy, &x, &mut want_dw);
+        reference::weight_grad_planes(false, &win, g.n, g.c_out, g.c_in, &ady, &ax, &mut mag_dw);
+        let mut fused_dw = vec![f32::NAN; w.len()];
+        reference::weight_grad_planes(true, &win, g.n, g.c_out, g.c_in, &dy, &x, &mut fused_dw);
 
         for kernel in Kernel::all() {
             let mut got = vec![f32::NAN; dy.len()];
@@ -1343,6 +1474,23 @@ mod tests {
                 &want_dw,
                 &mag_dw,
             );
+            assert_fused(&format!("{what}: conv2d dw"), kernel, &dw, &fused_dw);
+        }
+    }
+
+    /// On an FMA path the weight gradient is exactly the fused loop nest
+    /// (`reference::weight_grad_planes` with `fused`): each element's
+    /// chain of fused multiply-adds in the same order, whatever the tasks,
+    /// depth blocks and packing.
+    fn assert_fused(what: &str, kernel: Kernel, got: &[f32], fused: &[f32]) {
+        if kernel.path() == gemm::Path::Exact {
+            return;
+        }
+        for (i, (&g, &f)) in got.iter().zip(fused).enumerate() {
+            assert!(
+                g.to_bits() == f.to_bits(),
+                "{what}, {kernel:?}: output {i} is {g}, the fused loop nest gives {f}"
+            );
         }
     }
 
@@ -1364,8 +1512,10 @@ mod tests {
         reference::correlate_planes(&win, g.c_out, g.c_in, &dy, &w, None, &mut want_dx);
         reference::correlate_planes(&win, g.c_out, g.c_in, &ady, &aw, None, &mut mag_dx);
         let (mut want_dw, mut mag_dw) = (vec![f32::NAN; w.len()], vec![f32::NAN; w.len()]);
-        reference::weight_grad_planes(&win, g.n, g.c_in, g.c_out, &x, &dy, &mut want_dw);
-        reference::weight_grad_planes(&win, g.n, g.c_in, g.c_out, &ax, &ady, &mut mag_dw);
+        reference::weight_grad_planes(false, &win, g.n, g.c_in, g.c_out, &x, &dy, &mut want_dw);
+        reference::weight_grad_planes(false, &win, g.n, g.c_in, g.c_out, &ax, &ady, &mut mag_dw);
+        let mut fused_dw = vec![f32::NAN; w.len()];
+        reference::weight_grad_planes(true, &win, g.n, g.c_in, g.c_out, &x, &dy, &mut fused_dw);
 
         for kernel in Kernel::all() {
             let mut got = vec![f32::NAN; dy.len()];
@@ -1382,6 +1532,7 @@ mod tests {
             let dw_terms = g.n * g.h * g.w;
             let at = format!("{what}: conv_transpose2d dw");
             assert_close(&at, kernel, dw_terms, &dw, &want_dw, &mag_dw);
+            assert_fused(&at, kernel, &dw, &fused_dw);
         }
     }
 
@@ -1423,10 +1574,11 @@ mod tests {
     /// Shapes past the blocking edges: several tiles per task, GEMM depth
     /// beyond one cache block (a compact C tile) and within one (C computed
     /// in the output), images grouped into tasks (small planes) and split
-    /// into row blocks (a large plane), 1×1 convs, no input channels.
+    /// into row blocks (a large plane), 1×1 convs, no input channels, convs
+    /// reading no padding (their input gathered in place).
     #[test]
     fn gemm_path_equals_the_loop_nest_past_the_block_edges() {
-        let convs: [([usize; 4], [usize; 4], usize, usize); 8] = [
+        let convs: [([usize; 4], [usize; 4], usize, usize); 10] = [
             ([3, 40, 21, 23], [13, 40, 3, 3], 1, 1),
             // Depth ≤ KC, computed in place: images grouped into tasks, strips
             // spanning several 5-wide rows, whole MR×NR blocks.
@@ -1437,6 +1589,10 @@ mod tests {
             ([2, 33, 17, 19], [7, 33, 1, 1], 1, 0),
             ([1, 3, 70, 70], [5, 3, 7, 7], 2, 3),
             ([2, 0, 5, 6], [3, 0, 3, 3], 1, 1),
+            // No padding read: gathered from the input in place, images in row
+            // blocks (1×1, and a 3×3 "valid" conv).
+            ([1, 5, 70, 66], [6, 5, 1, 1], 1, 0),
+            ([2, 4, 50, 61], [5, 4, 3, 3], 1, 0),
         ];
         for (seed, &(xs, ws, s, p)) in convs.iter().enumerate() {
             let mut rng = Rng(1000 + seed as u64);

@@ -216,18 +216,104 @@ pub(super) fn pack_a(kernel: Kernel, m: usize, k: usize, src: &[f32], ld: usize,
     if k == 0 {
         return;
     }
+    let mut rows: Vec<&[f32]> = Vec::with_capacity(mr);
     for (s, strip) in out.chunks_exact_mut(k * mr).enumerate() {
-        for r in 0..mr {
-            let i = s * mr + r;
-            if i < m {
-                let row = &src[i * ld..][..k];
-                for (d, &v) in strip[r..].iter_mut().step_by(mr).zip(row) {
-                    *d = v;
+        rows.clear();
+        rows.extend((s * mr..m.min(s * mr + mr)).map(|i| &src[i * ld..][..k]));
+        interleave(&rows, k, mr, strip);
+    }
+}
+
+/// `out[j·width + l] = rows[l][j]` for `j < k`, `l < width`, zero for
+/// `l ≥ rows.len()`: up to `width` rows of `k` interleaved into `k` rows of
+/// `width` (a packed strip), written row by row, each source row read as
+/// runs of eight. `out` holds `k·width` floats.
+pub(super) fn interleave(rows: &[&[f32]], k: usize, width: usize, out: &mut [f32]) {
+    match width {
+        4 => interleave_n::<4>(rows, k, out),
+        6 => interleave_n::<6>(rows, k, out),
+        16 => interleave_n::<16>(rows, k, out),
+        _ => {
+            for (j, o) in out[..k * width].chunks_exact_mut(width).enumerate() {
+                for (l, o) in o.iter_mut().enumerate() {
+                    *o = rows.get(l).map_or(0.0, |r| r[j]);
                 }
-            } else {
-                strip[r..].iter_mut().step_by(mr).for_each(|d| *d = 0.0);
             }
         }
+    }
+}
+
+/// [`interleave`] for `width` `W`.
+fn interleave_n<const W: usize>(rows: &[&[f32]], k: usize, out: &mut [f32]) {
+    const ZEROS: [f32; 8] = [0.0; 8];
+    assert!(rows.len() <= W && rows.iter().all(|r| r.len() >= k));
+    let out = &mut out[..k * W];
+    let whole = k / 8 * 8;
+    for j0 in (0..whole).step_by(8) {
+        let block: [[f32; 8]; W] = std::array::from_fn(|l| match rows.get(l) {
+            Some(r) => {
+                let mut v = ZEROS;
+                v.copy_from_slice(&r[j0..j0 + 8]);
+                v
+            }
+            None => ZEROS,
+        });
+        for (jj, o) in out[j0 * W..][..8 * W].chunks_exact_mut(W).enumerate() {
+            for (o, b) in o.iter_mut().zip(&block) {
+                *o = b[jj];
+            }
+        }
+    }
+    for (j, o) in out[whole * W..].chunks_exact_mut(W).enumerate() {
+        for (l, o) in o.iter_mut().enumerate() {
+            *o = rows.get(l).map_or(0.0, |r| r[whole + j]);
+        }
+    }
+}
+
+/// Scratch buffers of `f32`, kept per thread between calls so that the
+/// per-call buffers of the ops (packed operands, gathered windows, partial
+/// results) do not cost fresh zeroed pages every time.
+pub(super) mod scratch {
+    use std::cell::RefCell;
+
+    /// Most buffers a thread keeps.
+    const KEEP: usize = 8;
+
+    thread_local! {
+        static POOL: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A buffer of `len` floats from this thread's pool (or new). Its
+    /// contents are left over from earlier use: the caller writes every
+    /// element it reads.
+    pub(in crate::cpu) fn take(len: usize) -> Vec<f32> {
+        let mut v = POOL
+            .with(|p| {
+                let mut p = p.borrow_mut();
+                // The smallest kept buffer that is large enough, else the largest.
+                let i = (0..p.len())
+                    .filter(|&i| p[i].capacity() >= len)
+                    .min_by_key(|&i| p[i].capacity())
+                    .or_else(|| (0..p.len()).max_by_key(|&i| p[i].capacity()));
+                i.map(|i| p.swap_remove(i))
+            })
+            .unwrap_or_default();
+        v.resize(len, 0.0);
+        v
+    }
+
+    /// Returns `v` to this thread's pool (dropping the smallest when full).
+    pub(in crate::cpu) fn give(v: Vec<f32>) {
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            p.push(v);
+            if p.len() > KEEP {
+                if let Some(i) = (0..p.len()).min_by_key(|&i| p[i].capacity()) {
+                    p.swap_remove(i);
+                }
+            }
+        });
     }
 }
 
@@ -238,17 +324,50 @@ pub(super) fn pack_b_transposed(n: usize, k: usize, src: &[f32], ld: usize, out:
     if k == 0 {
         return;
     }
+    let mut cols: Vec<&[f32]> = Vec::with_capacity(NR);
     for (s, strip) in out.chunks_exact_mut(k * NR).enumerate() {
-        for l in 0..NR {
-            let j = s * NR + l;
-            if j < n {
-                let col = &src[j * ld..][..k];
-                for (d, &v) in strip[l..].iter_mut().step_by(NR).zip(col) {
-                    *d = v;
-                }
-            } else {
-                strip[l..].iter_mut().step_by(NR).for_each(|d| *d = 0.0);
-            }
+        cols.clear();
+        cols.extend((s * NR..n.min(s * NR + NR)).map(|j| &src[j * ld..][..k]));
+        interleave(&cols, k, NR, strip);
+    }
+}
+
+/// Packs the row-major `k × n` matrix `src` (row stride `ld`) as B into
+/// `out` (length [`packed_len`]`(n, NR, k)`): each k-step of a strip is a
+/// run of `src`'s row.
+pub(super) fn pack_b(k: usize, n: usize, src: &[f32], ld: usize, out: &mut [f32]) {
+    if k == 0 {
+        return;
+    }
+    for (s, strip) in out.chunks_exact_mut(k * NR).enumerate() {
+        let (j0, cols) = (s * NR, NR.min(n - s * NR));
+        for (kk, dst) in strip.chunks_exact_mut(NR).enumerate() {
+            dst[..cols].copy_from_slice(&src[kk * ld + j0..][..cols]);
+            dst[cols..].fill(0.0);
+        }
+    }
+}
+
+/// Packs A (`m × k`) given by its transpose, the row-major `k × m` matrix
+/// `src` (row stride `ld`: row i of A is column i of `src`), for `kernel`
+/// into `out` (length [`packed_a_len`]`(kernel, m, k)`).
+pub(super) fn pack_a_transposed(
+    kernel: Kernel,
+    m: usize,
+    k: usize,
+    src: &[f32],
+    ld: usize,
+    out: &mut [f32],
+) {
+    let mr = kernel.mr();
+    if k == 0 {
+        return;
+    }
+    for (s, strip) in out.chunks_exact_mut(k * mr).enumerate() {
+        let (i0, rows) = (s * mr, mr.min(m - s * mr));
+        for (kk, dst) in strip.chunks_exact_mut(mr).enumerate() {
+            dst[..rows].copy_from_slice(&src[kk * ld + i0..][..rows]);
+            dst[rows..].fill(0.0);
         }
     }
 }
@@ -793,6 +912,77 @@ mod tests {
                         .zip(&whole[i * n..][..n])
                         .all(|(x, y)| x.to_bits() == y.to_bits()),
                     "{kernel:?}: scattered row {i} differs from the strided C"
+                );
+            }
+        }
+    }
+
+    /// `pack_b` and `pack_a_transposed` give the same packed operands as
+    /// `pack_b_transposed` and `pack_a` on the transposed matrices (odd
+    /// sizes, padded strips, a row stride past the width); stale values in
+    /// the output buffers are overwritten.
+    #[test]
+    fn row_major_b_and_transposed_a_pack_alike() {
+        let transpose = |rows: usize, cols: usize, src: &[f32], ld: usize| -> Vec<f32> {
+            (0..cols)
+                .flat_map(|j| (0..rows).map(move |i| src[i * ld + j]))
+                .collect()
+        };
+        for kernel in Kernel::all() {
+            for (rows, cols) in [(1, 1), (3, 17), (KC + 5, 2 * NR + 3), (40, kernel.mr() + 1)] {
+                let ld = cols + 2;
+                let src = data((rows * 31 + cols) as u64, rows * ld);
+                let t = transpose(rows, cols, &src, ld);
+                // B = src (rows × cols): k = rows, n = cols.
+                let (mut got, mut want) = (vec![f32::NAN; packed_len(cols, NR, rows)], vec![]);
+                want.resize(got.len(), f32::NAN);
+                pack_b(rows, cols, &src, ld, &mut got);
+                pack_b_transposed(cols, rows, &t, rows, &mut want);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "pack_b {rows}×{cols}");
+                // A = srcᵀ (cols × rows): m = cols, k = rows.
+                let len = packed_a_len(kernel, cols, rows);
+                let (mut got, mut want) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+                pack_a_transposed(kernel, cols, rows, &src, ld, &mut got);
+                pack_a(kernel, cols, rows, &t, rows, &mut want);
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "{kernel:?}: pack_a_transposed {rows}×{cols}"
+                );
+            }
+        }
+    }
+
+    /// Splitting the depth into consecutive GEMM calls (C kept in between)
+    /// changes no bit on any path: C is f32 between the calls as between
+    /// the cache blocks of one call.
+    #[test]
+    fn splitting_the_depth_changes_no_bit() {
+        let (m, n, k) = (21, 35, 2 * KC + 19);
+        for kernel in Kernel::all() {
+            let [a_rm, b_t, a, b] = packed(kernel, m, n, k, 11);
+            let c0 = data(12, m * n);
+            let mut whole = c0.clone();
+            gemm(kernel, m, n, k, &a, &b, &mut whole, n);
+            for cut in [1, 7, KC, KC + 1] {
+                let mut split = c0.clone();
+                for (k0, k1) in [(0, cut), (cut, k)] {
+                    let d = k1 - k0;
+                    let (mut a_p, mut b_p) = (
+                        vec![0.0; packed_a_len(kernel, m, d)],
+                        vec![0.0; packed_len(n, NR, d)],
+                    );
+                    pack_a(kernel, m, d, &a_rm[k0..], k, &mut a_p);
+                    pack_b_transposed(n, d, &b_t[k0..], k, &mut b_p);
+                    gemm(kernel, m, n, d, &a_p, &b_p, &mut split, n);
+                }
+                assert!(
+                    whole
+                        .iter()
+                        .zip(&split)
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{kernel:?}: depth cut at {cut} changed the result"
                 );
             }
         }

@@ -27,6 +27,7 @@
 //! | conv2d | [`conv::conv2d_forward`] | [`conv::reference::conv2d`] |
 //! | conv_transpose2d | [`conv::conv_transpose2d_forward`] | [`conv::reference::conv_transpose2d`] |
 //! | linear | [`linear::linear_forward`] | [`linear::reference::linear`] |
+//! | linear backward | [`linear::linear_backward`] | [`linear::reference::linear_backward`] |
 //!
 //! The other functions have no separate loop nest: each is the specification
 //! as written. (The VQ lookup blocks codes and vectors for speed, but every

@@ -186,28 +186,37 @@ pub fn batchnorm_train_forward(
         ));
     }
     let momentum = momentum as f64;
-    for ch in 0..c {
-        let planes = || (0..n).map(|ni| &x[(ni * c + ch) * hw..][..hw]);
-        let sum: f64 = planes().flatten().map(|&v| v as f64).sum();
-        let mean = sum / m as f64;
-        let sq: f64 = planes()
-            .flatten()
-            .map(|&v| {
-                let d = v as f64 - mean;
-                d * d
-            })
-            .sum();
-        let var = sq / m as f64;
-        let inv_std = 1.0 / (var + eps as f64).sqrt();
-        save_mean[ch] = mean as f32;
-        save_inv_std[ch] = inv_std as f32;
-        running_mean[ch] = ((1.0 - momentum) * running_mean[ch] as f64 + momentum * mean) as f32;
-        if m > 1 {
-            let unbiased = sq / (m - 1) as f64;
-            running_var[ch] =
-                ((1.0 - momentum) * running_var[ch] as f64 + momentum * unbiased) as f32;
-        }
-    }
+    // One task per channel: each channel's sums stay sequential, so the
+    // bits do not depend on the split.
+    save_mean
+        .par_iter_mut()
+        .zip(save_inv_std.par_iter_mut())
+        .zip(running_mean.par_iter_mut().zip(running_var.par_iter_mut()))
+        .enumerate()
+        .for_each(
+            |(ch, ((save_mean, save_inv_std), (running_mean, running_var)))| {
+                let planes = || (0..n).map(|ni| &x[(ni * c + ch) * hw..][..hw]);
+                let sum: f64 = planes().flatten().map(|&v| v as f64).sum();
+                let mean = sum / m as f64;
+                let sq: f64 = planes()
+                    .flatten()
+                    .map(|&v| {
+                        let d = v as f64 - mean;
+                        d * d
+                    })
+                    .sum();
+                let var = sq / m as f64;
+                let inv_std = 1.0 / (var + eps as f64).sqrt();
+                *save_mean = mean as f32;
+                *save_inv_std = inv_std as f32;
+                *running_mean = ((1.0 - momentum) * *running_mean as f64 + momentum * mean) as f32;
+                if m > 1 {
+                    let unbiased = sq / (m - 1) as f64;
+                    *running_var =
+                        ((1.0 - momentum) * *running_var as f64 + momentum * unbiased) as f32;
+                }
+            },
+        );
     y.par_chunks_mut(chunk(hw))
         .enumerate()
         .for_each(|(p, y_plane)| {
@@ -258,19 +267,24 @@ pub fn batchnorm_train_backward(
         &[("x", x.len()), ("dy", dy.len()), ("dx", dx.len())],
     )?;
     let m = (n * hw) as f64;
-    for ch in 0..c {
-        let (mean, inv_std) = (save_mean[ch] as f64, save_inv_std[ch] as f64);
-        let (mut sum_dy, mut sum_dy_xhat) = (0.0f64, 0.0f64);
-        for ni in 0..n {
-            let plane = (ni * c + ch) * hw;
-            for (&g, &v) in dy[plane..][..hw].iter().zip(&x[plane..][..hw]) {
-                sum_dy += g as f64;
-                sum_dy_xhat += g as f64 * (v as f64 - mean) * inv_std;
+    // One task per channel, each channel's sums sequential (as above).
+    dbeta
+        .par_iter_mut()
+        .zip(dgamma.par_iter_mut())
+        .enumerate()
+        .for_each(|(ch, (dbeta, dgamma))| {
+            let (mean, inv_std) = (save_mean[ch] as f64, save_inv_std[ch] as f64);
+            let (mut sum_dy, mut sum_dy_xhat) = (0.0f64, 0.0f64);
+            for ni in 0..n {
+                let plane = (ni * c + ch) * hw;
+                for (&g, &v) in dy[plane..][..hw].iter().zip(&x[plane..][..hw]) {
+                    sum_dy += g as f64;
+                    sum_dy_xhat += g as f64 * (v as f64 - mean) * inv_std;
+                }
             }
-        }
-        dbeta[ch] = sum_dy as f32;
-        dgamma[ch] = sum_dy_xhat as f32;
-    }
+            *dbeta = sum_dy as f32;
+            *dgamma = sum_dy_xhat as f32;
+        });
     dx.par_chunks_mut(chunk(hw))
         .enumerate()
         .for_each(|(p, dx_plane)| {
