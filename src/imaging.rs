@@ -48,7 +48,7 @@ static MAX_PIXELS_SET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU
 /// `--max-pixels`), ahead of `CELLMORPH_MAX_PIXELS`.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] when `n` is 0.
+/// [`Error::Invalid`] when `n` is 0.
 pub fn set_max_pixels(n: u64) -> Result<()> {
     if n == 0 {
         return Err(Error::invalid("--max-pixels must be at least 1"));
