@@ -22,20 +22,21 @@
 //! On the host in this version, with the transfers they cost per step:
 //! - the parameters and running statistics the pass uses are uploaded from
 //!   the host [`ParamStore`] (all of them from the first block run on), and
-//!   the batch; the updated running statistics come back after the
-//!   forward;
+//!   the batch; the updated running statistics come back after the step;
 //! - the logits come back for the cross-entropy and its gradient
 //!   (`[n, classes]` each way);
 //! - every parameter gradient comes back into the store, where the
 //!   optimizer steps.
 //!
-//! On the CPU device an upload is a copy in host memory. Every reduction
+//! On the CPU device the step's tensors are the store's own buffers, moved
+//! out for the step and back (no copy). Every reduction
 //! (BatchNorm, weight and bias gradients) runs in an order fixed by the
 //! shapes, without atomics: a step is deterministic on every device.
 
 use std::collections::BTreeMap;
 
 use crate::backend::Backend;
+use crate::device::Device;
 use crate::geometry::{Conv2dParams, Pool2dParams};
 use crate::io::{TensorFile, TensorWriter};
 use crate::models::densenet::{DenseNetConfig, BN_EPS};
@@ -319,24 +320,18 @@ impl DenseNetTrainer {
         check_precision(be)?;
         let first = settings.first_block;
         let nb = self.plan.blocks.len();
+        let plan = &self.plan;
         let store = &mut self.state.params;
         store.zero_grads();
-        let mut w = Weights::upload(be, store, &self.plan.ids(first.min(nb), nb))?;
-        let (fwd, output) = forward(be, &self.plan, &mut w, batch, settings)?;
-        for bn in self.plan.norms_from(first) {
-            store.get_mut(bn.mean).value = w.take(bn.mean)?.into_vec()?;
-            store.get_mut(bn.var).value = w.take(bn.var)?.into_vec()?;
-        }
-        backward(
-            be,
-            &self.plan,
-            &w,
-            store,
-            batch,
-            &fwd,
-            &output.logits,
-            settings,
-        )?;
+        let mut w = Weights::lend(be, store, &plan.ids(first.min(nb), nb))?;
+        let step = forward(be, plan, &mut w, batch, settings).and_then(|(fwd, output)| {
+            backward(be, plan, &w, store, batch, &fwd, &output.logits, settings)?;
+            Ok(output)
+        });
+        // The running statistics come back whether or not the step failed
+        // (as each BatchNorm's would have on the host).
+        w.give_back(be, store, plan.norms_from(first))?;
+        let output = step?;
         for bn in self.plan.norms_from(settings.first_block) {
             let key = format!("{}.num_batches_tracked", bn.name);
             let c = self.state.num_batches_tracked.entry(key).or_insert(0);
@@ -676,6 +671,59 @@ impl Weights {
                 Some(Tensor::from_slice(be, &p.shape, &p.value).map_err(|e| named(&p.name, e))?);
         }
         Ok(Weights { t })
+    }
+
+    /// [`Weights::upload`], except on the CPU device, where the values move
+    /// out of the store (no copy) until [`Weights::give_back`].
+    fn lend(be: &Backend, store: &mut ParamStore, ids: &[usize]) -> Result<Self> {
+        if be.device() != Device::Cpu {
+            return Self::upload(be, store, ids);
+        }
+        let mut w = Weights {
+            t: (0..store.params().len()).map(|_| None).collect(),
+        };
+        for &id in ids {
+            let p = store.get_mut(id);
+            // Checked first, so that from_vec cannot fail and lose the values.
+            if p.value.len() != p.shape.iter().product::<usize>() {
+                let msg = format!(
+                    "{OP}: {} holds {} values for shape {:?}",
+                    p.name,
+                    p.value.len(),
+                    p.shape
+                );
+                w.give_back(be, store, std::iter::empty::<&Bn>())?;
+                return Err(Error::invalid(msg));
+            }
+            let value = std::mem::take(&mut p.value);
+            w.t[id] = Some(Tensor::from_vec(be, &p.shape, value)?);
+        }
+        Ok(w)
+    }
+
+    /// Ends a [`Weights::lend`]: on the CPU device every value moves back
+    /// into the store (the running statistics as the pass left them); on
+    /// other devices the running statistics of `norms` are downloaded.
+    fn give_back<'a>(
+        self,
+        be: &Backend,
+        store: &mut ParamStore,
+        norms: impl Iterator<Item = &'a Bn>,
+    ) -> Result<()> {
+        if be.device() == Device::Cpu {
+            for (id, t) in self.t.into_iter().enumerate() {
+                if let Some(t) = t {
+                    store.get_mut(id).value = t.into_vec()?;
+                }
+            }
+            return Ok(());
+        }
+        for bn in norms {
+            for id in [bn.mean, bn.var] {
+                store.get_mut(id).value = self.get(id)?.to_vec()?;
+            }
+        }
+        Ok(())
     }
 
     fn get(&self, id: usize) -> Result<&Tensor> {

@@ -53,6 +53,11 @@
 //!   The cached `Last` activations are not augmented (a flip does not
 //!   commute with the frozen convolutions).
 //!
+//! With [`screen_train_on`] the feature pass and all of stage 2 (the frozen
+//! part's pass, the training steps, validation) run on the given device
+//! through [`DenseNetTrainer::step_on`]; stage 1's head and the optimizers
+//! stay on the host.
+//!
 //! Validation runs the network in eval mode each epoch; stage-2 epochs are
 //! numbered after stage 1's, appended to the same metrics CSV (`stage` 2)
 //! and curves. Early stopping (stage 1's patience) and the best epoch work
