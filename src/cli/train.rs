@@ -40,9 +40,7 @@ pub struct TrainStepArgs {
     /// Adam's L2 weight decay.
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f64,
-    /// cpu, cuda, cuda:N or emulated (vqvae2, densenet and cp2image on
-    /// every device; a model whose step is still CPU-only refuses the
-    /// others).
+    /// cpu, cuda, cuda:N or emulated (every model).
     #[arg(long, default_value = "cpu")]
     device: Device,
     /// Only f32 for now.
@@ -112,18 +110,6 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
             "train-step: unknown model {other:?}; supported: vqvae2, densenet, cp2image"
         ))),
     }
-}
-
-/// Refuses a device other than the CPU for a model whose step runs on the
-/// CPU only.
-fn cpu_only(a: &TrainStepArgs) -> Result<()> {
-    if a.device != Device::Cpu {
-        return Err(Error::invalid(format!(
-            "train-step --model {} --device {}: device training is not yet available for this model; use --device cpu",
-            a.model, a.device
-        )));
-    }
-    Ok(())
 }
 
 fn vqvae2_step(a: &TrainStepArgs, method: Method) -> Result<()> {

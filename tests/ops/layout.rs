@@ -183,7 +183,12 @@ fn add_channels_matches_cpu(be: &Backend) {
         let (mut dc, mut dd) = pair(be, &wide, &rng.vec(numel(&wide), -4.0, 4.0))?;
         let (sc, sd) = pair(be, &narrow, &rng.vec(numel(&narrow), -4.0, 4.0))?;
         let before = ok(dc.to_vec())?;
-        ok(ops::add_channels_into(&Backend::cpu(), &sc, &mut dc, offset))?;
+        ok(ops::add_channels_into(
+            &Backend::cpu(),
+            &sc,
+            &mut dc,
+            offset,
+        ))?;
         ok(ops::add_channels_into(be, &sd, &mut dd, offset))?;
         let reference = ok(dc.to_vec())?;
         let hw: usize = spatial.iter().product();
