@@ -14,6 +14,11 @@
 //   slice_channels_f32 channels [c_off, c_off + c_dst) of src [n, c_src, hw]
 //                      into dst [n, c_dst, hw] (the backward of a
 //                      concatenation: each input's part of the gradient).
+//   add_channels_f32   dst[:, c_off + k] += src[:, k] for src [n, c_src, hw],
+//                      dst [n, c_dst, hw]: one f32 add per element, as the
+//                      CPU reference (a dense layer's input gradient added
+//                      into its block buffer's gradient); other channels
+//                      untouched.
 //
 // Launch geometry (chosen in src/ops/layout.rs):
 //   upsample           one thread per output element. block.x threads over the
@@ -30,6 +35,7 @@
 //                      grid.x capped); offsets 64-bit.
 //   slice_channels_f32 as copy_channels_f32, over the contiguous c_dst·hw
 //                      block of each output image.
+//   add_channels_f32   as copy_channels_f32 (same block of each image).
 
 #include "common.cuh"
 
@@ -104,3 +110,16 @@ extern "C" __global__ void slice_channels_f32(const float* __restrict__ src, flo
     }
 }
 CM_EXPORT(slice_channels_f32)
+
+extern "C" __global__ void add_channels_f32(const float* __restrict__ src, float* __restrict__ dst, long long n,
+                                            long long c_src, long long hw, long long c_dst, long long c_off) {
+    const long long block = c_src * hw;
+    for (long long img = blockIdx.y; img < n; img += gridDim.y) {
+        const float* s = src + img * block;
+        float* d = dst + (img * c_dst + c_off) * hw;
+        for (long long i = layout_first(); i < block; i += layout_stride()) {
+            d[i] = d[i] + s[i];
+        }
+    }
+}
+CM_EXPORT(add_channels_f32)

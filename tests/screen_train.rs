@@ -447,8 +447,8 @@ fn bad_inputs_are_clear_errors() {
         &imgs,
         &labels,
         &out,
-        &["--device", "emulated"],
-        "runs on the CPU",
+        &["--device", "emulated", "--unfreeze-lr", "1e-3"],
+        "need --unfreeze",
     );
     fail(&imgs, &labels, &out, &["--dropout", "1"], "--dropout 1");
     assert!(!out.exists());
@@ -901,4 +901,91 @@ fn stage2_resume_equals_the_unbroken_run() {
         let e = screen_train(&resumed, |_| {}).unwrap_err().to_string();
         assert!(e.contains("only --unfreeze-epochs may change"), "{e}");
     }
+}
+
+/// `--device emulated` (the kernels through the ops layer, as CUDA runs
+/// them): the feature pass, stage 1 and a stage 2 that trains every layer
+/// (stem, every block, the head; training-mode BatchNorm, dropout, class
+/// weights), one epoch each on four images, writes weights that `screen
+/// predict` loads; its stage-2 weights stay close to the CPU run's (the
+/// kernels sum in other orders: one AdamW step moves a parameter by at
+/// most lr = 1e-3, so each tensor is within 2·lr plus 1e-3 of its scale).
+#[test]
+fn emulated_device_trains_both_stages_and_predict_loads() {
+    let dir = tmp("emulated");
+    let (imgs, labels) = data_set(&dir, 2);
+    let init = small_weights();
+    let run = |out: &Path, device: &str| {
+        let extra = [
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--val-fraction",
+            "0.5",
+            "--dropout",
+            "0.2",
+            "--unfreeze",
+            "all",
+            "--unfreeze-epochs",
+            "1",
+            "--unfreeze-lr",
+            "1e-3",
+            "--device",
+            device,
+        ];
+        let mut args = train_args(&imgs, &labels, out, &extra);
+        args.extend(["--init".as_ref(), init.as_os_str()]);
+        let o = cellmorph(&args);
+        assert!(
+            o.status.success(),
+            "--device {device}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let (emu, cpu) = (dir.join("emu.safetensors"), dir.join("cpu.safetensors"));
+    run(&emu, "emulated");
+    run(&cpu, "cpu");
+    let (e, c) = (
+        TensorFile::open(&emu).unwrap(),
+        TensorFile::open(&cpu).unwrap(),
+    );
+    assert_eq!(e.names(), c.names());
+    let meta: serde_json::Value =
+        serde_json::from_str(&e.metadata().unwrap()[TRAIN_METADATA_KEY]).unwrap();
+    assert_eq!(
+        meta["stage2"]["epochs"].as_array().unwrap().len(),
+        1,
+        "{meta}"
+    );
+    for name in e.names() {
+        if name.ends_with("num_batches_tracked") {
+            assert_eq!(e.i64(&name).unwrap(), c.i64(&name).unwrap(), "{name}");
+            continue;
+        }
+        let (a, b) = (e.f32(&name).unwrap().1, c.f32(&name).unwrap().1);
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() <= 2e-3 + 1e-3 * scale,
+                "{name}: emulated {x} vs cpu {y}"
+            );
+        }
+    }
+    let pred = dir.join("pred.csv");
+    let o = cellmorph(&[
+        "screen".as_ref(),
+        "predict".as_ref(),
+        "--weights".as_ref(),
+        emu.as_os_str(),
+        "--images".as_ref(),
+        imgs.as_os_str(),
+        "--output".as_ref(),
+        pred.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let preds = cellmorph::apps::screening::files::read_predictions(&pred).unwrap();
+    assert_eq!(preds.rows.len(), 4);
+    assert!(preds.rows.iter().all(|r| r.probability.is_some()));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

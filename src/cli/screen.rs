@@ -10,11 +10,11 @@ use cellmorph::apps::screening::predict::{screen_images, SaliencyOptions, Screen
 use cellmorph::apps::screening::report::{evaluate_predictions, EvaluatePredictionsOptions};
 use cellmorph::apps::screening::saliency::SaliencyMethod;
 use cellmorph::apps::screening::train::{
-    screen_train, EpochMetrics, FineTuneOptions, HeadKind, HeadTrainOptions, Init,
+    screen_train_on, EpochMetrics, FineTuneOptions, HeadKind, HeadTrainOptions, Init,
     ScreenTrainOptions, TrainProgress, Unfreeze,
 };
 use cellmorph::apps::screening::tune::{
-    parse_range, screen_tune, SearchBounds, Stop, Trial, TuneHead, TuneOptions, TuneProgress,
+    parse_range, screen_tune_on, SearchBounds, Stop, Trial, TuneHead, TuneOptions, TuneProgress,
 };
 use cellmorph::models::densenet::DenseNetArch;
 use cellmorph::{Device, Error, Precision, Result};
@@ -183,7 +183,9 @@ pub struct TrainArgs {
     /// with other options or images, of another model, or damaged is refused.
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Training runs on the CPU so far; other devices are refused.
+    /// cpu, cuda, cuda:N or emulated: the feature pass and stage 2 (the
+    /// frozen part's pass, the training steps, validation) run there, in
+    /// f32; stage 1's head trains on the host, on the cached features.
     #[arg(long, default_value = "cpu")]
     device: Device,
 }
@@ -278,7 +280,8 @@ pub struct TuneArgs {
     /// Start over when the log exists (its trials are lost).
     #[arg(long)]
     force: bool,
-    /// Tuning runs on the CPU so far; other devices are refused.
+    /// cpu, cuda, cuda:N or emulated: the feature pass runs there, in f32;
+    /// the trials train heads on the host, on the cached features.
     #[arg(long, default_value = "cpu")]
     device: Device,
 }
@@ -562,12 +565,6 @@ fn epoch_line(m: &EpochMetrics) -> String {
 }
 
 fn run_train(a: TrainArgs) -> Result<()> {
-    if a.device != Device::Cpu {
-        return Err(Error::invalid(format!(
-            "--device {}: screen train runs on the CPU so far (use --device cpu; predict with the trained weights on any device)",
-            a.device
-        )));
-    }
     if a.unfreeze.is_none()
         && (a.unfreeze_lr.is_some()
             || a.unfreeze_epochs != 5
@@ -605,8 +602,10 @@ fn run_train(a: TrainArgs) -> Result<()> {
     ) {
         bar.set_style(style.progress_chars("=> "));
     }
+    let be = super::open_device(a.device, Precision::F32)?;
     bar.set_message("features");
-    let result = screen_train(
+    let result = screen_train_on(
+        &be,
         &ScreenTrainOptions {
             images: a.images,
             labels: a.labels,
@@ -750,12 +749,6 @@ fn trial_line(t: &Trial, names: &[String], best: bool) -> String {
 }
 
 fn run_tune(a: TuneArgs) -> Result<()> {
-    if a.device != Device::Cpu {
-        return Err(Error::invalid(format!(
-            "--device {}: screen tune runs on the CPU so far (use --device cpu)",
-            a.device
-        )));
-    }
     let head = match a.head {
         HeadArg::Kim => TuneHead::Kim,
         HeadArg::Linear => TuneHead::Linear,
@@ -792,8 +785,10 @@ fn run_tune(a: TuneArgs) -> Result<()> {
     ) {
         bar.set_style(style.progress_chars("=> "));
     }
+    let be = super::open_device(a.device, Precision::F32)?;
     bar.set_message("features");
-    let result = screen_tune(
+    let result = screen_tune_on(
+        &be,
         &TuneOptions {
             images: a.images,
             labels: a.labels,

@@ -40,8 +40,7 @@ pub struct TrainStepArgs {
     /// Adam's L2 weight decay.
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f64,
-    /// cpu, cuda, cuda:N or emulated (vqvae2 and cp2image on every device;
-    /// a model whose step is still CPU-only refuses the others).
+    /// cpu, cuda, cuda:N or emulated (every model).
     #[arg(long, default_value = "cpu")]
     device: Device,
     /// Only f32 for now.
@@ -113,18 +112,6 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
     }
 }
 
-/// Refuses a device other than the CPU for a model whose step runs on the
-/// CPU only.
-fn cpu_only(a: &TrainStepArgs) -> Result<()> {
-    if a.device != Device::Cpu {
-        return Err(Error::invalid(format!(
-            "train-step --model {} --device {}: device training is not yet available for this model; use --device cpu",
-            a.model, a.device
-        )));
-    }
-    Ok(())
-}
-
 fn vqvae2_step(a: &TrainStepArgs, method: Method) -> Result<()> {
     let be = super::open_device(a.device, a.precision)?;
     let weights = TensorFile::open(&a.weights)?;
@@ -172,8 +159,7 @@ fn vqvae2_step(a: &TrainStepArgs, method: Method) -> Result<()> {
 }
 
 fn densenet_step(a: &TrainStepArgs, method: Method) -> Result<()> {
-    cpu_only(a)?;
-    use cellmorph::train::densenet::{train_step, Batch};
+    use cellmorph::train::densenet::{train_step_on, Batch};
     let Method::Adam(adam) = method else {
         return Err(Error::invalid("train-step --model densenet: Adam only"));
     };
@@ -199,7 +185,9 @@ fn densenet_step(a: &TrainStepArgs, method: Method) -> Result<()> {
             })
         })
         .collect::<Result<Vec<usize>>>()?;
-    let step = train_step(
+    let be = super::open_device(a.device, a.precision)?;
+    let step = train_step_on(
+        &be,
         &weights,
         "",
         &Batch {

@@ -313,3 +313,88 @@ pub fn slice_channels_into(
     // c_dst, c_off) reads inside src and writes dst's n·c_dst·hw elements only.
     unsafe { be.launch("slice_channels_f32", cfg, &args) }
 }
+
+/// The launch of `add_channels_f32` (the geometry of `copy_channels_f32`):
+/// grid.y over the `n` images,
+/// a 1-D grid-stride loop over the `block` contiguous floats of each.
+fn channel_block_cfg(n: usize, block: usize) -> LaunchCfg {
+    LaunchCfg {
+        grid: (
+            block.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32,
+            n.clamp(1, MAX_GRID_Y) as u32,
+            1,
+        ),
+        block: (THREADS, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
+/// Checks that `narrow` `[n, c, ...]` fits channels `c_offset..c_offset + c`
+/// of `wide` `[n, c_wide, ...]` (the other axes equal); returns
+/// `(n, c, hw, c_wide)`.
+fn channel_slice_dims(
+    op: &'static str,
+    narrow: &Tensor,
+    wide: &Tensor,
+    c_offset: usize,
+) -> Result<(usize, usize, usize, usize)> {
+    let (n, c, hw) = channel_dims(op, "channel slice", narrow)?;
+    let (_, c_wide, _) = channel_dims(op, "wide tensor", wide)?;
+    let (s, d) = (narrow.shape(), wide.shape());
+    if s.len() != d.len() || s[0] != d[0] || s[2..] != d[2..] {
+        return Err(Error::shape(
+            op,
+            format!("channel slice {s:?} and wide tensor {d:?} differ outside the channel axis"),
+        ));
+    }
+    if c_offset.checked_add(c).is_none_or(|end| end > c_wide) {
+        return Err(Error::shape(
+            op,
+            format!("{c} channels at offset {c_offset} do not fit in {d:?}"),
+        ));
+    }
+    Ok((n, c, hw, c_wide))
+}
+
+/// Adds `src` `[n, c_src, ...]` into channels `c_offset..c_offset + c_src`
+/// of `dst` `[n, c_dst, ...]` (`d = d + s`, one f32 add per element, the
+/// same bits on every device), leaving its other channels alone: a dense
+/// layer's input gradient added into its block buffer's gradient.
+pub fn add_channels_into(
+    be: &Backend,
+    src: &Tensor,
+    dst: &mut Tensor,
+    c_offset: usize,
+) -> Result<()> {
+    const OP: &str = "add_channels";
+    on_device(OP, be, &[src, dst])?;
+    let (n, c_src, hw, c_dst) = channel_slice_dims(OP, src, dst, c_offset)?;
+    let block = c_src * hw;
+    if be.device() == Device::Cpu {
+        let (s, d) = (src.host_for(OP)?, dst.host_mut_for(OP)?);
+        for ni in 0..n {
+            let d = &mut d[(ni * c_dst + c_offset) * hw..][..block];
+            for (a, &b) in d.iter_mut().zip(&s[ni * block..][..block]) {
+                *a += b;
+            }
+        }
+        return Ok(());
+    }
+    if src.numel() == 0 {
+        return Ok(());
+    }
+    let args = [
+        src.arg(),
+        dst.arg_mut(),
+        i64_arg("n", n)?,
+        i64_arg("source channels", c_src)?,
+        i64_arg("plane size", hw)?,
+        i64_arg("destination channels", c_dst)?,
+        i64_arg("channel offset", c_offset)?,
+    ];
+    // SAFETY: src holds n·c_src·hw and dst n·c_dst·hw f32 on be's device
+    // (checked above) and both outlive the launch; c_offset + c_src <= c_dst,
+    // so add_channels_f32(const float*, float*, long long n, c_src, hw,
+    // c_dst, c_off) reads and writes inside dst only.
+    unsafe { be.launch("add_channels_f32", channel_block_cfg(n, block), &args) }
+}

@@ -3,7 +3,8 @@
 //! Training ops on every device so far: `relu_backward`,
 //! `leaky_relu_backward`, `sigmoid_backward`, `dropout` and
 //! `dropout_backward` (activation; the mask of `crate::rng::dropout_keep`,
-//! bit for bit), `upsample_nearest2x_backward` and `slice_channels` (layout),
+//! bit for bit), `upsample_nearest2x_backward`, `slice_channels`,
+//! `add_channels_into` (layout),
 //! `global_avg_pool_backward`, `max_pool2d_backward`, `avg_pool2d_backward`
 //! (pool), `conv2d_backward`, `conv_transpose2d_backward` (conv),
 //! `linear_backward` (linear, on the conv backward kernels),

@@ -1,29 +1,48 @@
-//! One DenseNet training step on the CPU, as PyTorch runs it
-//! (`docs/MODELS.md` §2 and §4): training-mode BatchNorm (batch statistics,
-//! running statistics updated with momentum 0.1 and the unbiased variance,
-//! `num_batches_tracked += 1`), cross-entropy averaged over the batch,
-//! backward, then one optimizer step (Adam in PyTorch's form).
+//! One DenseNet training step on any device (CPU, CUDA, emulated), as
+//! PyTorch runs it (`docs/MODELS.md` §2 and §4): training-mode BatchNorm
+//! (batch statistics, running statistics updated with momentum 0.1 and the
+//! unbiased variance, `num_batches_tracked += 1`), cross-entropy averaged
+//! over the batch (optionally class-weighted), dropout after the hidden ReLU
+//! of a Kim head, backward, then one optimizer step (Adam/AdamW in
+//! PyTorch's form).
 //!
 //! Written llm.c style: every layer's forward keeps what its backward needs
-//! and the backward is written out layer by layer in reverse, from the
-//! [`crate::cpu`] reference ops; there is no tape. A dense block's features
-//! live in one buffer `[n, C_b + layers·growth, h, w]`; layer `l` reads its
-//! first `c_l` channels and writes its `growth` new ones after them, so in
-//! backward the gradient of the buffer is complete for a layer's channels
-//! when that layer is reached, and the layer adds its input gradient into
-//! channels `[0, c_l)`.
+//! and the backward is written out layer by layer in reverse; there is no
+//! tape. One code path for every device: activations are
+//! [`Tensor`]s on the step's [`Backend`] and every layer runs through
+//! [`crate::ops`] (the [`crate::cpu`] reference ops on the CPU device, the
+//! kernels on CUDA and emulated devices). A dense block's features live in
+//! one buffer `[n, C_b + layers·growth, h, w]`; layer `l` reads its first
+//! `c_l` channels ([`ops::slice_channels`]) and writes its `growth` new ones
+//! after them ([`ops::copy_channels_into`]), so in backward the gradient of
+//! the buffer is complete for a layer's channels when that layer is reached,
+//! and the layer adds its input gradient into channels `[0, c_l)`
+//! ([`ops::add_channels_into`]).
 //!
-//! Dropout in a `classifier.{i}` head (Kim et al.'s Linear, ReLU, Dropout,
-//! Linear) is the identity here: there is no dropout in this step. All
-//! reductions run in a fixed order, so a step is deterministic.
+//! On the host in this version, with the transfers they cost per step:
+//! - the parameters and running statistics the pass uses are uploaded from
+//!   the host [`ParamStore`] (all of them from the first block run on), and
+//!   the batch; the updated running statistics come back after the step;
+//! - the logits come back for the cross-entropy and its gradient
+//!   (`[n, classes]` each way);
+//! - every parameter gradient comes back into the store, where the
+//!   optimizer steps.
+//!
+//! On the CPU device the step's tensors are the store's own buffers, moved
+//! out for the step and back (no copy). Every reduction
+//! (BatchNorm, weight and bias gradients) runs in an order fixed by the
+//! shapes, without atomics: a step is deterministic on every device.
 
 use std::collections::BTreeMap;
 
-use crate::cpu;
-use crate::geometry::{Conv2dGeom, Conv2dParams, Pool2dGeom, Pool2dParams};
+use crate::backend::Backend;
+use crate::device::Device;
+use crate::geometry::{Conv2dParams, Pool2dParams};
 use crate::io::{TensorFile, TensorWriter};
 use crate::models::densenet::{DenseNetConfig, BN_EPS};
-use crate::rng::dropout_keep;
+use crate::ops;
+use crate::precision::Precision;
+use crate::tensor::Tensor;
 use crate::train::loss;
 use crate::train::optim::{AdamConfig, Method, Optimizer};
 use crate::train::store::ParamStore;
@@ -149,7 +168,8 @@ pub struct StepSettings<'a> {
     pub class_weights: Option<&'a [f32]>,
     /// Dropout after each ReLU of the head, as `(seed, step, p)`: element
     /// `k` of the layer's `[n, out]` output is kept (and scaled by
-    /// `1/(1−p)`) when [`dropout_keep`]`(seed, step, k, p)`.
+    /// `1/(1−p)`) when [`crate::rng::dropout_keep`]`(seed, step, k, p)`
+    /// ([`ops::dropout`]).
     pub dropout: Option<(u64, u64, f32)>,
 }
 
@@ -226,7 +246,28 @@ impl DenseNetTrainer {
         first: usize,
         stop: usize,
     ) -> Result<(Vec<f32>, [usize; 4])> {
-        eval_forward(&self.plan, &self.state.params, input, shape, first, stop)
+        self.eval_forward_on(&Backend::cpu(), input, shape, first, stop)
+    }
+
+    /// [`DenseNetTrainer::eval_forward`] on `be`'s device (the parameters
+    /// it reads are uploaded, the result comes back to the host).
+    pub fn eval_forward_on(
+        &self,
+        be: &Backend,
+        input: &[f32],
+        shape: [usize; 4],
+        first: usize,
+        stop: usize,
+    ) -> Result<(Vec<f32>, [usize; 4])> {
+        eval_forward(
+            be,
+            &self.plan,
+            &self.state.params,
+            input,
+            shape,
+            first,
+            stop,
+        )
     }
 
     /// The current state (gradients of the last step included).
@@ -264,9 +305,33 @@ impl DenseNetTrainer {
         batch: &Batch,
         settings: &StepSettings,
     ) -> Result<StepOutput> {
-        self.state.params.zero_grads();
-        let (fwd, output) = forward(&self.plan, &mut self.state.params, batch, settings)?;
-        backward(&self.plan, &mut self.state.params, batch, &fwd, settings)?;
+        self.forward_backward_on(&Backend::cpu(), batch, settings)
+    }
+
+    /// [`DenseNetTrainer::forward_backward_with`] on `be`'s device: the
+    /// parameters from block `settings.first_block` on are uploaded, the
+    /// running statistics and the gradients come back into the state.
+    pub fn forward_backward_on(
+        &mut self,
+        be: &Backend,
+        batch: &Batch,
+        settings: &StepSettings,
+    ) -> Result<StepOutput> {
+        check_precision(be)?;
+        let first = settings.first_block;
+        let nb = self.plan.blocks.len();
+        let plan = &self.plan;
+        let store = &mut self.state.params;
+        store.zero_grads();
+        let mut w = Weights::lend(be, store, &plan.ids(first.min(nb), nb))?;
+        let step = forward(be, plan, &mut w, batch, settings).and_then(|(fwd, output)| {
+            backward(be, plan, &w, store, batch, &fwd, &output.logits, settings)?;
+            Ok(output)
+        });
+        // The running statistics come back whether or not the step failed
+        // (as each BatchNorm's would have on the host).
+        w.give_back(be, store, plan.norms_from(first))?;
+        let output = step?;
         for bn in self.plan.norms_from(settings.first_block) {
             let key = format!("{}.num_batches_tracked", bn.name);
             let c = self.state.num_batches_tracked.entry(key).or_insert(0);
@@ -289,7 +354,20 @@ impl DenseNetTrainer {
         settings: &StepSettings,
         lr: f64,
     ) -> Result<StepOutput> {
-        let out = self.forward_backward_with(batch, settings)?;
+        self.step_on(&Backend::cpu(), batch, settings, lr)
+    }
+
+    /// [`DenseNetTrainer::step_with`] on `be`'s device
+    /// ([`DenseNetTrainer::forward_backward_on`]; the optimizer steps on
+    /// the host).
+    pub fn step_on(
+        &mut self,
+        be: &Backend,
+        batch: &Batch,
+        settings: &StepSettings,
+        lr: f64,
+    ) -> Result<StepOutput> {
+        let out = self.forward_backward_on(be, batch, settings)?;
         self.state.params.step(&mut self.opt, lr)?;
         Ok(out)
     }
@@ -298,18 +376,16 @@ impl DenseNetTrainer {
     /// nothing (running statistics are updated on a copy): what a
     /// finite-difference check differentiates.
     pub fn loss(&self, batch: &Batch) -> Result<f32> {
-        let mut params = self.state.params.clone();
-        Ok(
-            forward(&self.plan, &mut params, batch, &StepSettings::default())?
-                .1
-                .loss,
-        )
+        self.loss_with(batch, &StepSettings::default())
     }
 
     /// [`DenseNetTrainer::loss`] with `settings`.
     pub fn loss_with(&self, batch: &Batch, settings: &StepSettings) -> Result<f32> {
-        let mut params = self.state.params.clone();
-        Ok(forward(&self.plan, &mut params, batch, settings)?.1.loss)
+        let be = Backend::cpu();
+        let nb = self.plan.blocks.len();
+        let ids = self.plan.ids(settings.first_block.min(nb), nb);
+        let mut w = Weights::upload(&be, &self.state.params, &ids)?;
+        Ok(forward(&be, &self.plan, &mut w, batch, settings)?.1.loss)
     }
 
     /// Sets element `index` of parameter `name` (for finite differences).
@@ -335,9 +411,21 @@ pub fn train_step(
     adam: AdamConfig,
     lr: f64,
 ) -> Result<TrainStep> {
+    train_step_on(&Backend::cpu(), before, prefix, batch, adam, lr)
+}
+
+/// [`train_step`] on `be`'s device ([`DenseNetTrainer::step_on`]).
+pub fn train_step_on(
+    be: &Backend,
+    before: &TensorFile,
+    prefix: &str,
+    batch: &Batch,
+    adam: AdamConfig,
+    lr: f64,
+) -> Result<TrainStep> {
     let state = DenseNetState::from_file(before, prefix)?;
     let mut trainer = DenseNetTrainer::new(state, adam)?;
-    let output = trainer.step(batch, lr)?;
+    let output = trainer.step_on(be, batch, &StepSettings::default(), lr)?;
     Ok(TrainStep {
         after: trainer.into_state(),
         output,
@@ -350,7 +438,6 @@ pub fn train_step(
 #[derive(Clone, Debug)]
 struct Bn {
     name: String,
-    c: usize,
     gamma: usize,
     beta: usize,
     mean: usize,
@@ -376,8 +463,6 @@ struct Transition {
 struct HeadLayer {
     w: usize,
     b: usize,
-    in_f: usize,
-    out_f: usize,
     relu_after: bool,
 }
 
@@ -386,7 +471,6 @@ struct Plan {
     in_channels: usize,
     f0: usize,
     growth: usize,
-    bottleneck: usize,
     conv0: usize,
     norm0: Bn,
     /// Input channels of each block.
@@ -398,6 +482,8 @@ struct Plan {
     norm5: Bn,
     head: Vec<HeadLayer>,
     classes: usize,
+    /// Every store tensor's name, by id (for errors).
+    names: Vec<String>,
 }
 
 struct Lookup<'a> {
@@ -421,7 +507,6 @@ impl Lookup<'_> {
     fn bn(&mut self, name: &str, c: usize) -> Result<Bn> {
         Ok(Bn {
             name: name.to_string(),
-            c,
             gamma: self.get(&format!("{name}.weight"), &[c])?,
             beta: self.get(&format!("{name}.bias"), &[c])?,
             mean: self.get(&format!("{name}.running_mean"), &[c])?,
@@ -486,8 +571,6 @@ impl Plan {
                     &[l.out_features, l.in_features],
                 )?,
                 b: lk.get(&format!("{}.bias", l.name), &[l.out_features])?,
-                in_f: l.in_features,
-                out_f: l.out_features,
                 relu_after: l.relu_after,
             });
         }
@@ -501,7 +584,6 @@ impl Plan {
             in_channels: cfg.in_channels,
             f0,
             growth,
-            bottleneck: bott,
             conv0,
             norm0,
             block_in,
@@ -511,7 +593,37 @@ impl Plan {
             norm5,
             head,
             classes: cfg.num_classes(),
+            names: store.params().iter().map(|p| p.name.clone()).collect(),
         })
+    }
+
+    /// The store ids a pass from block `first` to block `stop` reads: the
+    /// stem when `first` is 0, the blocks `first..stop` with the
+    /// transitions after them, and `norm5` and the head when `stop` is the
+    /// number of blocks.
+    fn ids(&self, first: usize, stop: usize) -> Vec<usize> {
+        let bn = |b: &Bn| [b.gamma, b.beta, b.mean, b.var];
+        let mut ids = Vec::new();
+        if first == 0 {
+            ids.push(self.conv0);
+            ids.extend(bn(&self.norm0));
+        }
+        for b in first..stop.min(self.blocks.len()) {
+            for l in &self.blocks[b] {
+                ids.extend(bn(&l.norm1));
+                ids.extend(bn(&l.norm2));
+                ids.extend([l.conv1, l.conv2]);
+            }
+            if let Some(t) = self.transitions.get(b) {
+                ids.extend(bn(&t.norm));
+                ids.push(t.conv);
+            }
+        }
+        if stop == self.blocks.len() {
+            ids.extend(bn(&self.norm5));
+            ids.extend(self.head.iter().flat_map(|l| [l.w, l.b]));
+        }
+        ids
     }
 
     /// Every BatchNorm, in network order.
@@ -541,157 +653,209 @@ impl Plan {
 }
 
 // ---------------------------------------------------------------------------
-// Layer helpers over the store.
+// Layer helpers over the pass's tensors.
 
-/// What a training-mode BatchNorm's backward needs besides its input.
-struct BnSaved {
-    mean: Vec<f32>,
-    inv_std: Vec<f32>,
+/// The parameters and running statistics a pass reads, copied from the
+/// store to the pass's device (by store id; `None` for tensors the pass
+/// does not use).
+struct Weights {
+    t: Vec<Option<Tensor>>,
 }
 
-fn bn_forward(
-    store: &mut ParamStore,
-    bn: &Bn,
-    n: usize,
-    hw: usize,
-    x: &[f32],
-) -> Result<(Vec<f32>, BnSaved)> {
-    let mut rm = store.get(bn.mean).value.clone();
-    let mut rv = store.get(bn.var).value.clone();
-    let mut saved = BnSaved {
-        mean: vec![0.0; bn.c],
-        inv_std: vec![0.0; bn.c],
-    };
-    let mut y = vec![0.0; x.len()];
-    cpu::norm::batchnorm_train_forward(
-        n,
-        bn.c,
-        hw,
-        x,
-        &store.get(bn.gamma).value,
-        &store.get(bn.beta).value,
-        BN_EPS,
-        BN_MOMENTUM,
-        &mut rm,
-        &mut rv,
-        &mut saved.mean,
-        &mut saved.inv_std,
-        &mut y,
-    )
-    .map_err(|e| named(&bn.name, e))?;
-    store.get_mut(bn.mean).value = rm;
-    store.get_mut(bn.var).value = rv;
-    Ok((y, saved))
-}
+impl Weights {
+    fn upload(be: &Backend, store: &ParamStore, ids: &[usize]) -> Result<Self> {
+        let mut t: Vec<Option<Tensor>> = (0..store.params().len()).map(|_| None).collect();
+        for &id in ids {
+            let p = store.get(id);
+            t[id] =
+                Some(Tensor::from_slice(be, &p.shape, &p.value).map_err(|e| named(&p.name, e))?);
+        }
+        Ok(Weights { t })
+    }
 
-/// Returns `dx`; adds `dgamma`, `dbeta` to the store's gradients.
-fn bn_backward(
-    store: &mut ParamStore,
-    bn: &Bn,
-    n: usize,
-    hw: usize,
-    x: &[f32],
-    saved: &BnSaved,
-    dy: &[f32],
-) -> Result<Vec<f32>> {
-    let mut dx = vec![0.0; x.len()];
-    let mut dgamma = vec![0.0; bn.c];
-    let mut dbeta = vec![0.0; bn.c];
-    cpu::norm::batchnorm_train_backward(
-        n,
-        bn.c,
-        hw,
-        x,
-        &store.get(bn.gamma).value,
-        &saved.mean,
-        &saved.inv_std,
-        dy,
-        &mut dx,
-        &mut dgamma,
-        &mut dbeta,
-    )
-    .map_err(|e| named(&bn.name, e))?;
-    store.accumulate(bn.gamma, &dgamma)?;
-    store.accumulate(bn.beta, &dbeta)?;
-    Ok(dx)
-}
+    /// [`Weights::upload`], except on the CPU device, where the values move
+    /// out of the store (no copy) until [`Weights::give_back`].
+    fn lend(be: &Backend, store: &mut ParamStore, ids: &[usize]) -> Result<Self> {
+        if be.device() != Device::Cpu {
+            return Self::upload(be, store, ids);
+        }
+        let mut w = Weights {
+            t: (0..store.params().len()).map(|_| None).collect(),
+        };
+        for &id in ids {
+            let p = store.get_mut(id);
+            // Checked first, so that from_vec cannot fail and lose the values.
+            if p.value.len() != p.shape.iter().product::<usize>() {
+                let msg = format!(
+                    "{OP}: {} holds {} values for shape {:?}",
+                    p.name,
+                    p.value.len(),
+                    p.shape
+                );
+                w.give_back(be, store, std::iter::empty::<&Bn>())?;
+                return Err(Error::invalid(msg));
+            }
+            let value = std::mem::take(&mut p.value);
+            w.t[id] = Some(Tensor::from_vec(be, &p.shape, value)?);
+        }
+        Ok(w)
+    }
 
-/// A bias-free conv of weight `id` on `x` `[n, c, h, w]`.
-fn conv_geom(
-    store: &ParamStore,
-    id: usize,
-    x: [usize; 4],
-    stride: usize,
-    pad: usize,
-) -> Result<Conv2dGeom> {
-    let p = store.get(id);
-    Conv2dGeom::new(&x, &p.shape, Conv2dParams::new(stride, pad)).map_err(|e| named(&p.name, e))
-}
+    /// Ends a [`Weights::lend`]: on the CPU device every value moves back
+    /// into the store (the running statistics as the pass left them); on
+    /// other devices the running statistics of `norms` are downloaded.
+    fn give_back<'a>(
+        self,
+        be: &Backend,
+        store: &mut ParamStore,
+        norms: impl Iterator<Item = &'a Bn>,
+    ) -> Result<()> {
+        if be.device() == Device::Cpu {
+            for (id, t) in self.t.into_iter().enumerate() {
+                if let Some(t) = t {
+                    store.get_mut(id).value = t.into_vec()?;
+                }
+            }
+            return Ok(());
+        }
+        for bn in norms {
+            for id in [bn.mean, bn.var] {
+                store.get_mut(id).value = self.get(id)?.to_vec()?;
+            }
+        }
+        Ok(())
+    }
 
-fn conv_forward(store: &ParamStore, id: usize, g: &Conv2dGeom, x: &[f32]) -> Result<Vec<f32>> {
-    let p = store.get(id);
-    let mut y = vec![0.0; g.n * g.c_out * g.oh * g.ow];
-    cpu::conv2d_forward(g, x, &p.value, None, &mut y).map_err(|e| named(&p.name, e))?;
-    Ok(y)
-}
+    fn get(&self, id: usize) -> Result<&Tensor> {
+        self.t
+            .get(id)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| Error::invalid(format!("{OP}: tensor {id} is not on the device")))
+    }
 
-/// Returns `dx`; adds `dw` to the store's gradient of `id`.
-fn conv_backward(
-    store: &mut ParamStore,
-    id: usize,
-    g: &Conv2dGeom,
-    x: &[f32],
-    dy: &[f32],
-) -> Result<Vec<f32>> {
-    let p = store.get(id);
-    let mut dx = vec![0.0; x.len()];
-    let mut dw = vec![0.0; p.value.len()];
-    cpu::conv2d_backward(g, x, &p.value, dy, &mut dx, &mut dw, None)
-        .map_err(|e| named(&p.name, e))?;
-    store.accumulate(id, &dw)?;
-    Ok(dx)
-}
+    fn take(&mut self, id: usize) -> Result<Tensor> {
+        self.t
+            .get_mut(id)
+            .and_then(Option::take)
+            .ok_or_else(|| Error::invalid(format!("{OP}: tensor {id} is not on the device")))
+    }
 
-fn relu(x: &[f32]) -> Result<Vec<f32>> {
-    let mut y = vec![0.0; x.len()];
-    cpu::relu_forward(x, &mut y)?;
-    Ok(y)
-}
-
-/// ReLU backward from the ReLU's output `y` (`y > 0` exactly where its input was).
-fn relu_backward(y: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
-    let mut dx = vec![0.0; y.len()];
-    cpu::relu_backward(y, dy, &mut dx)?;
-    Ok(dx)
-}
-
-/// Channels `[offset, offset + count)` of `x` `[n, total, hw]`.
-fn channels(
-    x: &[f32],
-    n: usize,
-    total: usize,
-    hw: usize,
-    offset: usize,
-    count: usize,
-) -> Result<Vec<f32>> {
-    let mut y = vec![0.0; n * count * hw];
-    cpu::slice_channels(n, total, hw, x, offset, count, &mut y)?;
-    Ok(y)
-}
-
-/// Adds `src` `[n, c, hw]` into channels `[0, c)` of `dst` `[n, total, hw]`.
-fn add_leading_channels(src: &[f32], dst: &mut [f32], n: usize, total: usize, hw: usize) {
-    let c = src.len() / (n * hw).max(1);
-    for ni in 0..n {
-        let d = &mut dst[ni * total * hw..][..c * hw];
-        for (a, &b) in d.iter_mut().zip(&src[ni * c * hw..][..c * hw]) {
-            *a += b;
+    fn put(&mut self, id: usize, t: Tensor) {
+        if let Some(slot) = self.t.get_mut(id) {
+            *slot = Some(t);
         }
     }
 }
 
+/// Training passes run in f32: a bf16/f16 backend would round the
+/// convolutions' operands.
+fn check_precision(be: &Backend) -> Result<()> {
+    if be.precision() != Precision::F32 {
+        return Err(Error::invalid(format!(
+            "{OP}: training runs in f32 only, the backend is {}",
+            be.precision()
+        )));
+    }
+    Ok(())
+}
+
+/// What a training-mode BatchNorm's backward needs besides its input.
+struct BnSaved {
+    mean: Tensor,
+    inv_std: Tensor,
+}
+
+/// Training-mode BatchNorm: the running statistics advance on the device.
+fn bn_forward(be: &Backend, w: &mut Weights, bn: &Bn, x: &Tensor) -> Result<(Tensor, BnSaved)> {
+    let mut rm = w.take(bn.mean)?;
+    let mut rv = w.take(bn.var)?;
+    let out = ops::batchnorm_train(
+        be,
+        x,
+        w.get(bn.gamma)?,
+        w.get(bn.beta)?,
+        &mut rm,
+        &mut rv,
+        BN_EPS,
+        BN_MOMENTUM,
+    );
+    w.put(bn.mean, rm);
+    w.put(bn.var, rv);
+    let out = out.map_err(|e| named(&bn.name, e))?;
+    Ok((
+        out.y,
+        BnSaved {
+            mean: out.save_mean,
+            inv_std: out.save_inv_std,
+        },
+    ))
+}
+
+/// Returns `dx`; adds `dgamma`, `dbeta` to the store's gradients.
+fn bn_backward(
+    be: &Backend,
+    w: &Weights,
+    store: &mut ParamStore,
+    bn: &Bn,
+    x: &Tensor,
+    saved: &BnSaved,
+    dy: &Tensor,
+) -> Result<Tensor> {
+    let g = ops::batchnorm_train_backward(be, x, w.get(bn.gamma)?, &saved.mean, &saved.inv_std, dy)
+        .map_err(|e| named(&bn.name, e))?;
+    store.accumulate(bn.gamma, &g.dgamma.into_vec()?)?;
+    store.accumulate(bn.beta, &g.dbeta.into_vec()?)?;
+    Ok(g.dx)
+}
+
+/// A bias-free conv of weight `id` on `x` `[n, c, h, w]`.
+fn conv_forward(
+    be: &Backend,
+    w: &Weights,
+    plan: &Plan,
+    id: usize,
+    x: &Tensor,
+    (stride, pad): (usize, usize),
+) -> Result<Tensor> {
+    ops::conv2d(be, x, w.get(id)?, None, Conv2dParams::new(stride, pad))
+        .map_err(|e| named(&plan.names[id], e))
+}
+
+/// Returns `dx`; adds `dw` to the store's gradient of `id`.
+#[allow(clippy::too_many_arguments)]
+fn conv_backward(
+    be: &Backend,
+    w: &Weights,
+    plan: &Plan,
+    store: &mut ParamStore,
+    id: usize,
+    x: &Tensor,
+    dy: &Tensor,
+    (stride, pad): (usize, usize),
+) -> Result<Tensor> {
+    let g = ops::conv2d_backward(be, x, w.get(id)?, dy, Conv2dParams::new(stride, pad), false)
+        .map_err(|e| named(&plan.names[id], e))?;
+    store.accumulate(id, &g.dw.into_vec()?)?;
+    Ok(g.dx)
+}
+
 fn named(tensor: &str, e: Error) -> Error {
     Error::invalid(format!("{OP}, {tensor}: {e}"))
+}
+
+/// conv0 7×7/2 pad 3.
+const CONV0: (usize, usize) = (2, 3);
+/// A dense layer's 1×1 bottleneck conv and a transition's conv.
+const CONV1X1: (usize, usize) = (1, 0);
+/// A dense layer's 3×3 conv, pad 1.
+const CONV3X3: (usize, usize) = (1, 1);
+
+fn pool0() -> Pool2dParams {
+    Pool2dParams::new(3, 2, 1)
+}
+
+fn transition_pool() -> Pool2dParams {
+    Pool2dParams::new(2, 2, 0)
 }
 
 // ---------------------------------------------------------------------------
@@ -700,30 +864,30 @@ fn named(tensor: &str, e: Error) -> Error {
 struct LayerSaved {
     bn1: BnSaved,
     /// relu(norm1(x)): conv1's input.
-    r1: Vec<f32>,
+    r1: Tensor,
     /// conv1's output: norm2's input.
-    b1: Vec<f32>,
+    b1: Tensor,
     bn2: BnSaved,
     /// relu(norm2(b1)): conv2's input.
-    r2: Vec<f32>,
+    r2: Tensor,
 }
 
 struct TransitionSaved {
     bn: BnSaved,
     /// relu(norm(block buffer)): the conv's input.
-    r: Vec<f32>,
+    r: Tensor,
     /// The conv's output size (the avg pool's input).
     hw_conv: (usize, usize),
 }
 
 struct StemSaved {
+    /// The batch on the device (conv0's input).
+    input: Tensor,
     /// conv0's output (norm0's input).
-    c0: Vec<f32>,
-    g0: Conv2dGeom,
+    c0: Tensor,
     bn0: BnSaved,
     /// relu(norm0(c0)): the max pool's input.
-    r0: Vec<f32>,
-    pool0: Pool2dGeom,
+    r0: Tensor,
 }
 
 struct Forward {
@@ -731,20 +895,21 @@ struct Forward {
     stem: Option<StemSaved>,
     /// Spatial size of each block (`(0, 0)` for blocks not run).
     sizes: Vec<(usize, usize)>,
-    /// Each block's full buffer (empty for blocks not run).
-    buffers: Vec<Vec<f32>>,
+    /// Each block's full buffer (`None` for blocks not run).
+    buffers: Vec<Option<Tensor>>,
     layers: Vec<Vec<LayerSaved>>,
     /// The transitions run: after block `first`, `first + 1`, ...
     transitions: Vec<TransitionSaved>,
     bn5: BnSaved,
     /// relu(norm5(last buffer)).
-    a5: Vec<f32>,
+    a5: Tensor,
     /// The input of every head Linear (`pooled` first).
-    head_in: Vec<Vec<f32>>,
-    /// Per head Linear with dropout after its ReLU: the scale of each
-    /// output (0 where dropped or clamped by the ReLU).
-    head_scale: Vec<Option<Vec<f32>>>,
-    logits: Vec<f32>,
+    head_in: Vec<Tensor>,
+    /// Per head Linear followed by ReLU and dropout: the ReLU's output
+    /// before the dropout.
+    head_relu: Vec<Option<Tensor>>,
+    /// The head's dropout `(seed, step, p)`, `p > 0`.
+    dropout: Option<(u64, u64, f32)>,
 }
 
 fn check_batch(plan: &Plan, batch: &Batch, first: usize) -> Result<()> {
@@ -786,61 +951,52 @@ fn check_batch(plan: &Plan, batch: &Batch, first: usize) -> Result<()> {
     Ok(())
 }
 
+/// The training-mode forward on `be`; the running statistics in `w`
+/// advance. The logits come back to the host for the loss.
 fn forward(
+    be: &Backend,
     plan: &Plan,
-    store: &mut ParamStore,
+    w: &mut Weights,
     batch: &Batch,
     s: &StepSettings,
 ) -> Result<(Forward, StepOutput)> {
     let first = s.first_block;
     check_batch(plan, batch, first)?;
     let n = batch.shape[0];
-    let g = plan.growth;
+    let input = Tensor::from_slice(be, &batch.shape, batch.input)?;
 
     let (stem, mut sizes, mut block_input) = if first == 0 {
         // Stem: conv0 7×7/2, norm0, ReLU, max pool 3×3/2 pad 1.
-        let g0 = conv_geom(store, plan.conv0, batch.shape, 2, 3)?;
-        let c0 = conv_forward(store, plan.conv0, &g0, batch.input)?;
-        let (n0, bn0) = bn_forward(store, &plan.norm0, n, g0.oh * g0.ow, &c0)?;
-        let r0 = relu(&n0)?;
-        let pool0 = Pool2dGeom::new(OP, &[n, plan.f0, g0.oh, g0.ow], Pool2dParams::new(3, 2, 1))?;
-        let mut p0 = vec![0.0; n * plan.f0 * pool0.oh * pool0.ow];
-        cpu::max_pool2d_forward(&pool0, &r0, &mut p0)?;
-        let size = (pool0.oh, pool0.ow);
-        let stem = StemSaved {
-            c0,
-            g0,
-            bn0,
-            r0,
-            pool0,
-        };
+        let c0 = conv_forward(be, w, plan, plan.conv0, &input, CONV0)?;
+        let (n0, bn0) = bn_forward(be, w, &plan.norm0, &c0)?;
+        let r0 = ops::relu(be, &n0)?;
+        let p0 = ops::max_pool2d(be, &r0, pool0())?;
+        let size = (p0.shape()[2], p0.shape()[3]);
+        let stem = StemSaved { input, c0, bn0, r0 };
         (Some(stem), vec![size], p0)
     } else {
         let mut sizes = vec![(0, 0); first];
         sizes.push((batch.shape[2], batch.shape[3]));
-        (None, sizes, batch.input.to_vec())
+        (None, sizes, input)
     };
-    let mut buffers: Vec<Vec<f32>> = vec![Vec::new(); first];
+    let mut buffers: Vec<Option<Tensor>> = (0..first).map(|_| None).collect();
     let mut layers: Vec<Vec<LayerSaved>> = (0..first).map(|_| Vec::new()).collect();
     let mut transitions = Vec::new();
     for (b, block) in plan.blocks.iter().enumerate().skip(first) {
-        let (h, w) = sizes[b];
-        let hw = h * w;
+        let (h, wd) = sizes[b];
         let width = plan.block_width[b];
-        let mut buf = vec![0.0; n * width * hw];
-        cpu::copy_channels(n, plan.block_in[b], hw, &block_input, width, 0, &mut buf)?;
+        let mut buf = Tensor::zeros(be, &[n, width, h, wd])?;
+        ops::copy_channels_into(be, &block_input, &mut buf, 0)?;
         let mut saved = Vec::with_capacity(block.len());
         for layer in block {
-            let x = channels(&buf, n, width, hw, 0, layer.c_in)?;
-            let (a1, bn1) = bn_forward(store, &layer.norm1, n, hw, &x)?;
-            let r1 = relu(&a1)?;
-            let g1 = conv_geom(store, layer.conv1, [n, layer.c_in, h, w], 1, 0)?;
-            let b1 = conv_forward(store, layer.conv1, &g1, &r1)?;
-            let (a2, bn2) = bn_forward(store, &layer.norm2, n, hw, &b1)?;
-            let r2 = relu(&a2)?;
-            let g2 = conv_geom(store, layer.conv2, [n, plan.bottleneck, h, w], 1, 1)?;
-            let out = conv_forward(store, layer.conv2, &g2, &r2)?;
-            cpu::copy_channels(n, g, hw, &out, width, layer.c_in, &mut buf)?;
+            let x = ops::slice_channels(be, &buf, 0, layer.c_in)?;
+            let (a1, bn1) = bn_forward(be, w, &layer.norm1, &x)?;
+            let r1 = ops::relu(be, &a1)?;
+            let b1 = conv_forward(be, w, plan, layer.conv1, &r1, CONV1X1)?;
+            let (a2, bn2) = bn_forward(be, w, &layer.norm2, &b1)?;
+            let r2 = ops::relu(be, &a2)?;
+            let out = conv_forward(be, w, plan, layer.conv2, &r2, CONV3X3)?;
+            ops::copy_channels_into(be, &out, &mut buf, layer.c_in)?;
             saved.push(LayerSaved {
                 bn1,
                 r1,
@@ -851,87 +1007,55 @@ fn forward(
         }
         layers.push(saved);
         if let Some(t) = plan.transitions.get(b) {
-            let (a, bn) = bn_forward(store, &t.norm, n, hw, &buf)?;
-            let r = relu(&a)?;
-            let gt = conv_geom(store, t.conv, [n, width, h, w], 1, 0)?;
-            let conv = conv_forward(store, t.conv, &gt, &r)?;
-            let pg = Pool2dGeom::new(OP, &[n, gt.c_out, gt.oh, gt.ow], Pool2dParams::new(2, 2, 0))?;
-            let mut pooled = vec![0.0; n * gt.c_out * pg.oh * pg.ow];
-            cpu::avg_pool2d_forward(&pg, &conv, &mut pooled)?;
-            transitions.push(TransitionSaved {
-                bn,
-                r,
-                hw_conv: (gt.oh, gt.ow),
-            });
-            sizes.push((pg.oh, pg.ow));
+            let (a, bn) = bn_forward(be, w, &t.norm, &buf)?;
+            let r = ops::relu(be, &a)?;
+            let conv = conv_forward(be, w, plan, t.conv, &r, CONV1X1)?;
+            let hw_conv = (conv.shape()[2], conv.shape()[3]);
+            let pooled = ops::avg_pool2d(be, &conv, transition_pool())?;
+            transitions.push(TransitionSaved { bn, r, hw_conv });
+            sizes.push((pooled.shape()[2], pooled.shape()[3]));
             block_input = pooled;
         }
-        buffers.push(buf);
+        buffers.push(Some(buf));
     }
 
     // norm5, ReLU, global average pool, head.
     let last = buffers
         .last()
+        .and_then(Option::as_ref)
         .ok_or_else(|| Error::invalid(format!("{OP}: no dense blocks")))?;
-    let (h, w) = sizes[sizes.len() - 1];
-    let c5 = plan.norm5.c;
-    let (f5, bn5) = bn_forward(store, &plan.norm5, n, h * w, last)?;
-    let a5 = relu(&f5)?;
-    let mut pooled = vec![0.0; n * c5];
-    cpu::global_avg_pool_forward(n, c5, h * w, &a5, &mut pooled)?;
-    let mut head_in = vec![pooled];
-    let mut head_scale = Vec::new();
-    let mut logits = Vec::new();
+    let (f5, bn5) = bn_forward(be, w, &plan.norm5, last)?;
+    let a5 = ops::relu(be, &f5)?;
+    let mut head_in = vec![ops::global_avg_pool(be, &a5)?];
+    let mut head_relu = Vec::new();
+    let dropout = s.dropout.filter(|&(_, _, p)| p > 0.0);
+    let mut logits = None;
     for (i, l) in plan.head.iter().enumerate() {
-        let mut y = vec![0.0; n * l.out_f];
-        let (wp, bp) = (store.get(l.w), store.get(l.b));
-        cpu::linear_forward(
-            n,
-            l.in_f,
-            l.out_f,
-            &head_in[i],
-            &wp.value,
-            Some(&bp.value),
-            &mut y,
-        )
-        .map_err(|e| named(&wp.name, e))?;
+        let y = ops::linear(be, &head_in[i], w.get(l.w)?, Some(w.get(l.b)?))
+            .map_err(|e| named(&plan.names[l.w], e))?;
         if i + 1 == plan.head.len() {
-            logits = y;
+            logits = Some(y);
         } else if l.relu_after {
-            let mut r = relu(&y)?;
-            let scale = match s.dropout {
-                Some((seed, step, p)) if p > 0.0 => {
-                    let keep = 1.0 / (1.0 - p);
-                    let scale: Vec<f32> = r
-                        .iter()
-                        .enumerate()
-                        .map(|(k, &v)| {
-                            if v > 0.0 && dropout_keep(seed, step, k as u64, p) {
-                                keep
-                            } else {
-                                0.0
-                            }
-                        })
-                        .collect();
-                    for (v, m) in r.iter_mut().zip(&scale) {
-                        *v *= m;
-                    }
-                    Some(scale)
+            let r = ops::relu(be, &y)?;
+            match dropout {
+                Some((seed, step, p)) => {
+                    head_in.push(ops::dropout(be, &r, seed, step, p)?);
+                    head_relu.push(Some(r));
                 }
-                _ => None,
-            };
-            head_scale.push(scale);
-            head_in.push(r);
+                None => {
+                    head_in.push(r);
+                    head_relu.push(None);
+                }
+            }
         } else {
-            head_scale.push(None);
+            head_relu.push(None);
             head_in.push(y);
         }
     }
+    let logits = logits
+        .ok_or_else(|| Error::invalid(format!("{OP}: the head has no layers")))?
+        .to_vec()?;
     let loss = loss::cross_entropy(&logits, plan.classes, batch.labels, s.class_weights)?;
-    let output = StepOutput {
-        logits: logits.clone(),
-        loss,
-    };
     Ok((
         Forward {
             stem,
@@ -942,55 +1066,53 @@ fn forward(
             bn5,
             a5,
             head_in,
-            head_scale,
-            logits,
+            head_relu,
+            dropout,
         },
-        output,
+        StepOutput { logits, loss },
     ))
 }
 
 // ---------------------------------------------------------------------------
 // Backward, layer by layer in reverse.
 
+#[allow(clippy::too_many_arguments)]
 fn backward(
+    be: &Backend,
     plan: &Plan,
+    w: &Weights,
     store: &mut ParamStore,
     batch: &Batch,
     f: &Forward,
+    logits: &[f32],
     s: &StepSettings,
 ) -> Result<()> {
     let n = batch.shape[0];
     let g = plan.growth;
     let first = s.first_block;
 
-    // Loss and head.
-    let mut dy =
-        loss::cross_entropy_backward(&f.logits, plan.classes, batch.labels, s.class_weights, 1.0)?;
+    // Loss (on the host) and head.
+    let dlogits =
+        loss::cross_entropy_backward(logits, plan.classes, batch.labels, s.class_weights, 1.0)?;
+    let mut dy = Tensor::from_vec(be, &[n, plan.classes], dlogits)?;
     for (i, l) in plan.head.iter().enumerate().rev() {
         let x = &f.head_in[i];
-        let mut dx = vec![0.0; x.len()];
-        let mut dw = vec![0.0; l.out_f * l.in_f];
-        let mut db = vec![0.0; l.out_f];
-        let wp = store.get(l.w);
-        cpu::linear_backward(
-            n,
-            l.in_f,
-            l.out_f,
-            x,
-            &wp.value,
-            &dy,
-            &mut dx,
-            &mut dw,
-            Some(&mut db),
-        )
-        .map_err(|e| named(&wp.name, e))?;
-        store.accumulate(l.w, &dw)?;
-        store.accumulate(l.b, &db)?;
+        let grads = ops::linear_backward(be, x, w.get(l.w)?, &dy, true)
+            .map_err(|e| named(&plan.names[l.w], e))?;
+        store.accumulate(l.w, &grads.dw.into_vec()?)?;
+        let db = grads
+            .db
+            .ok_or_else(|| Error::invalid(format!("{OP}: no bias gradient")))?;
+        store.accumulate(l.b, &db.into_vec()?)?;
+        let dx = grads.dx;
         dy = match i.checked_sub(1) {
-            Some(j) => match &f.head_scale[j] {
-                Some(scale) => dx.iter().zip(scale).map(|(d, m)| d * m).collect(),
-                None if plan.head[j].relu_after => relu_backward(x, &dx)?,
-                None => dx,
+            Some(j) => match (&f.head_relu[j], f.dropout) {
+                (Some(r), Some((seed, step, p))) => {
+                    let dr = ops::dropout_backward(be, &dx, seed, step, p)?;
+                    ops::relu_backward(be, r, &dr)?
+                }
+                _ if plan.head[j].relu_after => ops::relu_backward(be, x, &dx)?,
+                _ => dx,
             },
             None => dx,
         };
@@ -998,40 +1120,30 @@ fn backward(
 
     // Global average pool, ReLU, norm5.
     let nb = plan.blocks.len();
-    let (h, w) = f.sizes[nb - 1];
-    let c5 = plan.norm5.c;
-    let mut da5 = vec![0.0; n * c5 * h * w];
-    cpu::global_avg_pool_backward(n, c5, h * w, &dy, &mut da5)?;
-    let df5 = relu_backward(&f.a5, &da5)?;
-    let mut dbuf = bn_backward(
-        store,
-        &plan.norm5,
-        n,
-        h * w,
-        &f.buffers[nb - 1],
-        &f.bn5,
-        &df5,
-    )?;
+    let (h, wd) = f.sizes[nb - 1];
+    let da5 = ops::global_avg_pool_backward(be, &dy, h, wd)?;
+    let df5 = ops::relu_backward(be, &f.a5, &da5)?;
+    let buffer = |b: usize| {
+        f.buffers[b]
+            .as_ref()
+            .ok_or_else(|| Error::invalid(format!("{OP}: block {b} did not run")))
+    };
+    let mut dbuf = bn_backward(be, w, store, &plan.norm5, buffer(nb - 1)?, &f.bn5, &df5)?;
 
     // Blocks and transitions, last to first; `dbuf` is the gradient of the
     // current block's buffer.
     for b in (first..nb).rev() {
-        let (h, w) = f.sizes[b];
-        let hw = h * w;
-        let width = plan.block_width[b];
-        let buf = &f.buffers[b];
+        let buf = buffer(b)?;
         for (layer, s) in plan.blocks[b].iter().zip(&f.layers[b]).rev() {
-            let dout = channels(&dbuf, n, width, hw, layer.c_in, g)?;
-            let g2 = conv_geom(store, layer.conv2, [n, plan.bottleneck, h, w], 1, 1)?;
-            let dr2 = conv_backward(store, layer.conv2, &g2, &s.r2, &dout)?;
-            let da2 = relu_backward(&s.r2, &dr2)?;
-            let db1 = bn_backward(store, &layer.norm2, n, hw, &s.b1, &s.bn2, &da2)?;
-            let g1 = conv_geom(store, layer.conv1, [n, layer.c_in, h, w], 1, 0)?;
-            let dr1 = conv_backward(store, layer.conv1, &g1, &s.r1, &db1)?;
-            let da1 = relu_backward(&s.r1, &dr1)?;
-            let x = channels(buf, n, width, hw, 0, layer.c_in)?;
-            let dx = bn_backward(store, &layer.norm1, n, hw, &x, &s.bn1, &da1)?;
-            add_leading_channels(&dx, &mut dbuf, n, width, hw);
+            let dout = ops::slice_channels(be, &dbuf, layer.c_in, g)?;
+            let dr2 = conv_backward(be, w, plan, store, layer.conv2, &s.r2, &dout, CONV3X3)?;
+            let da2 = ops::relu_backward(be, &s.r2, &dr2)?;
+            let db1 = bn_backward(be, w, store, &layer.norm2, &s.b1, &s.bn2, &da2)?;
+            let dr1 = conv_backward(be, w, plan, store, layer.conv1, &s.r1, &db1, CONV1X1)?;
+            let da1 = ops::relu_backward(be, &s.r1, &dr1)?;
+            let x = ops::slice_channels(be, buf, 0, layer.c_in)?;
+            let dx = bn_backward(be, w, store, &layer.norm1, &x, &s.bn1, &da1)?;
+            ops::add_channels_into(be, &dx, &mut dbuf, 0)?;
         }
         if b == first {
             break;
@@ -1039,57 +1151,45 @@ fn backward(
         // The block's input came from transition b−1: avg pool ← conv ← ReLU ← norm.
         let t = &plan.transitions[b - 1];
         let ts = &f.transitions[b - 1 - first];
-        let c_in = plan.block_in[b];
-        let dpooled = channels(&dbuf, n, width, hw, 0, c_in)?;
+        let dpooled = ops::slice_channels(be, &dbuf, 0, plan.block_in[b])?;
         let (ch, cw) = ts.hw_conv;
-        let pg = Pool2dGeom::new(OP, &[n, c_in, ch, cw], Pool2dParams::new(2, 2, 0))?;
-        let mut dconv = vec![0.0; n * c_in * ch * cw];
-        cpu::avg_pool2d_backward(&pg, &dpooled, &mut dconv)?;
-        let (ph, pw) = f.sizes[b - 1];
-        let prev_width = plan.block_width[b - 1];
-        let gt = conv_geom(store, t.conv, [n, prev_width, ph, pw], 1, 0)?;
-        let dr = conv_backward(store, t.conv, &gt, &ts.r, &dconv)?;
-        let da = relu_backward(&ts.r, &dr)?;
-        dbuf = bn_backward(store, &t.norm, n, ph * pw, &f.buffers[b - 1], &ts.bn, &da)?;
+        let dconv = ops::avg_pool2d_backward(be, &dpooled, transition_pool(), ch, cw)?;
+        let dr = conv_backward(be, w, plan, store, t.conv, &ts.r, &dconv, CONV1X1)?;
+        let da = ops::relu_backward(be, &ts.r, &dr)?;
+        dbuf = bn_backward(be, w, store, &t.norm, buffer(b - 1)?, &ts.bn, &da)?;
     }
 
     // Stem: max pool ← ReLU ← norm0 ← conv0.
     let Some(st) = &f.stem else {
         return Ok(());
     };
-    let (h, w) = f.sizes[0];
-    let dp0 = channels(&dbuf, n, plan.block_width[0], h * w, 0, plan.f0)?;
-    let mut dr0 = vec![0.0; st.r0.len()];
-    cpu::max_pool2d_backward(&st.pool0, &st.r0, &dp0, &mut dr0)?;
-    let dn0 = relu_backward(&st.r0, &dr0)?;
-    let hw0 = st.g0.oh * st.g0.ow;
-    let dc0 = bn_backward(store, &plan.norm0, n, hw0, &st.c0, &st.bn0, &dn0)?;
-    conv_backward(store, plan.conv0, &st.g0, batch.input, &dc0)?;
+    let dp0 = ops::slice_channels(be, &dbuf, 0, plan.f0)?;
+    let dr0 = ops::max_pool2d_backward(be, &st.r0, &dp0, pool0())?;
+    let dn0 = ops::relu_backward(be, &st.r0, &dr0)?;
+    let dc0 = bn_backward(be, w, store, &plan.norm0, &st.c0, &st.bn0, &dn0)?;
+    conv_backward(be, w, plan, store, plan.conv0, &st.input, &dc0, CONV0)?;
     Ok(())
 }
 
 // ---------------------------------------------------------------------------
 // Eval-mode forward (running statistics, nothing kept).
 
-fn bn_eval(store: &ParamStore, bn: &Bn, n: usize, hw: usize, x: &[f32]) -> Result<Vec<f32>> {
-    let mut y = vec![0.0; x.len()];
-    cpu::norm::batchnorm_forward(
-        n,
-        bn.c,
-        hw,
+fn bn_relu_eval(be: &Backend, w: &Weights, bn: &Bn, x: &Tensor) -> Result<Tensor> {
+    let y = ops::batchnorm(
+        be,
         x,
-        &store.get(bn.gamma).value,
-        &store.get(bn.beta).value,
-        &store.get(bn.mean).value,
-        &store.get(bn.var).value,
+        w.get(bn.gamma)?,
+        w.get(bn.beta)?,
+        w.get(bn.mean)?,
+        w.get(bn.var)?,
         BN_EPS,
-        &mut y,
     )
     .map_err(|e| named(&bn.name, e))?;
-    Ok(y)
+    ops::relu(be, &y)
 }
 
 fn eval_forward(
+    be: &Backend,
     plan: &Plan,
     store: &ParamStore,
     input: &[f32],
@@ -1097,6 +1197,7 @@ fn eval_forward(
     first: usize,
     stop: usize,
 ) -> Result<(Vec<f32>, [usize; 4])> {
+    check_precision(be)?;
     let nb = plan.blocks.len();
     if first > stop || stop > nb {
         return Err(Error::invalid(format!(
@@ -1113,71 +1214,45 @@ fn eval_forward(
         },
         first,
     )?;
+    let w = Weights::upload(be, store, &plan.ids(first, stop))?;
     let n = shape[0];
-    let (mut x, mut size) = if first == 0 {
-        let g0 = conv_geom(store, plan.conv0, shape, 2, 3)?;
-        let c0 = conv_forward(store, plan.conv0, &g0, input)?;
-        let r0 = relu(&bn_eval(store, &plan.norm0, n, g0.oh * g0.ow, &c0)?)?;
-        let pool0 = Pool2dGeom::new(OP, &[n, plan.f0, g0.oh, g0.ow], Pool2dParams::new(3, 2, 1))?;
-        let mut p0 = vec![0.0; n * plan.f0 * pool0.oh * pool0.ow];
-        cpu::max_pool2d_forward(&pool0, &r0, &mut p0)?;
-        (p0, (pool0.oh, pool0.ow))
-    } else {
-        (input.to_vec(), (shape[2], shape[3]))
-    };
+    let mut x = Tensor::from_slice(be, &shape, input)?;
+    if first == 0 {
+        let c0 = conv_forward(be, &w, plan, plan.conv0, &x, CONV0)?;
+        let r0 = bn_relu_eval(be, &w, &plan.norm0, &c0)?;
+        x = ops::max_pool2d(be, &r0, pool0())?;
+    }
     for b in first..stop {
-        let (h, w) = size;
-        let hw = h * w;
-        let width = plan.block_width[b];
-        let mut buf = vec![0.0; n * width * hw];
-        cpu::copy_channels(n, plan.block_in[b], hw, &x, width, 0, &mut buf)?;
+        let (h, wd) = (x.shape()[2], x.shape()[3]);
+        let mut buf = Tensor::zeros(be, &[n, plan.block_width[b], h, wd])?;
+        ops::copy_channels_into(be, &x, &mut buf, 0)?;
         for layer in &plan.blocks[b] {
-            let xin = channels(&buf, n, width, hw, 0, layer.c_in)?;
-            let r1 = relu(&bn_eval(store, &layer.norm1, n, hw, &xin)?)?;
-            let g1 = conv_geom(store, layer.conv1, [n, layer.c_in, h, w], 1, 0)?;
-            let b1 = conv_forward(store, layer.conv1, &g1, &r1)?;
-            let r2 = relu(&bn_eval(store, &layer.norm2, n, hw, &b1)?)?;
-            let g2 = conv_geom(store, layer.conv2, [n, plan.bottleneck, h, w], 1, 1)?;
-            let out = conv_forward(store, layer.conv2, &g2, &r2)?;
-            cpu::copy_channels(n, plan.growth, hw, &out, width, layer.c_in, &mut buf)?;
+            let xin = ops::slice_channels(be, &buf, 0, layer.c_in)?;
+            let r1 = bn_relu_eval(be, &w, &layer.norm1, &xin)?;
+            let b1 = conv_forward(be, &w, plan, layer.conv1, &r1, CONV1X1)?;
+            let r2 = bn_relu_eval(be, &w, &layer.norm2, &b1)?;
+            let out = conv_forward(be, &w, plan, layer.conv2, &r2, CONV3X3)?;
+            ops::copy_channels_into(be, &out, &mut buf, layer.c_in)?;
         }
-        match plan.transitions.get(b) {
+        x = match plan.transitions.get(b) {
             Some(t) => {
-                let r = relu(&bn_eval(store, &t.norm, n, hw, &buf)?)?;
-                let gt = conv_geom(store, t.conv, [n, width, h, w], 1, 0)?;
-                let conv = conv_forward(store, t.conv, &gt, &r)?;
-                let pg =
-                    Pool2dGeom::new(OP, &[n, gt.c_out, gt.oh, gt.ow], Pool2dParams::new(2, 2, 0))?;
-                let mut pooled = vec![0.0; n * gt.c_out * pg.oh * pg.ow];
-                cpu::avg_pool2d_forward(&pg, &conv, &mut pooled)?;
-                x = pooled;
-                size = (pg.oh, pg.ow);
+                let r = bn_relu_eval(be, &w, &t.norm, &buf)?;
+                let conv = conv_forward(be, &w, plan, t.conv, &r, CONV1X1)?;
+                ops::avg_pool2d(be, &conv, transition_pool())?
             }
-            None => x = buf,
-        }
+            None => buf,
+        };
     }
     if stop < nb {
-        return Ok((x, [n, plan.block_in[stop], size.0, size.1]));
+        let out_shape = [n, plan.block_in[stop], x.shape()[2], x.shape()[3]];
+        return Ok((x.into_vec()?, out_shape));
     }
-    let (h, w) = size;
-    let c5 = plan.norm5.c;
-    let a5 = relu(&bn_eval(store, &plan.norm5, n, h * w, &x)?)?;
-    let mut h_in = vec![0.0; n * c5];
-    cpu::global_avg_pool_forward(n, c5, h * w, &a5, &mut h_in)?;
+    let a5 = bn_relu_eval(be, &w, &plan.norm5, &x)?;
+    let mut h_in = ops::global_avg_pool(be, &a5)?;
     for l in &plan.head {
-        let mut y = vec![0.0; n * l.out_f];
-        let (wp, bp) = (store.get(l.w), store.get(l.b));
-        cpu::linear_forward(
-            n,
-            l.in_f,
-            l.out_f,
-            &h_in,
-            &wp.value,
-            Some(&bp.value),
-            &mut y,
-        )
-        .map_err(|e| named(&wp.name, e))?;
-        h_in = if l.relu_after { relu(&y)? } else { y };
+        let y = ops::linear(be, &h_in, w.get(l.w)?, Some(w.get(l.b)?))
+            .map_err(|e| named(&plan.names[l.w], e))?;
+        h_in = if l.relu_after { ops::relu(be, &y)? } else { y };
     }
-    Ok((h_in, [n, plan.classes, 1, 1]))
+    Ok((h_in.into_vec()?, [n, plan.classes, 1, 1]))
 }

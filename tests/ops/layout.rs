@@ -1,6 +1,6 @@
 //! Data movement (kernels/layout.cu: nearest ×2 upsampling and its backward,
-//! channel concatenation, `copy_channels_into` and `slice_channels`) against
-//! the CPU reference,
+//! channel concatenation, `copy_channels_into`, `slice_channels` and
+//! `add_channels_into`) against the CPU reference,
 //! on the emulated device and on a CUDA GPU when there is one, plus the ops
 //! layer's shape errors.
 //!
@@ -163,11 +163,55 @@ fn slice_matches_cpu(be: &Backend) {
     });
 }
 
+/// `add_channels_into`: one f32 add per element into a channel range of a
+/// prefilled tensor (the other channels untouched), bit-exact against the
+/// CPU reference, which is checked against a direct index.
+fn add_channels_matches_cpu(be: &Backend) {
+    let case = (
+        1usize..=3,
+        1usize..=6,
+        0usize..=3,
+        prop::collection::vec(1usize..=7, 0..=2),
+        any::<u64>(),
+    );
+    run(be, case, |be, (n, c, spare, spatial, seed)| {
+        let ctx = format!("add_channels n {n} c {c} spare {spare} spatial {spatial:?} seed {seed}");
+        let mut rng = Rng(seed);
+        let offset = spare / 2;
+        let wide = [vec![n, c + spare], spatial.clone()].concat();
+        let narrow = [vec![n, c], spatial.clone()].concat();
+        let (mut dc, mut dd) = pair(be, &wide, &rng.vec(numel(&wide), -4.0, 4.0))?;
+        let (sc, sd) = pair(be, &narrow, &rng.vec(numel(&narrow), -4.0, 4.0))?;
+        let before = ok(dc.to_vec())?;
+        ok(ops::add_channels_into(
+            &Backend::cpu(),
+            &sc,
+            &mut dc,
+            offset,
+        ))?;
+        ok(ops::add_channels_into(be, &sd, &mut dd, offset))?;
+        let reference = ok(dc.to_vec())?;
+        let hw: usize = spatial.iter().product();
+        let src = ok(sc.to_vec())?;
+        for (i, (&r, &b)) in reference.iter().zip(&before).enumerate() {
+            let (img, ch, p) = (i / ((c + spare) * hw), (i / hw) % (c + spare), i % hw);
+            let want = if (offset..offset + c).contains(&ch) {
+                b + src[(img * c + ch - offset) * hw + p]
+            } else {
+                b
+            };
+            prop_assert_eq!(r.to_bits(), want.to_bits(), "{}: CPU at {}", ctx, i);
+        }
+        exact(&ctx, &reference, &ok(dd.to_vec())?)
+    });
+}
+
 on_devices!(
     upsample_matches_cpu,
     upsample_backward_matches_cpu,
     concat_matches_cpu,
-    slice_matches_cpu
+    slice_matches_cpu,
+    add_channels_matches_cpu
 );
 
 #[test]
@@ -224,5 +268,15 @@ fn shape_errors() {
         ops::slice_channels_into(&be, &dst, 0, &mut zeros(&be, &[1, 2, 5, 4])),
         "slice_channels",
         &["[1, 3, 5, 5]", "[1, 2, 5, 4]"],
+    );
+    expect_shape_error(
+        ops::add_channels_into(&be, &x, &mut zeros(&be, &[1, 3, 5, 4]), 0),
+        "add_channels",
+        &["[1, 2, 5, 5]", "[1, 3, 5, 4]"],
+    );
+    expect_shape_error(
+        ops::add_channels_into(&be, &x, &mut zeros(&be, &[1, 3, 5, 5]), 2),
+        "add_channels",
+        &["offset 2", "[1, 3, 5, 5]"],
     );
 }

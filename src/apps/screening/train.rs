@@ -5,7 +5,8 @@
 //! DenseNet `state_dict` (or seeds a DenseNet-121 backbone with
 //! torchvision's initialization, [`random_backbone`]), computes every
 //! labelled image's pooled features **once** with the inference network
-//! ([`predict`], the pre-processing of `screen predict`, on the CPU), keeps
+//! ([`predict`], the pre-processing of `screen predict`; on any device with
+//! [`screen_train_on`]), keeps
 //! them in memory (`images × features` floats), splits the images by file
 //! into training and validation sets (stratified, seeded,
 //! [`stratified_split`]), trains the head on the cached features
@@ -51,6 +52,11 @@
 //!   [`counter_u64`](crate::rng::counter_u64)`(seed, epoch, image row)`.
 //!   The cached `Last` activations are not augmented (a flip does not
 //!   commute with the frozen convolutions).
+//!
+//! With [`screen_train_on`] the feature pass and all of stage 2 (the frozen
+//! part's pass, the training steps, validation) run on the given device
+//! through [`DenseNetTrainer::step_on`]; stage 1's head and the optimizers
+//! stay on the host.
 //!
 //! Validation runs the network in eval mode each epoch; stage-2 epochs are
 //! numbered after stage 1's, appended to the same metrics CSV (`stage` 2)
@@ -1024,6 +1030,16 @@ pub struct LabelledFeatures {
 /// not in the list; a labelled image that cannot be read.
 pub fn labelled_features(
     src: &FeatureSource,
+    progress: impl FnMut(usize, usize),
+) -> Result<LabelledFeatures> {
+    labelled_features_on(&Backend::cpu(), src, progress)
+}
+
+/// [`labelled_features`] with the inference network on `be`'s device
+/// (the pre-processing stays on the host, as in `screen predict`).
+pub fn labelled_features_on(
+    be: &Backend,
+    src: &FeatureSource,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<LabelledFeatures> {
     let labels = read_labels(src.labels)?;
@@ -1064,10 +1080,9 @@ pub fn labelled_features(
         }
     };
     // The pooled features do not depend on the head: any one loads the net.
-    let be = Backend::cpu();
     let probe = Head::fresh(HeadKind::Linear, dim, 0)?;
     let model_file = TensorFile::from_bytes(&origin, assemble(&backbone, &probe)?.to_bytes()?)?;
-    let model = DenseNet::from_file(&be, &model_file)?;
+    let model = DenseNet::from_file(be, &model_file)?;
     drop(model_file);
 
     let pre = Preprocess {
@@ -1079,7 +1094,7 @@ pub fn labelled_features(
     let total = entries.len();
     progress(0, total);
     let run = predict(
-        &be,
+        be,
         &model,
         &entries,
         &PredictOptions {
@@ -1160,8 +1175,27 @@ struct Record<'a> {
 /// options; a write failure.
 pub fn screen_train(
     o: &ScreenTrainOptions,
+    progress: impl FnMut(TrainProgress),
+) -> Result<ScreenTrainSummary> {
+    screen_train_on(&Backend::cpu(), o, progress)
+}
+
+/// [`screen_train`] on `be`'s device: the feature pass (the inference
+/// network), and stage 2's frozen-part pass, training steps and validation
+/// ([`DenseNetTrainer::step_on`]). Stage 1's head trains on the host, on
+/// the cached pooled features (`images × features` floats). `be` must be
+/// f32 (training runs in f32).
+pub fn screen_train_on(
+    be: &Backend,
+    o: &ScreenTrainOptions,
     mut progress: impl FnMut(TrainProgress),
 ) -> Result<ScreenTrainSummary> {
+    if be.precision() != crate::precision::Precision::F32 {
+        return Err(Error::invalid(format!(
+            "screen train runs in f32 only, the backend is {}",
+            be.precision()
+        )));
+    }
     check_head_options(&o.train)?;
     if let Some(ft) = &o.fine_tune {
         check_fine_tune(ft, o.train.lr)?;
@@ -1210,7 +1244,8 @@ pub fn screen_train(
         unlabeled,
         preprocess: pre,
         seconds: feature_seconds,
-    } = labelled_features(
+    } = labelled_features_on(
+        be,
         &FeatureSource {
             images: &o.images,
             labels: &o.labels,
@@ -1227,7 +1262,6 @@ pub fn screen_train(
         Some(h) => h,
         None => Head::fresh(o.head, dim, head_seed(o.train.seed))?,
     };
-    let be = Backend::cpu();
     let split = stratified_split(&kept_labels, o.val_fraction, o.train.seed).map_err(|e| {
         Error::format(
             &o.labels,
@@ -1268,6 +1302,7 @@ pub fn screen_train(
             .as_deref()
             .ok_or_else(|| Error::invalid("stage 2 without a checkpoint path"))?;
         let (state, mut summary) = fine_tune(
+            be,
             &stage1,
             &data,
             &o.train,
@@ -1312,7 +1347,10 @@ pub fn screen_train(
     out.set_metadata(TRAIN_METADATA_KEY, &json);
     let bytes = out.to_bytes()?;
     // What is written must load as the network `screen predict` runs.
-    let written = DenseNet::from_file(&be, &TensorFile::from_bytes(&o.output, bytes.clone())?)?;
+    let written = DenseNet::from_file(
+        &Backend::cpu(),
+        &TensorFile::from_bytes(&o.output, bytes.clone())?,
+    )?;
     write_atomic(&o.output, &bytes)?;
     let stage2_epochs = stage2.as_ref().map_or(&[][..], |s| &s.epochs[..]);
     write_metrics(&metrics_path, &result.epochs, stage2_epochs)?;
@@ -1436,7 +1474,9 @@ struct Stage2Progress {
 /// Stage 2 (see the module docs) from the stage-1 network `stage1`;
 /// `baseline` is stage 1's best epoch and its epoch count. Returns the
 /// state of stage 2's best epoch (`None` when none beat stage 1).
+#[allow(clippy::too_many_arguments)]
 fn fine_tune(
+    be: &Backend,
     stage1: &TensorFile,
     data: &Stage2Data,
     o: &HeadTrainOptions,
@@ -1487,7 +1527,7 @@ fn fine_tune(
         let mut values = vec![0.0f32; n * per];
         let all: Vec<usize> = (0..n).collect();
         image_batches(data, &all, bs, |rows, x, shape| {
-            let (act, _) = trainer.eval_forward(&x, shape, 0, first)?;
+            let (act, _) = trainer.eval_forward_on(be, &x, shape, 0, first)?;
             for (k, &r) in rows.iter().enumerate() {
                 values[r * per..(r + 1) * per].copy_from_slice(&act[k * per..(k + 1) * per]);
             }
@@ -1588,7 +1628,7 @@ fn fine_tune(
                 shape,
                 labels: &t,
             };
-            let out = trainer.step_with(&batch, &settings, lr)?;
+            let out = trainer.step_on(be, &batch, &settings, lr)?;
             if !out.loss.is_finite() {
                 return Err(Error::invalid(format!(
                     "stage 2 diverged at epoch {epoch}: the loss is {} (try a lower --unfreeze-lr)",
@@ -1620,12 +1660,13 @@ fn fine_tune(
             Some((values, [c, h, w])) => {
                 for rows in data.split.val.chunks(bs) {
                     let x = gather(values, c * h * w, rows);
-                    let (l, _) = trainer.eval_forward(&x, [rows.len(), *c, *h, *w], first, nb)?;
+                    let (l, _) =
+                        trainer.eval_forward_on(be, &x, [rows.len(), *c, *h, *w], first, nb)?;
                     logits.extend_from_slice(&l);
                 }
             }
             None => image_batches(data, &data.split.val, bs, |_, x, shape| {
-                let (l, _) = trainer.eval_forward(&x, shape, 0, nb)?;
+                let (l, _) = trainer.eval_forward_on(be, &x, shape, 0, nb)?;
                 logits.extend_from_slice(&l);
                 Ok(())
             })?,

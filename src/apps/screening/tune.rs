@@ -29,7 +29,8 @@
 //! to model and its trials explore; the validation loss then picks the best.
 //!
 //! **Shared work.** The backbone's pooled features are computed once
-//! ([`labelled_features`]), and every trial trains a fresh head on that
+//! ([`labelled_features`](super::train::labelled_features), on the device of
+//! [`screen_tune_on`]), and every trial trains a fresh head on that
 //! cache with [`train_head`]. Every trial uses the same seeded,
 //! stratified train/validation split, the same head initialization seed,
 //! shuffles and dropout masks as `screen train --seed S` (common random
@@ -62,7 +63,7 @@ use serde::{Deserialize, Serialize};
 
 use super::preprocess::SkipReason;
 use super::train::{
-    assemble, head_seed, labelled_features, stratified_split, train_head, FeatureSet,
+    assemble, head_seed, labelled_features_on, stratified_split, train_head, FeatureSet,
     FeatureSource, Head, HeadKind, HeadTrainOptions, HeadTrainResult, Init,
 };
 use crate::csv::{CsvFile, CsvWriter};
@@ -1006,8 +1007,21 @@ fn check_options(o: &TuneOptions) -> Result<Vec<ParamRange>> {
 /// Invalid options or bounds; an output that is an input; an existing log
 /// without `--resume` or `--force`, or `--resume` of a log that is missing
 /// or was written with other settings; the errors of
-/// [`labelled_features`]; a write failure.
-pub fn screen_tune(o: &TuneOptions, mut progress: impl FnMut(TuneProgress)) -> Result<TuneSummary> {
+/// [`labelled_features`](super::train::labelled_features); a write failure.
+pub fn screen_tune(o: &TuneOptions, progress: impl FnMut(TuneProgress)) -> Result<TuneSummary> {
+    screen_tune_on(&Backend::cpu(), o, progress)
+}
+
+/// [`screen_tune`] with the feature pass (the inference network) on `be`'s
+/// device; the trials train heads on the host, on the cached features. The
+/// log's fingerprint covers the features, so a log is resumed only with
+/// features equal to its own (the same device kind and precision, in
+/// practice).
+pub fn screen_tune_on(
+    be: &Backend,
+    o: &TuneOptions,
+    mut progress: impl FnMut(TuneProgress),
+) -> Result<TuneSummary> {
     let start = Instant::now();
     let space = check_options(o)?;
     let log_path = o
@@ -1052,7 +1066,8 @@ pub fn screen_tune(o: &TuneOptions, mut progress: impl FnMut(TuneProgress)) -> R
         _ => {}
     }
 
-    let feats = labelled_features(
+    let feats = labelled_features_on(
+        be,
         &FeatureSource {
             images: &o.images,
             labels: &o.labels,
