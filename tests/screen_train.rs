@@ -7,6 +7,8 @@
 //! 5-class head is replaced by a fresh 2-class one). Stage 2
 //! (`--unfreeze`) runs on the same data.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -16,63 +18,26 @@ use cellmorph::apps::screening::train::{
     screen_train, stratified_split, train_head, FeatureSet, FineTuneOptions, Head, HeadKind,
     HeadTrainOptions, Init, ScreenTrainOptions, Unfreeze, TRAIN_METADATA_KEY,
 };
-use cellmorph::imaging::{BitDepth, GrayImage};
 use cellmorph::io::TensorFile;
 use cellmorph::models::densenet::{DenseNet, DenseNetArch};
-use cellmorph::rng::SplitMix64;
 use cellmorph::Backend;
 
-fn tmp(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "cellmorph-screen-train-{tag}-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn tmp(tag: &str) -> common::TempDir {
+    common::TempDir::new("screen-train", tag)
 }
 
 fn small_weights() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/densenet_small.weights.safetensors")
 }
 
-/// One 306×226 8-bit image: a smooth field with noise; `textured` adds a
-/// checkerboard of 4-pixel squares with a seeded amplitude.
-fn synthetic(seed: u64, textured: bool) -> GrayImage {
-    let (w, h) = (306usize, 226usize);
-    let mut rng = SplitMix64::new(seed);
-    let amplitude = if textured {
-        rng.uniform(30.0, 60.0)
-    } else {
-        0.0
-    };
-    let data: Vec<u16> = (0..w * h)
-        .map(|i| {
-            let (x, y) = (i % w, i / w);
-            let base = 90.0 + 10.0 * (x as f64 / 40.0).sin() + 10.0 * (y as f64 / 30.0).cos();
-            let sign = if (x / 4 + y / 4) % 2 == 0 { 1.0 } else { -1.0 };
-            (base + sign * amplitude + rng.uniform(-6.0, 6.0)).round() as u16
-        })
-        .collect();
-    GrayImage::new(w, h, BitDepth::Eight, data).unwrap()
-}
-
 /// `n` images of each class in `dir/images`, and `dir/labels.csv`.
 fn data_set(dir: &Path, n: usize) -> (PathBuf, PathBuf) {
-    let imgs = dir.join("images");
-    std::fs::create_dir_all(&imgs).unwrap();
-    let mut labels = String::from("image,label\n");
-    for i in 0..2 * n {
-        let positive = i % 2 == 1;
-        let name = format!("img{i:02}.png");
-        synthetic(100 + i as u64, positive)
-            .save(imgs.join(&name))
-            .unwrap();
-        labels.push_str(&format!("{name},{}\n", u8::from(positive)));
+    common::TextureImages {
+        amplitude: (30.0, 60.0),
+        noise: 6.0,
+        first_seed: 100,
     }
-    let labels_path = dir.join("labels.csv");
-    std::fs::write(&labels_path, labels).unwrap();
-    (imgs, labels_path)
+    .write(dir, n)
 }
 
 fn cellmorph(args: &[&std::ffi::OsStr]) -> Output {
