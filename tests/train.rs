@@ -414,53 +414,28 @@ fn a_cp2image_training_step_matches_pytorch() {
 /// `cellmorph train-step --model cp2image` on the golden's state and batch.
 #[test]
 fn the_cp2image_train_step_command_reproduces_the_losses() {
-    use cellmorph::io::TensorWriter;
     let f = TensorFile::open(common::fixture_path("cp2image_train_step.safetensors")).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (weights, batch) = (
-        dir.path().join("w.safetensors"),
-        dir.path().join("b.safetensors"),
+    let (weights, batch) = common::train_step_inputs(
+        &f,
+        dir.path(),
+        &[("G.before.", "G."), ("D.before.", "D.")],
+        &["z", "x", "x_real"],
     );
-    let mut w = TensorWriter::new();
-    let mut b = TensorWriter::new();
-    for name in f.names() {
-        for net in ["G", "D"] {
-            if let Some(key) = name.strip_prefix(&format!("{net}.before.")) {
-                if key.ends_with("num_batches_tracked") {
-                    let (shape, v) = f.i64(&name).unwrap();
-                    w.add_slice(&format!("{net}.{key}"), &shape, &v).unwrap();
-                } else {
-                    let (shape, v) = f.f32(&name).unwrap();
-                    w.add_slice(&format!("{net}.{key}"), &shape, &v).unwrap();
-                }
-            }
-        }
-        if ["z", "x", "x_real"].contains(&name.as_str()) {
-            let (shape, v) = f.f32(&name).unwrap();
-            b.add_slice(&name, &shape, &v).unwrap();
-        }
-    }
-    w.write(&weights).unwrap();
-    b.write(&batch).unwrap();
     let out = dir.path().join("out.safetensors");
-    let st = std::process::Command::new(env!("CARGO_BIN_EXE_cellmorph"))
-        .args([
-            "train-step",
+    let st = common::train_step_command(
+        &[
             "--model",
             "cp2image",
             "--lr",
             "2e-4",
             "--betas",
             "0.5,0.999",
-        ])
-        .arg("--weights")
-        .arg(&weights)
-        .arg("--batch")
-        .arg(&batch)
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
+        ],
+        &weights,
+        &batch,
+        &out,
+    );
     assert!(
         st.status.success(),
         "{}",

@@ -171,29 +171,12 @@ fn bits(f: &TensorFile) -> BTreeMap<String, Vec<u32>> {
 
 /// Splits the golden into `train-step`'s weights and batch files in `dir`.
 fn golden_inputs(f: &TensorFile, dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (weights, batch) = (dir.join("w.safetensors"), dir.join("b.safetensors"));
-    let mut w = TensorWriter::new();
-    let mut b = TensorWriter::new();
-    for name in f.names() {
-        for net in ["G", "D"] {
-            if let Some(key) = name.strip_prefix(&format!("{net}.before.")) {
-                if key.ends_with("num_batches_tracked") {
-                    let (shape, v) = f.i64(&name).unwrap();
-                    w.add_slice(&format!("{net}.{key}"), &shape, &v).unwrap();
-                } else {
-                    let (shape, v) = f.f32(&name).unwrap();
-                    w.add_slice(&format!("{net}.{key}"), &shape, &v).unwrap();
-                }
-            }
-        }
-        if ["z", "x", "x_real"].contains(&name.as_str()) {
-            let (shape, v) = f.f32(&name).unwrap();
-            b.add_slice(&name, &shape, &v).unwrap();
-        }
-    }
-    w.write(&weights).unwrap();
-    b.write(&batch).unwrap();
-    (weights, batch)
+    common::train_step_inputs(
+        f,
+        dir,
+        &[("G.before.", "G."), ("D.before.", "D.")],
+        &["z", "x", "x_real"],
+    )
 }
 
 /// `cellmorph train-step --model cp2image --device emulated` on the
@@ -204,17 +187,21 @@ fn the_emulated_train_step_command_matches_pytorch() {
     let dir = tempfile::tempdir().unwrap();
     let (weights, batch) = golden_inputs(&f, dir.path());
     let out = dir.path().join("out.safetensors");
-    let st = Command::new(env!("CARGO_BIN_EXE_cellmorph"))
-        .args(["train-step", "--model", "cp2image", "--device", "emulated"])
-        .args(["--lr", "2e-4", "--betas", "0.5,0.999"])
-        .arg("--weights")
-        .arg(&weights)
-        .arg("--batch")
-        .arg(&batch)
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let st = common::train_step_command(
+        &[
+            "--model",
+            "cp2image",
+            "--device",
+            "emulated",
+            "--lr",
+            "2e-4",
+            "--betas",
+            "0.5,0.999",
+        ],
+        &weights,
+        &batch,
+        &out,
+    );
     let err = String::from_utf8_lossy(&st.stderr);
     assert!(st.status.success(), "{err}");
     assert!(err.contains("emulated"), "names the device: {err}");

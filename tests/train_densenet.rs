@@ -290,47 +290,16 @@ fn gradients_match_finite_differences() {
 /// bit for bit (the library's step is checked against PyTorch above).
 #[test]
 fn the_train_step_command_writes_the_library_step() {
-    use cellmorph::io::TensorWriter;
     let g = golden();
     let dir = tempfile::tempdir().unwrap();
-    let weights = dir.path().join("before.safetensors");
-    let mut w = TensorWriter::new();
-    for name in g.file.names() {
-        let Some(key) = name.strip_prefix("before.") else {
-            continue;
-        };
-        if key.ends_with("num_batches_tracked") {
-            let (s, v) = g.file.i64(&name).unwrap();
-            w.add_slice(key, &s, &v).unwrap();
-        } else {
-            let (s, v) = g.file.f32(&name).unwrap();
-            w.add_slice(key, &s, &v).unwrap();
-        }
-    }
-    w.write(&weights).unwrap();
-    let batch = dir.path().join("batch.safetensors");
-    let mut b = TensorWriter::new();
-    b.add_slice("input", &g.shape, &g.input).unwrap();
-    let labels: Vec<i64> = g.labels.iter().map(|&l| l as i64).collect();
-    b.add_slice("labels", &[labels.len()], &labels).unwrap();
-    b.write(&batch).unwrap();
+    let (weights, batch) = command_inputs(&g, dir.path());
     let out = dir.path().join("out.safetensors");
-    let st = std::process::Command::new(env!("CARGO_BIN_EXE_cellmorph"))
-        .args([
-            "train-step",
-            "--model",
-            "densenet",
-            "--lr",
-            "1e-3",
-            "--weights",
-        ])
-        .arg(&weights)
-        .arg("--batch")
-        .arg(&batch)
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let st = common::train_step_command(
+        &["--model", "densenet", "--lr", "1e-3"],
+        &weights,
+        &batch,
+        &out,
+    );
     assert!(
         st.status.success(),
         "train-step failed: {}",
@@ -360,15 +329,7 @@ fn the_train_step_command_writes_the_library_step() {
     assert_eq!(o.f32("logits").unwrap().1, step.output.logits);
     assert_eq!(o.f32("loss").unwrap().1, vec![step.output.loss]);
     // The output may not replace an input.
-    let st = std::process::Command::new(env!("CARGO_BIN_EXE_cellmorph"))
-        .args(["train-step", "--model", "densenet", "--weights"])
-        .arg(&weights)
-        .arg("--batch")
-        .arg(&batch)
-        .arg("--output")
-        .arg(&batch)
-        .output()
-        .unwrap();
+    let st = common::train_step_command(&["--model", "densenet"], &weights, &batch, &batch);
     assert!(!st.status.success());
     assert!(String::from_utf8_lossy(&st.stderr).contains("would destroy the input"));
 }
@@ -379,29 +340,7 @@ fn the_train_step_command_writes_the_library_step() {
 /// Writes the golden's `before.` state and its batch as the two input files
 /// of `train-step`.
 fn command_inputs(g: &Golden, dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    use cellmorph::io::TensorWriter;
-    let weights = dir.join("before.safetensors");
-    let mut w = TensorWriter::new();
-    for name in g.file.names() {
-        let Some(key) = name.strip_prefix("before.") else {
-            continue;
-        };
-        if key.ends_with("num_batches_tracked") {
-            let (s, v) = g.file.i64(&name).unwrap();
-            w.add_slice(key, &s, &v).unwrap();
-        } else {
-            let (s, v) = g.file.f32(&name).unwrap();
-            w.add_slice(key, &s, &v).unwrap();
-        }
-    }
-    w.write(&weights).unwrap();
-    let batch = dir.join("batch.safetensors");
-    let mut b = TensorWriter::new();
-    b.add_slice("input", &g.shape, &g.input).unwrap();
-    let labels: Vec<i64> = g.labels.iter().map(|&l| l as i64).collect();
-    b.add_slice("labels", &[labels.len()], &labels).unwrap();
-    b.write(&batch).unwrap();
-    (weights, batch)
+    common::train_step_inputs(&g.file, dir, &[("before.", "")], &["input", "labels"])
 }
 
 /// `cellmorph train-step --model densenet --device DEVICE` on the golden,
@@ -410,16 +349,12 @@ fn command_step(g: &Golden, device: &str) -> TrainStep {
     let dir = tempfile::tempdir().unwrap();
     let (weights, batch) = command_inputs(g, dir.path());
     let out = dir.path().join("out.safetensors");
-    let st = std::process::Command::new(env!("CARGO_BIN_EXE_cellmorph"))
-        .args(["train-step", "--model", "densenet", "--lr", "1e-3"])
-        .args(["--device", device, "--weights"])
-        .arg(&weights)
-        .arg("--batch")
-        .arg(&batch)
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let st = common::train_step_command(
+        &["--model", "densenet", "--lr", "1e-3", "--device", device],
+        &weights,
+        &batch,
+        &out,
+    );
     assert!(
         st.status.success(),
         "train-step --device {device} failed: {}",

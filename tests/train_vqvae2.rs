@@ -215,22 +215,10 @@ fn decoder_gradients_match_finite_differences() {
 fn the_train_step_command_reproduces_the_golden() {
     let f = golden();
     let dir = tempfile::tempdir().unwrap();
-    let weights = before_file(&f, dir.path());
-    let batch = dir.path().join("batch.safetensors");
-    let (shape, x) = f.f32("input").unwrap();
-    let mut w = TensorWriter::new();
-    w.add_slice("input", &shape, &x).unwrap();
-    w.write(&batch).unwrap();
+    let (weights, batch) =
+        common::train_step_inputs(&f, dir.path(), &[("before.", "")], &["input"]);
     let out = dir.path().join("out.safetensors");
-    let st = Command::new(env!("CARGO_BIN_EXE_cellmorph"))
-        .args(["train-step", "--model", "vqvae2", "--weights"])
-        .arg(&weights)
-        .arg("--batch")
-        .arg(&batch)
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let st = common::train_step_command(&["--model", "vqvae2"], &weights, &batch, &out);
     assert!(
         st.status.success(),
         "train-step failed: {}",
@@ -256,17 +244,7 @@ fn the_train_step_command_reproduces_the_golden() {
         (vec!["--model", "unet"], "unknown model"),
         (vec!["--model", "vqvae2", "--precision", "bf16"], "f32 only"),
     ] {
-        let st = Command::new(env!("CARGO_BIN_EXE_cellmorph"))
-            .arg("train-step")
-            .args(&args)
-            .arg("--weights")
-            .arg(&weights)
-            .arg("--batch")
-            .arg(&batch)
-            .arg("--output")
-            .arg(&out2)
-            .output()
-            .unwrap();
+        let st = common::train_step_command(&args, &weights, &batch, &out2);
         let err = String::from_utf8_lossy(&st.stderr);
         assert!(!st.status.success(), "{args:?} should fail");
         assert!(err.contains(msg), "{args:?}: {err}");
@@ -282,23 +260,15 @@ fn the_train_step_command_reproduces_the_golden() {
 fn the_train_step_command_on_the_emulated_device_reproduces_the_golden() {
     let f = golden();
     let dir = tempfile::tempdir().unwrap();
-    let weights = before_file(&f, dir.path());
-    let batch = dir.path().join("batch.safetensors");
-    let (shape, x) = f.f32("input").unwrap();
-    let mut w = TensorWriter::new();
-    w.add_slice("input", &shape, &x).unwrap();
-    w.write(&batch).unwrap();
+    let (weights, batch) =
+        common::train_step_inputs(&f, dir.path(), &[("before.", "")], &["input"]);
     let out = dir.path().join("out.safetensors");
-    let st = Command::new(env!("CARGO_BIN_EXE_cellmorph"))
-        .args(["train-step", "--model", "vqvae2", "--device", "emulated"])
-        .arg("--weights")
-        .arg(&weights)
-        .arg("--batch")
-        .arg(&batch)
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let st = common::train_step_command(
+        &["--model", "vqvae2", "--device", "emulated"],
+        &weights,
+        &batch,
+        &out,
+    );
     let said = String::from_utf8_lossy(&st.stderr);
     assert!(st.status.success(), "train-step failed: {said}");
     assert!(said.contains("emulated"), "the device is named: {said}");

@@ -181,21 +181,7 @@ pub fn copy_channels_into(
 ) -> Result<()> {
     const OP: &str = "copy_channels";
     on_device(OP, be, &[src, dst])?;
-    let (n, c_src, hw) = channel_dims(OP, "source", src)?;
-    let (_, c_dst, _) = channel_dims(OP, "destination", dst)?;
-    let (s, d) = (src.shape(), dst.shape());
-    if s.len() != d.len() || s[0] != d[0] || s[2..] != d[2..] {
-        return Err(Error::shape(
-            OP,
-            format!("source {s:?} and destination {d:?} differ outside the channel axis"),
-        ));
-    }
-    if c_offset.checked_add(c_src).is_none_or(|end| end > c_dst) {
-        return Err(Error::shape(
-            OP,
-            format!("source {s:?} at channel offset {c_offset} does not fit in destination {d:?}"),
-        ));
-    }
+    let (n, c_src, hw, c_dst) = channel_slice_dims(OP, src, dst, c_offset)?;
     if be.device() == Device::Cpu {
         return cpu::copy_channels(
             n,
@@ -210,16 +196,7 @@ pub fn copy_channels_into(
     if src.numel() == 0 {
         return Ok(());
     }
-    let block = c_src * hw;
-    let cfg = LaunchCfg {
-        grid: (
-            block.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32,
-            n.clamp(1, MAX_GRID_Y) as u32,
-            1,
-        ),
-        block: (THREADS, 1, 1),
-        shared_bytes: 0,
-    };
+    let cfg = channel_block_cfg(n, c_src * hw);
     let args = [
         src.arg(),
         dst.arg_mut(),
@@ -259,21 +236,7 @@ pub fn slice_channels_into(
 ) -> Result<()> {
     const OP: &str = "slice_channels";
     on_device(OP, be, &[src, dst])?;
-    let (n, c_src, hw) = channel_dims(OP, "source", src)?;
-    let (_, c_dst, _) = channel_dims(OP, "destination", dst)?;
-    let (s, d) = (src.shape(), dst.shape());
-    if s.len() != d.len() || s[0] != d[0] || s[2..] != d[2..] {
-        return Err(Error::shape(
-            OP,
-            format!("source {s:?} and destination {d:?} differ outside the channel axis"),
-        ));
-    }
-    if c_offset.checked_add(c_dst).is_none_or(|end| end > c_src) {
-        return Err(Error::shape(
-            OP,
-            format!("channels {c_offset}..{c_offset}+{c_dst} do not fit in source {s:?}"),
-        ));
-    }
+    let (n, c_dst, hw, c_src) = channel_slice_dims(OP, dst, src, c_offset)?;
     if be.device() == Device::Cpu {
         return cpu::slice_channels(
             n,
@@ -288,16 +251,7 @@ pub fn slice_channels_into(
     if dst.numel() == 0 {
         return Ok(());
     }
-    let block = c_dst * hw;
-    let cfg = LaunchCfg {
-        grid: (
-            block.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32,
-            n.clamp(1, MAX_GRID_Y) as u32,
-            1,
-        ),
-        block: (THREADS, 1, 1),
-        shared_bytes: 0,
-    };
+    let cfg = channel_block_cfg(n, c_dst * hw);
     let args = [
         src.arg(),
         dst.arg_mut(),
@@ -314,8 +268,8 @@ pub fn slice_channels_into(
     unsafe { be.launch("slice_channels_f32", cfg, &args) }
 }
 
-/// The launch of `add_channels_f32` (the geometry of `copy_channels_f32`):
-/// grid.y over the `n` images,
+/// The launch of the channel-block kernels (`copy_channels_f32`,
+/// `slice_channels_f32`, `add_channels_f32`): grid.y over the `n` images,
 /// a 1-D grid-stride loop over the `block` contiguous floats of each.
 fn channel_block_cfg(n: usize, block: usize) -> LaunchCfg {
     LaunchCfg {

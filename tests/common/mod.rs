@@ -231,3 +231,68 @@ impl TextureImages {
         (imgs, labels_path)
     }
 }
+
+/// The two input files of `cellmorph train-step` made from a training
+/// golden: `dir/w.safetensors` with the tensors named `{from}{key}` stored
+/// as `{to}{key}` for each `(from, to)` in `weights`, and
+/// `dir/b.safetensors` with the tensors named in `batch`; each keeps its
+/// dtype (f32, or i64 for counters and labels).
+#[allow(dead_code)] // not every suite that includes this module trains
+pub fn train_step_inputs(
+    f: &cellmorph::io::TensorFile,
+    dir: &std::path::Path,
+    weights: &[(&str, &str)],
+    batch: &[&str],
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    fn copy(
+        f: &cellmorph::io::TensorFile,
+        from: &str,
+        to: &str,
+        w: &mut cellmorph::io::TensorWriter,
+    ) {
+        match f.f32(from) {
+            Ok((s, v)) => w.add_slice(to, &s, &v).unwrap(),
+            Err(_) => {
+                let (s, v) = f.i64(from).unwrap();
+                w.add_slice(to, &s, &v).unwrap()
+            }
+        }
+    }
+    let (wp, bp) = (dir.join("w.safetensors"), dir.join("b.safetensors"));
+    let mut w = cellmorph::io::TensorWriter::new();
+    for name in f.names() {
+        for (from, to) in weights {
+            if let Some(key) = name.strip_prefix(from) {
+                copy(f, &name, &format!("{to}{key}"), &mut w);
+            }
+        }
+    }
+    w.write(&wp).unwrap();
+    let mut b = cellmorph::io::TensorWriter::new();
+    for name in batch {
+        copy(f, name, name, &mut b);
+    }
+    b.write(&bp).unwrap();
+    (wp, bp)
+}
+
+/// Runs `cellmorph train-step ARGS --weights W --batch B --output OUT`.
+#[allow(dead_code)]
+pub fn train_step_command(
+    args: &[&str],
+    weights: &std::path::Path,
+    batch: &std::path::Path,
+    out: &std::path::Path,
+) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cellmorph"))
+        .arg("train-step")
+        .args(args)
+        .arg("--weights")
+        .arg(weights)
+        .arg("--batch")
+        .arg(batch)
+        .arg("--output")
+        .arg(out)
+        .output()
+        .unwrap()
+}
