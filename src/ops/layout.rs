@@ -304,7 +304,10 @@ fn channel_slice_dims(
     if c_offset.checked_add(c).is_none_or(|end| end > c_wide) {
         return Err(Error::shape(
             op,
-            format!("{c} channels at offset {c_offset} do not fit in {d:?}"),
+            format!(
+                "{s:?} at channel offset {c_offset} (channels {c_offset}..{c_offset}+{c}) \
+                 does not fit in {d:?}"
+            ),
         ));
     }
     Ok((n, c, hw, c_wide))
