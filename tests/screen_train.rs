@@ -954,3 +954,76 @@ fn emulated_device_trains_both_stages_and_predict_loads() {
     assert!(preds.rows.iter().all(|r| r.probability.is_some()));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `screen train --unfreeze last --resume` with a flipped, truncated,
+/// huge-header or foreign checkpoint is refused naming the checkpoint, and
+/// the earlier run's weights and metrics stay as they were; the good
+/// checkpoint still resumes.
+#[test]
+fn stage2_resume_refuses_damaged_checkpoints_from_the_command_line() {
+    let dir = tmp("ft-bad-resume");
+    let (imgs, labels) = data_set(&dir, 2);
+    let out = dir.join("o.safetensors");
+    let init = small_weights();
+    let run = |epochs: &str, resume: Option<&Path>| {
+        let mut args = train_args(
+            &imgs,
+            &labels,
+            &out,
+            &["--epochs", "1", "--unfreeze", "last", "--unfreeze-epochs"],
+        );
+        args.extend([epochs.as_ref(), "--init".as_ref(), init.as_os_str()]);
+        if let Some(r) = resume {
+            args.extend(["--resume".as_ref(), r.as_os_str()]);
+        }
+        cellmorph(&args)
+    };
+    let o = run("1", None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ck = dir.join("o.checkpoint.safetensors");
+    let good = std::fs::read(&ck).unwrap();
+    let keep = ["o.safetensors", "o.metrics.csv"];
+    let before: Vec<Vec<u8>> = keep
+        .iter()
+        .map(|n| std::fs::read(dir.join(n)).unwrap())
+        .collect();
+    let mut flipped = good.clone();
+    let at = good.len() - 7;
+    flipped[at] ^= 0x08;
+    let mut huge = good.clone();
+    huge[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let foreign = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/vqvae2_small.weights.safetensors"),
+    )
+    .unwrap();
+    for (name, bytes, says) in [
+        ("flipped", flipped, "changed or damaged"),
+        (
+            "truncated",
+            good[..good.len() / 3].to_vec(),
+            "truncated or corrupt",
+        ),
+        ("huge-header", huge, "not a valid safetensors"),
+        ("foreign", foreign, ""),
+    ] {
+        let p = dir.join(format!("{name}.safetensors"));
+        std::fs::write(&p, &bytes).unwrap();
+        let o = run("2", Some(&p));
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{name}: resumed\n{e}");
+        assert!(
+            e.contains(&format!("{name}.safetensors")) && e.contains(says),
+            "{name}: {e}"
+        );
+        assert!(!e.contains("panicked"), "{name}: {e}");
+        for (n, b) in keep.iter().zip(&before) {
+            assert!(
+                &std::fs::read(dir.join(n)).unwrap() == b,
+                "{name}: {n} changed"
+            );
+        }
+    }
+    let o = run("2", Some(&ck));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
