@@ -53,3 +53,17 @@
 pub mod cp2image;
 pub mod expression;
 pub mod screening;
+
+/// A progress bar on stderr with the message `what` (indicatif hides it
+/// when stderr is not a terminal, so logs stay clean); every long command
+/// uses this one style.
+pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
+}

@@ -417,13 +417,7 @@ fn run_predict(a: PredictArgs) -> Result<()> {
         _ => None,
     };
     let be = super::open_device(a.device, a.precision)?;
-    let bar = indicatif::ProgressBar::new(0);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{msg:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_message("screening");
+    let bar = cellmorph::apps::progress_bar(0, "screening");
     let result = screen_images(
         &be,
         &ScreenImagesOptions {
@@ -596,14 +590,8 @@ fn run_train(a: TrainArgs) -> Result<()> {
         HeadArg::Kim => HeadKind::Kim { hidden: a.hidden },
         HeadArg::Linear => HeadKind::Linear,
     };
-    let bar = indicatif::ProgressBar::new(0);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{msg:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
-    }
+    let bar = cellmorph::apps::progress_bar(0, "features");
     let be = super::open_device(a.device, Precision::F32)?;
-    bar.set_message("features");
     let result = screen_train_on(
         &be,
         &ScreenTrainOptions {
@@ -779,14 +767,8 @@ fn run_tune(a: TuneArgs) -> Result<()> {
     .into_iter()
     .map(String::from)
     .collect();
-    let bar = indicatif::ProgressBar::new(0);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{msg:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
-    }
+    let bar = cellmorph::apps::progress_bar(0, "features");
     let be = super::open_device(a.device, Precision::F32)?;
-    bar.set_message("features");
     let result = screen_tune_on(
         &be,
         &TuneOptions {

@@ -373,8 +373,7 @@ pub fn train(
     };
 
     let steps_per_epoch = train_rows.len() / opts.batch;
-    let bar =
-        crate::apps::expression::progress((opts.epochs * steps_per_epoch as u64).max(1), "steps");
+    let bar = crate::apps::progress_bar((opts.epochs * steps_per_epoch as u64).max(1), "steps");
     bar.set_position(progress.epoch * steps_per_epoch as u64);
     if !show_progress {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());

@@ -155,7 +155,7 @@ pub fn cross_validate(be: &Backend, o: &CrossValidateOptions) -> Result<CrossVal
         }
     };
     let nested = o.grid.n_settings() > 1;
-    let bar = super::progress(if nested { folds.len() as u64 } else { 0 }, "outer fold");
+    let bar = crate::apps::progress_bar(if nested { folds.len() as u64 } else { 0 }, "outer fold");
     if !nested {
         bar.finish_and_clear();
     }

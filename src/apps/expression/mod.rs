@@ -44,16 +44,3 @@ pub mod synth;
 pub mod tiles;
 pub mod train;
 pub mod tsne;
-
-/// A progress bar on stderr (hidden when stderr is not a terminal, so logs
-/// stay clean).
-pub(crate) fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(len);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{msg:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_message(what.to_string());
-    bar
-}

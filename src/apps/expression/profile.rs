@@ -148,7 +148,7 @@ pub fn profile_samples(
         ));
     }
     let k = model.config().n_embed;
-    let bar = super::progress(list.len() as u64, "images");
+    let bar = crate::apps::progress_bar(list.len() as u64, "images");
     if !opts.progress {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }

@@ -756,7 +756,7 @@ pub fn train(
     let val_eval = eval_set(pool, &val_idx, opts, KEY_EVAL_VAL)?;
     let p = opts.patch;
     let shape = [opts.batch, 1, p, p];
-    let bar = super::progress(opts.steps, "steps");
+    let bar = crate::apps::progress_bar(opts.steps, "steps");
     bar.set_position(progress.step);
     if !show_progress {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
