@@ -197,15 +197,7 @@ pub fn copy_channels_into(
         return Ok(());
     }
     let cfg = channel_block_cfg(n, c_src * hw);
-    let args = [
-        src.arg(),
-        dst.arg_mut(),
-        i64_arg("n", n)?,
-        i64_arg("source channels", c_src)?,
-        i64_arg("plane size", hw)?,
-        i64_arg("destination channels", c_dst)?,
-        i64_arg("channel offset", c_offset)?,
-    ];
+    let args = channel_block_args(src, dst, [n, c_src, hw, c_dst, c_offset])?;
     // SAFETY: src holds n·c_src·hw and dst n·c_dst·hw f32 on be's device
     // (checked above) and both outlive the launch; c_offset + c_src <= c_dst,
     // so copy_channels_f32(const float*, float*, long long n, c_src, hw,
@@ -252,15 +244,7 @@ pub fn slice_channels_into(
         return Ok(());
     }
     let cfg = channel_block_cfg(n, c_dst * hw);
-    let args = [
-        src.arg(),
-        dst.arg_mut(),
-        i64_arg("n", n)?,
-        i64_arg("source channels", c_src)?,
-        i64_arg("plane size", hw)?,
-        i64_arg("destination channels", c_dst)?,
-        i64_arg("channel offset", c_offset)?,
-    ];
+    let args = channel_block_args(src, dst, [n, c_src, hw, c_dst, c_offset])?;
     // SAFETY: src holds n·c_src·hw and dst n·c_dst·hw f32 on be's device
     // (checked above) and both outlive the launch; c_offset + c_dst <= c_src,
     // so slice_channels_f32(const float*, float*, long long n, c_src, hw,
@@ -281,6 +265,24 @@ fn channel_block_cfg(n: usize, block: usize) -> LaunchCfg {
         block: (THREADS, 1, 1),
         shared_bytes: 0,
     }
+}
+
+/// The arguments of the channel-block kernels, which all take `(const float*
+/// src, float* dst, long long n, c_src, hw, c_dst, c_off)`.
+fn channel_block_args(
+    src: &Tensor,
+    dst: &mut Tensor,
+    [n, c_src, hw, c_dst, c_offset]: [usize; 5],
+) -> Result<[KernelArg; 7]> {
+    Ok([
+        src.arg(),
+        dst.arg_mut(),
+        i64_arg("n", n)?,
+        i64_arg("source channels", c_src)?,
+        i64_arg("plane size", hw)?,
+        i64_arg("destination channels", c_dst)?,
+        i64_arg("channel offset", c_offset)?,
+    ])
 }
 
 /// Checks that `narrow` `[n, c, ...]` fits channels `c_offset..c_offset + c`
@@ -340,15 +342,7 @@ pub fn add_channels_into(
     if src.numel() == 0 {
         return Ok(());
     }
-    let args = [
-        src.arg(),
-        dst.arg_mut(),
-        i64_arg("n", n)?,
-        i64_arg("source channels", c_src)?,
-        i64_arg("plane size", hw)?,
-        i64_arg("destination channels", c_dst)?,
-        i64_arg("channel offset", c_offset)?,
-    ];
+    let args = channel_block_args(src, dst, [n, c_src, hw, c_dst, c_offset])?;
     // SAFETY: src holds n·c_src·hw and dst n·c_dst·hw f32 on be's device
     // (checked above) and both outlive the launch; c_offset + c_src <= c_dst,
     // so add_channels_f32(const float*, float*, long long n, c_src, hw,
